@@ -1,0 +1,3 @@
+from occlumfs.cli import main
+
+main(prog_name="occlumfs")

@@ -1,0 +1,3 @@
+"""Image-layer commands: mkimage, digest, verify, ls, cat, stat."""
+
+COMMANDS: list = []

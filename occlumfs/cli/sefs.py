@@ -1,0 +1,3 @@
+"""SEFS commands: sefs create/info/passwd, fsck."""
+
+COMMANDS: list = []

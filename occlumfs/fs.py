@@ -1,0 +1,270 @@
+"""The filesystem contract every occlumfs filesystem implements.
+
+A filesystem is a plain synchronous object addressed by inode numbers, close to
+the FUSE low-level interface so that the adapter (:mod:`occlumfs.adapter`) only
+translates. Offline tools (ls, cat, verify, fsck, build) and UnionFS call the
+same methods directly, without FUSE.
+
+Rules every implementation keeps:
+
+* Errors are :class:`occlumfs.errors.FSError` carrying an errno; stored data that
+  fails verification raises :class:`occlumfs.errors.IntegrityError` (EIO).
+* Names are ``bytes`` (any byte except ``/`` and NUL); so are symlink targets and
+  xattr names and values.
+* ``readdir`` offsets are opaque cookies: each entry carries the cookie that
+  resumes the listing right after it, and a cookie stays valid while the
+  directory is unchanged. ``0`` starts from the beginning. ``.`` and ``..`` are
+  not listed (the kernel does not need them; ``lookup`` answers them).
+* Permission checks are the kernel's (the mount uses ``default_permissions``);
+  in-process callers are trusted.
+* A read-only filesystem inherits the write methods below, which raise EROFS.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from occlumfs.errors import FSError
+
+ROOT_INO = 1
+BLOCK_SIZE = 4096
+
+
+@dataclass(slots=True)
+class Attr:
+    """What ``stat`` shows of an inode. Times are nanoseconds since the epoch."""
+
+    ino: int
+    mode: int  # file type bits and permission bits, as st_mode
+    nlink: int = 1
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    rdev: int = 0
+    blocks: int = 0  # 512-byte units actually allocated
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    blksize: int = BLOCK_SIZE
+    generation: int = 0
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_lnk(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+
+@dataclass(slots=True)
+class AttrChanges:
+    """The fields a ``setattr`` changes; ``None`` leaves a field as it is."""
+
+    mode: int | None = None  # permission bits only; the file type never changes
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
+@dataclass(slots=True)
+class StatFs:
+    """What ``statvfs`` shows, in units of ``frsize`` bytes."""
+
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    bsize: int = BLOCK_SIZE
+    frsize: int = BLOCK_SIZE
+    namemax: int = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks: the owner of anything the request creates."""
+
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+
+
+@dataclass(slots=True)
+class DirEntry:
+    name: bytes
+    attr: Attr
+    next_offset: int  # the cookie that resumes the listing after this entry
+
+
+@dataclass(slots=True)
+class FsInfo:
+    """How the adapter should serve a filesystem."""
+
+    name: str  # shown as the mount's fsname, e.g. "occlumfs:/srv/app.img"
+    subtype: str  # shown as fuse.<subtype> in /proc/mounts
+    read_only: bool = False
+    # Contents never change under the kernel: keep its page cache across opens
+    # and cache attributes and names for long.
+    immutable: bool = False
+    cache_timeout: float = 1.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Filesystem:
+    """Base class: the read side is abstract, the write side answers EROFS."""
+
+    info: FsInfo
+
+    # -- lifecycle -----------------------------------------------------------
+    def started_serving(self) -> None:
+        """Called in the process that serves the mount, before the first request.
+
+        A mount forks to the background after opening the filesystem; anything
+        that records the serving pid (a lock file) updates it here.
+        """
+
+    def close(self) -> None:
+        """Flush and commit everything; the object is not used afterwards."""
+
+    # -- read side -----------------------------------------------------------
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        raise NotImplementedError
+
+    def forget(self, ino: int, nlookup: int) -> None:
+        """The kernel dropped ``nlookup`` references to ``ino``."""
+
+    def getattr(self, ino: int) -> Attr:
+        raise NotImplementedError
+
+    def readlink(self, ino: int) -> bytes:
+        raise NotImplementedError
+
+    def opendir(self, ino: int) -> int:
+        attr = self.getattr(ino)
+        if not attr.is_dir:
+            raise FSError(errno.ENOTDIR)
+        return ino
+
+    def readdir(self, fh: int, offset: int) -> Iterator[DirEntry]:
+        """Entries after cookie ``offset`` (0: from the start), in a stable order."""
+        raise NotImplementedError
+
+    def releasedir(self, fh: int) -> None:
+        pass
+
+    def open(self, ino: int, flags: int) -> int:
+        """Open ``ino``; returns a handle for read/write/release."""
+        raise NotImplementedError
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        raise NotImplementedError
+
+    def release(self, fh: int) -> None:
+        pass
+
+    def flush(self, fh: int) -> None:
+        pass
+
+    def statfs(self) -> StatFs:
+        raise NotImplementedError
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        raise FSError(errno.ENODATA)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return []
+
+    # -- write side (EROFS unless overridden) ----------------------------------
+    def setattr(self, ino: int, changes: AttrChanges, fh: int | None = None) -> Attr:
+        raise FSError(errno.EROFS)
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        raise FSError(errno.EROFS)
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        pass
+
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
+        pass
+
+    def create(
+        self, parent: int, name: bytes, mode: int, flags: int, caller: Caller
+    ) -> tuple[int, Attr]:
+        raise FSError(errno.EROFS)
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Attr:
+        raise FSError(errno.EROFS)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Attr:
+        raise FSError(errno.EROFS)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Attr:
+        raise FSError(errno.EROFS)
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        raise FSError(errno.EROFS)
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        raise FSError(errno.EROFS)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        raise FSError(errno.EROFS)
+
+    def rename(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0
+    ) -> None:
+        raise FSError(errno.EROFS)
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        raise FSError(errno.EROFS)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        raise FSError(errno.EROFS)
+
+
+def lookup_path(fs: Filesystem, path: str | bytes) -> Attr:
+    """Walk ``path`` (relative to the root, ``/``-separated) without following symlinks."""
+    if isinstance(path, str):
+        path = path.encode("utf-8", "surrogateescape")
+    attr = fs.getattr(ROOT_INO)
+    for part in path.split(b"/"):
+        if part in (b"", b"."):
+            continue
+        if not attr.is_dir:
+            raise FSError(errno.ENOTDIR)
+        attr = fs.lookup(attr.ino, part)
+    return attr
+
+
+def iter_dir(fs: Filesystem, ino: int) -> Iterator[DirEntry]:
+    """Every entry of directory ``ino``, in readdir order."""
+    fh = fs.opendir(ino)
+    try:
+        yield from fs.readdir(fh, 0)
+    finally:
+        fs.releasedir(fh)
+
+
+def read_all(fs: Filesystem, ino: int, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The contents of regular file ``ino`` in chunks of at most ``chunk`` bytes."""
+    fh = fs.open(ino, 0)
+    try:
+        offset = 0
+        while True:
+            data = fs.read(fh, offset, chunk)
+            if not data:
+                return
+            offset += len(data)
+            yield data
+    finally:
+        fs.release(fh)

@@ -1,0 +1,220 @@
+"""Serve a filesystem object at a mountpoint, in the foreground or the background.
+
+``serve`` mounts first and only then detaches, the way libfuse daemonizes: when
+the command returns, the mount is in place and requests queue for the server.
+Everything that can fail for a user reason (wrong key, bad digest, busy
+mountpoint) fails before the fork, in the foreground, with a one-line error.
+
+The server keeps a small record per mount in the runtime directory (pid and
+log file), so ``occlumfs umount`` can wait for the server to finish committing
+before it returns. SIGINT and SIGTERM make the server unmount and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from occlumfs.adapter import FuseOperations
+from occlumfs.errors import MountpointError, OcclumfsError
+from occlumfs.fs import Filesystem
+
+log = logging.getLogger("occlumfs.mount")
+
+UMOUNT_WAIT_SECONDS = 60.0
+
+
+def runtime_dir() -> Path:
+    """Where mount records live: ``$OCCLUMFS_RUNTIME_DIR``, else /run/occlumfs (root)."""
+    env = os.environ.get("OCCLUMFS_RUNTIME_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/run/occlumfs")
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/occlumfs-{os.getuid()}"
+    return Path(base) / "occlumfs"
+
+
+def _record_path(mountpoint: Path) -> Path:
+    key = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:16]
+    return runtime_dir() / f"{key}.json"
+
+
+def mounted_paths() -> set[Path]:
+    """Mountpoints in this mount namespace, from /proc/self/mountinfo."""
+    paths = set()
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            field = line.split(b" ")[4]
+            # mountinfo escapes space, tab, newline and backslash as octal.
+            for code in (b"\\040", b"\\011", b"\\012", b"\\134"):
+                field = field.replace(code, bytes([int(code[1:], 8)]))
+            paths.add(Path(os.fsdecode(field)))
+    return paths
+
+
+def check_mountpoint(mountpoint: Path) -> Path:
+    """The absolute mountpoint, or a MountpointError saying what is wrong with it."""
+    path = Path(os.path.abspath(mountpoint))
+    if not path.exists():
+        raise MountpointError(f"mountpoint {mountpoint} does not exist")
+    if not path.is_dir():
+        raise MountpointError(f"mountpoint {mountpoint} is not a directory")
+    if path.resolve() in mounted_paths():
+        raise MountpointError(f"mountpoint {mountpoint} is already mounted")
+    return path.resolve()
+
+
+def _configure_logging(log_file: Path | None, debug: bool) -> None:
+    handler: logging.Handler
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def _detach(log_file: Path | None) -> bool:
+    """Fork into the background. Returns True in the server, False in the caller."""
+    if os.fork() != 0:
+        return False
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    if log_file is None:
+        os.dup2(devnull, 2)
+    else:
+        err = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(err, 2)
+        os.close(err)
+    os.close(devnull)
+    return True
+
+
+async def _serve_until_unmounted() -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("received %s, unmounting", signal.Signals(signum).name)
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(stop_on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def serve(
+    fs: Filesystem,
+    mountpoint: Path,
+    *,
+    foreground: bool = False,
+    log_file: Path | None = None,
+    debug: bool = False,
+    allow_other: bool | None = None,
+) -> None:
+    """Mount ``fs`` at ``mountpoint`` and serve it until unmounted.
+
+    In the background (the default) the caller returns as soon as the mount is
+    in place and the server carries on in a detached child, logging to
+    ``log_file`` (default: beside its mount record in :func:`runtime_dir`).
+    """
+    target = check_mountpoint(mountpoint)
+    if log_file is not None:
+        log_file = Path(os.path.abspath(log_file))
+    if allow_other is None:
+        allow_other = os.geteuid() == 0
+    options = set(pyfuse3.default_options)
+    options |= {f"fsname={fs.info.name}", f"subtype={fs.info.subtype}", "default_permissions"}
+    if fs.info.read_only:
+        options.add("ro")
+    if allow_other:
+        options.add("allow_other")
+    ops = FuseOperations(fs)
+    try:
+        pyfuse3.init(ops, str(target), options)
+    except RuntimeError as exc:
+        raise MountpointError(f"cannot mount at {mountpoint}: {exc}") from None
+    record = _record_path(target)
+    if not foreground:
+        if log_file is None:
+            log_file = record.with_suffix(".log")
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+        if not _detach(log_file):
+            return
+    _configure_logging(log_file, debug)
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(
+            json.dumps({"pid": os.getpid(), "mountpoint": str(target), "fsname": fs.info.name})
+        )
+    except OSError as exc:
+        log.warning("cannot write mount record %s: %s", record, exc)
+    status = 0
+    try:
+        fs.started_serving()
+        log.info("serving %s at %s (pid %d)", fs.info.name, target, os.getpid())
+        trio.run(_serve_until_unmounted)
+    except BaseException:
+        log.exception("server failed")
+        status = 1
+    finally:
+        pyfuse3.close(unmount=True)
+        try:
+            fs.close()
+        except Exception:
+            log.exception("closing %s failed", fs.info.name)
+            status = 1
+        with contextlib.suppress(FileNotFoundError):
+            record.unlink()
+        log.info("unmounted %s", target)
+    if not foreground:
+        os._exit(status)
+    if status:
+        raise OcclumfsError(f"server for {target} failed; see the log")
+
+
+def _wait_for_exit(pid: int, timeout: float) -> bool:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+        return bool(ready)
+    finally:
+        os.close(pidfd)
+
+
+def umount(mountpoint: Path, *, lazy: bool = False, timeout: float = UMOUNT_WAIT_SECONDS) -> None:
+    """Unmount and wait for the server to finish committing and exit."""
+    path = Path(os.path.abspath(mountpoint)).resolve()
+    if path not in mounted_paths():
+        raise MountpointError(f"{mountpoint} is not mounted")
+    record = _record_path(path)
+    pid = None
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        pid = int(json.loads(record.read_text())["pid"])
+    fusermount = shutil.which("fusermount3") or "fusermount3"
+    cmd = [fusermount, "-u"] + (["-z"] if lazy else []) + [str(path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
+        raise MountpointError(f"cannot unmount {mountpoint}: {reason}")
+    if pid is not None and not _wait_for_exit(pid, timeout):
+        raise OcclumfsError(f"server pid {pid} for {mountpoint} did not exit in {timeout:.0f}s")
