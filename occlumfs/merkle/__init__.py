@@ -1,11 +1,51 @@
-"""Read-only, reproducible image layers verified by a Merkle tree (placeholder)."""
+"""Read-only, reproducible image layers verified by a Merkle tree (format: docs/formats/image.md).
+
+The public API:
+
+* :func:`build_image` turns a directory or a tar archive into an image and
+  returns its digest (``sha256:<hex>``);
+* :func:`open_image_fs` opens an image as a read-only :class:`~occlumfs.fs.Filesystem`
+  that verifies every block lazily, on first read;
+* :func:`is_image_file`, :func:`read_digest` (header only) and :func:`verify_image`
+  (every block and record).
+"""
+
+from __future__ import annotations
 
 from pathlib import Path
 
+from occlumfs.errors import FormatError
+from occlumfs.merkle.build import build_image
+from occlumfs.merkle.format import DESCRIPTOR_SIZE, MAGIC, Descriptor, digest_of
+from occlumfs.merkle.reader import ImageFS, ImageReader, open_image_fs, read_header
+from occlumfs.merkle.verify import verify_image
+
 
 def is_image_file(path: Path) -> bool:
-    return False
+    """Whether ``path`` starts with the image magic (nothing else is checked)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
 
 
-def open_image_fs(path: Path, *, digest: str | None, key: bytes | None):
-    raise NotImplementedError
+def read_digest(image: Path) -> str:
+    """The digest the image carries, from its header alone."""
+    header, _ = read_header(Path(image))
+    try:
+        Descriptor.parse(header[:DESCRIPTOR_SIZE])
+    except FormatError as exc:
+        raise FormatError(f"{image}: {exc}") from None
+    return digest_of(header[:DESCRIPTOR_SIZE])
+
+
+__all__ = [
+    "ImageFS",
+    "ImageReader",
+    "build_image",
+    "is_image_file",
+    "open_image_fs",
+    "read_digest",
+    "verify_image",
+]

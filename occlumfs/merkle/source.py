@@ -1,0 +1,312 @@
+"""Read a source tree (a directory or a tar archive) into memory as metadata only.
+
+File contents stay where they are: a :class:`Content` says where to read them
+(the file itself, or a spool file for tar members). Names are bytes, so
+non-UTF-8 names survive. Symlinks are recorded, never followed; tar members
+with absolute paths, ``..`` components or paths through a symlink are refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import os
+import stat
+import tarfile
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
+from occlumfs.merkle.format import (
+    BLOCK_SIZE,
+    NAME_MAX,
+    SYMLINK_MAX,
+    XATTR_LIST_MAX,
+    XATTR_NAME_MAX,
+    XATTR_VALUE_MAX,
+    ZERO_BLOCK,
+)
+
+
+@dataclass(slots=True)
+class Content:
+    """Where a regular file's bytes are: ``size`` bytes of ``path`` from ``offset``.
+
+    ``stamp`` (size, mtime, ctime) lets the builder notice a file that changed
+    while it was being read.
+    """
+
+    path: bytes
+    offset: int
+    size: int
+    stamp: tuple[int, int, int] | None = None
+
+
+@dataclass(eq=False, slots=True)
+class SourceNode:
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    rdev: int = 0
+    xattrs: list[tuple[bytes, bytes]] = field(default_factory=list)
+    target: bytes = b""  # symlinks
+    content: Content | None = None  # regular files
+    children: dict[bytes, SourceNode] | None = None  # directories
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def size(self) -> int:
+        if self.content is not None:
+            return self.content.size
+        return len(self.target) if stat.S_ISLNK(self.mode) else 0
+
+
+def _check_xattrs(xattrs: list[tuple[bytes, bytes]], where: str) -> list[tuple[bytes, bytes]]:
+    total = 0
+    for name, value in xattrs:
+        if not name or len(name) > XATTR_NAME_MAX or len(value) > XATTR_VALUE_MAX:
+            raise FormatError(f"{where}: xattr {name[:40]!r} is too large to store")
+        total += len(name) + 1
+    if total > XATTR_LIST_MAX:
+        raise FormatError(f"{where}: too many xattrs")
+    return sorted(xattrs)
+
+
+def _read_xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            return []
+        raise
+    out = []
+    for name in names:
+        try:
+            value = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                continue
+            raise
+        out.append((os.fsencode(name), value))
+    return _check_xattrs(out, os.fsdecode(path))
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _node_from_stat(path: bytes, st: os.stat_result) -> SourceNode:
+    node = SourceNode(
+        mode=st.st_mode,
+        uid=st.st_uid,
+        gid=st.st_gid,
+        mtime_ns=st.st_mtime_ns,
+        xattrs=_read_xattrs(path),
+    )
+    kind = stat.S_IFMT(st.st_mode)
+    if kind == stat.S_IFDIR:
+        node.children = {}
+    elif kind == stat.S_IFREG:
+        node.content = Content(path, 0, st.st_size, _stamp(st))
+    elif kind == stat.S_IFLNK:
+        node.target = os.readlink(path)
+        if len(node.target) > SYMLINK_MAX:
+            raise FormatError(f"{os.fsdecode(path)}: symlink target too long")
+    elif kind in (stat.S_IFCHR, stat.S_IFBLK):
+        node.rdev = st.st_rdev
+    return node
+
+
+def scan_directory(root: Path) -> SourceNode:
+    """The tree under directory ``root``; hard links become shared nodes."""
+    top = os.fsencode(os.path.abspath(root))
+    st = os.lstat(top)
+    if not stat.S_ISDIR(st.st_mode):
+        raise FormatError(f"{root}: not a directory")
+    tree = _node_from_stat(top, st)
+    by_inode: dict[tuple[int, int], SourceNode] = {}
+    pending = [(top, tree)]
+    while pending:
+        path, node = pending.pop()
+        with os.scandir(path) as it:
+            entries = list(it)
+        for entry in entries:
+            name = entry.name
+            child_path = path + b"/" + name
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+                known = by_inode.get((st.st_dev, st.st_ino))
+                if known is not None:
+                    node.children[name] = known
+                    continue
+            child = _node_from_stat(child_path, st)
+            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+                by_inode[(st.st_dev, st.st_ino)] = child
+            node.children[name] = child
+            if child.is_dir:
+                pending.append((child_path, child))
+    return tree
+
+
+# -- tar ------------------------------------------------------------------------------
+
+
+def _member_parts(name: str, what: str) -> list[bytes]:
+    raw = os.fsencode(name)
+    if raw.startswith(b"/"):
+        raise FormatError(f"tar {what} {name!r} is an absolute path; refusing it")
+    parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise FormatError(f"tar {what} {name!r} contains '..'; refusing it")
+    for part in parts:
+        if len(part) > NAME_MAX:
+            raise FormatError(f"tar {what} {name!r}: a name is longer than {NAME_MAX} bytes")
+    return parts
+
+
+def _pax_mtime_ns(member: tarfile.TarInfo) -> int:
+    text = member.pax_headers.get("mtime")
+    if text is not None:
+        try:
+            return int(Decimal(text) * 1_000_000_000)
+        except InvalidOperation:
+            raise FormatError(f"tar member {member.name!r}: bad mtime {text!r}") from None
+    return int(member.mtime) * 1_000_000_000
+
+
+def _pax_xattrs(member: tarfile.TarInfo) -> list[tuple[bytes, bytes]]:
+    out = []
+    for key, value in member.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            out.append(
+                (os.fsencode(key[len("SCHILY.xattr.") :]), value.encode("utf-8", "surrogateescape"))
+            )
+        elif key.startswith("LIBARCHIVE.xattr."):
+            try:
+                decoded = base64.b64decode(value + "=" * (-len(value) % 4))
+            except ValueError:
+                raise FormatError(f"tar member {member.name!r}: bad xattr encoding") from None
+            out.append((os.fsencode(key[len("LIBARCHIVE.xattr.") :]), decoded))
+    return _check_xattrs(out, f"tar member {member.name!r}")
+
+
+def _implicit_dir() -> SourceNode:
+    return SourceNode(mode=stat.S_IFDIR | 0o755, children={})
+
+
+def _spool(src, spool, size: int) -> int:
+    """Copy ``size`` bytes to the end of ``spool`` (block-aligned, zero blocks as holes)."""
+    start = spool.seek(0, os.SEEK_END)
+    start = -(-start // BLOCK_SIZE) * BLOCK_SIZE
+    pos = start
+    remaining = size
+    while remaining:
+        chunk = src.read(min(remaining, 1 << 20))
+        if not chunk:
+            raise FormatError("tar archive is truncated")
+        for off in range(0, len(chunk), BLOCK_SIZE):
+            piece = chunk[off : off + BLOCK_SIZE]
+            if piece != ZERO_BLOCK[: len(piece)]:
+                spool.seek(pos + off)
+                spool.write(piece)
+        pos += len(chunk)
+        remaining -= len(chunk)
+    spool.truncate(max(spool.seek(0, os.SEEK_END), pos))
+    return start
+
+
+def scan_tar(archive: Path, spool_path: Path) -> SourceNode:
+    """The tree in tar ``archive``; regular files' bytes are copied to ``spool_path``."""
+    tree = _implicit_dir()
+    spool_name = os.fsencode(spool_path)
+    try:
+        tf = tarfile.open(  # noqa: SIM115 - closed by the with below, after error mapping
+            archive, "r:*", encoding="utf-8", errors="surrogateescape"
+        )
+    except FileNotFoundError:
+        raise NotFoundError(f"{archive} does not exist") from None
+    except tarfile.TarError as exc:
+        raise FormatError(f"{archive}: not a readable tar archive ({exc})") from None
+    with tf, open(spool_path, "w+b") as spool:
+        try:
+            for member in tf:
+                _add_member(tree, tf, member, spool, spool_name)
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            if isinstance(exc, OcclumfsError):
+                raise
+            raise FormatError(f"{archive}: broken tar archive ({exc})") from None
+    return tree
+
+
+def _add_member(tree, tf, member, spool, spool_name) -> None:
+    parts = _member_parts(member.name, "member")
+    parent = tree
+    for part in parts[:-1]:
+        child = parent.children.get(part)
+        if child is None:
+            child = parent.children[part] = _implicit_dir()
+        elif not child.is_dir:
+            raise FormatError(
+                f"tar member {member.name!r} goes through {os.fsdecode(part)!r}, "
+                "which is not a directory; refusing it"
+            )
+        parent = child
+    if member.islnk():
+        target_parts = _member_parts(member.linkname, "hard link target")
+        target = tree
+        for part in target_parts:
+            if target.children is None or part not in target.children:
+                raise FormatError(
+                    f"tar hard link {member.name!r} points to {member.linkname!r}, "
+                    "which is not earlier in the archive"
+                )
+            target = target.children[part]
+        if target.is_dir or not parts:
+            raise FormatError(f"tar hard link {member.name!r} to a directory; refusing it")
+        parent.children[parts[-1]] = target
+        return
+    perm = member.mode & 0o7777
+    node = SourceNode(
+        mode=perm,
+        uid=member.uid,
+        gid=member.gid,
+        mtime_ns=_pax_mtime_ns(member),
+        xattrs=_pax_xattrs(member),
+    )
+    if member.isdir():
+        node.mode |= stat.S_IFDIR
+        existing = tree if not parts else parent.children.get(parts[-1])
+        node.children = existing.children if existing is not None and existing.is_dir else {}
+        if not parts:  # the archive's own "./": attributes of the root
+            tree.mode, tree.uid, tree.gid = node.mode, node.uid, node.gid
+            tree.mtime_ns, tree.xattrs = node.mtime_ns, node.xattrs
+            return
+    elif member.isreg():
+        node.mode |= stat.S_IFREG
+        src = tf.extractfile(member)
+        offset = _spool(src, spool, member.size)
+        node.content = Content(spool_name, offset, member.size)
+    elif member.issym():
+        node.mode |= stat.S_IFLNK
+        node.target = os.fsencode(member.linkname)
+        if not node.target or len(node.target) > SYMLINK_MAX:
+            raise FormatError(f"tar symlink {member.name!r}: empty or too long target")
+    elif member.ischr() or member.isblk():
+        node.mode |= stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+        node.rdev = os.makedev(member.devmajor, member.devminor)
+    elif member.isfifo():
+        node.mode |= stat.S_IFIFO
+    else:
+        raise FormatError(f"tar member {member.name!r} has an unsupported type")
+    if not parts:
+        raise FormatError(f"tar member {member.name!r} would replace the root directory")
+    parent.children[parts[-1]] = node
+
+
+def is_tar_path(path: Path) -> bool:
+    return path.is_file()

@@ -1,0 +1,34 @@
+"""Hashing of blocks and Merkle tree levels (SHA-256, 4 KiB blocks, level 0 first)."""
+
+from __future__ import annotations
+
+from hashlib import sha256
+
+from occlumfs.merkle.format import BLOCK_SIZE, HASH_SIZE, TreeGeometry
+
+
+def hash_blocks(buf: bytes | bytearray | memoryview) -> bytes:
+    """The concatenated SHA-256 of each 4 KiB block of ``buf`` (a multiple of 4 KiB)."""
+    mv = memoryview(buf)
+    return b"".join(
+        [sha256(mv[o : o + BLOCK_SIZE]).digest() for o in range(0, len(mv), BLOCK_SIZE)]
+    )
+
+
+def pad_block(data: bytes) -> bytes:
+    rest = -len(data) % BLOCK_SIZE
+    return data + bytes(rest) if rest else data
+
+
+def build_levels(leaf_hashes: bytes, geometry: TreeGeometry) -> tuple[list[bytes], bytes]:
+    """All tree levels (each padded to whole blocks) and the root hash."""
+    assert len(leaf_hashes) == geometry.leaves * HASH_SIZE
+    levels = []
+    current = pad_block(leaf_hashes)
+    for count in geometry.counts:
+        assert len(current) == count * BLOCK_SIZE
+        levels.append(current)
+        if count == 1:
+            break
+        current = pad_block(hash_blocks(current))
+    return levels, sha256(levels[-1]).digest()
