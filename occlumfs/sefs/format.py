@@ -1,0 +1,319 @@
+"""SEFS byte layouts (docs/formats/sefs.md): pure packing, parsing and offset math, no I/O."""
+
+from __future__ import annotations
+
+import hmac
+import struct
+from dataclasses import dataclass, field
+
+from occlumfs.errors import FormatError, IntegrityError
+
+VERSION = 1
+BLOCK_SIZE = 4096
+CHUNK_BLOCKS = 256  # block-map entries per map record (1 MiB of data)
+ENTRY_SIZE = 29  # slot (1) || nonce (12) || tag (16)
+NONCE_SIZE = 12
+TAG_SIZE = 16
+FS_ID_SIZE = 16
+MIN_PAGES = 16
+PAGE_TARGET = 64 * 1024  # average page plaintext above which the page count doubles
+
+SLOT_HOLE, SLOT_A, SLOT_B = 0, 1, 2
+
+HEAD_MAGIC = b"OSEFSHD1"
+ROOT_MAGIC = b"OSEFSRT1"
+DATA_AD_MAGIC = b"OSEFSDB1"
+PAGE_AD_MAGIC = b"OSEFSPG1"
+
+CONFIG_NAME = "sefs.json"
+HEAD_NAME = "head"
+HEAD_TMP_NAME = "head.tmp"
+LOCK_NAME = "lock"
+META_DIR = "m"
+DATA_DIR = "d"
+
+_HEAD = struct.Struct(">8s16sQQQI16s")
+HEAD_SIZE = _HEAD.size + 32
+_TABLE_ENTRY = struct.Struct(">QQI16s")
+_ROOT_HEAD = struct.Struct(">8sQI")
+_INODE = struct.Struct(">IIIIQQqqqQQQ")
+_U64 = struct.Struct(">Q")
+_ENTRY_VALUE = struct.Struct(">QQ")
+_RECORD_HEAD = struct.Struct(">HI")
+
+
+# -- host names ----------------------------------------------------------------
+def pack_name(counter: int) -> str:
+    return f"{META_DIR}/{counter:016x}.pack"
+
+
+def parse_pack_name(name: str) -> int | None:
+    stem, _dot, ext = name.partition(".")
+    if ext != "pack" or len(stem) != 16:
+        return None
+    try:
+        return int(stem, 16)
+    except ValueError:
+        return None
+
+
+def data_name(ino: int, slot: int) -> str:
+    return f"{DATA_DIR}/{ino:016x}" + (".b" if slot == SLOT_B else "")
+
+
+def parse_data_name(name: str) -> int | None:
+    stem = name[:-2] if name.endswith(".b") else name
+    if len(stem) != 16:
+        return None
+    try:
+        return int(stem, 16)
+    except ValueError:
+        return None
+
+
+# -- associated data -------------------------------------------------------------
+def data_ad_prefix(fs_id: bytes) -> bytes:
+    return DATA_AD_MAGIC + fs_id
+
+
+def data_ad(prefix: bytes, ino: int, block: int) -> bytes:
+    return prefix + _ENTRY_VALUE.pack(ino, block)
+
+
+def page_ad(fs_id: bytes, pack: int, page: int, page_count: int) -> bytes:
+    return PAGE_AD_MAGIC + fs_id + struct.pack(">QII", pack, page, page_count)
+
+
+def root_ad(fs_id: bytes, counter: int) -> bytes:
+    return ROOT_MAGIC + fs_id + _U64.pack(counter)
+
+
+# -- offsets -------------------------------------------------------------------------
+def blocks_for(size: int) -> int:
+    """How many blocks hold ``size`` bytes."""
+    return -(-size // BLOCK_SIZE)
+
+
+def block_span(offset: int, size: int) -> tuple[int, int]:
+    """First and last block touched by ``size > 0`` bytes at ``offset``."""
+    return offset // BLOCK_SIZE, (offset + size - 1) // BLOCK_SIZE
+
+
+def chunk_of(block: int) -> tuple[int, int]:
+    """(map chunk number, byte offset of the block's entry in that chunk)."""
+    return block // CHUNK_BLOCKS, (block % CHUNK_BLOCKS) * ENTRY_SIZE
+
+
+def trim_chunk(chunk: bytes | bytearray) -> bytes:
+    """A map chunk without its trailing holes (an entry starts with a non-zero slot)."""
+    end = len(chunk.rstrip(b"\0"))
+    end = -(-end // ENTRY_SIZE) * ENTRY_SIZE
+    return bytes(chunk[:end])
+
+
+# -- head ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ObjectRef:
+    """Where a sealed object lives in a pack, and the tag it must have."""
+
+    pack: int
+    offset: int
+    length: int
+    tag: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    fs_id: bytes
+    counter: int
+    root: ObjectRef
+
+
+def pack_head(head: Head, mac_key: bytes) -> bytes:
+    body = _HEAD.pack(
+        HEAD_MAGIC,
+        head.fs_id,
+        head.counter,
+        head.root.pack,
+        head.root.offset,
+        head.root.length,
+        head.root.tag,
+    )
+    return body + hmac.digest(mac_key, body, "sha256")
+
+
+def parse_head(raw: bytes, fs_id: bytes, mac_key: bytes) -> Head:
+    if len(raw) != HEAD_SIZE or not raw.startswith(HEAD_MAGIC):
+        raise IntegrityError(f"head: {len(raw)} bytes, not a version {VERSION} commit record")
+    body, mac = raw[:-32], raw[-32:]
+    if not hmac.compare_digest(mac, hmac.digest(mac_key, body, "sha256")):
+        raise IntegrityError("head: MAC check failed (tampered commit record)")
+    _, got_id, counter, pack, offset, length, tag = _HEAD.unpack(body)
+    if got_id != fs_id:
+        raise IntegrityError("head: belongs to another filesystem")
+    return Head(got_id, counter, ObjectRef(pack, offset, length, tag))
+
+
+# -- root --------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Root:
+    next_ino: int
+    pages: list[ObjectRef] = field(default_factory=list)
+
+
+def pack_root(root: Root) -> bytes:
+    parts = [_ROOT_HEAD.pack(ROOT_MAGIC, root.next_ino, len(root.pages))]
+    parts.extend(_TABLE_ENTRY.pack(r.pack, r.offset, r.length, r.tag) for r in root.pages)
+    return b"".join(parts)
+
+
+def parse_root(raw: bytes) -> Root:
+    if len(raw) < _ROOT_HEAD.size:
+        raise IntegrityError("root: too short")
+    magic, next_ino, count = _ROOT_HEAD.unpack_from(raw)
+    if magic != ROOT_MAGIC or len(raw) != _ROOT_HEAD.size + count * _TABLE_ENTRY.size:
+        raise IntegrityError("root: malformed page table")
+    if count < MIN_PAGES or count & (count - 1):
+        raise IntegrityError(f"root: page count {count} is not a power of two >= {MIN_PAGES}")
+    pages = [
+        ObjectRef(*_TABLE_ENTRY.unpack_from(raw, _ROOT_HEAD.size + i * _TABLE_ENTRY.size))
+        for i in range(count)
+    ]
+    return Root(next_ino, pages)
+
+
+# -- pages -------------------------------------------------------------------------------
+def pack_page(records: list[tuple[bytes, bytes]]) -> bytes:
+    """Page plaintext from (key, value) pairs, which the caller sorts by key."""
+    parts = [struct.pack(">I", len(records))]
+    for key, value in records:
+        parts.append(_RECORD_HEAD.pack(len(key), len(value)))
+        parts.append(key)
+        parts.append(value)
+    return b"".join(parts)
+
+
+def parse_page(raw: bytes) -> list[tuple[bytes, bytes]]:
+    try:
+        (count,) = struct.unpack_from(">I", raw)
+        pos = 4
+        out = []
+        for _ in range(count):
+            klen, vlen = _RECORD_HEAD.unpack_from(raw, pos)
+            pos += _RECORD_HEAD.size
+            key = raw[pos : pos + klen]
+            value = raw[pos + klen : pos + klen + vlen]
+            pos += klen + vlen
+            if len(key) != klen or len(value) != vlen:
+                raise IntegrityError("metadata page: record runs past the end")
+            out.append((key, value))
+    except struct.error:
+        raise IntegrityError("metadata page: truncated record") from None
+    if pos != len(raw):
+        raise IntegrityError("metadata page: trailing bytes")
+    return out
+
+
+# -- record keys -------------------------------------------------------------------------
+def inode_key(ino: int) -> bytes:
+    return b"i" + _U64.pack(ino)
+
+
+def entry_key(parent: int, name: bytes) -> bytes:
+    return b"e" + _U64.pack(parent) + name
+
+
+def map_key(ino: int, chunk: int) -> bytes:
+    return b"m" + _U64.pack(ino) + _U64.pack(chunk)
+
+
+def split_key(key: bytes) -> tuple[bytes, int, bytes]:
+    """(kind, ino, rest): the record kind, the inode it belongs to, and the rest of the key."""
+    if len(key) < 9:
+        raise IntegrityError("metadata record: malformed key")
+    return key[:1], _U64.unpack_from(key, 1)[0], key[9:]
+
+
+def pack_entry(ino: int, cookie: int) -> bytes:
+    return _ENTRY_VALUE.pack(ino, cookie)
+
+
+def parse_entry(value: bytes) -> tuple[int, int]:
+    if len(value) != _ENTRY_VALUE.size:
+        raise IntegrityError("directory entry: malformed")
+    return _ENTRY_VALUE.unpack(value)
+
+
+@dataclass(slots=True)
+class InodeRecord:
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    parent: int = 0
+    next_cookie: int = 0
+    entry_count: int = 0
+    target: bytes = b""
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+
+
+def pack_inode(r: InodeRecord) -> bytes:
+    parts = [
+        _INODE.pack(
+            r.mode,
+            r.nlink,
+            r.uid,
+            r.gid,
+            r.rdev,
+            r.size,
+            r.atime_ns,
+            r.mtime_ns,
+            r.ctime_ns,
+            r.parent,
+            r.next_cookie,
+            r.entry_count,
+        ),
+        struct.pack(">I", len(r.target)),
+        r.target,
+        struct.pack(">I", len(r.xattrs)),
+    ]
+    for name, value in sorted(r.xattrs.items()):
+        parts.append(_RECORD_HEAD.pack(len(name), len(value)))
+        parts.append(name)
+        parts.append(value)
+    return b"".join(parts)
+
+
+def parse_inode(value: bytes) -> InodeRecord:
+    try:
+        fields = _INODE.unpack_from(value)
+        pos = _INODE.size
+        (tlen,) = struct.unpack_from(">I", value, pos)
+        pos += 4
+        target = value[pos : pos + tlen]
+        pos += tlen
+        (xcount,) = struct.unpack_from(">I", value, pos)
+        pos += 4
+        xattrs = {}
+        for _ in range(xcount):
+            nlen, vlen = _RECORD_HEAD.unpack_from(value, pos)
+            pos += _RECORD_HEAD.size
+            xattrs[value[pos : pos + nlen]] = value[pos + nlen : pos + nlen + vlen]
+            pos += nlen + vlen
+    except struct.error:
+        raise IntegrityError("inode record: truncated") from None
+    if pos != len(value) or len(target) != tlen:
+        raise IntegrityError("inode record: malformed")
+    return InodeRecord(*fields, target=target, xattrs=xattrs)
+
+
+def check_version(version: object) -> None:
+    if version != VERSION:
+        raise FormatError(
+            f"SEFS format version {version!r} is not supported (this build reads version {VERSION})"
+        )

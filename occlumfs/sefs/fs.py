@@ -1,0 +1,1108 @@
+"""SefsFS: the writable, encrypted, tamper- and rollback-evident filesystem object.
+
+The whole metadata (inodes, directory entries, block maps) is held in memory
+and persisted as records spread over encrypted pages; file data stays on the
+host and is read and decrypted per request. See docs/formats/sefs.md for the
+layout and the commit protocol; this module keeps these invariants:
+
+* ``_dirty_keys`` names every record whose value changed since the last
+  commit; a commit re-seals exactly the pages holding them.
+* A directory's ``entries`` dict is in cookie order (every insert takes the
+  next cookie and goes to the end), so a listing resumes by bisection.
+* A block's committed slot is never written before the next commit: the slot
+  a block had at the last commit is remembered in ``committed_slots`` the
+  first time the block is touched, and writes go to the other slot.
+* Bytes past ``size`` in the last block are zero (truncate zeroes them), so
+  growing a file exposes zeros.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import stat
+import struct
+import time
+from collections.abc import Iterator
+
+from cryptography.exceptions import InvalidTag
+
+from occlumfs.errors import FSError, IntegrityError
+from occlumfs.fs import (
+    ROOT_INO,
+    Attr,
+    AttrChanges,
+    Caller,
+    DirEntry,
+    Filesystem,
+    FsInfo,
+    StatFs,
+)
+from occlumfs.sefs import format as fmt
+from occlumfs.sefs.format import BLOCK_SIZE, ENTRY_SIZE, SLOT_A, SLOT_B, SLOT_HOLE
+from occlumfs.sefs.keys import Keys
+from occlumfs.sefs.state import DirLock, TrustedState
+from occlumfs.sefs.storage import Storage
+
+log = logging.getLogger("occlumfs.sefs")
+
+RENAME_NOREPLACE = 1
+DIRTY_LIMIT_BLOCKS = 8192  # 32 MiB of plaintext buffered before data is written out
+COMMIT_INTERVAL = 5.0
+MAX_XATTR_NAME = 255
+MAX_XATTR_VALUE = 65536
+_ZERO_BLOCK = bytes(BLOCK_SIZE)
+_BLOCK_AD = struct.Struct(">QQ")
+_WRITE_RUN = 512  # blocks per pwritev (below IOV_MAX)
+
+
+class _Inode:
+    __slots__ = (
+        "atime_ns",
+        "chunks",
+        "committed_slots",
+        "ctime_ns",
+        "dirty",
+        "entries",
+        "gid",
+        "ino",
+        "mode",
+        "mtime_ns",
+        "next_cookie",
+        "nlink",
+        "open_count",
+        "parent",
+        "present",
+        "rdev",
+        "size",
+        "target",
+        "uid",
+        "xattrs",
+    )
+
+    def __init__(self, ino: int, mode: int, uid: int = 0, gid: int = 0) -> None:
+        now = time.time_ns()
+        self.ino = ino
+        self.mode = mode
+        self.nlink = 1
+        self.uid = uid
+        self.gid = gid
+        self.rdev = 0
+        self.size = 0
+        self.atime_ns = self.mtime_ns = self.ctime_ns = now
+        self.parent = 0
+        self.next_cookie = 1
+        self.entries: dict[bytes, tuple[int, int]] | None = {} if stat.S_ISDIR(mode) else None
+        self.target = b""
+        self.xattrs: dict[bytes, bytes] = {}
+        self.chunks: dict[int, bytearray] = {}  # block map chunks (regular files)
+        self.present = 0  # block map entries that are not holes
+        self.dirty: dict[int, bytes | bytearray | memoryview] = {}  # plaintext blocks
+        self.committed_slots: dict[int, int] = {}
+        self.open_count = 0
+
+    @property
+    def is_dir(self) -> bool:
+        return self.entries is not None
+
+    def slot(self, block: int) -> int:
+        chunk = self.chunks.get(block >> 8)
+        off = (block & 255) * ENTRY_SIZE
+        if chunk is None or off >= len(chunk):
+            return SLOT_HOLE
+        return chunk[off]
+
+
+class _DirHandle:
+    __slots__ = ("cookies", "ino", "names", "stamp")
+
+    def __init__(self, ino: int) -> None:
+        self.ino = ino
+        self.stamp = -1
+        self.cookies: list[int] = []
+        self.names: list[bytes] = []
+
+
+class SefsFS(Filesystem):
+    """A mounted (or offline-opened) SEFS directory."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        keys: Keys,
+        *,
+        name: str = "sefs",
+        read_only: bool = False,
+        trusted_state: TrustedState | None = None,
+        lock: DirLock | None = None,
+        tolerant: bool = False,
+        commit_interval: float = COMMIT_INTERVAL,
+        _new: bool = False,
+    ) -> None:
+        self.info = FsInfo(name=name, subtype="occlumfs-sefs", read_only=read_only)
+        self.storage = storage
+        self.read_only = read_only
+        self.problems: list[tuple[int | None, str]] = []  # (ino, what), found in tolerant mode
+        self._keys = keys
+        self._fs_id = keys.fs_id
+        self._data_prefix = fmt.data_ad_prefix(keys.fs_id)
+        self._state = trusted_state
+        self._lock = lock
+        self._tolerant = tolerant
+        self._commit_interval = commit_interval
+        self._inodes: dict[int, _Inode] = {}
+        self._members: list[set[bytes]] = [set() for _ in range(fmt.MIN_PAGES)]
+        self._table: list[fmt.ObjectRef | None] = [None] * fmt.MIN_PAGES
+        self._pack_sizes: dict[int, int] = {}
+        self._counter = 0
+        self._root_tag = b""
+        self._next_ino = ROOT_INO + 1
+        self._dirty_keys: set[bytes] = set()
+        self._dirty_inodes: set[int] = set()  # inodes with buffered plaintext blocks
+        self._dirty_blocks = 0
+        self._slot_touched: set[int] = set()
+        self._written: set[str] = set()  # data files written since the last commit
+        self._doomed: set[str] = set()  # data files to delete once a commit drops them
+        self._handles: dict[int, int] = {}
+        self._dir_handles: dict[int, _DirHandle] = {}
+        self._next_fh = 1
+        self._last_commit = time.monotonic()
+        self.failed_pages: set[int] = set()
+        self._expected_entries: dict[int, int] = {}  # directory -> entry count on record
+        if _new:
+            root = _Inode(ROOT_INO, stat.S_IFDIR | 0o755)
+            root.nlink = 2
+            root.parent = ROOT_INO
+            self._inodes[ROOT_INO] = root
+            self._dirty_keys.add(fmt.inode_key(ROOT_INO))
+        else:
+            self._load()
+
+    # == loading ============================================================================
+    def _page_of(self, key: bytes, count: int) -> int:
+        digest = hashlib.blake2b(key, key=self._keys.page_hash, digest_size=8).digest()
+        return int.from_bytes(digest, "big") & (count - 1)
+
+    def _open_object(self, packs: dict[int, bytes], ref: fmt.ObjectRef, ad: bytes, what: str):
+        data = packs.get(ref.pack)
+        if data is None:
+            name = fmt.pack_name(ref.pack)
+            try:
+                data = packs[ref.pack] = self.storage.read(name)
+            except FileNotFoundError:
+                raise IntegrityError(f"{what}: metadata pack {name} is missing") from None
+            self._pack_sizes[ref.pack] = len(data)
+        obj = data[ref.offset : ref.offset + ref.length]
+        if len(obj) != ref.length or ref.length < fmt.NONCE_SIZE + fmt.TAG_SIZE:
+            raise IntegrityError(f"{what}: metadata pack {fmt.pack_name(ref.pack)} is truncated")
+        if obj[-fmt.TAG_SIZE :] != ref.tag:
+            raise IntegrityError(
+                f"{what}: does not match its recorded tag (replaced or rolled back)"
+            )
+        try:
+            return self._keys.meta.decrypt(obj[: fmt.NONCE_SIZE], obj[fmt.NONCE_SIZE :], ad)
+        except InvalidTag:
+            raise IntegrityError(f"{what}: authentication failed (tampered or moved)") from None
+
+    def _problem(self, ino: int | None, what: str) -> None:
+        if not self._tolerant:
+            raise IntegrityError(f"metadata inconsistent: inode {ino}: {what}")
+        self.problems.append((ino, what))
+
+    def _load(self) -> None:
+        try:
+            raw = self.storage.read(fmt.HEAD_NAME)
+        except FileNotFoundError:
+            raise IntegrityError("head: the commit record is missing") from None
+        head = fmt.parse_head(raw, self._fs_id, self._keys.head_mac)
+        if self._state is not None:
+            self._state.check(head.counter, head.root.tag)
+        packs: dict[int, bytes] = {}
+        root = fmt.parse_root(
+            self._open_object(packs, head.root, fmt.root_ad(self._fs_id, head.counter), "root")
+        )
+        self._counter = head.counter
+        self._root_tag = head.root.tag
+        self._next_ino = root.next_ino
+        count = len(root.pages)
+        self._members = [set() for _ in range(count)]
+        self._table = list(root.pages)
+        inode_recs: list[tuple[int, bytes]] = []
+        entry_recs: list[tuple[int, bytes, bytes]] = []
+        map_recs: list[tuple[int, int, bytes]] = []
+        for page, ref in enumerate(root.pages):
+            what = f"metadata page {page}"
+            try:
+                plain = self._open_object(
+                    packs, ref, fmt.page_ad(self._fs_id, ref.pack, page, count), what
+                )
+                records = fmt.parse_page(plain)
+            except IntegrityError as exc:
+                if not self._tolerant:
+                    raise
+                self.failed_pages.add(page)
+                self.problems.append((None, str(exc)))
+                continue
+            members = self._members[page]
+            for key, value in records:
+                if self._page_of(key, count) != page:
+                    raise IntegrityError(f"{what}: holds a record of another page")
+                members.add(key)
+                kind, ino, rest = fmt.split_key(key)
+                if kind == b"i":
+                    inode_recs.append((ino, value))
+                elif kind == b"e":
+                    entry_recs.append((ino, rest, value))
+                elif kind == b"m" and len(rest) == 8:
+                    map_recs.append((ino, int.from_bytes(rest, "big"), value))
+                else:
+                    raise IntegrityError(f"{what}: unknown record kind")
+        del packs
+        for ino, value in inode_recs:
+            rec = fmt.parse_inode(value)
+            node = _Inode(ino, rec.mode, rec.uid, rec.gid)
+            node.nlink, node.rdev, node.size = rec.nlink, rec.rdev, rec.size
+            node.atime_ns, node.mtime_ns, node.ctime_ns = rec.atime_ns, rec.mtime_ns, rec.ctime_ns
+            node.parent, node.next_cookie = rec.parent, rec.next_cookie
+            node.target, node.xattrs = rec.target, rec.xattrs
+            self._inodes[ino] = node
+            if node.is_dir:
+                self._expected_entries[ino] = rec.entry_count
+        entry_recs.sort(key=lambda r: fmt.parse_entry(r[2])[1])
+        for parent, name, value in entry_recs:
+            child, cookie = fmt.parse_entry(value)
+            pnode = self._inodes.get(parent)
+            if pnode is None or not pnode.is_dir:
+                self._problem(parent, f"entry {name!r} in a missing directory")
+                continue
+            pnode.entries[name] = (child, cookie)
+        for ino, chunk_no, value in map_recs:
+            node = self._inodes.get(ino)
+            if node is None or not stat.S_ISREG(node.mode) or len(value) % ENTRY_SIZE:
+                self._problem(ino, f"block map chunk {chunk_no} of a missing or non-regular file")
+                continue
+            chunk = bytearray(value)
+            node.chunks[chunk_no] = chunk
+            node.present += sum(1 for i in range(0, len(chunk), ENTRY_SIZE) if chunk[i])
+        if ROOT_INO not in self._inodes:
+            raise IntegrityError("metadata: the root directory is missing")
+        for node in self._inodes.values():
+            if node.is_dir and len(node.entries) != self._expected_entries.get(node.ino, 0):
+                self._problem(
+                    node.ino,
+                    f"directory lists {len(node.entries)} of its "
+                    f"{self._expected_entries.get(node.ino, 0)} entries",
+                )
+        if not self.read_only and not self._tolerant:
+            self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Delete what a crash or an interrupted cleanup left: nothing references it."""
+        live_packs = {ref.pack for ref in self._table if ref is not None}
+        for name in self.storage.listdir(fmt.META_DIR):
+            number = fmt.parse_pack_name(name)
+            if number is not None and number not in live_packs:
+                self.storage.unlink(f"{fmt.META_DIR}/{name}")
+                self._pack_sizes.pop(number, None)
+        for name in self.storage.listdir(fmt.DATA_DIR):
+            ino = fmt.parse_data_name(name)
+            node = self._inodes.get(ino) if ino is not None else None
+            if ino is not None and (node is None or not stat.S_ISREG(node.mode)):
+                self.storage.unlink(f"{fmt.DATA_DIR}/{name}")
+        if self.storage.exists(fmt.HEAD_TMP_NAME):
+            self.storage.unlink(fmt.HEAD_TMP_NAME)
+
+    # == lifecycle ==========================================================================
+    def started_serving(self) -> None:
+        if self._lock is not None:
+            self._lock.write_pid()
+
+    def close(self) -> None:
+        try:
+            if not self.read_only:
+                self.commit()
+        finally:
+            self.storage.close()
+            if self._lock is not None:
+                self._lock.release()
+
+    @property
+    def counter(self) -> int:
+        return self._counter
+
+    @property
+    def root_tag(self) -> bytes:
+        return self._root_tag
+
+    # == committing =========================================================================
+    def _record(self, key: bytes) -> bytes | None:
+        """The current value of record ``key``, or None when it no longer exists."""
+        kind, ino, rest = fmt.split_key(key)
+        node = self._inodes.get(ino)
+        if node is None or node.nlink == 0:
+            return None
+        if kind == b"i":
+            return fmt.pack_inode(
+                fmt.InodeRecord(
+                    node.mode,
+                    node.nlink,
+                    node.uid,
+                    node.gid,
+                    node.rdev,
+                    node.size,
+                    node.atime_ns,
+                    node.mtime_ns,
+                    node.ctime_ns,
+                    node.parent,
+                    node.next_cookie if node.is_dir else 0,
+                    len(node.entries) if node.is_dir else 0,
+                    node.target,
+                    node.xattrs,
+                )
+            )
+        if kind == b"e":
+            entry = node.entries.get(rest) if node.is_dir else None
+            return None if entry is None else fmt.pack_entry(*entry)
+        chunk = node.chunks.get(int.from_bytes(rest, "big"))
+        if chunk is None:
+            return None
+        trimmed = fmt.trim_chunk(chunk)
+        return trimmed or None
+
+    def _seal_page(self, page: int, count: int, counter: int) -> bytes:
+        records = []
+        for key in sorted(self._members[page]):
+            value = self._record(key)
+            if value is not None:
+                records.append((key, value))
+        nonce = os.urandom(fmt.NONCE_SIZE)
+        ad = fmt.page_ad(self._fs_id, counter, page, count)
+        return nonce + self._keys.meta.encrypt(nonce, fmt.pack_page(records), ad)
+
+    def commit(self) -> None:
+        """Make every change so far durable under a new root (docs/formats/sefs.md)."""
+        if self.read_only:
+            return
+        self._flush_all()
+        if not self._dirty_keys:
+            return
+        for name in sorted(self._written):
+            self.storage.fsync(name)
+        if self._written:
+            self.storage.fsync_dir(fmt.DATA_DIR)
+        count = len(self._members)
+        dirty_pages = set()
+        for key in self._dirty_keys:
+            page = self._page_of(key, count)
+            if self._record(key) is None:
+                self._members[page].discard(key)
+            else:
+                self._members[page].add(key)
+            dirty_pages.add(page)
+        dirty_pages.update(p for p, ref in enumerate(self._table) if ref is None)
+        live = sum(ref.length for ref in self._table if ref is not None)
+        if sum(self._pack_sizes.values()) > 2 * live + (1 << 20):
+            dirty_pages = set(range(count))  # compact: rewrite everything, drop old packs
+        counter = self._counter + 1
+        sealed = {p: self._seal_page(p, count, counter) for p in dirty_pages}
+        total = sum(len(s) for s in sealed.values()) + sum(
+            ref.length for p, ref in enumerate(self._table) if ref is not None and p not in sealed
+        )
+        if total > count * fmt.PAGE_TARGET:
+            while total > count * fmt.PAGE_TARGET // 2:
+                count *= 2
+            keys = set().union(*self._members)
+            self._members = [set() for _ in range(count)]
+            for key in keys:
+                self._members[self._page_of(key, count)].add(key)
+            self._table = [None] * count
+            sealed = {p: self._seal_page(p, count, counter) for p in range(count)}
+        table = list(self._table)
+        pack = bytearray()
+        for page in sorted(sealed):
+            obj = sealed[page]
+            table[page] = fmt.ObjectRef(counter, len(pack), len(obj), obj[-fmt.TAG_SIZE :])
+            pack += obj
+        nonce = os.urandom(fmt.NONCE_SIZE)
+        root_plain = fmt.pack_root(fmt.Root(self._next_ino, table))
+        root_obj = nonce + self._keys.meta.encrypt(
+            nonce, root_plain, fmt.root_ad(self._fs_id, counter)
+        )
+        root_ref = fmt.ObjectRef(counter, len(pack), len(root_obj), root_obj[-fmt.TAG_SIZE :])
+        pack += root_obj
+        name = fmt.pack_name(counter)
+        self.storage.write_file(name, bytes(pack))
+        self.storage.fsync(name)
+        self.storage.fsync_dir(fmt.META_DIR)
+        head = fmt.pack_head(fmt.Head(self._fs_id, counter, root_ref), self._keys.head_mac)
+        self.storage.write_file(fmt.HEAD_TMP_NAME, head)
+        self.storage.fsync(fmt.HEAD_TMP_NAME)
+        self.storage.rename(fmt.HEAD_TMP_NAME, fmt.HEAD_NAME)
+        self.storage.fsync_dir("")
+        # -- committed: the new root is the filesystem from here on --
+        self._counter = counter
+        self._root_tag = root_ref.tag
+        self._table = table
+        self._pack_sizes[counter] = len(pack)
+        self._dirty_keys.clear()
+        self._written.clear()
+        for ino in self._slot_touched:
+            node = self._inodes.get(ino)
+            if node is not None:
+                node.committed_slots.clear()
+        self._slot_touched.clear()
+        self._last_commit = time.monotonic()
+        if self._state is not None:
+            self._state.update(counter, root_ref.tag)
+        live_packs = {ref.pack for ref in table if ref is not None} | {counter}
+        for number in [n for n in self._pack_sizes if n not in live_packs]:
+            del self._pack_sizes[number]
+            self._unlink_quietly(fmt.pack_name(number))
+        for name in self._doomed:
+            self._unlink_quietly(name)
+        self._doomed.clear()
+
+    def _unlink_quietly(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.storage.unlink(name)
+
+    def _changed(self) -> None:
+        """After a change: commit when changes have waited long enough."""
+        if time.monotonic() - self._last_commit >= self._commit_interval:
+            self.commit()
+
+    # == data blocks ========================================================================
+    def _flush_all(self) -> None:
+        for ino in list(self._dirty_inodes):
+            node = self._inodes.get(ino)
+            if node is not None:
+                self._flush(node)
+        self._dirty_inodes.clear()
+        self._dirty_blocks = 0
+
+    def _flush(self, node: _Inode) -> None:
+        """Encrypt and write out ``node``'s buffered blocks, one pwritev per run."""
+        dirty = node.dirty
+        if not dirty:
+            return
+        blocks = sorted(dirty)
+        nonces = os.urandom(fmt.NONCE_SIZE * len(blocks))
+        encrypt = self._keys.data.encrypt
+        prefix = self._data_prefix
+        ino = node.ino
+        chunks = node.chunks
+        committed = node.committed_slots
+        runs: list[tuple[int, int, list]] = []  # (slot, first block, ciphertexts)
+        open_run: dict[int, tuple[int, int, list]] = {}
+        for i, block in enumerate(blocks):
+            c, off = block >> 8, (block & 255) * ENTRY_SIZE
+            chunk = chunks.get(c)
+            if chunk is None:
+                chunk = chunks[c] = bytearray()
+            if len(chunk) < off + ENTRY_SIZE:
+                chunk.extend(bytes(off + ENTRY_SIZE - len(chunk)))
+            was = chunk[off]
+            old = committed.get(block)
+            if old is None:
+                old = committed[block] = was
+            slot = SLOT_B if old == SLOT_A else SLOT_A
+            nonce = nonces[i * 12 : i * 12 + 12]
+            out = encrypt(nonce, dirty[block], prefix + _BLOCK_AD.pack(ino, block))
+            if not was:
+                node.present += 1
+            chunk[off : off + ENTRY_SIZE] = bytes((slot,)) + nonce + out[-16:]
+            run = open_run.get(slot)
+            if run is None or run[1] + len(run[2]) != block or len(run[2]) >= _WRITE_RUN:
+                run = (slot, block, [])
+                runs.append(run)
+                open_run[slot] = run
+            run[2].append(memoryview(out)[:BLOCK_SIZE])
+        for slot, first, cts in runs:
+            name = fmt.data_name(ino, slot)
+            self.storage.pwritev(name, first * BLOCK_SIZE, cts)
+            self._written.add(name)
+        for c in {b >> 8 for b in blocks}:
+            self._dirty_keys.add(fmt.map_key(ino, c))
+        self._slot_touched.add(ino)
+        self._dirty_blocks -= len(blocks)
+        dirty.clear()
+
+    def path_of(self, ino: int) -> str:
+        """A path of ``ino`` for messages (a search: only used when reporting)."""
+        if ino == ROOT_INO:
+            return "/"
+        for parent in self._inodes.values():
+            if parent.is_dir:
+                for name, (child, _) in parent.entries.items():
+                    if child == ino:
+                        head = self.path_of(parent.ino) if parent.ino != ROOT_INO else ""
+                        return f"{head}/{os.fsdecode(name)}"
+        return f"<inode {ino}, unlinked>"
+
+    def _corrupt(self, node: _Inode, block: int, what: str) -> IntegrityError:
+        return IntegrityError(
+            f"{self.path_of(node.ino)}: block {block} (offset {block * BLOCK_SIZE}): {what}"
+        )
+
+    def _read_run(self, node: _Inode, first: int, last: int, slot: int) -> list[bytes]:
+        """Decrypt blocks ``first..last`` that all live in ``slot``."""
+        count = last - first + 1
+        name = fmt.data_name(node.ino, slot)
+        try:
+            raw = self.storage.pread(name, first * BLOCK_SIZE, count * BLOCK_SIZE)
+        except FileNotFoundError:
+            raise self._corrupt(node, first, f"data file {name} is missing") from None
+        if len(raw) != count * BLOCK_SIZE:
+            raise self._corrupt(
+                node, first + len(raw) // BLOCK_SIZE, f"data file {name} is truncated"
+            )
+        decrypt = self._keys.data.decrypt
+        prefix = self._data_prefix
+        ino = node.ino
+        out = []
+        view = memoryview(raw)
+        for i in range(count):
+            block = first + i
+            chunk = node.chunks[block >> 8]
+            off = (block & 255) * ENTRY_SIZE
+            entry = chunk[off : off + ENTRY_SIZE]
+            ct = bytes(view[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]) + entry[13:]
+            try:
+                out.append(decrypt(entry[1:13], ct, prefix + _BLOCK_AD.pack(ino, block)))
+            except InvalidTag:
+                raise self._corrupt(
+                    node, block, "authentication failed (tampered, moved or rolled back)"
+                ) from None
+        return out
+
+    def _blocks(self, node: _Inode, first: int, last: int) -> list:
+        """Plaintext of blocks ``first..last``: buffered, decrypted in runs, or hole zeros."""
+        out: list = []
+        dirty = node.dirty
+        block = first
+        while block <= last:
+            buffered = dirty.get(block)
+            if buffered is not None:
+                out.append(buffered)
+                block += 1
+                continue
+            slot = node.slot(block)
+            if slot == SLOT_HOLE:
+                out.append(_ZERO_BLOCK)
+                block += 1
+                continue
+            end = block
+            while end < last and end + 1 not in dirty and node.slot(end + 1) == slot:
+                end += 1
+            out.extend(self._read_run(node, block, end, slot))
+            block = end + 1
+        return out
+
+    def verify_file(self, ino: int) -> Iterator[str]:
+        """Problems with ``ino``'s stored blocks (fsck): each one line."""
+        node = self._inodes[ino]
+        limit = fmt.blocks_for(node.size)
+        for c, chunk in sorted(node.chunks.items()):
+            for off in range(0, len(chunk), ENTRY_SIZE):
+                slot = chunk[off]
+                block = c * 256 + off // ENTRY_SIZE
+                if not slot:
+                    continue
+                if slot not in (SLOT_A, SLOT_B) or block >= limit:
+                    yield (
+                        f"{self.path_of(ino)}: block {block}: "
+                        "map entry is invalid or past the end of the file"
+                    )
+                    continue
+                try:
+                    self._read_run(node, block, block, slot)
+                except IntegrityError as exc:
+                    yield str(exc)
+
+    # == read side =========================================================================
+    def _node(self, ino: int) -> _Inode:
+        node = self._inodes.get(ino)
+        if node is None:
+            raise FSError(errno.ENOENT)
+        return node
+
+    def _dir(self, ino: int) -> _Inode:
+        node = self._node(ino)
+        if not node.is_dir:
+            raise FSError(errno.ENOTDIR)
+        return node
+
+    def _attr(self, node: _Inode) -> Attr:
+        if node.entries is not None:
+            size = 0
+            blocks = 0
+        elif node.target:
+            size = len(node.target)
+            blocks = 0
+        else:
+            size = node.size
+            extra = sum(1 for b in node.dirty if not node.slot(b)) if node.dirty else 0
+            blocks = (node.present + extra) * (BLOCK_SIZE // 512)
+        return Attr(
+            ino=node.ino,
+            mode=node.mode,
+            nlink=node.nlink,
+            uid=node.uid,
+            gid=node.gid,
+            size=size,
+            rdev=node.rdev,
+            blocks=blocks,
+            atime_ns=node.atime_ns,
+            mtime_ns=node.mtime_ns,
+            ctime_ns=node.ctime_ns,
+        )
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        pnode = self._dir(parent)
+        if name == b"..":
+            return self._attr(self._node(pnode.parent))
+        if name == b".":
+            return self._attr(pnode)
+        entry = pnode.entries.get(name)
+        if entry is None:
+            raise FSError(errno.ENOENT)
+        return self._attr(self._inodes[entry[0]])
+
+    def getattr(self, ino: int) -> Attr:
+        return self._attr(self._node(ino))
+
+    def readlink(self, ino: int) -> bytes:
+        node = self._node(ino)
+        if not stat.S_ISLNK(node.mode):
+            raise FSError(errno.EINVAL)
+        return node.target
+
+    def opendir(self, ino: int) -> int:
+        self._dir(ino)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dir_handles[fh] = _DirHandle(ino)
+        return fh
+
+    def readdir(self, fh: int, offset: int) -> Iterator[DirEntry]:
+        handle = self._dir_handles.get(fh)
+        if handle is None:
+            raise FSError(errno.EBADF)
+        node = self._inodes.get(handle.ino)
+        if node is None or not node.is_dir:
+            return
+        entries = node.entries
+        if handle.stamp != node.next_cookie:
+            # Entries were added since the last snapshot (removals need none: they are
+            # skipped below). Cookie order is dict order, so the lists are sorted.
+            handle.names = list(entries)
+            handle.cookies = [cookie for _, cookie in entries.values()]
+            handle.stamp = node.next_cookie
+        names, cookies = handle.names, handle.cookies
+        for i in range(bisect.bisect_right(cookies, offset), len(names)):
+            entry = entries.get(names[i])
+            if entry is None or entry[1] != cookies[i]:
+                continue
+            yield DirEntry(names[i], self._attr(self._inodes[entry[0]]), entry[1])
+
+    def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+
+    def open(self, ino: int, flags: int) -> int:
+        node = self._node(ino)
+        if node.is_dir:
+            raise FSError(errno.EISDIR)
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        if writing and self.read_only:
+            raise FSError(errno.EROFS)
+        if writing and flags & os.O_TRUNC and stat.S_ISREG(node.mode):
+            self._truncate(node, 0)
+            node.mtime_ns = node.ctime_ns = time.time_ns()
+            self._dirty_keys.add(fmt.inode_key(ino))
+        node.open_count += 1
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = ino
+        return fh
+
+    def _handle(self, fh: int) -> _Inode:
+        ino = self._handles.get(fh)
+        if ino is None:
+            raise FSError(errno.EBADF)
+        return self._inodes[ino]
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        node = self._handle(fh)
+        end = min(offset + size, node.size)
+        if offset >= end:
+            return b""
+        first, last = fmt.block_span(offset, end - offset)
+        parts = self._blocks(node, first, last)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        start = offset - first * BLOCK_SIZE
+        return bytes(data[start : start + end - offset])
+
+    def release(self, fh: int) -> None:
+        node = self._handle(fh)
+        del self._handles[fh]
+        node.open_count -= 1
+        self._maybe_free(node)
+
+    def statfs(self) -> StatFs:
+        host = self.storage.statvfs()
+        files = len(self._inodes)
+        if host is None:
+            total = 1 << 20
+            return StatFs(
+                blocks=total, bfree=total, bavail=total, files=files + (1 << 20), ffree=1 << 20
+            )
+        scale = host.f_frsize / BLOCK_SIZE
+        ffree = host.f_ffree if host.f_files else 1 << 20
+        return StatFs(
+            blocks=int(host.f_blocks * scale),
+            bfree=int(host.f_bfree * scale),
+            bavail=int(host.f_bavail * scale),
+            files=files + ffree,
+            ffree=ffree,
+        )
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        value = self._node(ino).xattrs.get(name)
+        if value is None:
+            raise FSError(errno.ENODATA)
+        return value
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return list(self._node(ino).xattrs)
+
+    # == write side ========================================================================
+    def _writable(self) -> None:
+        if self.read_only:
+            raise FSError(errno.EROFS)
+
+    def _touch(self, node: _Inode, mtime: bool = True) -> None:
+        now = time.time_ns()
+        node.ctime_ns = now
+        if mtime:
+            node.mtime_ns = now
+        self._dirty_keys.add(fmt.inode_key(node.ino))
+
+    def _block_for_update(self, node: _Inode, block: int) -> bytearray:
+        """A mutable buffered copy of ``block`` (the caller accounts for new dirty blocks)."""
+        buffered = node.dirty.get(block)
+        if isinstance(buffered, bytearray):
+            return buffered
+        current = bytearray(self._blocks(node, block, block)[0])
+        node.dirty[block] = current
+        return current
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        self._writable()
+        node = self._handle(fh)
+        size = len(data)
+        if size == 0:
+            return 0
+        view = memoryview(data)
+        dirty = node.dirty
+        before = len(dirty)
+        block, skip = divmod(offset, BLOCK_SIZE)
+        pos = 0
+        while pos < size:
+            take = min(BLOCK_SIZE - skip, size - pos)
+            if take == BLOCK_SIZE:
+                dirty[block] = view[pos : pos + BLOCK_SIZE]
+            else:
+                current = self._block_for_update(node, block)
+                current[skip : skip + take] = view[pos : pos + take]
+            pos += take
+            block += 1
+            skip = 0
+        added = len(dirty) - before
+        self._dirty_blocks += added
+        if added:
+            self._dirty_inodes.add(node.ino)
+        if offset + size > node.size:
+            node.size = offset + size
+        self._touch(node)
+        if self._dirty_blocks > DIRTY_LIMIT_BLOCKS:
+            self._flush_all()
+        self._changed()
+        return size
+
+    def _truncate(self, node: _Inode, size: int) -> None:
+        if size < node.size:
+            keep = fmt.blocks_for(size)
+            for block in [b for b in node.dirty if b >= keep]:
+                del node.dirty[block]
+                self._dirty_blocks -= 1
+            for c in [c for c in node.chunks if (c + 1) * 256 > keep]:
+                chunk = node.chunks[c]
+                start = max(keep - c * 256, 0) * ENTRY_SIZE
+                for off in range(start, len(chunk), ENTRY_SIZE):
+                    if chunk[off]:
+                        block = c * 256 + off // ENTRY_SIZE
+                        node.committed_slots.setdefault(block, chunk[off])
+                        node.present -= 1
+                del chunk[start:]
+                if not chunk:
+                    del node.chunks[c]
+                self._dirty_keys.add(fmt.map_key(node.ino, c))
+            self._slot_touched.add(node.ino)
+            tail = size % BLOCK_SIZE
+            if tail and (keep - 1 in node.dirty or node.slot(keep - 1)):
+                before = len(node.dirty)
+                current = self._block_for_update(node, keep - 1)
+                current[tail:] = bytes(BLOCK_SIZE - tail)
+                if len(node.dirty) > before:
+                    self._dirty_blocks += 1
+                    self._dirty_inodes.add(node.ino)
+        node.size = size
+
+    def setattr(self, ino: int, changes: AttrChanges, fh: int | None = None) -> Attr:
+        self._writable()
+        node = self._node(ino)
+        if changes.size is not None:
+            if node.is_dir:
+                raise FSError(errno.EISDIR)
+            if not stat.S_ISREG(node.mode):
+                raise FSError(errno.EINVAL)
+            self._truncate(node, changes.size)
+            node.mtime_ns = time.time_ns()
+        if changes.mode is not None:
+            node.mode = stat.S_IFMT(node.mode) | (changes.mode & 0o7777)
+        if changes.uid is not None:
+            node.uid = changes.uid
+        if changes.gid is not None:
+            node.gid = changes.gid
+        if changes.atime_ns is not None:
+            node.atime_ns = changes.atime_ns
+        if changes.mtime_ns is not None:
+            node.mtime_ns = changes.mtime_ns
+        node.ctime_ns = time.time_ns()
+        self._dirty_keys.add(fmt.inode_key(ino))
+        self._changed()
+        return self._attr(node)
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        self.commit()
+
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.commit()
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+            raise FSError(errno.EINVAL)
+        if len(name) > 255:
+            raise FSError(errno.ENAMETOOLONG)
+
+    def _add_entry(self, pnode: _Inode, name: bytes, ino: int) -> None:
+        pnode.entries[name] = (ino, pnode.next_cookie)
+        pnode.next_cookie += 1
+        self._dirty_keys.add(fmt.entry_key(pnode.ino, name))
+        self._touch(pnode)
+
+    def _remove_entry(self, pnode: _Inode, name: bytes) -> None:
+        del pnode.entries[name]
+        self._dirty_keys.add(fmt.entry_key(pnode.ino, name))
+        self._touch(pnode)
+
+    def _new(self, parent: int, name: bytes, mode: int, caller: Caller) -> _Inode:
+        self._writable()
+        self._check_name(name)
+        pnode = self._dir(parent)
+        if name in pnode.entries:
+            raise FSError(errno.EEXIST)
+        ino = self._next_ino
+        self._next_ino += 1
+        node = _Inode(ino, mode, caller.uid, caller.gid)
+        if node.is_dir:
+            node.nlink = 2
+            node.parent = parent
+            pnode.nlink += 1
+        self._inodes[ino] = node
+        self._dirty_keys.add(fmt.inode_key(ino))
+        self._add_entry(pnode, name, ino)
+        return node
+
+    def _drop_link(self, node: _Inode) -> None:
+        node.nlink = 0 if node.is_dir else node.nlink - 1
+        self._touch(node, mtime=False)
+        if node.nlink == 0:
+            # Its records leave the committed tree with the next commit.
+            for c in node.chunks:
+                self._dirty_keys.add(fmt.map_key(node.ino, c))
+        self._maybe_free(node)
+
+    def _maybe_free(self, node: _Inode) -> None:
+        if node.nlink or node.open_count:
+            return
+        del self._inodes[node.ino]
+        self._dirty_blocks -= len(node.dirty)
+        node.dirty.clear()
+        self._dirty_inodes.discard(node.ino)
+        for slot in (SLOT_A, SLOT_B):
+            name = fmt.data_name(node.ino, slot)
+            self._written.discard(name)
+            self._doomed.add(name)
+
+    def create(
+        self, parent: int, name: bytes, mode: int, flags: int, caller: Caller
+    ) -> tuple[int, Attr]:
+        node = self._new(parent, name, stat.S_IFREG | (mode & 0o7777), caller)
+        fh = self.open(node.ino, flags & ~os.O_TRUNC)
+        self._changed()
+        return fh, self._attr(node)
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Attr:
+        if stat.S_IFMT(mode) not in (
+            stat.S_IFREG,
+            stat.S_IFIFO,
+            stat.S_IFCHR,
+            stat.S_IFBLK,
+            stat.S_IFSOCK,
+        ):
+            raise FSError(errno.EINVAL)
+        node = self._new(parent, name, mode, caller)
+        node.rdev = rdev
+        self._changed()
+        return self._attr(node)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Attr:
+        node = self._new(parent, name, stat.S_IFDIR | (mode & 0o7777), caller)
+        self._changed()
+        return self._attr(node)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Attr:
+        if not target or len(target) > 4095:
+            raise FSError(errno.ENAMETOOLONG if target else errno.ENOENT)
+        node = self._new(parent, name, stat.S_IFLNK | 0o777, caller)
+        node.target = bytes(target)
+        self._changed()
+        return self._attr(node)
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        self._writable()
+        node = self._node(ino)
+        if node.is_dir:
+            raise FSError(errno.EPERM)
+        self._check_name(new_name)
+        pnode = self._dir(new_parent)
+        if new_name in pnode.entries:
+            raise FSError(errno.EEXIST)
+        if node.nlink == 0:
+            raise FSError(errno.ENOENT)
+        self._add_entry(pnode, new_name, ino)
+        node.nlink += 1
+        self._touch(node, mtime=False)
+        for c in node.chunks:
+            self._dirty_keys.add(fmt.map_key(ino, c))
+        self._changed()
+        return self._attr(node)
+
+    def _child(self, parent: int, name: bytes) -> tuple[_Inode, _Inode]:
+        pnode = self._dir(parent)
+        entry = pnode.entries.get(name)
+        if entry is None:
+            raise FSError(errno.ENOENT)
+        return pnode, self._inodes[entry[0]]
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        self._writable()
+        pnode, node = self._child(parent, name)
+        if node.is_dir:
+            raise FSError(errno.EISDIR)
+        self._remove_entry(pnode, name)
+        self._drop_link(node)
+        self._changed()
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        self._writable()
+        pnode, node = self._child(parent, name)
+        if not node.is_dir:
+            raise FSError(errno.ENOTDIR)
+        if node.entries:
+            raise FSError(errno.ENOTEMPTY)
+        self._remove_entry(pnode, name)
+        pnode.nlink -= 1
+        self._drop_link(node)
+        self._changed()
+
+    def _is_ancestor(self, ino: int, of: int) -> bool:
+        while True:
+            if of == ino:
+                return True
+            if of == ROOT_INO:
+                return False
+            of = self._inodes[of].parent
+
+    def rename(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0
+    ) -> None:
+        self._writable()
+        if flags & ~RENAME_NOREPLACE:
+            raise FSError(errno.EINVAL)
+        self._check_name(new_name)
+        opnode, src = self._child(old_parent, old_name)
+        npnode = self._dir(new_parent)
+        if src.is_dir and self._is_ancestor(src.ino, new_parent):
+            raise FSError(errno.EINVAL)
+        existing = npnode.entries.get(new_name)
+        if existing is not None:
+            if flags & RENAME_NOREPLACE:
+                raise FSError(errno.EEXIST)
+            dst = self._inodes[existing[0]]
+            if dst is src:
+                return
+            if src.is_dir and not dst.is_dir:
+                raise FSError(errno.ENOTDIR)
+            if dst.is_dir:
+                if not src.is_dir:
+                    raise FSError(errno.EISDIR)
+                if dst.entries:
+                    raise FSError(errno.ENOTEMPTY)
+                npnode.nlink -= 1
+            self._remove_entry(npnode, new_name)
+            self._drop_link(dst)
+        self._remove_entry(opnode, old_name)
+        self._add_entry(npnode, new_name, src.ino)
+        if src.is_dir and opnode is not npnode:
+            opnode.nlink -= 1
+            npnode.nlink += 1
+            src.parent = new_parent
+        self._touch(src, mtime=False)
+        self._changed()
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        self._writable()
+        node = self._node(ino)
+        if not name or len(name) > MAX_XATTR_NAME:
+            raise FSError(errno.ERANGE)
+        if len(value) > MAX_XATTR_VALUE:
+            raise FSError(errno.E2BIG)
+        if flags & os.XATTR_CREATE and name in node.xattrs:
+            raise FSError(errno.EEXIST)
+        if flags & os.XATTR_REPLACE and name not in node.xattrs:
+            raise FSError(errno.ENODATA)
+        node.xattrs[bytes(name)] = bytes(value)
+        self._touch(node, mtime=False)
+        self._changed()
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        self._writable()
+        node = self._node(ino)
+        if node.xattrs.pop(name, None) is None:
+            raise FSError(errno.ENODATA)
+        self._touch(node, mtime=False)
+        self._changed()
+
+    # == offline inspection (fsck, info) ====================================================
+    def inodes(self) -> dict[int, _Inode]:
+        return self._inodes
+
+    def expected_entries(self, ino: int) -> int:
+        return self._expected_entries.get(ino, 0)

@@ -1,0 +1,254 @@
+"""Host storage that SEFS writes through: real files, or a power-loss simulator for tests.
+
+Names are ``/``-separated paths relative to the SEFS directory (``head``,
+``m/0000000000000001.pack``, ``d/0000000000000002``). The filesystem only uses
+the operations below, so a crash can be simulated by a storage that keeps
+what was made durable (by ``fsync``/``fsync_dir``) apart from what was not.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class Storage:
+    """The contract; every method may raise OSError like the host would."""
+
+    def read(self, name: str) -> bytes:
+        raise NotImplementedError
+
+    def pread(self, name: str, offset: int, size: int) -> bytes:
+        raise NotImplementedError
+
+    def pwritev(self, name: str, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
+        """Write at ``offset``, creating the file if needed."""
+        raise NotImplementedError
+
+    def write_file(self, name: str, data: bytes) -> None:
+        """Create (or replace the contents of) ``name`` with ``data``."""
+        raise NotImplementedError
+
+    def fsync(self, name: str) -> None:
+        raise NotImplementedError
+
+    def fsync_dir(self, name: str) -> None:
+        """Make creations, renames and removals in directory ``name`` ("" = top) durable."""
+        raise NotImplementedError
+
+    def rename(self, src: str, dst: str) -> None:
+        raise NotImplementedError
+
+    def unlink(self, name: str) -> None:
+        raise NotImplementedError
+
+    def listdir(self, name: str) -> list[str]:
+        raise NotImplementedError
+
+    def exists(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def statvfs(self) -> os.statvfs_result | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class DiskStorage(Storage):
+    """Files under a host directory, with a bounded cache of open descriptors."""
+
+    MAX_FDS = 64
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._fds: OrderedDict[str, int] = OrderedDict()
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def _fd(self, name: str, create: bool) -> int:
+        fd = self._fds.get(name)
+        if fd is not None:
+            self._fds.move_to_end(name)
+            return fd
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        try:
+            fd = os.open(self._path(name), flags, 0o600)
+        except PermissionError:
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
+        self._fds[name] = fd
+        while len(self._fds) > self.MAX_FDS:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def _forget(self, name: str) -> None:
+        fd = self._fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+
+    def read(self, name: str) -> bytes:
+        with open(self._path(name), "rb") as f:
+            return f.read()
+
+    def pread(self, name: str, offset: int, size: int) -> bytes:
+        return os.pread(self._fd(name, False), size, offset)
+
+    def pwritev(self, name: str, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
+        fd = self._fd(name, True)
+        want = sum(len(b) for b in buffers)
+        done = os.pwritev(fd, buffers, offset)
+        if done != want:  # short writes only happen on a full disk
+            joined = b"".join(bytes(b) for b in buffers)
+            while done < want:
+                n = os.pwrite(fd, joined[done:], offset + done)
+                if n == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += n
+
+    def write_file(self, name: str, data: bytes) -> None:
+        self._forget(name)
+        fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
+    def fsync(self, name: str) -> None:
+        fd = self._fds.get(name)
+        if fd is not None:
+            os.fsync(fd)
+            return
+        fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def fsync_dir(self, name: str) -> None:
+        fd = os.open(self._path(name) if name else self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        self._forget(src)
+        self._forget(dst)
+        os.rename(self._path(src), self._path(dst))
+
+    def unlink(self, name: str) -> None:
+        self._forget(name)
+        os.unlink(self._path(name))
+
+    def listdir(self, name: str) -> list[str]:
+        return os.listdir(self._path(name) if name else self.root)
+
+    def exists(self, name: str) -> bool:
+        return os.path.exists(self._path(name))
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.statvfs(self.root)
+
+    def close(self) -> None:
+        while self._fds:
+            _, fd = self._fds.popitem()
+            os.close(fd)
+
+
+@dataclass
+class _SimFile:
+    data: bytearray = field(default_factory=bytearray)
+    durable: bytes = b""
+
+
+class PowerLossStorage(Storage):
+    """In memory, with a power switch: ``power_loss()`` forgets every write and every
+    directory change that was not fsync'd, as a disk losing its write cache would."""
+
+    def __init__(self) -> None:
+        self._names: dict[str, dict[str, _SimFile]] = {"": {}}
+        self._durable_names: dict[str, dict[str, _SimFile]] = {"": {}}
+        self.fsyncs = 0
+
+    @staticmethod
+    def _split(name: str) -> tuple[str, str]:
+        parent, _, base = name.rpartition("/")
+        return parent, base
+
+    def _file(self, name: str) -> _SimFile:
+        parent, base = self._split(name)
+        try:
+            return self._names[parent][base]
+        except KeyError:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name) from None
+
+    def mkdir(self, name: str) -> None:
+        self._names.setdefault(name, {})
+        self._durable_names.setdefault(name, {})
+
+    def read(self, name: str) -> bytes:
+        return bytes(self._file(name).data)
+
+    def pread(self, name: str, offset: int, size: int) -> bytes:
+        return bytes(self._file(name).data[offset : offset + size])
+
+    def pwritev(self, name: str, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
+        parent, base = self._split(name)
+        f = self._names[parent].setdefault(base, _SimFile())
+        data = b"".join(bytes(b) for b in buffers)
+        if len(f.data) < offset:
+            f.data.extend(bytes(offset - len(f.data)))
+        f.data[offset : offset + len(data)] = data
+
+    def write_file(self, name: str, data: bytes) -> None:
+        parent, base = self._split(name)
+        f = self._names[parent].setdefault(base, _SimFile())
+        f.data[:] = data
+
+    def fsync(self, name: str) -> None:
+        f = self._file(name)
+        f.durable = bytes(f.data)
+        self.fsyncs += 1
+
+    def fsync_dir(self, name: str) -> None:
+        self._durable_names[name] = dict(self._names[name])
+        self.fsyncs += 1
+
+    def rename(self, src: str, dst: str) -> None:
+        sp, sb = self._split(src)
+        dp, db = self._split(dst)
+        self._names[dp][db] = self._names[sp].pop(sb)
+
+    def unlink(self, name: str) -> None:
+        parent, base = self._split(name)
+        self._file(name)
+        del self._names[parent][base]
+
+    def listdir(self, name: str) -> list[str]:
+        return list(self._names[name])
+
+    def exists(self, name: str) -> bool:
+        parent, base = self._split(name)
+        return base in self._names.get(parent, {})
+
+    def power_loss(self) -> None:
+        self._names = {d: dict(names) for d, names in self._durable_names.items()}
+        for names in self._names.values():
+            for f in names.values():
+                f.data = bytearray(f.durable)
+
+    def files(self) -> dict[str, bytes]:
+        """Every file's current contents, by name (for tests that tamper)."""
+        return {
+            (f"{d}/{n}" if d else n): bytes(f.data)
+            for d, names in self._names.items()
+            for n, f in names.items()
+        }
