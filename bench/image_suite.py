@@ -1,0 +1,328 @@
+"""Image-layer workloads (issue 2): build, cold reads, listing, mount time, server memory.
+
+The peer for reads is fuse-overlayfs with only a lower directory: the same
+files on the same ext4, served read-only by a C FUSE server with no checking.
+The peer for builds is the floor any builder pays: read the tree once and
+hash it (``tar -c SRC | sha256sum``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from bench import datasets
+from bench.measure import Settings, mark_unavailable, measure, new_row, read_file
+from bench.report import OURS, Result, Row, SuiteReport
+from bench.stats import MEGABYTES, SECONDS, THROUGHPUT, MiB, Target, format_bytes, throughput
+from bench.subjects import (
+    Contender,
+    FuseOverlay,
+    MemStandIn,
+    OcclumfsSubject,
+    OcclumImage,
+    Subject,
+    occlumfs_cmd,
+    occlumfs_has,
+    teardown_all,
+)
+from bench.system import CommandFailed, Unavailable, log, run, shell, timed
+
+TAR_FLOOR = "tar -c | sha256sum"
+SMALL_IMAGE = 10 * MiB
+
+
+def mkimage(src: Path, image: Path) -> str:
+    """Build with the real CLI; the digest is the last line it prints."""
+    image.unlink(missing_ok=True)
+    done = run(occlumfs_cmd("mkimage", src, image))
+    lines = done.stdout.decode().strip().splitlines()
+    if not lines or not lines[-1].strip().startswith("sha256:"):
+        raise CommandFailed(f"mkimage printed no digest (last line: {lines[-1:]})")
+    return lines[-1].strip()
+
+
+class ImageSuite:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.root = settings.scratch / "image"
+        self.images = self.root / "images"
+        self.mounts: list[Subject] = []
+        self.have_mkimage = occlumfs_has("mkimage")
+        if self.have_mkimage:
+            self.missing = None
+        elif settings.stand_in:
+            self.missing = "unavailable: 'occlumfs mkimage' not implemented yet (memfs stand-in)"
+        else:
+            self.missing = "unavailable: 'occlumfs mkimage' not implemented yet"
+
+    # Subjects ------------------------------------------------------------------
+
+    def build_image(self, src: Path, name: str) -> tuple[Path | None, str]:
+        """An image of ``src`` for the read workloads (untimed), or (None, "") when we can't."""
+        if not self.have_mkimage:
+            return None, ""
+        image = self.images / name
+        log(f"building {name} (untimed)")
+        try:
+            return image, mkimage(src, image)
+        except Exception as exc:
+            log(f"building {name} FAILED: {exc}")
+            return None, ""
+
+    def ours(self, tag: str, image: Path | None, digest: str, seed: Path) -> Subject:
+        mnt = self.root / "mnt" / f"ours-{tag}"
+        log_file = self.s.log_dir / f"image-{tag}.log"
+        subject: Subject
+        if image is None and self.s.stand_in and not self.have_mkimage:
+            subject = MemStandIn(mnt, log_file, seed=seed)
+        else:
+            subject = OcclumImage(image or Path("/nonexistent"), digest, mnt, log_file)
+        self.mounts.append(subject)
+        return subject
+
+    def unusable(self, subject: Subject) -> str | None:
+        """Why our subject cannot be measured at all, if so."""
+        if isinstance(subject, OcclumImage) and not subject.digest:
+            return self.missing or "failed: building the image failed"
+        return None
+
+    def overlay(self, tag: str, lower: Path) -> FuseOverlay:
+        subject = FuseOverlay(lower, self.root / "mnt" / f"overlay-{tag}")
+        self.mounts.append(subject)
+        return subject
+
+    def measure_all(self, phases, ours: Subject, peers: list[Subject], reps: int) -> None:
+        reason = self.unusable(ours)
+        if reason:
+            mark_unavailable([row for row, _ in phases], ours, reason)
+        measure(phases, [ours, *peers], reps)
+
+    # The suite -------------------------------------------------------------------
+
+    def run(self) -> SuiteReport:
+        report = SuiteReport("image", "Image layers (issue 2)")
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        self.images.mkdir(parents=True)
+        try:
+            self._run(report, self.root / "src")
+        finally:
+            teardown_all(self.mounts)
+        for subject in self.mounts:
+            if isinstance(subject, OcclumfsSubject):
+                problems = subject.log_problems()
+                if problems:
+                    report.notes.append(
+                        f"server log {subject.log_file.name}: {len(problems)} error line(s), "
+                        f"first: {problems[0][:200]}"
+                    )
+        if self.s.quick:
+            report.notes.append("--quick: toy sizes; these ratios do not judge the targets")
+        return report
+
+    def _run(self, report: SuiteReport, src: Path) -> None:
+        size = self.s.size
+        log("copying the stdlib tree")
+        stdlib = src / "stdlib"
+        files, nbytes = datasets.copy_stdlib(stdlib, max_files=200 if self.s.quick else None)
+        log(f"generating a {format_bytes(size)} mixed tree and a {format_bytes(size)} file")
+        mixed = src / "mixed"
+        mfiles, mbytes = datasets.mixed_tree(mixed, size)
+        seq = src / "seq"
+        datasets.random_file(seq / "big.bin", size, "seq-read")
+        small = src / "small"
+        datasets.random_file(small / "small.bin", SMALL_IMAGE, "small-image")
+
+        row, stdlib_digest = self.build_row(
+            "image.build.stdlib",
+            f"mkimage stdlib ({files:,} files, {format_bytes(nbytes)})",
+            stdlib,
+            self.images / "stdlib.img",
+        )
+        report.rows.append(row)
+        row, _ = self.build_row(
+            "image.build.mixed",
+            f"mkimage mixed tree ({mfiles:,} files, {format_bytes(mbytes)})",
+            mixed,
+            self.images / "mixed.img",
+        )
+        report.rows.append(row)
+        (self.images / "mixed.img").unlink(missing_ok=True)
+        shutil.rmtree(mixed)
+
+        seq_image, seq_digest = self.build_image(seq, "seq.img")
+        report.rows.append(self.seq_read_row(seq, seq_image, seq_digest))
+
+        if stdlib_digest:
+            stdlib_image: Path | None = self.images / "stdlib.img"
+        else:
+            stdlib_image, stdlib_digest = self.build_image(stdlib, "stdlib.img")
+        report.rows += self.tree_rows(stdlib, stdlib_image, stdlib_digest, files, nbytes)
+
+        report.rows.append(self.mount_time_row(seq_image, seq_digest, small))
+        report.rows.append(self.rss_row(src))
+
+    def build_row(self, key: str, label: str, src: Path, image: Path) -> tuple[Row, str]:
+        ours, floor = Contender(OURS), Contender(TAR_FLOOR)
+        row = new_row(key, label, SECONDS, ours, [floor], Target("ratio_max", 1.5))
+        digests: set[str] = set()
+        # Both read the tree from the page cache: the row compares the CPU and
+        # write cost of building, not the disk.
+        run(shell(f"tar -cf - -C '{src}' . | cat > /dev/null"))
+
+        def sample(subject: Subject) -> float:
+            if subject is floor:
+                return timed(shell(f"tar -cf - -C '{src}' . | sha256sum > /dev/null"))
+            if not self.have_mkimage:
+                raise Unavailable(self.missing)
+            image.unlink(missing_ok=True)
+            run(["sync"])
+            start = time.perf_counter()
+            digests.add(mkimage(src, image))
+            return time.perf_counter() - start
+
+        measure([(row, sample)], [ours, floor], self.s.reps)
+        if len(digests) > 1:
+            row.notes.append(f"NOT reproducible: {len(digests)} different digests in one run")
+        elif digests:
+            row.notes.append("the same digest on every repetition")
+        return row, (digests.pop() if len(digests) == 1 else "")
+
+    def seq_read_row(self, seq: Path, image: Path | None, digest: str) -> Row:
+        size = self.s.size
+        ours, peer = self.ours("seq", image, digest, seq), self.overlay("seq", seq)
+        row = new_row(
+            "image.read.seq",
+            f"cold sequential read, {format_bytes(size)} file",
+            THROUGHPUT,
+            ours,
+            [peer],
+            Target("ratio_min", 1.0),
+        )
+
+        def sample(subject: Subject) -> float:
+            with subject.mounted(self.s.drop_caches) as m:
+                n, seconds = read_file(m / "big.bin")
+            if n != size:
+                raise CommandFailed(f"read {n} bytes, expected {size}")
+            return throughput(n, seconds)
+
+        self.measure_all([(row, sample)], ours, [peer], self.s.reps)
+        return row
+
+    def tree_rows(
+        self, stdlib: Path, image: Path | None, digest: str, files: int, nbytes: int
+    ) -> list[Row]:
+        ours, peer = self.ours("stdlib", image, digest, stdlib), self.overlay("stdlib", stdlib)
+        target = Target("ratio_max", 1.0)
+        ls_row = new_row(
+            "image.ls.stdlib",
+            f"cold ls -lR stdlib ({files:,} files)",
+            SECONDS,
+            ours,
+            [peer],
+            target,
+        )
+        cat_row = new_row(
+            "image.readall.stdlib",
+            f"cold read of every stdlib file ({format_bytes(nbytes)})",
+            SECONDS,
+            ours,
+            [peer],
+            target,
+        )
+
+        def ls_lr(subject: Subject) -> float:
+            with subject.mounted(self.s.drop_caches) as m:
+                return timed(shell(f"ls -lR '{m}' > /dev/null"))
+
+        def read_all(subject: Subject) -> float:
+            with subject.mounted(self.s.drop_caches) as m:
+                return timed(
+                    shell(f"cd '{m}' && find . -type f -print0 | xargs -0 cat > /dev/null")
+                )
+
+        self.measure_all([(ls_row, ls_lr), (cat_row, read_all)], ours, [peer], self.s.reps)
+        return [ls_row, cat_row]
+
+    def mount_time_row(self, big_image: Path | None, big_digest: str, small_src: Path) -> Row:
+        small_name = f"{OURS}, 10 MiB image"
+        row = Row(
+            "image.mount.time",
+            f"mount time, {format_bytes(self.s.size)} image vs 10 MiB image",
+            SECONDS,
+            Result(OURS),
+            [Result(small_name)],
+            Target("ratio_max", 1.2),
+        )
+        small_image, small_digest = (None, "")
+        if big_digest:
+            small_image, small_digest = self.build_image(small_src, "small.img")
+        big = self.ours("mount-big", big_image, big_digest, small_src)
+        small = self.ours("mount-small", small_image, small_digest, small_src)
+        small.name = small_name
+        for subject in (big, small):
+            reason = self.unusable(subject) or (
+                "unavailable: needs real images" if isinstance(subject, MemStandIn) else None
+            )
+            if reason:
+                mark_unavailable([row], subject, reason)
+
+        def sample(subject: Subject) -> float:
+            self.s.drop_caches()
+            start = time.perf_counter()
+            subject.mount()
+            elapsed = time.perf_counter() - start
+            subject.unmount()
+            return elapsed
+
+        # Mounting is quick: a few more repetitions steady the median.
+        measure([(row, sample)], [big, small], max(self.s.reps, 5))
+        row.notes.append(
+            "wall time of `occlumfs mount --digest` until it returns, CLI start "
+            "included, caches dropped before each"
+        )
+        return row
+
+    def rss_row(self, src: Path) -> Row:
+        huge = 2 * self.s.size
+        nfiles = 2_000 if self.s.quick else 100_000
+        rss_src = src / "rss"
+        log(f"generating the memory workload: a {format_bytes(huge)} file, {nfiles:,} files")
+        datasets.random_file(rss_src / "huge.bin", huge, "rss-huge")
+        datasets.many_files_tree(rss_src / "tree", nfiles)
+        image, digest = self.build_image(rss_src, "rss.img")
+        ours, peer = self.ours("rss", image, digest, rss_src), self.overlay("rss", rss_src)
+        row = new_row(
+            "image.rss",
+            f"server peak RSS: read {format_bytes(huge)} file, ls -lR {nfiles:,} files",
+            MEGABYTES,
+            ours,
+            [peer],
+            Target("value_max", 150, MEGABYTES),
+        )
+        if isinstance(ours, MemStandIn):
+            mark_unavailable([row], ours, "unavailable: the memfs stand-in holds data in RAM")
+
+        def sample(subject: Subject) -> float:
+            subject.peak_rss_mb = None
+            with subject.mounted(self.s.drop_caches) as m:
+                run(shell(f"cat '{m}/huge.bin' > /dev/null"))
+                run(shell(f"ls -lR '{m}/tree' > /dev/null"))
+            if subject.peak_rss_mb is None:
+                raise CommandFailed("could not read the server's VmHWM")
+            return subject.peak_rss_mb
+
+        # A high-water mark is a maximum, not a timing: one pass is the measurement.
+        self.measure_all([(row, sample)], ours, [peer], 1)
+        row.notes.append("VmHWM of the server process over one mount (one pass)")
+        shutil.rmtree(rss_src)
+        if image is not None:
+            image.unlink(missing_ok=True)
+        return row
+
+
+def run_image_suite(settings: Settings) -> SuiteReport:
+    return ImageSuite(settings).run()

@@ -1,0 +1,275 @@
+"""Encrypted writable filesystem workloads (issue 3) against gocryptfs and securefs.
+
+The workload of record is the one gocryptfs publishes: sequential write with
+fsync, cold sequential read, untar of a source tree, ``ls -lR``, ``rm -rf``;
+plus 4 KiB random I/O with fio and the server's peak memory. Each subject
+keeps its backing store under the scratch directory on the same disk.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from bench import datasets
+from bench.measure import (
+    Settings,
+    fio_iops,
+    mark_unavailable,
+    measure,
+    new_row,
+    read_file,
+    result_for,
+    write_file,
+)
+from bench.report import Row, SuiteReport
+from bench.stats import (
+    IOPS,
+    MEGABYTES,
+    SECONDS,
+    THROUGHPUT,
+    MiB,
+    Target,
+    ahead_of_best,
+    format_bytes,
+    throughput,
+)
+from bench.subjects import (
+    Gocryptfs,
+    MemStandIn,
+    OcclumfsSubject,
+    OcclumSefs,
+    Securefs,
+    Subject,
+    occlumfs_has,
+    teardown_all,
+)
+from bench.system import CommandFailed, Unavailable, log, run, shell, timed
+
+PASSWORD = "occlumfs-bench-password"
+SEQ_FILE = "seq.bin"
+FIO_FILE = "fio.dat"
+TREE = "stdlib"
+
+
+class SefsSuite:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.root = settings.scratch / "sefs"
+        self.fio_size = 16 * MiB if settings.quick else 256 * MiB
+        self.fio_runtime = 1 if settings.quick else 10
+
+    def subjects(self) -> tuple[Subject, list[Subject]]:
+        mnt = self.root / "mnt"
+        passfile = self.root / "password"
+        passfile.write_text(PASSWORD + "\n")
+        log_file = self.s.log_dir / "sefs.log"
+        ours: Subject
+        if self.s.stand_in and not occlumfs_has("sefs", "create"):
+            ours = MemStandIn(mnt / "ours", log_file)
+        else:
+            ours = OcclumSefs(
+                self.root / "store-ours", self.root / "ours.key", mnt / "ours", log_file
+            )
+        peers: list[Subject] = [
+            Gocryptfs(self.root / "store-gocryptfs", mnt / "gocryptfs", passfile),
+            Securefs(self.root / "store-securefs", mnt / "securefs", PASSWORD),
+        ]
+        return ours, peers
+
+    def run(self) -> SuiteReport:
+        report = SuiteReport("sefs", "Encrypted writable filesystem (issue 3)")
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True)
+        ours, peers = self.subjects()
+        everyone = [ours, *peers]
+        try:
+            self._run(report, ours, peers)
+        finally:
+            teardown_all(everyone)
+        if isinstance(ours, OcclumfsSubject):
+            problems = ours.log_problems()
+            if problems:
+                report.notes.append(
+                    f"server log: {len(problems)} error line(s), first: {problems[0][:200]}"
+                )
+        if isinstance(ours, MemStandIn):
+            report.notes.append(
+                "ours is the in-memory stand-in: 'cold' runs only drop kernel "
+                "caches, nothing is encrypted"
+            )
+        if self.s.quick:
+            report.notes.append("--quick: toy sizes; these ratios do not judge the targets")
+        return report
+
+    def _run(self, report: SuiteReport, ours: Subject, peers: list[Subject]) -> None:
+        s, size, reps = self.s, self.s.size, self.s.reps
+        everyone = [ours, *peers]
+        src = self.root / "src"
+        log("copying the stdlib tree and making its tarball")
+        files, nbytes = datasets.copy_stdlib(src / TREE, max_files=200 if s.quick else None)
+        tarball = self.root / "stdlib.tar"
+        datasets.make_tarball(src / TREE, tarball)
+        shutil.rmtree(src)
+        tree_label = f"{files:,} files, {format_bytes(nbytes)}"
+
+        def row(key: str, label: str, unit) -> Row:
+            return new_row(f"sefs.{key}", label, unit, ours, peers, ahead_of_best(unit))
+
+        rows = {
+            "write": row(
+                "write.seq", f"sequential write + fsync, {format_bytes(size)}", THROUGHPUT
+            ),
+            "read": row("read.seq", f"cold sequential read, {format_bytes(size)}", THROUGHPUT),
+            "untar": row("untar", f"untar stdlib ({tree_label})", SECONDS),
+            "ls": row("ls", "cold ls -lR of the untarred tree", SECONDS),
+            "rm": row("rm", "cold rm -rf of the untarred tree", SECONDS),
+            "randread": row(
+                "fio.randread",
+                f"fio 4 KiB random read, {format_bytes(self.fio_size)} file, {self.fio_runtime} s",
+                IOPS,
+            ),
+            "randwrite": row(
+                "fio.randwrite",
+                f"fio 4 KiB random write + end fsync, "
+                f"{format_bytes(self.fio_size)} file, {self.fio_runtime} s",
+                IOPS,
+            ),
+        }
+        report.rows += rows.values()
+
+        for subject in everyone:
+            try:
+                log(f"creating the {subject.name} store")
+                subject.setup()
+            except Unavailable as exc:
+                mark_unavailable(list(rows.values()), subject, str(exc))
+            except Exception as exc:
+                mark_unavailable(list(rows.values()), subject, f"failed: setting up: {exc}")
+        # The tarball is read from the page cache: untar measures the filesystem.
+        run(shell(f"cat '{tarball}' > /dev/null"))
+
+        def ensure_file(m: Path, name: str, nbytes: int) -> bool:
+            """Lay a file down (untimed) if a non-persistent subject lost it; True if it did."""
+            path = m / name
+            if path.exists() and path.stat().st_size == nbytes:
+                return False
+            write_file(path, nbytes)
+            return True
+
+        def ensure_tree(m: Path) -> bool:
+            if (m / TREE).exists():
+                return False
+            (m / TREE).mkdir()
+            run(["tar", "-xf", str(tarball), "-C", str(m / TREE)])
+            return True
+
+        def seq_write(subject: Subject) -> float:
+            with subject.mounted() as m:
+                (m / SEQ_FILE).unlink(missing_ok=True)
+                run(["sync"])
+                seconds = write_file(m / SEQ_FILE, size)
+            return throughput(size, seconds)
+
+        def seq_read(subject: Subject) -> float:
+            with subject.mounted(s.drop_caches) as m:
+                if ensure_file(m, SEQ_FILE, size):
+                    s.drop_caches()
+                n, seconds = read_file(m / SEQ_FILE)
+            if n != size:
+                raise CommandFailed(f"read back {n} bytes, expected {size}")
+            return throughput(n, seconds)
+
+        measure([(rows["write"], seq_write), (rows["read"], seq_read)], everyone, reps)
+        self.remove_everywhere(everyone, SEQ_FILE)
+
+        def untar(subject: Subject) -> float:
+            with subject.mounted() as m:
+                if (m / TREE).exists():
+                    run(["rm", "-rf", str(m / TREE)])
+                (m / TREE).mkdir()
+                run(["sync"])
+                return timed(["tar", "-xf", str(tarball), "-C", str(m / TREE)])
+
+        def ls_lr(subject: Subject) -> float:
+            with subject.mounted(s.drop_caches) as m:
+                if ensure_tree(m):
+                    s.drop_caches()
+                return timed(shell(f"ls -lR '{m / TREE}' > /dev/null"))
+
+        def rm_rf(subject: Subject) -> float:
+            with subject.mounted(s.drop_caches) as m:
+                if ensure_tree(m):
+                    s.drop_caches()
+                seconds = timed(["rm", "-rf", str(m / TREE)])
+                if (m / TREE).exists():
+                    raise CommandFailed("the tree is still there after rm -rf")
+                return seconds
+
+        measure([(rows["untar"], untar), (rows["ls"], ls_lr), (rows["rm"], rm_rf)], everyone, reps)
+
+        def fio(rw: str):
+            def sample(subject: Subject) -> float:
+                with subject.mounted(s.drop_caches) as m:
+                    if ensure_file(m, FIO_FILE, self.fio_size):
+                        s.drop_caches()
+                    return fio_iops(m / FIO_FILE, rw, self.fio_size, self.fio_runtime)
+
+            return sample
+
+        if shutil.which("fio") is None:
+            for subject in everyone:
+                mark_unavailable(
+                    [rows["randread"], rows["randwrite"]], subject, "unavailable: fio not installed"
+                )
+        else:
+            for subject in everyone:  # lay the file down once, untimed
+                if result_for(rows["randread"], subject).error is None:
+                    try:
+                        with subject.mounted() as m:
+                            ensure_file(m, FIO_FILE, self.fio_size)
+                    except Exception as exc:
+                        log(f"{subject.name}: laying down the fio file failed: {exc}")
+            measure(
+                [(rows["randread"], fio("randread")), (rows["randwrite"], fio("randwrite"))],
+                everyone,
+                reps,
+            )
+
+        report.rows.append(self.rss_row(ours, peers))
+
+    def remove_everywhere(self, subjects: list[Subject], name: str) -> None:
+        """Free the disk between workloads; a failure here is reported, not fatal."""
+        for subject in subjects:
+            if subject.mounts == 0:
+                continue
+            try:
+                with subject.mounted() as m:
+                    (m / name).unlink(missing_ok=True)
+            except Exception as exc:
+                log(f"{subject.name}: removing {name} failed: {exc}")
+
+    def rss_row(self, ours: Subject, peers: list[Subject]) -> Row:
+        row = new_row(
+            "sefs.rss",
+            "server peak RSS over the whole suite",
+            MEGABYTES,
+            ours,
+            peers,
+            Target("value_max", 200, MEGABYTES),
+        )
+        for subject in (ours, *peers):
+            result = result_for(row, subject)
+            if subject.peak_rss_mb is not None:
+                result.samples.append(subject.peak_rss_mb)
+            elif subject.mounts == 0:
+                result.error = "unavailable: never mounted"
+            else:
+                result.error = "failed: could not read the server's VmHWM"
+        row.notes.append(f"max VmHWM over every mount of the suite ({ours.mounts} mounts of ours)")
+        return row
+
+
+def run_sefs_suite(settings: Settings) -> SuiteReport:
+    return SefsSuite(settings).run()
