@@ -1,0 +1,1 @@
+"""Tests of occlumfs.merkle: the image format, builder, reader, verifier and CLI."""
