@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="occlumfs-bench-", dir=scratch_base(args.scratch)))
     # Mount records and server logs of our mounts stay with the run.
     os.environ["OCCLUMFS_RUNTIME_DIR"] = str(scratch / "run")
+    # SEFS keeps its trusted rollback state outside the store: keep it in the run too.
+    os.environ["OCCLUMFS_STATE_DIR"] = str(scratch / "state")
     log_dir = scratch / "logs"
     log_dir.mkdir()
     drop = CacheDropper()
