@@ -171,6 +171,8 @@ class SefsFS(Filesystem):
         self._dir_handles: dict[int, _DirHandle] = {}
         self._next_fh = 1
         self._last_commit = time.monotonic()
+        self._cipher_buf = bytearray(0)  # reused: fresh memory per flush costs page faults
+        self._raw_buf = bytearray(0)
         self.failed_pages: set[int] = set()
         self._expected_entries: dict[int, int] = {}  # directory -> entry count on record
         if _new:
@@ -485,20 +487,30 @@ class SefsFS(Filesystem):
         self._dirty_blocks = 0
 
     def _flush(self, node: _Inode) -> None:
-        """Encrypt and write out ``node``'s buffered blocks, one pwritev per run."""
+        """Encrypt and write out ``node``'s buffered blocks, one pwrite per run.
+
+        Block ``j`` (in block order) is encrypted into ``buf[4096 j : 4096 j + 4112]``;
+        its tag is copied out before block ``j + 1`` overwrites it, which leaves the
+        ciphertexts contiguous, ready to be written without another copy.
+        """
         dirty = node.dirty
         if not dirty:
             return
         blocks = sorted(dirty)
-        nonces = os.urandom(fmt.NONCE_SIZE * len(blocks))
-        encrypt = self._keys.data.encrypt
+        count = len(blocks)
+        need = count * BLOCK_SIZE + fmt.TAG_SIZE
+        if len(self._cipher_buf) < need:
+            self._cipher_buf = bytearray(need)
+        buf = memoryview(self._cipher_buf)
+        nonces = os.urandom(fmt.NONCE_SIZE * count)
+        encrypt_into = self._keys.data.encrypt_into
         prefix = self._data_prefix
         ino = node.ino
         chunks = node.chunks
         committed = node.committed_slots
-        runs: list[tuple[int, int, list]] = []  # (slot, first block, ciphertexts)
-        open_run: dict[int, tuple[int, int, list]] = {}
-        for i, block in enumerate(blocks):
+        runs: list[list[int]] = []  # [slot, first block, first index, count]
+        run: list[int] = [0, -2, 0, 0]
+        for j, block in enumerate(blocks):
             c, off = block >> 8, (block & 255) * ENTRY_SIZE
             chunk = chunks.get(c)
             if chunk is None:
@@ -510,25 +522,34 @@ class SefsFS(Filesystem):
             if old is None:
                 old = committed[block] = was
             slot = SLOT_B if old == SLOT_A else SLOT_A
-            nonce = nonces[i * 12 : i * 12 + 12]
-            out = encrypt(nonce, dirty[block], prefix + _BLOCK_AD.pack(ino, block))
+            nonce = nonces[j * 12 : j * 12 + 12]
+            at = j * BLOCK_SIZE
+            encrypt_into(
+                nonce,
+                dirty[block],
+                prefix + _BLOCK_AD.pack(ino, block),
+                buf[at : at + BLOCK_SIZE + 16],
+            )
             if not was:
                 node.present += 1
-            chunk[off : off + ENTRY_SIZE] = bytes((slot,)) + nonce + out[-16:]
-            run = open_run.get(slot)
-            if run is None or run[1] + len(run[2]) != block or len(run[2]) >= _WRITE_RUN:
-                run = (slot, block, [])
+            chunk[off] = slot
+            chunk[off + 1 : off + 13] = nonce
+            chunk[off + 13 : off + ENTRY_SIZE] = buf[at + BLOCK_SIZE : at + BLOCK_SIZE + 16]
+            if run[0] == slot and run[1] + run[3] == block and run[3] < _WRITE_RUN:
+                run[3] += 1
+            else:
+                run = [slot, block, j, 1]
                 runs.append(run)
-                open_run[slot] = run
-            run[2].append(memoryview(out)[:BLOCK_SIZE])
-        for slot, first, cts in runs:
+        for slot, first, j, n in runs:
             name = fmt.data_name(ino, slot)
-            self.storage.pwritev(name, first * BLOCK_SIZE, cts)
+            self.storage.pwritev(
+                name, first * BLOCK_SIZE, [buf[j * BLOCK_SIZE : (j + n) * BLOCK_SIZE]]
+            )
             self._written.add(name)
         for c in {b >> 8 for b in blocks}:
             self._dirty_keys.add(fmt.map_key(ino, c))
         self._slot_touched.add(ino)
-        self._dirty_blocks -= len(blocks)
+        self._dirty_blocks -= count
         dirty.clear()
 
     def path_of(self, ino: int) -> str:
@@ -548,57 +569,71 @@ class SefsFS(Filesystem):
             f"{self.path_of(node.ino)}: block {block} (offset {block * BLOCK_SIZE}): {what}"
         )
 
-    def _read_run(self, node: _Inode, first: int, last: int, slot: int) -> list[bytes]:
-        """Decrypt blocks ``first..last`` that all live in ``slot``."""
+    def _read_run(self, node: _Inode, first: int, last: int, slot: int, out: memoryview) -> None:
+        """Decrypt blocks ``first..last``, which all live in ``slot``, into ``out``.
+
+        The ciphertexts are read 4112 bytes apart so each block's tag can be put
+        right after it, as AES-GCM wants, without another copy.
+        """
         count = last - first + 1
+        stride = BLOCK_SIZE + fmt.TAG_SIZE
+        if len(self._raw_buf) < count * stride:
+            self._raw_buf = bytearray(count * stride)
+        raw = memoryview(self._raw_buf)
         name = fmt.data_name(node.ino, slot)
         try:
-            raw = self.storage.pread(name, first * BLOCK_SIZE, count * BLOCK_SIZE)
+            got = self.storage.preadv(
+                name,
+                first * BLOCK_SIZE,
+                [raw[i * stride : i * stride + BLOCK_SIZE] for i in range(count)],
+            )
         except FileNotFoundError:
             raise self._corrupt(node, first, f"data file {name} is missing") from None
-        if len(raw) != count * BLOCK_SIZE:
-            raise self._corrupt(
-                node, first + len(raw) // BLOCK_SIZE, f"data file {name} is truncated"
-            )
-        decrypt = self._keys.data.decrypt
+        if got != count * BLOCK_SIZE:
+            block = first + got // BLOCK_SIZE
+            raise self._corrupt(node, block, f"data file {name} is truncated")
+        decrypt_into = self._keys.data.decrypt_into
         prefix = self._data_prefix
         ino = node.ino
-        out = []
-        view = memoryview(raw)
         for i in range(count):
             block = first + i
             chunk = node.chunks[block >> 8]
             off = (block & 255) * ENTRY_SIZE
-            entry = chunk[off : off + ENTRY_SIZE]
-            ct = bytes(view[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]) + entry[13:]
+            at = i * stride
+            raw[at + BLOCK_SIZE : at + stride] = chunk[off + 13 : off + ENTRY_SIZE]
             try:
-                out.append(decrypt(entry[1:13], ct, prefix + _BLOCK_AD.pack(ino, block)))
+                decrypt_into(
+                    chunk[off + 1 : off + 13],
+                    raw[at : at + stride],
+                    prefix + _BLOCK_AD.pack(ino, block),
+                    out[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE],
+                )
             except InvalidTag:
                 raise self._corrupt(
                     node, block, "authentication failed (tampered, moved or rolled back)"
                 ) from None
-        return out
 
-    def _blocks(self, node: _Inode, first: int, last: int) -> list:
+    def _blocks(self, node: _Inode, first: int, last: int) -> bytearray:
         """Plaintext of blocks ``first..last``: buffered, decrypted in runs, or hole zeros."""
-        out: list = []
+        out = bytearray((last - first + 1) * BLOCK_SIZE)
+        view = memoryview(out)
         dirty = node.dirty
         block = first
         while block <= last:
+            at = (block - first) * BLOCK_SIZE
             buffered = dirty.get(block)
             if buffered is not None:
-                out.append(buffered)
+                view[at : at + BLOCK_SIZE] = buffered
                 block += 1
                 continue
             slot = node.slot(block)
             if slot == SLOT_HOLE:
-                out.append(_ZERO_BLOCK)
-                block += 1
+                block += 1  # already zeros
                 continue
             end = block
             while end < last and end + 1 not in dirty and node.slot(end + 1) == slot:
                 end += 1
-            out.extend(self._read_run(node, block, end, slot))
+            self._read_run(node, block, end, slot, view[at : at + (end - block + 1) * BLOCK_SIZE])
             block = end + 1
         return out
 
@@ -619,7 +654,7 @@ class SefsFS(Filesystem):
                     )
                     continue
                 try:
-                    self._read_run(node, block, block, slot)
+                    self._read_run(node, block, block, slot, memoryview(bytearray(BLOCK_SIZE)))
                 except IntegrityError as exc:
                     yield str(exc)
 
@@ -669,7 +704,7 @@ class SefsFS(Filesystem):
             return self._attr(pnode)
         entry = pnode.entries.get(name)
         if entry is None:
-            raise FSError(errno.ENOENT)
+            raise FSError(errno.ENAMETOOLONG if len(name) > 255 else errno.ENOENT)
         return self._attr(self._inodes[entry[0]])
 
     def getattr(self, ino: int) -> Attr:
@@ -741,10 +776,11 @@ class SefsFS(Filesystem):
         if offset >= end:
             return b""
         first, last = fmt.block_span(offset, end - offset)
-        parts = self._blocks(node, first, last)
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        data = self._blocks(node, first, last)
         start = offset - first * BLOCK_SIZE
-        return bytes(data[start : start + end - offset])
+        if start == 0 and len(data) == end - offset:
+            return data
+        return bytes(memoryview(data)[start : start + end - offset])
 
     def release(self, fh: int) -> None:
         node = self._handle(fh)
@@ -796,7 +832,7 @@ class SefsFS(Filesystem):
         buffered = node.dirty.get(block)
         if isinstance(buffered, bytearray):
             return buffered
-        current = bytearray(self._blocks(node, block, block)[0])
+        current = self._blocks(node, block, block)
         node.dirty[block] = current
         return current
 

@@ -25,6 +25,10 @@ class Storage:
     def pread(self, name: str, offset: int, size: int) -> bytes:
         raise NotImplementedError
 
+    def preadv(self, name: str, offset: int, buffers: Sequence[memoryview]) -> int:
+        """Read into ``buffers`` from ``offset``; returns the bytes read (short at EOF)."""
+        raise NotImplementedError
+
     def pwritev(self, name: str, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
         """Write at ``offset``, creating the file if needed."""
         raise NotImplementedError
@@ -99,6 +103,17 @@ class DiskStorage(Storage):
     def pread(self, name: str, offset: int, size: int) -> bytes:
         return os.pread(self._fd(name, False), size, offset)
 
+    def preadv(self, name: str, offset: int, buffers: Sequence[memoryview]) -> int:
+        fd = self._fd(name, False)
+        want = sum(len(b) for b in buffers)
+        total = 0
+        while total < want:
+            n = os.preadv(fd, _skip(buffers, total), offset + total)
+            if n == 0:
+                break
+            total += n
+        return total
+
     def pwritev(self, name: str, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
         fd = self._fd(name, True)
         want = sum(len(b) for b in buffers)
@@ -163,6 +178,18 @@ class DiskStorage(Storage):
             os.close(fd)
 
 
+def _skip(buffers: Sequence[memoryview], done: int) -> list[memoryview]:
+    """``buffers`` without their first ``done`` bytes (to resume a short read)."""
+    out = []
+    for buf in buffers:
+        if done >= len(buf):
+            done -= len(buf)
+            continue
+        out.append(buf[done:])
+        done = 0
+    return out
+
+
 @dataclass
 class _SimFile:
     data: bytearray = field(default_factory=bytearray)
@@ -199,6 +226,17 @@ class PowerLossStorage(Storage):
 
     def pread(self, name: str, offset: int, size: int) -> bytes:
         return bytes(self._file(name).data[offset : offset + size])
+
+    def preadv(self, name: str, offset: int, buffers: Sequence[memoryview]) -> int:
+        data = self._file(name).data
+        total = 0
+        for buf in buffers:
+            piece = data[offset + total : offset + total + len(buf)]
+            buf[: len(piece)] = piece
+            total += len(piece)
+            if len(piece) < len(buf):
+                break
+        return total
 
     def pwritev(self, name: str, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
         parent, base = self._split(name)
