@@ -136,7 +136,8 @@ class FuseOperations(pyfuse3.Operations):
     @_handler
     def readdir(self, fh, start_id, token):
         for entry in self.fs.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, entry.name, self._entry(entry.attr), entry.next_offset):
+            attr = self._entry(entry.attr)
+            if not pyfuse3.readdir_reply(token, entry.name, attr, entry.next_offset):
                 break
 
     @_handler

@@ -9,8 +9,9 @@ Rules every implementation keeps:
 
 * Errors are :class:`occlumfs.errors.FSError` carrying an errno; stored data that
   fails verification raises :class:`occlumfs.errors.IntegrityError` (EIO).
-* Names are ``bytes`` (any byte except ``/`` and NUL); so are symlink targets and
-  xattr names and values.
+* Names are ``bytes`` (any byte except ``/`` and NUL) of at most 255 bytes:
+  ``lookup`` of a longer one is ENAMETOOLONG, as on ext4. So are symlink
+  targets and xattr names and values.
 * ``readdir`` offsets are opaque cookies: each entry carries the cookie that
   resumes the listing right after it, and a cookie stays valid while the
   directory is unchanged. ``0`` starts from the beginning. ``.`` and ``..`` are

@@ -17,7 +17,7 @@ from pathlib import Path
 from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
 
 KEY_BYTES = 16
-_KEY_RE = re.compile(r"^[0-9a-fA-F]{2}(-[0-9a-fA-F]{2}){%d}$" % (KEY_BYTES - 1))
+_KEY_RE = re.compile(rf"^[0-9a-fA-F]{{2}}(-[0-9a-fA-F]{{2}}){{{KEY_BYTES - 1}}}$")
 
 
 def generate_key() -> bytes:

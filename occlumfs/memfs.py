@@ -7,6 +7,7 @@ can be exercised with a scratch upper layer.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import stat
@@ -31,14 +32,80 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
 
+class _SparseData:
+    """File contents as a map of 4 KiB blocks: holes cost nothing, so a file of
+    terabytes with a few written blocks is a few blocks of memory."""
+
+    __slots__ = ("blocks", "size")
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, bytearray] = {}
+        self.size = 0
+
+    def read(self, offset: int, size: int) -> bytes:
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return b""
+        out = bytearray(end - offset)
+        first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        for index in range(first, last + 1):
+            block = self.blocks.get(index)
+            if block is None:
+                continue  # a hole: already zeros in `out`
+            base = index * BLOCK_SIZE
+            lo, hi = max(offset, base), min(end, base + BLOCK_SIZE)
+            out[lo - offset : hi - offset] = block[lo - base : hi - base]
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes) -> None:
+        end = offset + len(data)
+        view = memoryview(data)
+        pos = offset
+        while pos < end:
+            index, within = divmod(pos, BLOCK_SIZE)
+            take = min(BLOCK_SIZE - within, end - pos)
+            block = self.blocks.get(index)
+            if block is None:
+                block = self.blocks[index] = bytearray(BLOCK_SIZE)
+            block[within : within + take] = view[pos - offset : pos - offset + take]
+            pos += take
+        self.size = max(self.size, end)
+
+    def truncate(self, size: int) -> None:
+        if size < self.size:
+            # Blocks wholly past the end go; the tail of the last one is zeroed
+            # so that growing again later reads zeros, not stale bytes.
+            keep = -(-size // BLOCK_SIZE)
+            if len(self.blocks) > keep:
+                for index in [i for i in self.blocks if i >= keep]:
+                    del self.blocks[index]
+            within = size % BLOCK_SIZE
+            tail = self.blocks.get(size // BLOCK_SIZE)
+            if within and tail is not None:
+                tail[within:] = bytes(BLOCK_SIZE - within)
+        self.size = size
+
+    def clear(self) -> None:
+        self.blocks.clear()
+        self.size = 0
+
+    @property
+    def allocated(self) -> int:
+        return len(self.blocks) * BLOCK_SIZE
+
+
 @dataclass
 class _Node:
     attr: Attr
-    data: bytearray = field(default_factory=bytearray)  # regular files
+    data: _SparseData = field(default_factory=_SparseData)  # regular files
     target: bytes = b""  # symlinks
-    # Directories: name -> (ino, cookie). Cookies grow with insertion, so a
-    # listing resumes correctly across batches and survives removals.
+    # Directories: name -> (ino, cookie). Cookies grow with every insertion, so
+    # a listing resumes correctly across batches and survives removals.
+    # `cookies` lists them in increasing order (removed ones included until the
+    # next compaction) so that resuming at a cookie is a bisection, not a scan.
     entries: dict[bytes, tuple[int, int]] = field(default_factory=dict)
+    by_cookie: dict[int, bytes] = field(default_factory=dict)
+    cookies: list[int] = field(default_factory=list)
     next_cookie: int = 1
     parent: int = ROOT_INO
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
@@ -90,8 +157,19 @@ class MemFS(Filesystem):
             attr.mtime_ns = now
 
     def _add_entry(self, parent: _Node, name: bytes, ino: int) -> None:
-        parent.entries[name] = (ino, parent.next_cookie)
+        cookie = parent.next_cookie
         parent.next_cookie += 1
+        parent.entries[name] = (ino, cookie)
+        parent.by_cookie[cookie] = name
+        parent.cookies.append(cookie)
+        self._touch(parent.attr)
+
+    def _remove_entry(self, parent: _Node, name: bytes) -> None:
+        _, cookie = parent.entries.pop(name)
+        del parent.by_cookie[cookie]
+        if len(parent.cookies) > 2 * len(parent.entries) + 64:
+            # A new list, so that a listing in progress keeps its own.
+            parent.cookies = [c for c in parent.cookies if c in parent.by_cookie]
         self._touch(parent.attr)
 
     def _new(self, parent: int, name: bytes, mode: int, caller: Caller) -> _Node:
@@ -103,8 +181,13 @@ class MemFS(Filesystem):
         ino = self._next_ino
         self._next_ino += 1
         attr = Attr(
-            ino=ino, mode=mode, uid=caller.uid, gid=caller.gid,
-            atime_ns=now, mtime_ns=now, ctime_ns=now,
+            ino=ino,
+            mode=mode,
+            uid=caller.uid,
+            gid=caller.gid,
+            atime_ns=now,
+            mtime_ns=now,
+            ctime_ns=now,
         )
         node = _Node(attr=attr, parent=parent)
         if attr.is_dir:
@@ -129,14 +212,22 @@ class MemFS(Filesystem):
     # -- read side -------------------------------------------------------------
     def lookup(self, parent: int, name: bytes) -> Attr:
         if name == b"..":
-            return self._node(self._dir(parent).parent).attr
-        return self._child(parent, name).attr
+            return self.getattr(self._dir(parent).parent)
+        if name == b".":
+            return self.getattr(self._dir(parent).attr.ino)
+        if len(name) > 255:
+            raise FSError(errno.ENAMETOOLONG)
+        return self.getattr(self._child(parent, name).attr.ino)
 
     def getattr(self, ino: int) -> Attr:
         node = self._node(ino)
         attr = node.attr
-        attr.size = len(node.data) if attr.is_reg else len(node.target) if attr.is_lnk else 0
-        attr.blocks = (attr.size + 511) // 512
+        if attr.is_reg:
+            attr.size = node.data.size
+            attr.blocks = node.data.allocated // 512
+        else:
+            attr.size = len(node.target) if attr.is_lnk else 0
+            attr.blocks = 0
         return attr
 
     def readlink(self, ino: int) -> bytes:
@@ -147,15 +238,17 @@ class MemFS(Filesystem):
 
     def readdir(self, fh: int, offset: int) -> Iterator[DirEntry]:
         node = self._dir(fh)
-        for name, (ino, cookie) in list(node.entries.items()):
-            if cookie > offset and name in node.entries:
-                yield DirEntry(name, self.getattr(ino), cookie)
+        cookies = node.cookies
+        for index in range(bisect.bisect_right(cookies, offset), len(cookies)):
+            name = node.by_cookie.get(cookies[index])
+            if name is not None:
+                yield DirEntry(name, self.getattr(node.entries[name][0]), cookies[index])
 
     def open(self, ino: int, flags: int) -> int:
         node = self._node(ino)
         if node.attr.is_dir:
             raise FSError(errno.EISDIR)
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY and node.data.size:
             node.data.clear()
             self._touch(node.attr)
         node.open_count += 1
@@ -171,7 +264,7 @@ class MemFS(Filesystem):
             raise FSError(errno.EBADF) from None
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
-        return bytes(self._handle(fh).data[offset : offset + size])
+        return self._handle(fh).data.read(offset, size)
 
     def release(self, fh: int) -> None:
         node = self._handle(fh)
@@ -180,11 +273,14 @@ class MemFS(Filesystem):
         self._maybe_free(node)
 
     def statfs(self) -> StatFs:
-        used = sum(len(n.data) for n in self._nodes.values()) // BLOCK_SIZE
+        used = sum(n.data.allocated for n in self._nodes.values()) // BLOCK_SIZE
         total = max(used * 2, 1 << 18)
         return StatFs(
-            blocks=total, bfree=total - used, bavail=total - used,
-            files=len(self._nodes) + (1 << 20), ffree=1 << 20,
+            blocks=total,
+            bfree=total - used,
+            bavail=total - used,
+            files=len(self._nodes) + (1 << 20),
+            ffree=1 << 20,
         )
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
@@ -203,8 +299,9 @@ class MemFS(Filesystem):
         if changes.size is not None:
             if attr.is_dir:
                 raise FSError(errno.EISDIR)
-            del node.data[changes.size :]
-            node.data.extend(bytes(changes.size - len(node.data)))
+            if not attr.is_reg:
+                raise FSError(errno.EINVAL)
+            node.data.truncate(changes.size)
             attr.mtime_ns = time.time_ns()
         if changes.mode is not None:
             attr.mode = stat.S_IFMT(attr.mode) | (changes.mode & 0o7777)
@@ -221,10 +318,7 @@ class MemFS(Filesystem):
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
         node = self._handle(fh)
-        end = offset + len(data)
-        if end > len(node.data):
-            node.data.extend(bytes(end - len(node.data)))
-        node.data[offset:end] = data
+        node.data.write(offset, data)
         self._touch(node.attr)
         return len(data)
 
@@ -235,22 +329,32 @@ class MemFS(Filesystem):
         return self.open(node.attr.ino, flags & ~os.O_TRUNC), self.getattr(node.attr.ino)
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Attr:
+        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+            raise FSError(errno.EINVAL)
+        if not stat.S_IFMT(mode):
+            mode |= stat.S_IFREG
         node = self._new(parent, name, mode, caller)
-        node.attr.rdev = rdev
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            node.attr.rdev = rdev
         return self.getattr(node.attr.ino)
 
     def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Attr:
-        return self.getattr(self._new(parent, name, stat.S_IFDIR | (mode & 0o7777), caller).attr.ino)
+        node = self._new(parent, name, stat.S_IFDIR | (mode & 0o7777), caller)
+        return self.getattr(node.attr.ino)
 
     def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Attr:
+        if not target:
+            raise FSError(errno.ENOENT)
         node = self._new(parent, name, stat.S_IFLNK | 0o777, caller)
-        node.target = target
+        node.target = bytes(target)
         return self.getattr(node.attr.ino)
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
         node = self._node(ino)
         if node.attr.is_dir:
             raise FSError(errno.EPERM)
+        if node.attr.nlink == 0:
+            raise FSError(errno.ENOENT)
         self._check_name(new_name)
         pnode = self._dir(new_parent)
         if new_name in pnode.entries:
@@ -264,9 +368,7 @@ class MemFS(Filesystem):
         node = self._child(parent, name)
         if node.attr.is_dir:
             raise FSError(errno.EISDIR)
-        pnode = self._dir(parent)
-        del pnode.entries[name]
-        self._touch(pnode.attr)
+        self._remove_entry(self._dir(parent), name)
         self._drop_link(node)
 
     def rmdir(self, parent: int, name: bytes) -> None:
@@ -276,9 +378,8 @@ class MemFS(Filesystem):
         if node.entries:
             raise FSError(errno.ENOTEMPTY)
         pnode = self._dir(parent)
-        del pnode.entries[name]
+        self._remove_entry(pnode, name)
         pnode.attr.nlink -= 1
-        self._touch(pnode.attr)
         self._drop_link(node)
 
     def _is_ancestor(self, ino: int, of: int) -> bool:
@@ -314,10 +415,9 @@ class MemFS(Filesystem):
                 if dst.entries:
                     raise FSError(errno.ENOTEMPTY)
                 npnode.attr.nlink -= 1
-            del npnode.entries[new_name]
+            self._remove_entry(npnode, new_name)
             self._drop_link(dst)
-        del opnode.entries[old_name]
-        self._touch(opnode.attr)
+        self._remove_entry(opnode, old_name)
         self._add_entry(npnode, new_name, src.attr.ino)
         if src.attr.is_dir and opnode is not npnode:
             opnode.attr.nlink -= 1

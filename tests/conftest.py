@@ -36,10 +36,16 @@ def run_cli(*args: str | os.PathLike, check: bool = True, input: bytes | None = 
     return out
 
 
-@pytest.fixture(autouse=True)
-def _runtime_dir(tmp_path_factory, monkeypatch):
-    """Mount records and default server logs go to a per-session directory."""
-    monkeypatch.setenv("OCCLUMFS_RUNTIME_DIR", str(tmp_path_factory.getbasetemp() / "run"))
+@pytest.fixture(scope="session", autouse=True)
+def _runtime_dir(tmp_path_factory):
+    """Mount records and default server logs go to a per-session directory.
+
+    Session-wide (and set before any other session fixture mounts anything), so
+    that mounts shared by many tests and the CLI processes see the same one.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OCCLUMFS_RUNTIME_DIR", str(tmp_path_factory.getbasetemp() / "run"))
+        yield
 
 
 def _force_unmount(mnt: Path) -> None:

@@ -56,35 +56,52 @@ def open_filesystem(
             read_only=read_only,
             state_dir=state_dir,
         )
+    from occlumfs.fs import ROOT_INO
     from occlumfs.memfs import MemFS
+    from occlumfs.treecopy import copy_tree_into
 
-    return MemFS(name=f"memfs:{source}")
+    fs = MemFS(name=f"memfs:{source}")
+    if source.is_dir():
+        copy_tree_into(fs, ROOT_INO, source)
+    elif source.exists():
+        raise UsageError(f"{source}: a memory filesystem starts from a directory, or empty")
+    return fs
 
 
 @click.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 @click.option(
-    "-t", "--type", "kind", type=click.Choice(TYPES),
-    help="What SOURCE is; detected when omitted. 'mem' is a scratch in-memory filesystem.",
+    "-t",
+    "--type",
+    "kind",
+    type=click.Choice(TYPES),
+    help=(
+        "What SOURCE is; detected when omitted. 'mem' is a scratch in-memory filesystem "
+        "holding a copy of SOURCE when it is a directory, empty when SOURCE does not exist."
+    ),
 )
 @click.option("--digest", help="Image digest to pin (sha256:...); refuse any other image.")
 @click.option(
-    "--key-file", type=click.Path(path_type=Path, dir_okay=False),
+    "--key-file",
+    type=click.Path(path_type=Path, dir_okay=False),
     help="Key file (from 'occlumfs keygen') for an encrypted image or a SEFS.",
 )
 @click.option(
-    "--passphrase-file", type=click.Path(path_type=Path, dir_okay=False),
+    "--passphrase-file",
+    type=click.Path(path_type=Path, dir_okay=False),
     help="File whose first line is the SEFS passphrase.",
 )
 @click.option("--ro", "read_only", is_flag=True, help="Mount read-only.")
 @click.option(
-    "--state-dir", type=click.Path(path_type=Path, file_okay=False),
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
     help="Where SEFS keeps its trusted rollback state (outside SOURCE).",
 )
 @click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground until unmounted.")
 @click.option(
-    "--log-file", type=click.Path(path_type=Path, dir_okay=False),
+    "--log-file",
+    type=click.Path(path_type=Path, dir_okay=False),
     help="Server log (default: stderr in the foreground, a file in the runtime dir otherwise).",
 )
 @click.option("--debug", is_flag=True, help="Log every request.")

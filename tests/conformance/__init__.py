@@ -1,0 +1,1 @@
+"""The conformance suite: POSIX behaviour every occlumfs filesystem shares (see README.md)."""
