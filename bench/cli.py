@@ -12,6 +12,7 @@ import datetime as dt
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -157,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: harness self-check " + ("FAILED" if problems else "ok"))
         return 1 if problems else 0
 
+    def interrupted(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # A terminated run still unmounts everything on its way out.
+    signal.signal(signal.SIGTERM, interrupted)
     from bench.image_suite import run_image_suite
     from bench.measure import Settings
     from bench.sefs_suite import run_sefs_suite

@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,6 +60,31 @@ def unmount_politely(mnt: Path, cmd: list[str]) -> None:
         time.sleep(0.1)
     lines = done.stderr.strip().splitlines()
     raise CommandFailed(f"unmounting {mnt} failed: {lines[-1] if lines else done.returncode}")
+
+
+class PeakWatcher:
+    """Samples a process's VmHWM from a thread until stopped or the process is gone."""
+
+    def __init__(self, pid: int | None, interval: float = 0.05) -> None:
+        self.pid, self.interval = pid, interval
+        self.peak = peak_rss_mb(pid)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        if pid is not None:
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(self.interval):
+            value = peak_rss_mb(self.pid)
+            if value is None:
+                return
+            self.peak = max(self.peak or 0.0, value)
+
+    def stop(self) -> float | None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        return self.peak
 
 
 class Subject:
@@ -115,9 +141,9 @@ class Subject:
 
     def unmount(self, *, quiet: bool = False) -> None:
         pid = self.server_pid()
-        peak = peak_rss_mb(pid)
-        if peak is not None:
-            self.peak_rss_mb = max(self.peak_rss_mb or 0.0, peak)
+        # Unmounting makes a server flush and commit: keep sampling its
+        # high-water mark until it exits, so that memory counts too.
+        watcher = PeakWatcher(pid)
         try:
             self._unmount()
             if pid is not None and not wait_for_exit(pid, SERVER_EXIT_SECONDS):
@@ -127,6 +153,9 @@ class Subject:
             if not quiet:
                 raise
         finally:
+            peak = watcher.stop()
+            if peak is not None:
+                self.peak_rss_mb = max(self.peak_rss_mb or 0.0, peak)
             if is_mounted(self.mnt):
                 force_unmount(self.mnt)
 
