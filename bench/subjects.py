@@ -135,8 +135,13 @@ class Subject:
         self.mnt.mkdir(parents=True, exist_ok=True)
         if is_mounted(self.mnt):
             raise CommandFailed(f"{self.mnt} is still mounted from an earlier step")
-        self._mount()
-        wait_until_mounted(self.mnt)
+        try:
+            self._mount()
+            wait_until_mounted(self.mnt)
+        except BaseException:
+            if is_mounted(self.mnt):  # half-made: mounted, but the command failed
+                self.unmount(quiet=True)
+            raise
         self.mounts += 1
 
     def unmount(self, *, quiet: bool = False) -> None:
