@@ -196,14 +196,34 @@ class _SimFile:
     durable: bytes = b""
 
 
+class PowerCut(Exception):
+    """The simulated machine lost power in the middle of an operation."""
+
+
 class PowerLossStorage(Storage):
     """In memory, with a power switch: ``power_loss()`` forgets every write and every
-    directory change that was not fsync'd, as a disk losing its write cache would."""
+    directory change that was not fsync'd, as a disk losing its write cache would.
+
+    ``cut_power_after(n)`` lets ``n`` more changing operations through and fails
+    every one after, so a crash can be placed anywhere, mid-commit included.
+    """
 
     def __init__(self) -> None:
         self._names: dict[str, dict[str, _SimFile]] = {"": {}}
         self._durable_names: dict[str, dict[str, _SimFile]] = {"": {}}
         self.fsyncs = 0
+        self.changes = 0  # changing operations so far
+        self._budget: int | None = None
+
+    def cut_power_after(self, n: int | None) -> None:
+        self._budget = n
+
+    def _change(self) -> None:
+        if self._budget is not None:
+            if self._budget <= 0:
+                raise PowerCut("power cut")
+            self._budget -= 1
+        self.changes += 1
 
     @staticmethod
     def _split(name: str) -> tuple[str, str]:
@@ -239,6 +259,7 @@ class PowerLossStorage(Storage):
         return total
 
     def pwritev(self, name: str, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
+        self._change()
         parent, base = self._split(name)
         f = self._names[parent].setdefault(base, _SimFile())
         data = b"".join(bytes(b) for b in buffers)
@@ -247,25 +268,30 @@ class PowerLossStorage(Storage):
         f.data[offset : offset + len(data)] = data
 
     def write_file(self, name: str, data: bytes) -> None:
+        self._change()
         parent, base = self._split(name)
         f = self._names[parent].setdefault(base, _SimFile())
         f.data[:] = data
 
     def fsync(self, name: str) -> None:
+        self._change()
         f = self._file(name)
         f.durable = bytes(f.data)
         self.fsyncs += 1
 
     def fsync_dir(self, name: str) -> None:
+        self._change()
         self._durable_names[name] = dict(self._names[name])
         self.fsyncs += 1
 
     def rename(self, src: str, dst: str) -> None:
+        self._change()
         sp, sb = self._split(src)
         dp, db = self._split(dst)
         self._names[dp][db] = self._names[sp].pop(sb)
 
     def unlink(self, name: str) -> None:
+        self._change()
         parent, base = self._split(name)
         self._file(name)
         del self._names[parent][base]
@@ -278,6 +304,7 @@ class PowerLossStorage(Storage):
         return base in self._names.get(parent, {})
 
     def power_loss(self) -> None:
+        self._budget = None
         self._names = {d: dict(names) for d, names in self._durable_names.items()}
         for names in self._names.values():
             for f in names.values():
