@@ -6,6 +6,7 @@
 * ``rw_view``: a fresh empty directory in each writable subject and on the host.
 * ``kernel_rw_view``: the same, limited to views that go through the kernel
   (FUSE mounts and the host), for tests only a real mount can run.
+* ``read_only_view``: the reference tree in each read-only subject.
 
 Views are opened on first use and closed at the end of the session; closing a
 FUSE view runs ``occlumfs umount`` and checks the server log for errors.
@@ -37,6 +38,7 @@ def _ids(subjects: list[Subject]) -> list[str]:
 READ_VIEW_IDS = [HOST, *_ids(SUBJECTS)]
 WRITE_VIEW_IDS = [HOST, *_ids([s for s in SUBJECTS if s.writable])]
 KERNEL_WRITE_VIEW_IDS = [i for i in WRITE_VIEW_IDS if i == HOST or i.endswith("-fuse")]
+READ_ONLY_VIEW_IDS = _ids([s for s in SUBJECTS if not s.writable])
 
 
 class ViewPool:
@@ -48,7 +50,7 @@ class ViewPool:
         self.stack = ExitStack()
         self.subjects = {s.name: s for s in SUBJECTS}
         self.views: dict[tuple[str, bool], View] = {}
-        self.prepared: dict[str, Prepared] = {}
+        self.prepared: dict[tuple[str, bool, Path | None], Prepared] = {}
         self.counter = itertools.count()
 
     def _scratch(self, label: str) -> Path:
@@ -81,12 +83,13 @@ class ViewPool:
             return HostView(root, HOST)
         name, access = view_id.rsplit("-", 1)
         subject = self.subjects[name]
-        if writable:
-            prepared = subject.prepare(self._scratch(f"{name}-{access}"), tree)
-        else:  # read-only storage is prepared once and served both ways
-            if name not in self.prepared:
-                self.prepared[name] = subject.prepare(self._scratch(name), self.tree)
-            prepared = self.prepared[name]
+        if not writable:
+            tree = self.tree
+        # Storage is prepared once per subject and tree, and served both ways.
+        key = (name, writable, tree)
+        if key not in self.prepared:
+            self.prepared[key] = subject.prepare(self._scratch(name), tree)
+        prepared = self.prepared[key]
         if access == "object":
             fs = prepared.open_fs()
             stack.callback(fs.close)
@@ -128,3 +131,8 @@ def rw_view(request, view_pool) -> View:
 @pytest.fixture(params=KERNEL_WRITE_VIEW_IDS)
 def kernel_rw_view(request, view_pool) -> View:
     return view_pool.get(request.param, writable=True).sub(f"t{next(_test_dirs):04d}")
+
+
+@pytest.fixture(params=READ_ONLY_VIEW_IDS)
+def read_only_view(request, view_pool) -> View:
+    return view_pool.get(request.param, writable=False)

@@ -7,14 +7,13 @@ object in-process and names the ``occlumfs mount`` arguments that serve the same
 storage through FUSE. Every subject is then tested both ways; the host
 directory oracle (``host``) is added by the suite itself.
 
-Read-only subjects are prepared once per session and shared by both ways of
-access; writable ones are prepared separately for each, so that a filesystem
-that locks its storage is never opened twice.
+``prepare`` runs once per subject and tree; the in-process object and the
+mount it describes are then used *at the same time*, so a filesystem that
+locks its storage must give each its own copy (as ``prepare_sefs`` does).
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,10 +57,6 @@ def prepare_memfs(scratch: Path, tree: Path | None) -> Prepared:
 
 
 # -- merkle image layers: read-only ---------------------------------------------
-
-
-def merkle_available() -> bool:
-    return hasattr(importlib.import_module("occlumfs.merkle"), "build_image")
 
 
 def _prepare_image(scratch: Path, tree: Path | None, *, encrypted: bool) -> Prepared:
@@ -131,9 +126,6 @@ def prepare_sefs(scratch: Path, tree: Path | None) -> Prepared:
 SUBJECTS: list[Subject] = [
     Subject("memfs", writable=True, prepare=prepare_memfs),
     Subject("sefs", writable=True, prepare=prepare_sefs),
+    Subject("image", writable=False, prepare=prepare_image),
+    Subject("image-encrypted", writable=False, prepare=prepare_encrypted_image),
 ]
-if merkle_available():
-    SUBJECTS += [
-        Subject("image", writable=False, prepare=prepare_image),
-        Subject("image-encrypted", writable=False, prepare=prepare_encrypted_image),
-    ]

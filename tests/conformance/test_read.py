@@ -241,3 +241,26 @@ def test_readdir_of_10k_entries_resumes_from_any_cookie(ro_view: View):
         finally:
             ro_view.closedir(handle)
         assert rest[:300] == names[index + 1 : index + 301], index
+
+
+def test_read_only_subjects_refuse_every_change(read_only_view: View):
+    view = read_only_view
+    refused = {
+        "open for writing": lambda: view.open("small.txt", os.O_WRONLY),
+        "create": lambda: view.open("new", os.O_WRONLY | os.O_CREAT),
+        "truncate": lambda: view.truncate("small.txt", 0),
+        "mkdir": lambda: view.mkdir("new-dir"),
+        "unlink": lambda: view.unlink("small.txt"),
+        "rmdir": lambda: view.rmdir("tree/empty-dir"),
+        "rename": lambda: view.rename("small.txt", "renamed"),
+        "link": lambda: view.link("small.txt", "linked"),
+        "symlink": lambda: view.symlink("small.txt", "new-link"),
+        "chmod": lambda: view.chmod("small.txt", 0o600),
+        "chown": lambda: view.chown("small.txt", 1, 1),
+        "utimens": lambda: view.utimens("small.txt", 0, 0),
+        "setxattr": lambda: view.setxattr("small.txt", b"user.new", b"v"),
+        "removexattr": lambda: view.removexattr("xattr/file", b"user.plain"),
+    }
+    got = {what: errno_of(change) for what, change in refused.items()}
+    assert got == dict.fromkeys(refused, errno.EROFS)
+    assert view.read_file("small.txt") == ref.SMALL
