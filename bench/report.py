@@ -131,6 +131,18 @@ class SuiteReport:
             lines.append(cells)
         return lines
 
+    def verdict_line(self) -> str:
+        judged = [row for row in self.rows if row.target is not None]
+        met = [row for row in judged if row.met() is True]
+        missed = [row.workload for row in judged if row.met() is False]
+        open_ = [row.workload for row in judged if row.met() is None]
+        line = f"targets met: {len(met)} of {len(judged)}"
+        if missed:
+            line += "; missed: " + "; ".join(missed)
+        if open_:
+            line += "; not judged (a side is missing): " + "; ".join(open_)
+        return line
+
     def failure_notes(self) -> list[str]:
         out = []
         for row in self.rows:
@@ -154,6 +166,7 @@ def render_text(report: SuiteReport) -> str:
 
     out = [report.title, fmt(grid[0]), "  ".join("-" * w for w in widths)]
     out += [fmt(line) for line in grid[1:]]
+    out.append(report.verdict_line())
     for note in report.failure_notes() + report.row_notes() + report.notes:
         out.append(f"  * {note}")
     return "\n".join(out)
@@ -170,6 +183,8 @@ def render_markdown(report: SuiteReport) -> str:
     out.append("|" + "|".join(["---"] + ["---:"] * (len(grid[0]) - 1)) + "|")
     for line in grid[1:]:
         out.append("| " + " | ".join(_md_escape(c) for c in line) + " |")
+    verdict = report.verdict_line()
+    out += ["", f"**{verdict[0].upper()}{verdict[1:]}.**"]
     notes = report.failure_notes() + report.row_notes() + report.notes
     if notes:
         out.append("")

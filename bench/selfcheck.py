@@ -118,6 +118,11 @@ def check() -> list[str]:
     expect("rss cell", grid[3][1], "90 MB")
     expect("failed cell", grid[4][1], "failed")
 
+    expect(
+        "verdict line",
+        report.verdict_line(),
+        "targets met: 2 of 4; missed: seq | read; not judged (a side is missing): fio",
+    )
     markdown = render_markdown(report)
     expect("markdown escapes pipes", "seq \\| read" in markdown, True)
     expect("markdown names the failure", "fio — occlumfs: failed: boom" in markdown, True)
