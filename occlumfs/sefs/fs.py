@@ -221,8 +221,10 @@ class SefsFS(Filesystem):
         except FileNotFoundError:
             raise IntegrityError("head: the commit record is missing") from None
         head = fmt.parse_head(raw, self._fs_id, self._keys.head_mac)
-        if self._state is not None:
-            self._state.check(head.counter, head.root.tag)
+        if self._state is not None and not self._state.check(head.counter, head.root.tag):
+            # Trust on first use: pin what this machine sees now, so that from here
+            # on an older snapshot of the directory is refused.
+            self._state.update(head.counter, head.root.tag)
         packs: dict[int, bytes] = {}
         root = fmt.parse_root(
             self._open_object(packs, head.root, fmt.root_ad(self._fs_id, head.counter), "root")
