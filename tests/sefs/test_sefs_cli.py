@@ -1,0 +1,154 @@
+"""The SEFS commands as a user types them: create, info, passwd, fsck, mount and its lock."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+
+import pytest
+from conftest import run_cli
+
+from occlumfs.cli import main
+from occlumfs.errors import ExitCode
+from occlumfs.mount import _wait_for_exit, mounted_paths
+from sefs.helpers import force_unmount, server_pid
+
+
+def test_create_mount_write_read(tmp_path, mount):
+    key = tmp_path / "k"
+    run_cli("keygen", key)
+    done = run_cli("sefs", "create", tmp_path / "fs", "--key-file", key)
+    assert "created SEFS" in done.stderr
+    with mount(tmp_path / "fs", "--key-file", key) as mnt:
+        (mnt / "a").write_bytes(b"hello")
+        os.mkdir(mnt / "d")
+    with mount(tmp_path / "fs", "--type", "sefs", "--key-file", key, "--ro") as mnt:
+        assert (mnt / "a").read_bytes() == b"hello"
+        with pytest.raises(OSError) as err:
+            (mnt / "b").write_bytes(b"x")
+        assert err.value.errno == errno.EROFS
+    assert run_cli("fsck", tmp_path / "fs", "--key-file", key).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--key-file", "missing.key"],  # key file missing
+        [],  # no key and no terminal
+    ],
+)
+def test_create_failures_leave_nothing_behind(tmp_path, args):
+    args = [str(tmp_path / a) if a.endswith(".key") else a for a in args]
+    done = run_cli("sefs", "create", tmp_path / "fs", *args, check=False)
+    assert done.returncode in (ExitCode.USAGE, ExitCode.NOT_FOUND)
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_create_refuses_a_non_empty_directory(tmp_path, volume):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    done = run_cli("sefs", "create", tmp_path / "busy", "--key-file", volume.key_file, check=False)
+    assert done.returncode == ExitCode.USAGE and "not an empty directory" in done.stderr
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["x"]
+
+
+def test_info_needs_no_key_and_shows_no_secrets(volume, mount):
+    with mount(*volume.mount_args()) as mnt:
+        (mnt / "f").write_bytes(b"x" * 10000)
+    done = run_cli("sefs", "info", volume.dir, "--json")
+    facts = json.loads(done.stdout)
+    assert facts["version"] == 1 and facts["commit_counter"] >= 2
+    assert facts["key_kind"] == "key-file" and facts["data_files"] == 1
+    config = json.loads((volume.dir / "sefs.json").read_text())
+    assert config["wrap"]["wrapped_key"] not in done.stdout
+    assert volume.key_file.read_text().strip() not in done.stdout
+    text = run_cli("sefs", "info", volume.dir).stdout
+    assert "commit_counter:" in text and "root:" in text
+
+
+def test_passwd_rewraps_without_touching_data(volume, mount, tmp_path):
+    with mount(*volume.mount_args()) as mnt:
+        (mnt / "f").write_bytes(b"payload" * 1000)
+    data_before = {p.name: p.read_bytes() for p in (volume.dir / "d").iterdir()}
+    meta_before = {p.name: p.read_bytes() for p in (volume.dir / "m").iterdir()}
+    phrase = tmp_path / "phrase"
+    phrase.write_text("correct horse battery staple\n")
+    run_cli(
+        "sefs", "passwd", volume.dir, "--key-file", volume.key_file, "--new-passphrase-file", phrase
+    )
+    assert {p.name: p.read_bytes() for p in (volume.dir / "d").iterdir()} == data_before
+    assert {p.name: p.read_bytes() for p in (volume.dir / "m").iterdir()} == meta_before
+    done = run_cli("fsck", volume.dir, "--key-file", volume.key_file, check=False)
+    assert done.returncode == ExitCode.WRONG_KEY
+    with mount(volume.dir, "--passphrase-file", phrase, "--state-dir", volume.state) as mnt:
+        assert (mnt / "f").read_bytes() == b"payload" * 1000
+    wrong = tmp_path / "wrong"
+    wrong.write_text("nope\n")
+    done = run_cli(
+        "sefs",
+        "passwd",
+        volume.dir,
+        "--passphrase-file",
+        wrong,
+        "--new-key-file",
+        volume.key_file,
+        check=False,
+    )
+    assert done.returncode == ExitCode.WRONG_KEY and "wrong key" in done.stderr
+
+
+def test_create_with_a_passphrase_file(tmp_path, mount):
+    phrase = tmp_path / "phrase"
+    phrase.write_text("s3cret\n")
+    run_cli("sefs", "create", tmp_path / "fs", "--passphrase-file", phrase)
+    assert json.loads((tmp_path / "fs" / "sefs.json").read_text())["wrap"]["scrypt"]["n"] >= 1 << 14
+    with mount(tmp_path / "fs", "--passphrase-file", phrase) as mnt:
+        (mnt / "x").write_text("y")
+    done = run_cli("fsck", tmp_path / "fs", "--passphrase-file", phrase)
+    assert done.returncode == 0
+
+
+def test_second_mount_is_refused_with_the_server_pid(volume, mount, tmp_path):
+    with mount(*volume.mount_args()) as mnt:
+        pid = server_pid(volume.dir)
+        assert os.path.exists(f"/proc/{pid}") and pid != os.getpid()
+        (tmp_path / "other").mkdir()
+        done = run_cli("mount", *volume.mount_args(), tmp_path / "other", check=False)
+        assert done.returncode == ExitCode.IN_USE
+        assert f"in use by pid {pid}" in done.stderr
+        done = run_cli("fsck", volume.dir, "--key-file", volume.key_file, check=False)
+        assert done.returncode == ExitCode.IN_USE
+        assert (mnt / ".").is_dir()
+
+
+def test_lock_left_by_a_killed_server_is_recovered(volume, tmp_path, mount):
+    mnt = tmp_path / "crashing"
+    mnt.mkdir()
+    run_cli("mount", *volume.mount_args(), mnt)
+    try:
+        (mnt / "kept").write_bytes(b"k")
+        fd = os.open(mnt / "kept", os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        dead = server_pid(volume.dir)
+        os.kill(dead, signal.SIGKILL)
+        assert _wait_for_exit(dead, 30), "the killed server did not go away"
+    finally:
+        force_unmount(mnt)
+    assert mnt.resolve() not in mounted_paths()
+    assert (volume.dir / "lock").read_text().strip() == str(dead)
+    with mount(*volume.mount_args()) as again:
+        assert (again / "kept").read_bytes() == b"k"
+        assert server_pid(volume.dir) != dead
+
+
+def test_every_sefs_command_has_help():
+    group = main.commands["sefs"]
+    for name in ("create", "info", "passwd"):
+        assert group.commands[name].help
+        assert run_cli("sefs", name, "--help").stdout.strip()
+    assert main.commands["fsck"].help
+    assert "exit" in run_cli("fsck", "--help").stdout.lower()
