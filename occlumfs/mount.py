@@ -52,6 +52,16 @@ def _record_path(mountpoint: Path) -> Path:
     return runtime_dir() / f"{key}.json"
 
 
+def mount_record(mountpoint: Path) -> dict | None:
+    """What the server serving ``mountpoint`` recorded (``pid``, ``mountpoint``,
+    ``fsname``), or None when there is no readable record."""
+    path = Path(os.path.abspath(mountpoint)).resolve()
+    try:
+        return json.loads(_record_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def mounted_paths() -> set[Path]:
     """Mountpoints in this mount namespace, from /proc/self/mountinfo."""
     paths = set()
@@ -86,10 +96,28 @@ def _configure_logging(log_file: Path | None, debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-def _detach(log_file: Path | None) -> bool:
-    """Fork into the background. Returns True in the server, False in the caller."""
+def _detach(log_file: Path | None) -> int | None:
+    """Fork into the background.
+
+    In the server, returns the write end of a readiness pipe: the server writes
+    one byte to it once its mount record exists and the filesystem has started
+    serving. The caller waits for that byte, so that when it returns,
+    ``occlumfs umount`` can already find the server; it returns None then, or
+    raises if the server died first.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ready_r, ready_w = os.pipe()
     if os.fork() != 0:
-        return False
+        os.close(ready_w)
+        try:
+            ready = os.read(ready_r, 1)
+        finally:
+            os.close(ready_r)
+        if not ready:
+            raise OcclumfsError(f"the server failed to start; see {log_file}")
+        return None
+    os.close(ready_r)
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
@@ -101,7 +129,7 @@ def _detach(log_file: Path | None) -> bool:
         os.dup2(err, 2)
         os.close(err)
     os.close(devnull)
-    return True
+    return ready_w
 
 
 async def _serve_until_unmounted() -> None:
@@ -151,11 +179,20 @@ def serve(
     except RuntimeError as exc:
         raise MountpointError(f"cannot mount at {mountpoint}: {exc}") from None
     record = _record_path(target)
+    ready = None
     if not foreground:
         if log_file is None:
             log_file = record.with_suffix(".log")
             log_file.parent.mkdir(parents=True, exist_ok=True)
-        if not _detach(log_file):
+        try:
+            ready = _detach(log_file)
+        except OcclumfsError:
+            # The server died before serving; it unmounts on the way out, but
+            # a server killed outright leaves the mount behind.
+            if target in mounted_paths():
+                subprocess.run(["fusermount3", "-uz", str(target)], capture_output=True)
+            raise
+        if ready is None:
             return
     _configure_logging(log_file, debug)
     try:
@@ -169,6 +206,9 @@ def serve(
     try:
         fs.started_serving()
         log.info("serving %s at %s (pid %d)", fs.info.name, target, os.getpid())
+        if ready is not None:
+            os.write(ready, b"1")
+            os.close(ready)
         trio.run(_serve_until_unmounted)
     except BaseException:
         log.exception("server failed")
@@ -206,10 +246,9 @@ def umount(mountpoint: Path, *, lazy: bool = False, timeout: float = UMOUNT_WAIT
     path = Path(os.path.abspath(mountpoint)).resolve()
     if path not in mounted_paths():
         raise MountpointError(f"{mountpoint} is not mounted")
-    record = _record_path(path)
     pid = None
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        pid = int(json.loads(record.read_text())["pid"])
+    with contextlib.suppress(TypeError, ValueError, KeyError):
+        pid = int(mount_record(path)["pid"])
     fusermount = shutil.which("fusermount3") or "fusermount3"
     cmd = [fusermount, "-u"] + (["-z"] if lazy else []) + [str(path)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
