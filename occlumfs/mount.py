@@ -132,11 +132,17 @@ def _detach(log_file: Path | None) -> int | None:
     return ready_w
 
 
-async def _serve_until_unmounted() -> None:
+_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+async def _serve_until_unmounted(unblocked_mask: set[signal.Signals]) -> None:
     async with trio.open_nursery() as nursery:
 
         async def stop_on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+                # SIGINT/SIGTERM were blocked from before the mount existed:
+                # one sent since then is pending and arrives here, now.
+                signal.pthread_sigmask(signal.SIG_SETMASK, unblocked_mask)
                 async for signum in signals:
                     log.info("received %s, unmounting", signal.Signals(signum).name)
                     pyfuse3.terminate()
@@ -161,6 +167,8 @@ def serve(
     In the background (the default) the caller returns as soon as the mount is
     in place and the server carries on in a detached child, logging to
     ``log_file`` (default: beside its mount record in :func:`runtime_dir`).
+    SIGINT and SIGTERM unmount cleanly from the moment the mount exists: they
+    are held back until the server is ready to handle them, never lost.
     """
     target = check_mountpoint(mountpoint)
     if log_file is not None:
@@ -174,26 +182,47 @@ def serve(
     if allow_other:
         options.add("allow_other")
     ops = FuseOperations(fs)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-        pyfuse3.init(ops, str(target), options)
-    except RuntimeError as exc:
-        raise MountpointError(f"cannot mount at {mountpoint}: {exc}") from None
-    record = _record_path(target)
-    ready = None
-    if not foreground:
-        if log_file is None:
-            log_file = record.with_suffix(".log")
-            log_file.parent.mkdir(parents=True, exist_ok=True)
         try:
-            ready = _detach(log_file)
-        except OcclumfsError:
-            # The server died before serving; it unmounts on the way out, but
-            # a server killed outright leaves the mount behind.
-            if target in mounted_paths():
-                subprocess.run(["fusermount3", "-uz", str(target)], capture_output=True)
-            raise
-        if ready is None:
-            return
+            pyfuse3.init(ops, str(target), options)
+        except RuntimeError as exc:
+            raise MountpointError(f"cannot mount at {mountpoint}: {exc}") from None
+        record = _record_path(target)
+        ready = None
+        if not foreground:
+            if log_file is None:
+                log_file = record.with_suffix(".log")
+                log_file.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                ready = _detach(log_file)
+            except OcclumfsError:
+                # The server died before serving; it unmounts on the way out,
+                # but a server killed outright leaves the mount behind.
+                if target in mounted_paths():
+                    subprocess.run(["fusermount3", "-uz", str(target)], capture_output=True)
+                raise
+            if ready is None:
+                return
+        status = _serve_mounted(fs, target, record, ready, log_file, debug, mask)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    if not foreground:
+        os._exit(status)
+    if status:
+        raise OcclumfsError(f"server for {target} failed; see the log")
+
+
+def _serve_mounted(
+    fs: Filesystem,
+    target: Path,
+    record: Path,
+    ready: int | None,
+    log_file: Path | None,
+    debug: bool,
+    unblocked_mask: set[signal.Signals],
+) -> int:
+    """Serve the mount made by :func:`serve` until unmounted; the exit status."""
     _configure_logging(log_file, debug)
     try:
         record.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +238,7 @@ def serve(
         if ready is not None:
             os.write(ready, b"1")
             os.close(ready)
-        trio.run(_serve_until_unmounted)
+        trio.run(_serve_until_unmounted, unblocked_mask)
     except BaseException:
         log.exception("server failed")
         status = 1
@@ -223,10 +252,7 @@ def serve(
         with contextlib.suppress(FileNotFoundError):
             record.unlink()
         log.info("unmounted %s", target)
-    if not foreground:
-        os._exit(status)
-    if status:
-        raise OcclumfsError(f"server for {target} failed; see the log")
+    return status
 
 
 def _wait_for_exit(pid: int, timeout: float) -> bool:

@@ -1,13 +1,70 @@
-"""The mount command's lifecycle, on the in-memory filesystem."""
+"""The mount command's lifecycle, on the in-memory filesystem.
+
+Readiness is never waited for with a fixed sleep: either the command returns
+once the mount is ready (background), or a bounded poll of the mount table
+asserts on every round that the server is still alive (foreground).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
 from conftest import run_cli
 
 from occlumfs.errors import ExitCode
-from occlumfs.mount import mounted_paths
+from occlumfs.mount import mount_record, mounted_paths
+
+OCCLUMFS = [sys.executable, "-m", "occlumfs"]
+READY_SECONDS = 30
+
+
+def _is_mounted(mnt: Path) -> bool:
+    return mnt.resolve() in mounted_paths()
+
+
+def _wait_until_mounted(mnt: Path, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + READY_SECONDS
+    while not _is_mounted(mnt):
+        assert server.poll() is None, f"server exited {server.returncode} before mounting"
+        assert time.monotonic() < deadline, f"{mnt} not mounted after {READY_SECONDS}s"
+        # A bounded wait on the server itself: it returns early if the server dies.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=0.02)
+
+
+def _exited(pid: int) -> bool:
+    """True once ``pid`` is gone or a zombie (the server is not our child)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except FileNotFoundError:
+        return True
+
+
+def _one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got:\n{text}"
+    assert "Traceback" not in text
+    return lines[0]
+
+
+@pytest.fixture
+def mnt(tmp_path) -> Path:
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    if _is_mounted(path):
+        subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True, check=False)
+
+
+# -- background (default) --------------------------------------------------------------
 
 
 def test_mount_returns_ready_and_umount_waits(mount):
@@ -17,21 +74,142 @@ def test_mount_returns_ready_and_umount_waits(mount):
         assert os.statvfs(mnt).f_bsize == 4096
 
 
+def test_umount_returns_only_after_the_server_exited(mnt, tmp_path):
+    run_cli("mount", "--type", "mem", "scratch", mnt, "--log-file", tmp_path / "log")
+    record = mount_record(mnt)  # written before the mount command returned
+    assert record is not None and record["mountpoint"] == str(mnt.resolve())
+    pid = int(record["pid"])
+    assert not _exited(pid)
+    run_cli("umount", mnt)
+    assert _exited(pid), "occlumfs umount returned while the server still ran"
+    assert not _is_mounted(mnt)
+    assert mount_record(mnt) is None
+    assert "unmounted" in (tmp_path / "log").read_text()
+
+
+def test_mount_copies_a_directory_into_memory(mount, tmp_path):
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"copied")
+    with mount(src, "--type", "mem") as mnt:
+        assert (mnt / "d" / "f").read_bytes() == b"copied"
+        (mnt / "d" / "f").write_bytes(b"changed in memory")
+    assert (src / "d" / "f").read_bytes() == b"copied"
+
+
+# The background server is orphaned when `occlumfs mount` exits, so its exit
+# status is only visible to a subreaper: this helper becomes one, runs the
+# mount command, then reports "PID STATUS" for every orphan it reaps.
+_REAPER = """
+import ctypes, os, subprocess, sys
+PR_SET_CHILD_SUBREAPER = 36
+assert ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+print("mount", subprocess.run(sys.argv[1:]).returncode, flush=True)
+while True:
+    try:
+        pid, status = os.wait()
+    except ChildProcessError:
+        break
+    print(pid, os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_signal_to_the_background_server_unmounts_cleanly(mnt, tmp_path, signum):
+    log = tmp_path / "server.log"
+    cmd = [*OCCLUMFS, "mount", "-t", "mem", "x", str(mnt), "--log-file", str(log)]
+    with subprocess.Popen(
+        [sys.executable, "-c", _REAPER, *cmd], stdout=subprocess.PIPE, text=True
+    ) as reaper:
+        try:
+            assert reaper.stdout.readline().split() == ["mount", "0"]
+            assert _is_mounted(mnt)
+            (mnt / "f").write_bytes(b"written before the signal")
+            pid = int(mount_record(mnt)["pid"])
+            os.kill(pid, signum)  # at once: the server must not lose an early signal
+            reaped = {}
+            for line in reaper.stdout:
+                child, status = map(int, line.split())
+                reaped[child] = status
+            assert reaped.get(pid) == 0, f"server {pid}: {reaped}\n{log.read_text()}"
+            assert reaper.wait(timeout=30) == 0
+        finally:
+            reaper.kill()
+    assert not _is_mounted(mnt)
+    text = log.read_text()
+    assert f"received {signal.Signals(signum).name}" in text and "unmounted" in text
+    assert "ERROR" not in text and "Traceback" not in text
+
+
+# -- foreground --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _foreground(mnt: Path, log: Path):
+    cmd = [*OCCLUMFS, "mount", "-t", "mem", "x", str(mnt), "-f", "--log-file", str(log)]
+    with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) as server:
+        try:
+            _wait_until_mounted(mnt, server)
+            yield server
+        finally:
+            server.kill()
+
+
+def test_foreground_keeps_the_server_attached(mnt, tmp_path):
+    with _foreground(mnt, tmp_path / "log") as server:
+        (mnt / "f").write_bytes(b"served by the foreground process")
+        assert (mnt / "f").read_bytes() == b"served by the foreground process"
+        assert server.poll() is None
+        assert int(mount_record(mnt)["pid"]) == server.pid  # no fork: this is the server
+        run_cli("umount", mnt)
+        assert server.wait(timeout=30) == 0
+    assert not _is_mounted(mnt)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_signal_to_a_foreground_server_unmounts_cleanly(mnt, tmp_path, signum):
+    with _foreground(mnt, tmp_path / "log") as server:
+        server.send_signal(signum)
+        assert server.wait(timeout=30) == 0, server.stderr.read()
+    assert not _is_mounted(mnt)
+    assert f"received {signal.Signals(signum).name}" in (tmp_path / "log").read_text()
+
+
+# -- mistakes ------------------------------------------------------------------------------
+
+
 def test_missing_mountpoint_is_a_clear_error(tmp_path):
     done = run_cli("mount", "--type", "mem", "x", tmp_path / "nope", check=False)
     assert done.returncode == ExitCode.MOUNTPOINT
-    assert "does not exist" in done.stderr and "Traceback" not in done.stderr
+    assert "does not exist" in _one_line(done.stderr)
 
 
-def test_already_mounted_is_a_clear_error(mount, tmp_path):
+def test_mountpoint_that_is_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    done = run_cli("mount", "--type", "mem", "x", tmp_path / "file", check=False)
+    assert done.returncode == ExitCode.MOUNTPOINT
+    assert "not a directory" in _one_line(done.stderr)
+
+
+def test_already_mounted_is_a_clear_error(mount):
     with mount("scratch", "--type", "mem") as mnt:
         done = run_cli("mount", "--type", "mem", "x", mnt, check=False)
         assert done.returncode == ExitCode.MOUNTPOINT
-        assert "already mounted" in done.stderr
-        assert mnt.resolve() in mounted_paths()
+        assert "already mounted" in _one_line(done.stderr)
+        assert _is_mounted(mnt)
+        (mnt / "still").write_bytes(b"served")  # the first mount is unharmed
+        assert (mnt / "still").read_bytes() == b"served"
 
 
 def test_umount_of_unmounted_dir_is_a_clear_error(tmp_path):
     done = run_cli("umount", tmp_path, check=False)
     assert done.returncode == ExitCode.MOUNTPOINT
-    assert "not mounted" in done.stderr
+    assert "not mounted" in _one_line(done.stderr)
+
+
+def test_mem_source_that_is_a_file_is_a_usage_error(tmp_path, mnt):
+    (tmp_path / "file").write_bytes(b"")
+    done = run_cli("mount", "--type", "mem", tmp_path / "file", mnt, check=False)
+    assert done.returncode == ExitCode.USAGE
+    assert "directory" in _one_line(done.stderr)
+    assert not _is_mounted(mnt)
