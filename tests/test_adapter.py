@@ -1,0 +1,122 @@
+"""The FUSE adapter: errors map to errnos in one place, and a bug never ends the mount.
+
+The filesystem served here is real (MemFS) with a few requests that hit a bug
+(a non-FUSE exception), as a defective filesystem would. It is served in the
+foreground by a small script calling :func:`occlumfs.mount.serve`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from occlumfs.mount import mounted_paths
+
+_FAULTY_SERVER = """
+import errno, sys
+from pathlib import Path
+from occlumfs.errors import FSError, IntegrityError
+from occlumfs.memfs import MemFS
+from occlumfs.mount import serve
+
+class FaultyFS(MemFS):
+    def lookup(self, parent, name):
+        if name == b"bug-in-lookup":
+            raise RuntimeError("a bug in lookup")
+        if name == b"tampered":
+            raise IntegrityError("tampered: block 7 of /tampered")
+        if name == b"errno-eacces":
+            raise FSError(errno.EACCES)
+        return super().lookup(parent, name)
+
+    def read(self, fh, offset, size):
+        if self._handle(fh).xattrs.get(b"user.fail") == b"read":
+            raise ZeroDivisionError("a bug in read")
+        return super().read(fh, offset, size)
+
+    def listxattr(self, ino):
+        if self._node(ino).xattrs.get(b"user.fail") == b"listxattr":
+            raise KeyError("a bug in listxattr")
+        return super().listxattr(ino)
+
+serve(FaultyFS("faulty"), Path(sys.argv[1]), foreground=True, log_file=Path(sys.argv[2]))
+"""
+
+
+@pytest.fixture
+def faulty_mount(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-c", _FAULTY_SERVER, str(mnt), str(log)]
+    with subprocess.Popen(cmd) as server:
+        try:
+            deadline = time.monotonic() + 30
+            while mnt.resolve() not in mounted_paths():
+                assert server.poll() is None, "the server died before mounting"
+                assert time.monotonic() < deadline, "not mounted in 30 s"
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    server.wait(timeout=0.02)
+            yield mnt, log, server
+            subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+            assert server.wait(timeout=30) == 0
+        finally:
+            if mnt.resolve() in mounted_paths():
+                subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+            server.kill()
+
+
+def _errno(call, *args) -> int:
+    try:
+        call(*args)
+    except OSError as exc:
+        return exc.errno
+    raise AssertionError(f"{call.__name__}{args} succeeded")
+
+
+def _still_serving(mnt: Path) -> None:
+    (mnt / "alive").write_bytes(b"still serving")
+    assert (mnt / "alive").read_bytes() == b"still serving"
+
+
+def test_a_bug_answers_eio_keeps_the_mount_and_is_logged(faulty_mount):
+    mnt, log, server = faulty_mount
+    assert _errno(os.lstat, mnt / "bug-in-lookup") == errno.EIO
+    _still_serving(mnt)
+    # The same in a data path: the file's pages are not cached, so read reaches us.
+    (mnt / "data").write_bytes(b"x" * 10_000)
+    os.setxattr(mnt / "data", b"user.fail", b"read")
+    fd = os.open(mnt / "data", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert _errno(os.pread, fd, 100, 0) == errno.EIO
+    finally:
+        os.close(fd)
+    os.setxattr(mnt / "data", b"user.fail", b"listxattr")
+    assert _errno(os.listxattr, mnt / "data") == errno.EIO
+    _still_serving(mnt)
+    assert server.poll() is None
+    text = log.read_text()
+    assert "lookup(1, b'bug-in-lookup') failed" in text
+    assert "RuntimeError: a bug in lookup" in text
+    assert "ZeroDivisionError: a bug in read" in text
+    assert "KeyError: 'a bug in listxattr'" in text
+    assert text.count("ERROR") >= 3
+
+
+def test_filesystem_errors_pass_through_and_integrity_errors_are_logged(faulty_mount):
+    mnt, log, _ = faulty_mount
+    assert _errno(os.lstat, mnt / "errno-eacces") == errno.EACCES
+    assert _errno(os.lstat, mnt / "missing") == errno.ENOENT
+    assert _errno(os.lstat, mnt / "tampered") == errno.EIO
+    _still_serving(mnt)
+    text = log.read_text()
+    assert "tampered: block 7 of /tampered" in text
+    assert "errno-eacces" not in text  # an ordinary errno is an answer, not an error

@@ -1,0 +1,60 @@
+"""The ``occlumfs`` command line as a whole: help everywhere, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import click
+import pytest
+from click.testing import CliRunner
+from conftest import run_cli
+
+from occlumfs import __version__
+from occlumfs.cli import main
+from occlumfs.errors import ExitCode
+
+
+def _walk(command: click.Command, path: tuple[str, ...] = ()):
+    yield path, command
+    if isinstance(command, click.Group):
+        for name, sub in sorted(command.commands.items()):
+            yield from _walk(sub, (*path, name))
+
+
+COMMANDS = list(_walk(main))
+
+
+def test_the_walk_finds_every_command():
+    names = {" ".join(path) for path, _ in COMMANDS}
+    assert {"", "mount", "umount", "keygen"} <= names
+    assert len(names) > 4
+
+
+@pytest.mark.parametrize(
+    ("path", "command"), COMMANDS, ids=[" ".join(("occlumfs", *p)) for p, _ in COMMANDS]
+)
+def test_every_command_and_option_has_help(path, command):
+    assert (command.help or "").strip(), f"'occlumfs {' '.join(path)}' has no help text"
+    undocumented = [
+        p.name for p in command.params if isinstance(p, click.Option) and not (p.help or "").strip()
+    ]
+    assert not undocumented, f"'occlumfs {' '.join(path)}' options without help: {undocumented}"
+    result = CliRunner().invoke(main, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Usage: ")
+    assert command.help.split()[0] in result.output
+
+
+def test_version():
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_unknown_command_is_a_usage_error():
+    done = run_cli("no-such-command", check=False)
+    assert done.returncode == ExitCode.USAGE
+    assert "No such command" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_library_errors_are_one_line_with_the_documented_code(tmp_path):
+    done = run_cli("mount", tmp_path / "absent", tmp_path, check=False)
+    assert done.returncode == ExitCode.NOT_FOUND
+    assert done.stderr.strip() == f"occlumfs: error: {tmp_path / 'absent'} does not exist"
