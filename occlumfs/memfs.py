@@ -76,9 +76,8 @@ class _SparseData:
             # Blocks wholly past the end go; the tail of the last one is zeroed
             # so that growing again later reads zeros, not stale bytes.
             keep = -(-size // BLOCK_SIZE)
-            if len(self.blocks) > keep:
-                for index in [i for i in self.blocks if i >= keep]:
-                    del self.blocks[index]
+            for index in [i for i in self.blocks if i >= keep]:
+                del self.blocks[index]
             within = size % BLOCK_SIZE
             tail = self.blocks.get(size // BLOCK_SIZE)
             if within and tail is not None:

@@ -131,6 +131,11 @@ def test_truncate_really_shrinks_then_grows_with_zeros(rw_view: View):
         assert rw_view.pread(fd, 10, 0) == b""
         rw_view.ftruncate(fd, 6 * GiB)
         assert rw_view.pread(fd, 4096, 5 * GiB) == bytes(4096)
+        # Far data cut off by a shrink stays gone when the file grows back.
+        rw_view.pwrite(fd, b"stale far data", 5 * GiB + 10)
+        rw_view.ftruncate(fd, 4096)
+        rw_view.ftruncate(fd, 6 * GiB)
+        assert rw_view.pread(fd, 100, 5 * GiB) == bytes(100)
     finally:
         rw_view.close(fd)
     assert rw_view.lstat("f").size == 6 * GiB
