@@ -35,6 +35,7 @@ from occlumfs.merkle.format import (
     DIRENT_SIZE,
     EXTENT,
     FLAG_ENCRYPTED,
+    FLAG_XATTRS,
     HASH_SIZE,
     SEAL_SIZE,
     ZERO_BLOCK,
@@ -240,7 +241,7 @@ class _Builder:
             mtime = node.mtime_ns
             if self.clamp_ns is not None and mtime > self.clamp_ns:
                 mtime = self.clamp_ns
-            rec = InodeRecord(
+            rec = dict(
                 mode=node.mode,
                 nlink=self.links[id(node)],
                 uid=node.uid,
@@ -251,10 +252,10 @@ class _Builder:
             kind = stat.S_IFMT(node.mode)
             if kind == stat.S_IFDIR:
                 names = sorted(node.children)
-                rec.aux = parent_of[ino]
-                rec.ref = len(heap)
-                rec.count = len(names)
-                name_off = rec.ref + DIRENT_SIZE * len(names)
+                rec["aux"] = parent_of[ino]
+                rec["ref"] = len(heap)
+                rec["count"] = len(names)
+                name_off = rec["ref"] + DIRENT_SIZE * len(names)
                 entries = bytearray()
                 for name in names:
                     child_ino = self.ino_of[id(node.children[name])]
@@ -264,30 +265,30 @@ class _Builder:
                     name_off += len(name)
                 heap += entries
                 heap += b"".join(names)
-                rec.size = dir_size(len(names), name_off - rec.ref - len(entries))
+                rec["size"] = dir_size(len(names), name_off - rec["ref"] - len(entries))
             elif kind == stat.S_IFREG:
                 placed = of_node[id(node)]
-                rec.size = node.content.size
-                rec.count = len(placed.runs)
-                rec.aux = len(placed.hashes) // HASH_SIZE
+                rec["size"] = node.content.size
+                rec["count"] = len(placed.runs)
+                rec["aux"] = len(placed.hashes) // HASH_SIZE
                 if placed.heap_ref < 0:
                     placed.heap_ref = len(heap)
                     block = placed.data_block
                     for first, count in placed.runs:
                         heap += EXTENT.pack(first, block, count)
                         block += count
-                rec.ref = placed.heap_ref if placed.runs else 0
+                rec["ref"] = placed.heap_ref if placed.runs else 0
             elif kind == stat.S_IFLNK:
-                rec.size = rec.count = len(node.target)
-                rec.ref = len(heap)
+                rec["size"] = rec["count"] = len(node.target)
+                rec["ref"] = len(heap)
                 heap += node.target
             elif kind in (stat.S_IFCHR, stat.S_IFBLK):
-                rec.aux = node.rdev
+                rec["aux"] = node.rdev
             if node.xattrs:
-                rec.xattr_count = len(node.xattrs)
-                rec.xattr_ref = len(heap)
+                rec["xattr_count"] = len(node.xattrs)
+                rec["xattr_ref"] = len(heap)
                 heap += pack_xattrs(node.xattrs)
-            table += rec.pack()
+            table += InodeRecord(**rec).pack()
         return bytes(table), bytes(heap)
 
     # -- writing ---------------------------------------------------------------------------
@@ -342,7 +343,8 @@ class _Builder:
         levels, root = build_levels(bytes(leaves), layout.tree)
         os.pwrite(fd, b"".join(levels), layout.tree_start * BLOCK_SIZE)
         desc = Descriptor(
-            flags=FLAG_ENCRYPTED if encrypted else 0,
+            flags=(FLAG_ENCRYPTED if encrypted else 0)
+            | (FLAG_XATTRS if any(n.xattrs for n in self.order) else 0),
             image_blocks=layout.image_blocks,
             inode_count=len(self.order),
             heap_bytes=len(heap),

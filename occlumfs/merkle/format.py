@@ -21,6 +21,7 @@ import errno
 import hashlib
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from occlumfs.errors import FormatError, FSError
 
@@ -32,7 +33,8 @@ HASHES_PER_BLOCK = BLOCK_SIZE // HASH_SIZE  # 128
 SEAL_SIZE = 32  # nonce (12) + tag (16) + 4 zero bytes
 SEALS_PER_BLOCK = BLOCK_SIZE // SEAL_SIZE
 FLAG_ENCRYPTED = 1
-KNOWN_FLAGS = FLAG_ENCRYPTED
+FLAG_XATTRS = 2  # some inode has xattrs; without it a mount tells the kernel not to ask
+KNOWN_FLAGS = FLAG_ENCRYPTED | FLAG_XATTRS
 HASH_SHA256 = 1
 ZERO_BLOCK = bytes(BLOCK_SIZE)
 NAME_MAX = 255
@@ -84,6 +86,10 @@ class Descriptor:
     @property
     def encrypted(self) -> bool:
         return bool(self.flags & FLAG_ENCRYPTED)
+
+    @property
+    def has_xattrs(self) -> bool:
+        return bool(self.flags & FLAG_XATTRS)
 
     def pack(self) -> bytes:
         layout = Layout.of(self)
@@ -324,19 +330,18 @@ class Layout:
 # -- inode records ------------------------------------------------------------------
 
 # mode, nlink, uid, gid, size, mtime_ns, aux, ref, count, xattr_count, xattr_ref
-_INODE = struct.Struct("<IIIIQqQQIIQ")
+INODE = _INODE = struct.Struct("<IIIIQqQQIIQ")
 INODE_SIZE = _INODE.size  # 64
 assert INODE_SIZE == 64
 
 
-@dataclass(slots=True)
-class InodeRecord:
+class InodeRecord(NamedTuple):
     """One inode as stored.
 
     ``aux`` is the parent inode for a directory, st_rdev for a device node and
     the number of stored (non-hole) blocks for a regular file. ``ref``/``count``
     locate the payload in the heap: directory entries, extents, or the symlink
-    target (``count`` bytes).
+    target (``count`` bytes). A tuple, so decoding one is a single C call.
     """
 
     mode: int
@@ -352,23 +357,14 @@ class InodeRecord:
     xattr_ref: int = 0
 
     def pack(self) -> bytes:
-        return _INODE.pack(
-            self.mode,
-            self.nlink,
-            self.uid,
-            self.gid,
-            self.size,
-            self.mtime_ns,
-            self.aux,
-            self.ref,
-            self.count,
-            self.xattr_count,
-            self.xattr_ref,
-        )
+        return _INODE.pack(*self)
 
     @classmethod
     def unpack(cls, raw: bytes | memoryview, offset: int = 0) -> InodeRecord:
-        return cls(*_INODE.unpack_from(raw, offset))
+        return cls._make(_INODE.unpack_from(raw, offset))
+
+
+INODES_PER_BLOCK = BLOCK_SIZE // INODE_SIZE
 
 
 # A directory entry: inode number, name length, name offset in the heap. Entries

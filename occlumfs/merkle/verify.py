@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -127,10 +128,10 @@ def _iter_tree(fs: ImageFS):
     """(path, ino, record) of every inode reachable from the root, breadth first."""
     root = fs._dir_record(ROOT_INO)
     yield "/", ROOT_INO, root
-    pending = [(b"", ROOT_INO)]
+    pending = deque([(b"", ROOT_INO)])
     seen_dirs = {ROOT_INO}
     while pending:
-        prefix, ino = pending.pop(0)
+        prefix, ino = pending.popleft()
         for entry in fs.readdir(ino, 0):
             path = prefix + b"/" + entry.name
             rec = fs._record(entry.attr.ino)
@@ -149,6 +150,8 @@ def _walk(fs: ImageFS) -> None:
     reader = fs.reader
     checked_extents: set[int] = set()
     for path, ino, rec in _iter_tree(fs):
+        if rec.xattr_count and not reader.desc.has_xattrs:
+            raise MalformedImageError(f"{reader.path}: {path}: xattrs in an image flagged without")
         fs.listxattr(ino)
         kind = stat.S_IFMT(rec.mode)
         if kind == stat.S_IFDIR:

@@ -344,8 +344,7 @@ def test_huge_counts_fail_fast_without_allocating(small_image, tmp_path):
     def huge(raw, layout):
         for ino in (1, 2, 3):
             pos, rec = _record_at(raw, layout, ino)
-            rec.count = 2**32 - 1
-            rec.xattr_count = 2**32 - 1
+            rec = rec._replace(count=2**32 - 1, xattr_count=2**32 - 1)
             raw[pos : pos + INODE_SIZE] = rec.pack()
 
     fs = open_image_fs(_crafted(small_image, tmp_path, huge), digest=None, key=None)
@@ -365,7 +364,7 @@ def test_huge_counts_fail_fast_without_allocating(small_image, tmp_path):
 def test_unknown_file_types_and_bad_extents_are_malformed(small_image, tmp_path):
     def bad(raw, layout):
         pos, rec = _record_at(raw, layout, 1)
-        rec.mode = 0o170000 | 0o755
+        rec = rec._replace(mode=0o170000 | 0o755)
         raw[pos : pos + INODE_SIZE] = rec.pack()
 
     fs = open_image_fs(_crafted(small_image, tmp_path, bad), digest=None, key=None)
