@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import stat
 import sys
@@ -18,7 +19,14 @@ from pathlib import Path
 
 import click
 
-from occlumfs.errors import FormatError, FSError, NotFoundError, UsageError
+from occlumfs.errors import (
+    ExitCode,
+    FormatError,
+    FSError,
+    NotFoundError,
+    OcclumfsError,
+    UsageError,
+)
 from occlumfs.fs import Attr, iter_dir, lookup_path, read_all
 from occlumfs.keys import load_key_file
 
@@ -31,6 +39,27 @@ DIGEST = click.option(
     "--digest", help="Digest to pin (sha256:...); refuse an image with any other digest."
 )
 IMAGE = click.argument("image", type=click.Path(path_type=Path, dir_okay=False))
+
+
+def _one_line_errors(command):
+    """Host and filesystem errors as one line (exit 1), never a traceback."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except OcclumfsError:
+            raise
+        except BrokenPipeError:
+            # The reader went away (`occlumfs cat ... | head`): stop quietly.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(ExitCode.ERROR)
+        except OSError as exc:
+            where = f"{os.fsdecode(exc.filename)}: " if exc.filename else ""
+            raise OcclumfsError(f"{where}{exc.strerror or exc}") from None
+
+    return run
 
 
 def _key(key_file: Path | None) -> bytes | None:
@@ -75,6 +104,7 @@ def _source_date_epoch() -> int | None:
 @IMAGE
 @KEY_FILE
 @click.option("-j", "--jobs", type=click.IntRange(min=1), help="Hashing threads (default: CPUs).")
+@_one_line_errors
 def mkimage(src: Path, image: Path, key_file: Path | None, jobs: int | None) -> None:
     """Build IMAGE from SRC (a directory, .tar or .tar.gz); print its digest last.
 
@@ -98,6 +128,7 @@ def mkimage(src: Path, image: Path, key_file: Path | None, jobs: int | None) -> 
 
 @click.command()
 @IMAGE
+@_one_line_errors
 def digest(image: Path) -> None:
     """Print the digest IMAGE carries (reads the header only)."""
     from occlumfs.merkle import read_digest
@@ -109,6 +140,7 @@ def digest(image: Path) -> None:
 @IMAGE
 @DIGEST
 @KEY_FILE
+@_one_line_errors
 def verify(image: Path, digest: str | None, key_file: Path | None) -> None:
     """Check every block and record of IMAGE; exit 13 naming the first bad path or region."""
     from occlumfs.merkle import verify_image
@@ -132,9 +164,11 @@ def _lookup(fs, image: Path, path: str) -> Attr:
     try:
         return lookup_path(fs, path)
     except FSError as exc:
+        if isinstance(exc, OcclumfsError):
+            raise
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             raise NotFoundError(f"{path}: no such file or directory in {image}") from None
-        raise
+        raise OcclumfsError(f"{path}: {exc.strerror} (in {image})") from None
 
 
 def _out(line: bytes) -> None:
@@ -162,6 +196,7 @@ def _long(attr: Attr, name: bytes, fs) -> bytes:
 @click.option("-l", "long", is_flag=True, help="Show mode, links, owner, size and mtime.")
 @DIGEST
 @KEY_FILE
+@_one_line_errors
 def ls_command(
     image: Path, path: str, long: bool, digest: str | None, key_file: Path | None
 ) -> None:
@@ -184,6 +219,7 @@ def ls_command(
 @click.argument("path")
 @DIGEST
 @KEY_FILE
+@_one_line_errors
 def cat(image: Path, path: str, digest: str | None, key_file: Path | None) -> None:
     """Write regular file PATH of IMAGE to stdout, verified, without mounting."""
     fs = _open(image, digest, key_file)
@@ -204,6 +240,7 @@ def cat(image: Path, path: str, digest: str | None, key_file: Path | None) -> No
 @click.argument("path")
 @DIGEST
 @KEY_FILE
+@_one_line_errors
 def stat_command(image: Path, path: str, digest: str | None, key_file: Path | None) -> None:
     """Show the stored metadata of PATH in IMAGE: type, mode, owner, size, times, xattrs."""
     fs = _open(image, digest, key_file)

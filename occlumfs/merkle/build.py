@@ -174,12 +174,19 @@ def build_image(
         raise NotFoundError(f"{source} does not exist")
     jobs = jobs or os.cpu_count() or 1
     image_dir = image.parent if str(image.parent) else Path(".")
-    with tempfile.TemporaryDirectory(prefix=".occlumfs-build-", dir=image_dir) as scratch:
-        if source.is_dir():
-            tree = scan_directory(source)
-        else:
-            tree = scan_tar(source, Path(scratch) / "spool")
-        return _Builder(tree, key, source_date_epoch, jobs, progress).write(image)
+    try:
+        with tempfile.TemporaryDirectory(prefix=".occlumfs-build-", dir=image_dir) as scratch:
+            if source.is_dir():
+                tree = scan_directory(source)
+            else:
+                tree = scan_tar(source, Path(scratch) / "spool")
+            return _Builder(tree, key, source_date_epoch, jobs, progress).write(image)
+    except OcclumfsError:
+        raise
+    except OSError as exc:
+        # Unreadable source files, a full or read-only target: one line, no traceback.
+        where = os.fsdecode(exc.filename) if exc.filename else str(image)
+        raise OcclumfsError(f"mkimage: {where}: {exc.strerror or exc}") from None
 
 
 class _Builder:

@@ -125,7 +125,7 @@ def _node_from_stat(path: bytes, st: os.stat_result) -> SourceNode:
 def scan_directory(root: Path) -> SourceNode:
     """The tree under directory ``root``; hard links become shared nodes."""
     top = os.fsencode(os.path.abspath(root))
-    st = os.lstat(top)
+    st = os.stat(top)  # SRC itself may be a symlink the user named; nothing below is followed
     if not stat.S_ISDIR(st.st_mode):
         raise FormatError(f"{root}: not a directory")
     tree = _node_from_stat(top, st)

@@ -37,6 +37,8 @@ def verify_image(
     fs = ImageFS(reader)
     try:
         level0 = _verify_tree(reader)
+        if progress is not None:
+            progress((1 + reader.layout.tree_blocks) * BLOCK_SIZE)
         bad = _first_bad_block(reader, level0, progress, jobs or os.cpu_count() or 1)
         if bad is not None:
             raise IntegrityError(f"{image}: {_describe_block(fs, bad)} failed verification")
