@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from occlumfs.mount import mounted_paths
+from occlumfs.mount import mount_record, mounted_paths
 
 
 def _require_fuse() -> None:
@@ -22,15 +22,24 @@ def _require_fuse() -> None:
     assert shutil.which("fusermount3"), "fusermount3 is missing (apt-get install fuse3)"
 
 
-def run_cli(*args: str | os.PathLike, check: bool = True, input: bytes | None = None,
-            env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str | os.PathLike,
+    check: bool = True,
+    input: bytes | None = None,
+    env: dict | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess:
     """Run ``occlumfs ARGS`` as a user would, capturing output as text."""
     cmd = [sys.executable, "-m", "occlumfs", *map(str, args)]
-    done = subprocess.run(cmd, capture_output=True, input=input, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-    out = subprocess.CompletedProcess(done.args, done.returncode,
-                                      done.stdout.decode(errors="replace"),
-                                      done.stderr.decode(errors="replace"))
+    done = subprocess.run(
+        cmd, capture_output=True, input=input, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+    out = subprocess.CompletedProcess(
+        done.args,
+        done.returncode,
+        done.stdout.decode(errors="replace"),
+        done.stderr.decode(errors="replace"),
+    )
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {out.returncode}:\n{out.stderr}")
     return out
@@ -48,14 +57,28 @@ def _runtime_dir(tmp_path_factory):
         yield
 
 
+def process_exited(pid: int) -> bool:
+    """True once ``pid`` is gone or a zombie (a background server is not our child)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except FileNotFoundError:
+        return True
+
+
 def _force_unmount(mnt: Path) -> None:
     if mnt.resolve() in mounted_paths():
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)
 
 
 @contextmanager
-def mounted(source: str | os.PathLike, mnt: Path, *options: str | os.PathLike,
-            log_file: Path | None = None, allow_log_errors: bool = False) -> Iterator[Path]:
+def mounted(
+    source: str | os.PathLike,
+    mnt: Path,
+    *options: str | os.PathLike,
+    log_file: Path | None = None,
+    allow_log_errors: bool = False,
+) -> Iterator[Path]:
     """Mount with the real ``occlumfs mount`` (background server) and unmount after.
 
     On leaving: ``occlumfs umount`` must succeed and the server must exit; the
@@ -71,11 +94,14 @@ def mounted(source: str | os.PathLike, mnt: Path, *options: str | os.PathLike,
     except BaseException:
         _force_unmount(mnt)
         raise
+    record = mount_record(mnt)
     umounted = run_cli("umount", mnt, check=False)
     if umounted.returncode != 0:
         _force_unmount(mnt)
         raise AssertionError(f"occlumfs umount {mnt} failed: {umounted.stderr}")
     assert mnt.resolve() not in mounted_paths()
+    assert record is not None, f"the server of {mnt} left no mount record"
+    assert process_exited(int(record["pid"])), "occlumfs umount returned before the server exited"
     if not allow_log_errors and log_file.exists():
         text = log_file.read_text(errors="replace")
         assert "ERROR" not in text and "Traceback" not in text, f"server log:\n{text}"

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import process_exited, run_cli
 
 from occlumfs.errors import ExitCode
 from occlumfs.mount import mount_record, mounted_paths
@@ -37,15 +37,6 @@ def _wait_until_mounted(mnt: Path, server: subprocess.Popen) -> None:
         # A bounded wait on the server itself: it returns early if the server dies.
         with contextlib.suppress(subprocess.TimeoutExpired):
             server.wait(timeout=0.02)
-
-
-def _exited(pid: int) -> bool:
-    """True once ``pid`` is gone or a zombie (the server is not our child)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
-    except FileNotFoundError:
-        return True
 
 
 def _one_line(text: str) -> str:
@@ -79,9 +70,9 @@ def test_umount_returns_only_after_the_server_exited(mnt, tmp_path):
     record = mount_record(mnt)  # written before the mount command returned
     assert record is not None and record["mountpoint"] == str(mnt.resolve())
     pid = int(record["pid"])
-    assert not _exited(pid)
+    assert not process_exited(pid)
     run_cli("umount", mnt)
-    assert _exited(pid), "occlumfs umount returned while the server still ran"
+    assert process_exited(pid), "occlumfs umount returned while the server still ran"
     assert not _is_mounted(mnt)
     assert mount_record(mnt) is None
     assert "unmounted" in (tmp_path / "log").read_text()
