@@ -204,3 +204,33 @@ def test_mem_source_that_is_a_file_is_a_usage_error(tmp_path, mnt):
     assert done.returncode == ExitCode.USAGE
     assert "directory" in _one_line(done.stderr)
     assert not _is_mounted(mnt)
+
+
+_FAILS_TO_START = """
+import sys
+from pathlib import Path
+from occlumfs.errors import OcclumfsError
+from occlumfs.memfs import MemFS
+from occlumfs.mount import serve
+
+class FailsToStart(MemFS):
+    def started_serving(self):
+        raise RuntimeError("cannot take the lock")
+
+try:
+    serve(FailsToStart(), Path(sys.argv[1]), log_file=Path(sys.argv[2]))
+except OcclumfsError as exc:
+    print(exc)
+    sys.exit(7)
+"""
+
+
+def test_a_server_that_fails_to_start_is_an_error_and_leaves_no_mount(mnt, tmp_path):
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-c", _FAILS_TO_START, str(mnt), str(log)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 7, done.stderr
+    assert "failed to start" in done.stdout and str(log) in done.stdout
+    assert not _is_mounted(mnt)
+    assert mount_record(mnt) is None
+    assert "RuntimeError: cannot take the lock" in log.read_text()

@@ -7,6 +7,7 @@
 * ``kernel_rw_view``: the same, limited to views that go through the kernel
   (FUSE mounts and the host), for tests only a real mount can run.
 * ``read_only_view``: the reference tree in each read-only subject.
+* ``kernel_ro_view``: the reference tree, through the kernel only.
 
 Views are opened on first use and closed at the end of the session; closing a
 FUSE view runs ``occlumfs umount`` and checks the server log for errors.
@@ -39,6 +40,7 @@ READ_VIEW_IDS = [HOST, *_ids(SUBJECTS)]
 WRITE_VIEW_IDS = [HOST, *_ids([s for s in SUBJECTS if s.writable])]
 KERNEL_WRITE_VIEW_IDS = [i for i in WRITE_VIEW_IDS if i == HOST or i.endswith("-fuse")]
 READ_ONLY_VIEW_IDS = _ids([s for s in SUBJECTS if not s.writable])
+KERNEL_READ_VIEW_IDS = [i for i in READ_VIEW_IDS if i == HOST or i.endswith("-fuse")]
 
 
 class ViewPool:
@@ -135,4 +137,9 @@ def kernel_rw_view(request, view_pool) -> View:
 
 @pytest.fixture(params=READ_ONLY_VIEW_IDS)
 def read_only_view(request, view_pool) -> View:
+    return view_pool.get(request.param, writable=False)
+
+
+@pytest.fixture(params=KERNEL_READ_VIEW_IDS)
+def kernel_ro_view(request, view_pool) -> View:
     return view_pool.get(request.param, writable=False)

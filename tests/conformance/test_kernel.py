@@ -1,6 +1,7 @@
-"""Behaviour only a real mount shows: shared mmap writes, several writers at once.
+"""Behaviour only a real mount shows: d_type in listings, shared mmap writes,
+several writers at once.
 
-Run over the FUSE mount of every writable subject and, as the oracle, the host.
+Run over the FUSE mount of every subject and, as the oracle, the host.
 After writing, each test syncs and drops the kernel's page cache for the file,
 so the bytes read back come from the filesystem, not from the kernel's copy.
 """
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 from conformance.reference import pattern
-from conformance.views import View
+from conformance.views import View, getdents64
 
 
 def _read_from_filesystem(path: Path) -> bytes:
@@ -131,3 +133,29 @@ def test_concurrent_writer_processes_on_one_file(kernel_rw_view: View):
     ]
     assert [p.wait(timeout=60) for p in procs] == [0] * WRITERS
     assert _read_from_filesystem(path) == _expected()
+
+
+_DT = {
+    stat.S_IFREG: 8,
+    stat.S_IFDIR: 4,
+    stat.S_IFLNK: 10,
+    stat.S_IFIFO: 1,
+    stat.S_IFCHR: 2,
+    stat.S_IFBLK: 6,
+}
+
+
+def test_listings_carry_each_entrys_type(kernel_ro_view: View):
+    """d_type lets `ls`, `find` and friends skip a stat per entry: it must be right."""
+    for rel in ["", "special", "links", "tree"]:
+        fd = os.open(kernel_ro_view.host_root / rel, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            entries = []
+            while batch := getdents64(fd, 4096, with_type=True):
+                entries += [e for e in batch if e[0] not in (b".", b"..")]
+        finally:
+            os.close(fd)
+        assert entries, rel
+        for name, _, d_type in entries:
+            mode = kernel_ro_view.lstat(os.path.join(rel.encode(), name)).mode
+            assert d_type == _DT[stat.S_IFMT(mode)], (rel, name)

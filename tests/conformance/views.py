@@ -317,8 +317,9 @@ class HostView(View):
 _DIRENT_HEAD = struct.Struct("=QqHB")  # d_ino, d_off, d_reclen, d_type
 
 
-def getdents64(fd: int, buffer_size: int) -> list[tuple[bytes, int]]:
-    """One ``getdents64`` system call on a directory fd: [(name, d_off)]."""
+def getdents64(fd: int, buffer_size: int, *, with_type: bool = False) -> list[tuple]:
+    """One ``getdents64`` system call on a directory fd: [(name, d_off)], or
+    [(name, d_off, d_type)] ``with_type``."""
     buf = ctypes.create_string_buffer(buffer_size)
     got = _libc.syscall(_SYS_GETDENTS64, fd, buf, buffer_size)
     if got < 0:
@@ -327,9 +328,9 @@ def getdents64(fd: int, buffer_size: int) -> list[tuple[bytes, int]]:
     raw = buf.raw[:got]
     entries, pos = [], 0
     while pos < got:
-        _, d_off, reclen, _ = _DIRENT_HEAD.unpack_from(raw, pos)
+        _, d_off, reclen, d_type = _DIRENT_HEAD.unpack_from(raw, pos)
         name = raw[pos + _DIRENT_HEAD.size : pos + reclen].split(b"\0", 1)[0]
-        entries.append((name, d_off))
+        entries.append((name, d_off, d_type) if with_type else (name, d_off))
         pos += reclen
     return entries
 
