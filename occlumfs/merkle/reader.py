@@ -527,12 +527,16 @@ class ImageFS(Filesystem):
         i = self._first_extent(ino, rec, first_block)
         data_blocks = self.reader.desc.data_blocks
         data_start = self.reader.layout.data_start
+        covered_to = 0
         while i < rec.count:
             e_first, e_data, e_count = self._extent(rec, i)
             if e_first >= end_block:
                 break
-            if e_data + e_count > data_blocks or e_count == 0:
+            # Sorted and disjoint, so a request visits at most one extent per
+            # block it asks for, whatever a crafted count says.
+            if e_data + e_count > data_blocks or e_count == 0 or e_first < covered_to:
                 raise MalformedImageError(f"{self.reader.path}: file inode {ino}: bad extent")
+            covered_to = e_first + e_count
             a = max(first_block, e_first)
             b = min(end_block, e_first + e_count)
             if a < b:
