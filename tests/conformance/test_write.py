@@ -156,6 +156,18 @@ def test_rename_over_a_file_replaces_it(rw_view: View):
     assert sorted(rw_view.listdir("")) == [b"b"]
 
 
+def test_rename_over_an_open_file_keeps_its_data_for_the_open_fd(rw_view: View):
+    rw_view.write_file("old", b"replaced but still open")
+    rw_view.write_file("new", b"the replacement")
+    fd = rw_view.open("old", os.O_RDONLY)
+    try:
+        rw_view.rename("new", "old")
+        assert rw_view.pread(fd, 100, 0) == b"replaced but still open"
+    finally:
+        rw_view.close(fd)
+    assert rw_view.read_file("old") == b"the replacement"
+
+
 def test_rename_directories(rw_view: View):
     rw_view.mkdir("src")
     rw_view.write_file("src/inner", b"inner")
@@ -309,6 +321,49 @@ def test_long_and_non_utf8_names(rw_view: View):
     for name in names:
         assert rw_view.read_file(name) == name
     assert errno_of(rw_view.open, b"L" * 256, os.O_WRONLY | os.O_CREAT) == errno.ENAMETOOLONG
+
+
+def test_removing_entries_while_listing_empties_the_directory(rw_view: View):
+    """What `rm -rf` and shutil.rmtree do: unlink each entry as the listing yields it."""
+    names = [f"entry-{i:04d}".encode() for i in range(600)]
+    rw_view.mkdir("d")
+    for name in names:
+        rw_view.mknod(b"d/" + name, stat.S_IFREG | 0o644)
+    handle = rw_view.opendir("d")
+    seen = []
+    try:
+        while batch := rw_view.readdir(handle):
+            for name, _ in batch:
+                seen.append(name)
+                rw_view.unlink(b"d/" + name)
+    finally:
+        rw_view.closedir(handle)
+    assert sorted(seen) == names  # each once, none skipped
+    assert rw_view.listdir("d") == []
+    rw_view.rmdir("d")
+
+
+def test_entries_unchanged_during_a_listing_are_listed_once(rw_view: View):
+    names = [f"entry-{i:04d}".encode() for i in range(600)]
+    rw_view.mkdir("d")
+    for name in names:
+        rw_view.mknod(b"d/" + name, stat.S_IFREG | 0o644)
+    handle = rw_view.opendir("d")
+    try:
+        seen = [name for name, _ in rw_view.readdir(handle)]
+        removed = set(names[::7]) - set(seen)  # some entries the listing has not reached
+        for name in removed:
+            rw_view.unlink(b"d/" + name)
+        for i in range(100):
+            rw_view.mknod(f"d/added-{i:03d}".encode(), stat.S_IFREG | 0o644)
+        while batch := rw_view.readdir(handle):
+            seen += [name for name, _ in batch]
+    finally:
+        rw_view.closedir(handle)
+    # POSIX leaves open whether removed or added entries show up; the rest must,
+    # exactly once.
+    assert len(seen) == len(set(seen)), "an entry was listed twice"
+    assert set(names) - removed <= set(seen), "an unchanged entry was skipped"
 
 
 # -- attributes ----------------------------------------------------------------------
