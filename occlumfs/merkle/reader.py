@@ -514,6 +514,8 @@ class ImageFS(Filesystem):
         rec = self._record(ino)
         if not stat.S_ISREG(rec.mode):
             raise FSError(errno.EINVAL)
+        if offset < 0:
+            raise FSError(errno.EINVAL)
         end = min(offset + size, rec.size)
         if offset >= end or size <= 0:
             return b""

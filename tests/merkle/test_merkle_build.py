@@ -206,6 +206,37 @@ def test_same_tree_in_other_creation_orders_gives_identical_bytes(tmp_path):
     assert (tmp_path / "a.img").read_bytes() == (tmp_path / "b.img").read_bytes()
 
 
+def test_sparse_and_dense_zeros_give_the_same_image(tmp_path):
+    contents = {0: b"start", 3 * BLOCK_SIZE + 5: b"middle", 20 * BLOCK_SIZE: b"end"}
+    size = 20 * BLOCK_SIZE + 3
+    images = []
+    for how in ("dense", "sparse"):
+        src = tmp_path / how
+        src.mkdir()
+        with open(src / "f", "wb") as f:
+            if how == "dense":
+                f.write(bytes(size))
+            else:
+                f.truncate(size)
+            for off, data in contents.items():
+                f.seek(off)
+                f.write(data)
+        set_times(src)
+        images.append(build_image(src, tmp_path / f"{how}.img"))
+    assert (
+        os.stat(tmp_path / "dense" / "f").st_blocks > os.stat(tmp_path / "sparse" / "f").st_blocks
+    )
+    assert images[0] == images[1]
+    fs = open_image_fs(tmp_path / "sparse.img", digest=images[1], key=None)
+    attr = lookup_path(fs, "f")
+    assert attr.blocks == 3 * 8  # three blocks hold data; the rest are holes
+    data = b"".join(read_all(fs, attr.ino))
+    assert len(data) == size and data[3 * BLOCK_SIZE + 5 : 3 * BLOCK_SIZE + 11] == b"middle"
+    with pytest.raises(FSError):
+        fs.read(attr.ino, -1, 10)
+    fs.close()
+
+
 def test_source_date_epoch_clamps_newer_mtimes_only(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
