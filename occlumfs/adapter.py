@@ -116,10 +116,14 @@ class FuseOperations(pyfuse3.Operations):
             return self._entry(self.fs.getattr(parent))
         return self._entry(self.fs.lookup(parent, name))
 
-    @_handler
-    def forget(self, inode_list):
+    async def forget(self, inode_list):
+        # The kernel takes no answer to a forget, and pyfuse3 has nowhere to send
+        # an error: anything escaping here, even an FSError, would end the mount.
         for ino, nlookup in inode_list:
-            self.fs.forget(ino, nlookup)
+            try:
+                self.fs.forget(ino, nlookup)
+            except Exception:
+                log.exception("forget(%d, %d) failed", ino, nlookup)
 
     @_handler
     def getattr(self, inode, ctx):

@@ -41,6 +41,9 @@ class FaultyFS(MemFS):
             raise ZeroDivisionError("a bug in read")
         return super().read(fh, offset, size)
 
+    def forget(self, ino, nlookup):
+        raise FSError(errno.EIO, "a bug in forget")
+
     def listxattr(self, ino):
         if self._node(ino).xattrs.get(b"user.fail") == b"listxattr":
             raise KeyError("a bug in listxattr")
@@ -120,3 +123,16 @@ def test_filesystem_errors_pass_through_and_integrity_errors_are_logged(faulty_m
     text = log.read_text()
     assert "tampered: block 7 of /tampered" in text
     assert "errno-eacces" not in text  # an ordinary errno is an answer, not an error
+
+
+def test_a_failing_forget_is_logged_and_the_mount_lives_on(faulty_mount):
+    mnt, log, server = faulty_mount
+    (mnt / "short-lived").write_bytes(b"")
+    os.unlink(mnt / "short-lived")  # its inode is evicted: the kernel sends a forget
+    deadline = time.monotonic() + 30
+    while "a bug in forget" not in log.read_text():
+        assert time.monotonic() < deadline, "no forget reached the server in 30 s"
+        assert server.poll() is None, "the server died"
+        os.listdir(mnt)  # requests keep the queue moving; forgets ride along
+    _still_serving(mnt)
+    assert server.poll() is None
