@@ -24,7 +24,14 @@ from concurrent.futures import ThreadPoolExecutor
 from hashlib import sha256
 from pathlib import Path
 
-from occlumfs.errors import FormatError, FSError, IntegrityError, NotFoundError, WrongKeyError
+from occlumfs.errors import (
+    FormatError,
+    FSError,
+    IntegrityError,
+    NotFoundError,
+    OcclumfsError,
+    WrongKeyError,
+)
 from occlumfs.fs import ROOT_INO, Attr, DirEntry, Filesystem, FsInfo, StatFs
 from occlumfs.merkle.crypto import ImageKeys
 from occlumfs.merkle.format import (
@@ -79,16 +86,31 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 PARALLEL_BLOCKS = 16  # reads of at least this many blocks hash in two threads
 
 
-def read_header(image: Path) -> tuple[bytes, int]:
-    """The header block and the file size; NotFoundError/FormatError if not an image."""
+def open_image_file(image: Path) -> int:
+    """A read-only descriptor of ``image``; NotFoundError/FormatError when it cannot be one."""
     try:
-        with open(image, "rb") as f:
-            header = f.read(BLOCK_SIZE)
-            size = os.fstat(f.fileno()).st_size
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise NotFoundError(f"{image} does not exist") from None
-    except IsADirectoryError:
-        raise FormatError(f"{image} is a directory, not an image") from None
+    except PermissionError:
+        raise OcclumfsError(f"{image}: permission denied") from None
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FormatError(f"{image} is a directory, not an image")
+    return fd
+
+
+def read_header(image: Path, fd: int | None = None) -> tuple[bytes, int]:
+    """The header block and the file size; NotFoundError/FormatError if not an image."""
+    own = fd is None
+    if own:
+        fd = open_image_file(image)
+    try:
+        header = os.pread(fd, BLOCK_SIZE, 0)
+        size = os.fstat(fd).st_size
+    finally:
+        if own:
+            os.close(fd)
     if len(header) < DESCRIPTOR_SIZE:
         raise FormatError(f"{image}: too short to be an occlumfs image")
     return header, size
@@ -99,7 +121,26 @@ class ImageReader:
 
     def __init__(self, image: Path, *, digest: str | None, key: bytes | None) -> None:
         self.path = Path(image)
-        header, size = read_header(self.path)
+        # One descriptor for the header and every later read: what was checked
+        # is what gets served, even if the path is replaced meanwhile.
+        self.fd = open_image_file(self.path)
+        try:
+            self._check_header(digest, key)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        # Evicted oldest first (an OrderedDict pops its first item in O(1);
+        # a dict's first item gets slower to find the more were deleted).
+        self._tree: OrderedDict[int, bytes] = OrderedDict()
+        self._meta: OrderedDict[int, bytes] = OrderedDict()
+        self.heap_base = self.layout.heap_start * BLOCK_SIZE
+        self.heap_bytes = self.desc.heap_bytes
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+
+    def _check_header(self, digest: str | None, key: bytes | None) -> None:
+        image = self.path
+        header, size = read_header(image, self.fd)
         raw = header[:DESCRIPTOR_SIZE]
         self.digest = digest_of(raw)
         # A pinned digest is checked before anything else is believed.
@@ -128,15 +169,6 @@ class ImageReader:
             if not keys.matches(self.desc.key_check):
                 raise WrongKeyError(f"wrong key for {image}")
             self.keys = keys
-        self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        # Evicted oldest first (an OrderedDict pops its first item in O(1);
-        # a dict's first item gets slower to find the more were deleted).
-        self._tree: OrderedDict[int, bytes] = OrderedDict()
-        self._meta: OrderedDict[int, bytes] = OrderedDict()
-        self.heap_base = self.layout.heap_start * BLOCK_SIZE
-        self.heap_bytes = self.desc.heap_bytes
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_pid = 0
 
     def close(self) -> None:
         if self._pool is not None and self._pool_pid == os.getpid():
