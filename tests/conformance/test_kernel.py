@@ -159,3 +159,18 @@ def test_listings_carry_each_entrys_type(kernel_ro_view: View):
         for name, _, d_type in entries:
             mode = kernel_ro_view.lstat(os.path.join(rel.encode(), name)).mode
             assert d_type == _DT[stat.S_IFMT(mode)], (rel, name)
+
+
+def test_chown_clears_setuid_and_setgid(kernel_rw_view: View):
+    """The kernel drops set-id bits when a file changes owner (even by root), and
+    tells the filesystem in the same setattr."""
+    kernel_rw_view.write_file("f", b"#!/bin/sh\n")
+    kernel_rw_view.chmod("f", 0o6755)
+    kernel_rw_view.chown("f", 1234, 5678)
+    st = kernel_rw_view.lstat("f")
+    assert (st.uid, st.gid) == (1234, 5678)
+    assert stat.S_IMODE(st.mode) == 0o0755
+    kernel_rw_view.mkdir("d")
+    kernel_rw_view.chmod("d", 0o2775)
+    kernel_rw_view.chown("d", 1234, 5678)  # directories keep theirs
+    assert stat.S_IMODE(kernel_rw_view.lstat("d").mode) == 0o2775
