@@ -215,10 +215,25 @@ def package_version(package: str) -> str:
 
 
 def git_commit(repo: Path) -> str:
+    """The commit measured; "+dirty" when the code under test has uncommitted changes.
+
+    A snapshot made with ``git archive`` has no .git: it carries its commit in
+    a ``.git-commit`` file instead (see docs/performance.md).
+    """
     done = subprocess.run(
         ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
         capture_output=True,
         text=True,
         check=False,
     )
-    return done.stdout.strip() or "unknown"
+    commit = done.stdout.strip()
+    if done.returncode != 0 or not commit:
+        marker = repo / ".git-commit"
+        return marker.read_text().strip()[:12] if marker.exists() else "unknown"
+    status = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "--", "occlumfs", "libos"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return commit + ("+dirty" if status.stdout.strip() else "")
