@@ -28,7 +28,7 @@ import pyfuse3
 import trio
 
 from occlumfs.adapter import FuseOperations
-from occlumfs.errors import MountpointError, OcclumfsError
+from occlumfs.errors import InUseError, MountpointError, OcclumfsError
 from occlumfs.fs import Filesystem
 
 log = logging.getLogger("occlumfs.mount")
@@ -268,7 +268,12 @@ def _wait_for_exit(pid: int, timeout: float) -> bool:
 
 
 def umount(mountpoint: Path, *, lazy: bool = False, timeout: float = UMOUNT_WAIT_SECONDS) -> None:
-    """Unmount and wait for the server to finish committing and exit."""
+    """Unmount and wait for the server to finish committing and exit.
+
+    A busy mount (files open in it) is an InUseError. ``lazy`` detaches it at
+    once even so, and does not wait: the server finishes when the last file
+    open in it is closed, which may be any time later.
+    """
     path = Path(os.path.abspath(mountpoint)).resolve()
     if path not in mounted_paths():
         raise MountpointError(f"{mountpoint} is not mounted")
@@ -280,6 +285,10 @@ def umount(mountpoint: Path, *, lazy: bool = False, timeout: float = UMOUNT_WAIT
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
+        if "busy" in reason.lower():
+            raise InUseError(f"cannot unmount {mountpoint}: it is busy (files are open in it)")
         raise MountpointError(f"cannot unmount {mountpoint}: {reason}")
+    if lazy:
+        return
     if pid is not None and not _wait_for_exit(pid, timeout):
         raise OcclumfsError(f"server pid {pid} for {mountpoint} did not exit in {timeout:.0f}s")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -130,6 +131,32 @@ def test_signal_to_the_background_server_unmounts_cleanly(mnt, tmp_path, signum)
     text = log.read_text()
     assert f"received {signal.Signals(signum).name}" in text and "unmounted" in text
     assert "ERROR" not in text and "Traceback" not in text
+
+
+def test_umount_of_a_busy_mount_is_a_clear_error_and_lazy_detaches(mnt, tmp_path):
+    run_cli("mount", "--type", "mem", "scratch", mnt, "--log-file", tmp_path / "log")
+    pid = int(mount_record(mnt)["pid"])
+    fd = os.open(mnt / "held-open", os.O_RDWR | os.O_CREAT)
+    try:
+        done = run_cli("umount", mnt, check=False)
+        assert done.returncode == ExitCode.IN_USE
+        assert "busy" in _one_line(done.stderr)
+        assert _is_mounted(mnt) and not process_exited(pid)
+        run_cli("umount", "--lazy", mnt)  # returns at once, though a file is open
+        assert not _is_mounted(mnt)
+        assert os.pwrite(fd, b"still served", 0) == 12  # the open file still works
+        assert os.pread(fd, 12, 0) == b"still served"
+    finally:
+        os.close(fd)
+    # The last close lets the server finish: wait (bounded) for it to exit.
+    with contextlib.suppress(ProcessLookupError):  # already gone
+        pidfd = os.pidfd_open(pid)
+        try:
+            select.select([pidfd], [], [], 30)
+        finally:
+            os.close(pidfd)
+    assert process_exited(pid), "the server did not exit after the last close"
+    assert "unmounted" in (tmp_path / "log").read_text()
 
 
 # -- foreground --------------------------------------------------------------------------

@@ -141,7 +141,13 @@ def mount(
 
 @click.command("umount")
 @click.argument("mountpoint", type=click.Path(path_type=Path))
-@click.option("-z", "--lazy", is_flag=True, help="Detach now even if the mount is busy.")
+@click.option(
+    "-z",
+    "--lazy",
+    is_flag=True,
+    help="Detach now even if the mount is busy; the server exits once the last open "
+    "file in it is closed (not waited for).",
+)
 def umount_command(mountpoint: Path, lazy: bool) -> None:
     """Unmount MOUNTPOINT and wait for its server to commit and exit."""
     umount(mountpoint, lazy=lazy)
