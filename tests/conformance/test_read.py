@@ -264,3 +264,15 @@ def test_read_only_subjects_refuse_every_change(read_only_view: View):
     got = {what: errno_of(change) for what, change in refused.items()}
     assert got == dict.fromkeys(refused, errno.EROFS)
     assert view.read_file("small.txt") == ref.SMALL
+
+
+def test_allocation_and_statfs_are_real(ro_view: View):
+    # `du` and `df` read these: a dense file occupies at least its size, and the
+    # filesystem reports 4 KiB blocks and the name limit it enforces.
+    for rel in ("big.bin", "blocks.bin"):
+        st = ro_view.lstat(rel)
+        assert st.blocks * 512 >= st.size, rel
+    assert ro_view.lstat("empty").blocks == 0
+    fs = ro_view.statfs()
+    assert fs.bsize == 4096 and fs.namemax == 255
+    assert fs.blocks > 0 and 0 <= fs.bavail <= fs.bfree <= fs.blocks
