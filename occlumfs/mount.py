@@ -13,6 +13,7 @@ before it returns. SIGINT and SIGTERM make the server unmount and exit cleanly.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ import os
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -78,13 +80,38 @@ def mounted_paths() -> set[Path]:
 def check_mountpoint(mountpoint: Path) -> Path:
     """The absolute mountpoint, or a MountpointError saying what is wrong with it."""
     path = Path(os.path.abspath(mountpoint))
-    if not path.exists():
-        raise MountpointError(f"mountpoint {mountpoint} does not exist")
-    if not path.is_dir():
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MountpointError(f"mountpoint {mountpoint} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise _dead_mount(mountpoint) from None
+        raise MountpointError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
         raise MountpointError(f"mountpoint {mountpoint} is not a directory")
     if path.resolve() in mounted_paths():
+        record = mount_record(path)
+        if record is not None and not _process_alive(int(record.get("pid", 0))):
+            raise _dead_mount(mountpoint)
         raise MountpointError(f"mountpoint {mountpoint} is already mounted")
     return path.resolve()
+
+
+def _dead_mount(mountpoint: Path) -> MountpointError:
+    return MountpointError(
+        f"mountpoint {mountpoint} is still mounted but its server is gone; "
+        f"run 'occlumfs umount {mountpoint}' first"
+    )
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def _configure_logging(log_file: Path | None, debug: bool) -> None:
@@ -292,3 +319,6 @@ def umount(mountpoint: Path, *, lazy: bool = False, timeout: float = UMOUNT_WAIT
         return
     if pid is not None and not _wait_for_exit(pid, timeout):
         raise OcclumfsError(f"server pid {pid} for {mountpoint} did not exit in {timeout:.0f}s")
+    # A server that exits removes its record; one that died left it behind.
+    with contextlib.suppress(FileNotFoundError):
+        _record_path(path).unlink()

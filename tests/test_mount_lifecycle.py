@@ -159,6 +159,35 @@ def test_umount_of_a_busy_mount_is_a_clear_error_and_lazy_detaches(mnt, tmp_path
     assert "unmounted" in (tmp_path / "log").read_text()
 
 
+def test_a_mount_whose_server_died_is_reported_and_umount_clears_it(mnt, tmp_path):
+    run_cli("mount", "--type", "mem", "scratch", mnt, "--log-file", tmp_path / "log")
+    pid = int(mount_record(mnt)["pid"])
+    os.kill(pid, signal.SIGKILL)  # a crash: no unmount, no cleanup
+    with contextlib.suppress(ProcessLookupError):
+        pidfd = os.pidfd_open(pid)
+        try:
+            select.select([pidfd], [], [], 30)
+        finally:
+            os.close(pidfd)
+    done = run_cli("mount", "--type", "mem", "again", mnt, check=False)
+    assert done.returncode == ExitCode.MOUNTPOINT
+    assert "server is gone" in _one_line(done.stderr) and "occlumfs umount" in done.stderr
+    run_cli("umount", mnt)
+    assert not _is_mounted(mnt) and mount_record(mnt) is None
+    with _mounted_again(mnt, tmp_path):
+        (mnt / "f").write_bytes(b"usable again")
+        assert (mnt / "f").read_bytes() == b"usable again"
+
+
+@contextlib.contextmanager
+def _mounted_again(mnt: Path, tmp_path: Path):
+    run_cli("mount", "--type", "mem", "again", mnt, "--log-file", tmp_path / "log2")
+    try:
+        yield
+    finally:
+        run_cli("umount", mnt)
+
+
 # -- foreground --------------------------------------------------------------------------
 
 
