@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import itertools
 import struct
 from dataclasses import dataclass, field
 
@@ -15,8 +16,8 @@ ENTRY_SIZE = 29  # slot (1) || nonce (12) || tag (16)
 NONCE_SIZE = 12
 TAG_SIZE = 16
 FS_ID_SIZE = 16
-MIN_PAGES = 16
-PAGE_TARGET = 64 * 1024  # average page plaintext above which the page count doubles
+PAGE_MAX = 64 * 1024  # a page whose plaintext outgrows this is split
+PAGE_SPLIT = 32 * 1024  # ...into pages of about this size
 
 SLOT_HOLE, SLOT_A, SLOT_B = 0, 1, 2
 
@@ -80,8 +81,8 @@ def data_ad(prefix: bytes, ino: int, block: int) -> bytes:
     return prefix + _ENTRY_VALUE.pack(ino, block)
 
 
-def page_ad(fs_id: bytes, pack: int, page: int, page_count: int) -> bytes:
-    return PAGE_AD_MAGIC + fs_id + struct.pack(">QII", pack, page, page_count)
+def page_ad(fs_id: bytes, pack: int, first_key: bytes) -> bytes:
+    return PAGE_AD_MAGIC + fs_id + _U64.pack(pack) + first_key
 
 
 def root_ad(fs_id: bytes, counter: int) -> bytes:
@@ -157,29 +158,43 @@ def parse_head(raw: bytes, fs_id: bytes, mac_key: bytes) -> Head:
 # -- root --------------------------------------------------------------------------------
 @dataclass(slots=True)
 class Root:
+    """The page table: page ``i`` holds the records with keys in
+    ``[first_keys[i], first_keys[i + 1])``; ``first_keys[0]`` is empty."""
+
     next_ino: int
+    first_keys: list[bytes] = field(default_factory=list)
     pages: list[ObjectRef] = field(default_factory=list)
 
 
 def pack_root(root: Root) -> bytes:
     parts = [_ROOT_HEAD.pack(ROOT_MAGIC, root.next_ino, len(root.pages))]
-    parts.extend(_TABLE_ENTRY.pack(r.pack, r.offset, r.length, r.tag) for r in root.pages)
+    for first, r in zip(root.first_keys, root.pages, strict=True):
+        parts.append(struct.pack(">H", len(first)))
+        parts.append(first)
+        parts.append(_TABLE_ENTRY.pack(r.pack, r.offset, r.length, r.tag))
     return b"".join(parts)
 
 
 def parse_root(raw: bytes) -> Root:
-    if len(raw) < _ROOT_HEAD.size:
-        raise IntegrityError("root: too short")
-    magic, next_ino, count = _ROOT_HEAD.unpack_from(raw)
-    if magic != ROOT_MAGIC or len(raw) != _ROOT_HEAD.size + count * _TABLE_ENTRY.size:
+    try:
+        magic, next_ino, count = _ROOT_HEAD.unpack_from(raw)
+        pos = _ROOT_HEAD.size
+        root = Root(next_ino)
+        for _ in range(count):
+            (klen,) = struct.unpack_from(">H", raw, pos)
+            first = raw[pos + 2 : pos + 2 + klen]
+            pos += 2 + klen
+            root.first_keys.append(first)
+            root.pages.append(ObjectRef(*_TABLE_ENTRY.unpack_from(raw, pos)))
+            pos += _TABLE_ENTRY.size
+    except struct.error:
+        raise IntegrityError("root: truncated page table") from None
+    if magic != ROOT_MAGIC or pos != len(raw) or not count:
         raise IntegrityError("root: malformed page table")
-    if count < MIN_PAGES or count & (count - 1):
-        raise IntegrityError(f"root: page count {count} is not a power of two >= {MIN_PAGES}")
-    pages = [
-        ObjectRef(*_TABLE_ENTRY.unpack_from(raw, _ROOT_HEAD.size + i * _TABLE_ENTRY.size))
-        for i in range(count)
-    ]
-    return Root(next_ino, pages)
+    keys = root.first_keys
+    if keys[0] != b"" or any(a >= b for a, b in itertools.pairwise(keys)):
+        raise IntegrityError("root: page key ranges out of order")
+    return root
 
 
 # -- pages -------------------------------------------------------------------------------

@@ -19,9 +19,7 @@ layout and the commit protocol; this module keeps these invariants:
 from __future__ import annotations
 
 import bisect
-import contextlib
 import errno
-import hashlib
 import logging
 import os
 import stat
@@ -155,8 +153,11 @@ class SefsFS(Filesystem):
         self._tolerant = tolerant
         self._commit_interval = commit_interval
         self._inodes: dict[int, _Inode] = {}
-        self._members: list[set[bytes]] = [set() for _ in range(fmt.MIN_PAGES)]
-        self._table: list[fmt.ObjectRef | None] = [None] * fmt.MIN_PAGES
+        # Pages partition the sorted key space: page i holds the keys in
+        # [_starts[i], _starts[i + 1]); _members[i] are its keys, _table[i] its object.
+        self._starts: list[bytes] = [b""]
+        self._members: list[set[bytes]] = [set()]
+        self._table: list[fmt.ObjectRef | None] = [None]
         self._pack_sizes: dict[int, int] = {}
         self._counter = 0
         self._root_tag = b""
@@ -185,9 +186,8 @@ class SefsFS(Filesystem):
             self._load()
 
     # == loading ============================================================================
-    def _page_of(self, key: bytes, count: int) -> int:
-        digest = hashlib.blake2b(key, key=self._keys.page_hash, digest_size=8).digest()
-        return int.from_bytes(digest, "big") & (count - 1)
+    def _page_of(self, key: bytes) -> int:
+        return bisect.bisect_right(self._starts, key) - 1
 
     def _open_object(self, packs: dict[int, bytes], ref: fmt.ObjectRef, ad: bytes, what: str):
         data = packs.get(ref.pack)
@@ -233,6 +233,7 @@ class SefsFS(Filesystem):
         self._root_tag = head.root.tag
         self._next_ino = root.next_ino
         count = len(root.pages)
+        self._starts = list(root.first_keys)
         self._members = [set() for _ in range(count)]
         self._table = list(root.pages)
         inode_recs: list[tuple[int, bytes]] = []
@@ -241,8 +242,9 @@ class SefsFS(Filesystem):
         for page, ref in enumerate(root.pages):
             what = f"metadata page {page}"
             try:
+                first = self._starts[page]
                 plain = self._open_object(
-                    packs, ref, fmt.page_ad(self._fs_id, ref.pack, page, count), what
+                    packs, ref, fmt.page_ad(self._fs_id, ref.pack, first), what
                 )
                 records = fmt.parse_page(plain)
             except IntegrityError as exc:
@@ -253,7 +255,7 @@ class SefsFS(Filesystem):
                 continue
             members = self._members[page]
             for key, value in records:
-                if self._page_of(key, count) != page:
+                if self._page_of(key) != page:
                     raise IntegrityError(f"{what}: holds a record of another page")
                 members.add(key)
                 kind, ino, rest = fmt.split_key(key)
@@ -377,15 +379,27 @@ class SefsFS(Filesystem):
         trimmed = fmt.trim_chunk(chunk)
         return trimmed or None
 
-    def _seal_page(self, page: int, count: int, counter: int) -> bytes:
-        records = []
-        for key in sorted(self._members[page]):
-            value = self._record(key)
-            if value is not None:
-                records.append((key, value))
+    def _seal(self, records: list[tuple[bytes, bytes]], first: bytes, counter: int) -> bytes:
         nonce = os.urandom(fmt.NONCE_SIZE)
-        ad = fmt.page_ad(self._fs_id, counter, page, count)
+        ad = fmt.page_ad(self._fs_id, counter, first)
         return nonce + self._keys.meta.encrypt(nonce, fmt.pack_page(records), ad)
+
+    @staticmethod
+    def _split(records: list[tuple[bytes, bytes]]) -> list[list[tuple[bytes, bytes]]]:
+        """One page's records, cut into pages of about PAGE_SPLIT bytes if too big."""
+        total = sum(len(k) + len(v) + 6 for k, v in records)
+        if total <= fmt.PAGE_MAX:
+            return [records]
+        pieces: list[list[tuple[bytes, bytes]]] = [[]]
+        size = 0
+        for key, value in records:
+            grown = len(key) + len(value) + 6
+            if pieces[-1] and size + grown > fmt.PAGE_SPLIT:
+                pieces.append([])
+                size = 0
+            pieces[-1].append((key, value))
+            size += grown
+        return pieces
 
     def commit(self) -> None:
         """Make every change so far durable under a new root (docs/formats/sefs.md)."""
@@ -394,14 +408,10 @@ class SefsFS(Filesystem):
         self._flush_all()
         if not self._dirty_keys:
             return
-        for name in sorted(self._written):
-            self.storage.fsync(name)
-        if self._written:
-            self.storage.fsync_dir(fmt.DATA_DIR)
-        count = len(self._members)
+        self.storage.sync(sorted(self._written))
         dirty_pages = set()
         for key in self._dirty_keys:
-            page = self._page_of(key, count)
+            page = self._page_of(key)
             if self._record(key) is None:
                 self._members[page].discard(key)
             else:
@@ -410,29 +420,33 @@ class SefsFS(Filesystem):
         dirty_pages.update(p for p, ref in enumerate(self._table) if ref is None)
         live = sum(ref.length for ref in self._table if ref is not None)
         if sum(self._pack_sizes.values()) > 2 * live + (1 << 20):
-            dirty_pages = set(range(count))  # compact: rewrite everything, drop old packs
+            dirty_pages = set(range(len(self._table)))  # compact: rewrite all, drop old packs
         counter = self._counter + 1
-        sealed = {p: self._seal_page(p, count, counter) for p in dirty_pages}
-        total = sum(len(s) for s in sealed.values()) + sum(
-            ref.length for p, ref in enumerate(self._table) if ref is not None and p not in sealed
-        )
-        if total > count * fmt.PAGE_TARGET:
-            while total > count * fmt.PAGE_TARGET // 2:
-                count *= 2
-            keys = set().union(*self._members)
-            self._members = [set() for _ in range(count)]
-            for key in keys:
-                self._members[self._page_of(key, count)].add(key)
-            self._table = [None] * count
-            sealed = {p: self._seal_page(p, count, counter) for p in range(count)}
-        table = list(self._table)
+        starts, members, table = list(self._starts), list(self._members), list(self._table)
         pack = bytearray()
-        for page in sorted(sealed):
-            obj = sealed[page]
-            table[page] = fmt.ObjectRef(counter, len(pack), len(obj), obj[-fmt.TAG_SIZE :])
-            pack += obj
+        # From the last page down, so that splitting or dropping a page does not
+        # move the pages still to be done.
+        for page in sorted(dirty_pages, reverse=True):
+            records = []
+            for key in sorted(members[page]):
+                value = self._record(key)
+                if value is not None:
+                    records.append((key, value))
+            if not records and page:
+                del starts[page], members[page], table[page]  # its range joins the previous
+                continue
+            pieces = self._split(records)
+            firsts = [starts[page]] + [piece[0][0] for piece in pieces[1:]]
+            refs = []
+            for piece, first in zip(pieces, firsts, strict=True):
+                obj = self._seal(piece, first, counter)
+                refs.append(fmt.ObjectRef(counter, len(pack), len(obj), obj[-fmt.TAG_SIZE :]))
+                pack += obj
+            starts[page : page + 1] = firsts
+            members[page : page + 1] = [{k for k, _ in piece} for piece in pieces]
+            table[page : page + 1] = refs
         nonce = os.urandom(fmt.NONCE_SIZE)
-        root_plain = fmt.pack_root(fmt.Root(self._next_ino, table))
+        root_plain = fmt.pack_root(fmt.Root(self._next_ino, starts, table))
         root_obj = nonce + self._keys.meta.encrypt(
             nonce, root_plain, fmt.root_ad(self._fs_id, counter)
         )
@@ -450,7 +464,7 @@ class SefsFS(Filesystem):
         # -- committed: the new root is the filesystem from here on --
         self._counter = counter
         self._root_tag = root_ref.tag
-        self._table = table
+        self._starts, self._members, self._table = starts, members, table
         self._pack_sizes[counter] = len(pack)
         self._dirty_keys.clear()
         self._written.clear()
@@ -463,16 +477,12 @@ class SefsFS(Filesystem):
         if self._state is not None:
             self._state.update(counter, root_ref.tag)
         live_packs = {ref.pack for ref in table if ref is not None} | {counter}
-        for number in [n for n in self._pack_sizes if n not in live_packs]:
+        dead = [n for n in self._pack_sizes if n not in live_packs]
+        for number in dead:
             del self._pack_sizes[number]
-            self._unlink_quietly(fmt.pack_name(number))
-        for name in self._doomed:
-            self._unlink_quietly(name)
+        self.storage.discard([fmt.pack_name(n) for n in dead])
+        self.storage.discard(sorted(self._doomed))
         self._doomed.clear()
-
-    def _unlink_quietly(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.storage.unlink(name)
 
     def _changed(self) -> None:
         """After a change: commit when changes have waited long enough."""

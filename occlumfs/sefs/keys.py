@@ -155,4 +155,3 @@ class Keys:
         self.meta = AESGCM(sub("metadata"))
         self.head_mac = sub("head mac")
         self.state_mac = sub("trusted state mac")
-        self.page_hash = sub("page hash")

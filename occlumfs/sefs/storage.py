@@ -8,12 +8,18 @@ what was made durable (by ``fsync``/``fsync_dir``) apart from what was not.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import os
+import queue
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Storage:
@@ -56,6 +62,19 @@ class Storage:
     def exists(self, name: str) -> bool:
         raise NotImplementedError
 
+    def sync(self, names: Sequence[str]) -> None:
+        """Make the contents of ``names`` and their directory entries durable."""
+        for name in names:
+            self.fsync(name)
+        for directory in sorted({name.rpartition("/")[0] for name in names}):
+            self.fsync_dir(directory)
+
+    def discard(self, names: Sequence[str]) -> None:
+        """Delete files nothing references any more; missing ones are fine."""
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                self.unlink(name)
+
     def statvfs(self) -> os.statvfs_result | None:
         return None
 
@@ -64,13 +83,23 @@ class Storage:
 
 
 class DiskStorage(Storage):
-    """Files under a host directory, with a bounded cache of open descriptors."""
+    """Files under a host directory, with a bounded cache of open descriptors.
+
+    Many files are made durable with one ``syncfs`` rather than an fsync each,
+    and discarded files are unlinked by a background thread: on a journaling
+    host an unlink costs about a millisecond, which ``rm -rf`` would otherwise
+    pay inside each request.
+    """
 
     MAX_FDS = 64
+    SYNCFS_ABOVE = 8  # files; beyond this one syncfs is cheaper than an fsync each
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._fds: OrderedDict[str, int] = OrderedDict()
+        self._reaper: threading.Thread | None = None
+        self._reaper_pid = 0
+        self._doomed: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
     def _path(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -172,7 +201,42 @@ class DiskStorage(Storage):
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.root)
 
+    def sync(self, names: Sequence[str]) -> None:
+        if len(names) <= self.SYNCFS_ABOVE:
+            super().sync(names)
+            return
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _libc.syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err), str(self.root))
+        finally:
+            os.close(fd)
+
+    def discard(self, names: Sequence[str]) -> None:
+        if not names:
+            return
+        for name in names:
+            self._forget(name)
+        # Threads do not survive the mount's fork: start one in whoever discards.
+        if self._reaper is None or self._reaper_pid != os.getpid():
+            self._doomed = queue.SimpleQueue()
+            self._reaper = threading.Thread(target=self._reap, name="sefs-reaper", daemon=True)
+            self._reaper_pid = os.getpid()
+            self._reaper.start()
+        for name in names:
+            self._doomed.put(name)
+
+    def _reap(self) -> None:
+        while (name := self._doomed.get()) is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path(name))
+
     def close(self) -> None:
+        if self._reaper is not None and self._reaper_pid == os.getpid():
+            self._doomed.put(None)
+            self._reaper.join()
+            self._reaper = None
         while self._fds:
             _, fd = self._fds.popitem()
             os.close(fd)

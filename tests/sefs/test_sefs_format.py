@@ -66,14 +66,19 @@ def test_every_head_byte_is_authenticated():
         fmt.parse_head(other, FS_ID, MAC_KEY)
 
 
-def test_root_round_trip_and_rejects_bad_page_counts():
-    pages = [fmt.ObjectRef(i, i * 10, 99, bytes([i]) * 16) for i in range(16)]
-    root = fmt.Root(42, pages)
+def test_root_round_trip_and_rejects_unordered_ranges():
+    firsts = [b"", b"e\x00a", b"i\x00\x01", b"m"]
+    pages = [fmt.ObjectRef(i, i * 10, 99, bytes([i]) * 16) for i in range(4)]
+    root = fmt.Root(42, firsts, pages)
     assert fmt.parse_root(fmt.pack_root(root)) == root
+    for bad in ([b"x", *firsts[1:]], [b"", b"m", b"i", b"z"], [b"", b"a", b"a", b"b"]):
+        with pytest.raises(IntegrityError):
+            fmt.parse_root(fmt.pack_root(fmt.Root(42, bad, pages)))
     with pytest.raises(IntegrityError):
-        fmt.parse_root(fmt.pack_root(fmt.Root(42, pages[:15])))
-    with pytest.raises(IntegrityError):
-        fmt.parse_root(fmt.pack_root(root)[:-1])
+        fmt.parse_root(fmt.pack_root(fmt.Root(42, [], [])))
+    for cut in range(1, len(fmt.pack_root(root))):
+        with pytest.raises(IntegrityError):
+            fmt.parse_root(fmt.pack_root(root)[:cut])
 
 
 def test_page_round_trip_and_truncation():
@@ -128,7 +133,8 @@ def test_associated_data_binds_position_and_identity():
     prefix = fmt.data_ad_prefix(FS_ID)
     ads = {fmt.data_ad(prefix, ino, block) for ino in (1, 2) for block in (0, 1)}
     assert len(ads) == 4
-    assert fmt.page_ad(FS_ID, 1, 2, 16) != fmt.page_ad(FS_ID, 2, 2, 16)
+    assert fmt.page_ad(FS_ID, 1, b"i") != fmt.page_ad(FS_ID, 2, b"i")
+    assert fmt.page_ad(FS_ID, 1, b"i") != fmt.page_ad(FS_ID, 1, b"m")
     assert fmt.root_ad(FS_ID, 1) != fmt.root_ad(FS_ID, 2)
 
 

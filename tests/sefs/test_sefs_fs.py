@@ -10,7 +10,6 @@ import pytest
 
 from occlumfs.errors import FSError
 from occlumfs.fs import ROOT_INO, AttrChanges, iter_dir, lookup_path
-from occlumfs.sefs import format as fmt
 from sefs.helpers import ROOT, fsck_problems, read_path, write_file
 
 GiB = 1 << 30
@@ -128,7 +127,7 @@ def test_pages_split_as_metadata_grows_and_stay_consistent(sim):
         write_file(fs, ROOT_INO, b"file-%05d-" % i + b"x" * 200, b"%d" % i)
     fs.close()
     fs = sim.open()
-    assert len(fs._members) > fmt.MIN_PAGES  # the page count read back from the root
+    assert len(fs._members) > 10  # pages split as they grew; the table came back from the root
     assert read_path(fs, "file-04999-" + "x" * 200) == b"4999"
     fs.close()
     assert fsck_problems(sim.open) == []
