@@ -47,7 +47,12 @@ def write_key_file(path: Path, key: bytes | None = None, *, overwrite: bool = Fa
     if path.exists() and not overwrite:
         raise OcclumfsError(f"{path}: already exists; not overwriting a key")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: directory {path.parent} does not exist") from None
+    except OSError as exc:
+        raise OcclumfsError(f"{path}: cannot write the key file: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(format_key(key) + "\n")

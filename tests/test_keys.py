@@ -92,3 +92,10 @@ def test_a_directory_or_missing_key_file(tmp_path):
     done = run_cli("mount", "--type", "mem", "x", tmp_path, "--key-file", missing, check=False)
     assert done.returncode == ExitCode.NOT_FOUND
     assert len(done.stderr.strip().splitlines()) == 1 and "not found" in done.stderr
+
+
+def test_keygen_into_a_missing_directory_is_one_line(tmp_path):
+    done = run_cli("keygen", tmp_path / "absent" / "k", check=False)
+    assert done.returncode == ExitCode.NOT_FOUND
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not exist" in lines[0] and "Traceback" not in done.stderr
