@@ -200,6 +200,11 @@ def serve(
     target = check_mountpoint(mountpoint)
     if log_file is not None:
         log_file = Path(os.path.abspath(log_file))
+        try:  # fail here, in the foreground, not in the detached server
+            with open(log_file, "a"):
+                pass
+        except OSError as exc:
+            raise OcclumfsError(f"cannot write the log file {log_file}: {exc.strerror}") from None
     if allow_other is None:
         allow_other = os.geteuid() == 0
     options = set(pyfuse3.default_options)
@@ -231,7 +236,12 @@ def serve(
                 raise
             if ready is None:
                 return
-        status = _serve_mounted(fs, target, record, ready, log_file, debug, mask)
+        try:
+            status = _serve_mounted(fs, target, record, ready, log_file, debug, mask)
+        except BaseException:
+            if foreground:
+                raise
+            os._exit(1)  # a detached server never returns into its caller's code
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     if not foreground:

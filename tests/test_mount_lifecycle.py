@@ -254,6 +254,14 @@ def test_umount_of_unmounted_dir_is_a_clear_error(tmp_path):
     assert "not mounted" in _one_line(done.stderr)
 
 
+def test_an_unwritable_log_file_is_a_clear_error_before_mounting(tmp_path, mnt):
+    log = tmp_path / "no-such-dir" / "server.log"
+    done = run_cli("mount", "--type", "mem", "x", mnt, "--log-file", log, check=False)
+    assert done.returncode == ExitCode.ERROR
+    assert "cannot write the log file" in _one_line(done.stderr)
+    assert not _is_mounted(mnt)
+
+
 def test_mem_source_that_is_a_file_is_a_usage_error(tmp_path, mnt):
     (tmp_path / "file").write_bytes(b"")
     done = run_cli("mount", "--type", "mem", tmp_path / "file", mnt, check=False)
