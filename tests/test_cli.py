@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from conftest import run_cli
 
 from occlumfs import __version__
-from occlumfs.cli import main
+from occlumfs.cli import Group, main
 from occlumfs.errors import ExitCode
 
 
@@ -58,3 +58,26 @@ def test_library_errors_are_one_line_with_the_documented_code(tmp_path):
     done = run_cli("mount", tmp_path / "absent", tmp_path, check=False)
     assert done.returncode == ExitCode.NOT_FOUND
     assert done.stderr.strip() == f"occlumfs: error: {tmp_path / 'absent'} does not exist"
+
+
+def test_unforeseen_host_errors_are_one_line_too():
+    @click.group(cls=Group)
+    def tool() -> None:
+        """A group like occlumfs."""
+
+    @tool.command()
+    def missing() -> None:
+        """Fails on a path."""
+        raise FileNotFoundError(2, "No such file or directory", "/some/path")
+
+    @tool.command()
+    def denied() -> None:
+        """Fails on a permission."""
+        raise PermissionError(13, "Permission denied", "/root/x")
+
+    result = CliRunner().invoke(tool, ["missing"])
+    assert result.exit_code == ExitCode.NOT_FOUND
+    assert result.output == "occlumfs: error: /some/path: No such file or directory\n"
+    result = CliRunner().invoke(tool, ["denied"])
+    assert result.exit_code == ExitCode.ERROR
+    assert result.output == "occlumfs: error: /root/x: Permission denied\n"

@@ -12,7 +12,7 @@ import sys
 import click
 
 from occlumfs import __version__
-from occlumfs.errors import ExitCode, OcclumfsError
+from occlumfs.errors import ExitCode, NotFoundError, OcclumfsError
 
 
 class ReportedError(click.ClickException):
@@ -38,6 +38,15 @@ class Group(click.Group):
             return super().invoke(ctx)
         except OcclumfsError as exc:
             reported = ReportedError(exc)
+            reported.prog = self.prog
+            raise reported from None
+        except OSError as exc:
+            # The host refused something (a path, a permission) that the
+            # library did not foresee: still one line, never a traceback.
+            logging.getLogger("occlumfs").debug("host error", exc_info=True)
+            where = f"{exc.filename}: " if exc.filename else ""
+            kind = NotFoundError if isinstance(exc, FileNotFoundError) else OcclumfsError
+            reported = ReportedError(kind(f"{where}{exc.strerror or exc}"))
             reported.prog = self.prog
             raise reported from None
         except KeyboardInterrupt:
