@@ -43,7 +43,7 @@ class Group(click.Group):
         except OSError as exc:
             # The host refused something (a path, a permission) that the
             # library did not foresee: still one line, never a traceback.
-            logging.getLogger("occlumfs").debug("host error", exc_info=True)
+            logging.getLogger("occlumfs").info("host error", exc_info=True)  # shown with -v
             where = f"{exc.filename}: " if exc.filename else ""
             kind = NotFoundError if isinstance(exc, FileNotFoundError) else OcclumfsError
             reported = ReportedError(kind(f"{where}{exc.strerror or exc}"))
