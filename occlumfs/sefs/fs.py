@@ -50,7 +50,7 @@ log = logging.getLogger("occlumfs.sefs")
 
 RENAME_NOREPLACE = 1
 DIRTY_LIMIT_BLOCKS = 8192  # 32 MiB of plaintext buffered before data is written out
-COMMIT_INTERVAL = 5.0
+COMMIT_INTERVAL = 10.0  # seconds a change may wait for a commit unless fsync asks sooner
 MAX_XATTR_NAME = 255
 MAX_XATTR_VALUE = 65536
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
