@@ -3,7 +3,7 @@
 The build runs in passes so that the output depends only on the tree:
 
 1. scan the source into memory (metadata only) and number the inodes in
-   breadth-first order of byte-sorted names (root = 1; a hard link takes the
+   depth-first pre-order of byte-sorted names (root = 1; a hard link takes the
    number of its first occurrence);
 2. hash every regular file in parallel threads (hashlib releases the GIL),
    skipping holes and all-zero blocks, which become holes in the image;
@@ -138,25 +138,35 @@ class _Placed:
 
 
 def _number_inodes(root: SourceNode) -> tuple[list[SourceNode], dict[int, int], dict[int, int]]:
-    """Inodes in breadth-first order of sorted names; ino and link count by node id."""
+    """Inodes in depth-first pre-order of sorted names; ino and link count by node id.
+
+    Depth first is the order `find`, `tar` and `cp -r` visit a tree, and file
+    data is laid out in inode order, so such a walk reads the image front to
+    back (the host's read-ahead then works for it).
+    """
     order = [root]
     ino_of = {id(root): 1}
     links = {id(root): 2}
-    for node in order:  # grows while iterating: breadth first
-        if not node.is_dir:
+    stack = [(root, iter(sorted(root.children)))]
+    while stack:
+        node, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
             continue
-        for name in sorted(node.children):
-            child = node.children[name]
+        child = node.children[name]
+        if child.is_dir:
+            links[id(node)] += 1
+        if id(child) not in ino_of:
+            ino_of[id(child)] = len(order) + 1
+            order.append(child)
+            links[id(child)] = 2 if child.is_dir else 1
             if child.is_dir:
-                links[id(node)] += 1
-            if id(child) not in ino_of:
-                ino_of[id(child)] = len(order) + 1
-                order.append(child)
-                links[id(child)] = 2 if child.is_dir else 1
-            elif not child.is_dir:
-                links[id(child)] += 1
-            else:
-                raise FormatError("a directory appears twice in the source tree")
+                stack.append((child, iter(sorted(child.children))))
+        elif not child.is_dir:
+            links[id(child)] += 1
+        else:
+            raise FormatError("a directory appears twice in the source tree")
     return order, ino_of, links
 
 
