@@ -91,6 +91,9 @@ class ViewPool:
         key = (name, writable, tree)
         if key not in self.prepared:
             self.prepared[key] = subject.prepare(self._scratch(name), tree)
+            if self.prepared[key].check is not None:
+                # On the session's stack, so it runs after every view over it closed.
+                self.stack.callback(_assert_consistent, view_id, self.prepared[key].check)
         prepared = self.prepared[key]
         if access == "object":
             fs = prepared.open_fs()
@@ -101,6 +104,13 @@ class ViewPool:
             mounted(source, self._scratch(f"{view_id}-mnt") / "mnt", *options)
         )
         return HostView(mnt, view_id, subject.writable)
+
+
+def _assert_consistent(view_id: str, check) -> None:
+    problems = check()
+    assert not problems, f"{view_id}: storage inconsistent after the suite:\n" + "\n".join(
+        problems[:30]
+    )
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,9 @@ from occlumfs.treecopy import copy_tree_into
 class Prepared:
     open_fs: Callable[[], Filesystem]  # a filesystem object over the prepared storage
     mount_args: list[str]  # `occlumfs mount` arguments: SOURCE, then options
+    # Problems found in the storage once the suite is done with it and every
+    # object and mount over it is closed (an fsck); empty when consistent.
+    check: Callable[[], list[str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,19 @@ def prepare_sefs(scratch: Path, tree: Path | None) -> Prepared:
     fuse_dir, fuse_state = scratch / "sefs-fuse", scratch / "state-fuse"
     shutil.copytree(obj_dir, fuse_dir)
     shutil.copytree(obj_state, fuse_state)
+
+    def check() -> list[str]:
+        from occlumfs.sefs.fsck import fsck
+
+        return [
+            f"{where}: {problem}"
+            for where, store, state in [
+                ("object", obj_dir, obj_state),
+                ("fuse", fuse_dir, fuse_state),
+            ]
+            for problem in fsck(store, key=key, state_dir=state)
+        ]
+
     return Prepared(
         lambda: open_sefs_fs(obj_dir, key=key, state_dir=obj_state),
         [
@@ -120,6 +136,7 @@ def prepare_sefs(scratch: Path, tree: Path | None) -> Prepared:
             "--state-dir",
             str(fuse_state),
         ],
+        check,
     )
 
 
