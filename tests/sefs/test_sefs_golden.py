@@ -1,0 +1,98 @@
+"""Golden SEFS version 1 directory, committed: today's code must read it exactly.
+
+Regenerate only with a format version bump: ``cd tests && python -m sefs.test_sefs_golden``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from conftest import run_cli
+
+from occlumfs.fs import ROOT_INO, AttrChanges, lookup_path
+from occlumfs.sefs import format as fmt
+
+GOLDEN = Path(__file__).parent / "golden" / "v1"
+BIG = bytes(i % 251 for i in range(5000))
+FAR = (1 << 20) + 4096  # in the second block-map chunk, everything before it a hole
+
+
+def build_golden(where: Path) -> None:
+    from occlumfs.keys import write_key_file
+    from occlumfs.sefs import Credential, create_sefs, open_sefs_fs
+    from sefs.helpers import ROOT, write_file
+
+    key = write_key_file(where / "key")
+    create_sefs(where / "fs", Credential(key=key), state_dir=where / "state")
+    fs = open_sefs_fs(where / "fs", key=key, state_dir=where / "state")
+    write_file(fs, ROOT_INO, b"empty", b"")
+    write_file(fs, ROOT_INO, b"one", b"x")
+    big = write_file(fs, ROOT_INO, b"big", BIG)
+    d = fs.mkdir(ROOT_INO, b"dir", 0o750, ROOT)
+    fs.symlink(d.ino, b"link", b"../big", ROOT)
+    fs.setxattr(big, b"user.note", b"golden")
+    fs.setattr(big, AttrChanges(mtime_ns=1_600_000_000_123_456_789))
+    sparse = write_file(fs, ROOT_INO, b"sparse", b"")
+    fh = fs.open(sparse, os.O_WRONLY)
+    fs.write(fh, FAR, b"far")
+    fs.release(fh)
+    fs.close()
+    (where / "fs" / "lock").unlink()
+    shutil.rmtree(where / "state")
+
+
+def test_golden_v1_reads_back_exactly(tmp_path):
+    vol = tmp_path / "fs"
+    shutil.copytree(GOLDEN / "fs", vol)
+    from occlumfs.keys import load_key_file
+    from occlumfs.sefs import open_sefs_fs
+    from sefs.helpers import read_path
+
+    config = json.loads((vol / "sefs.json").read_text())
+    assert config["version"] == fmt.VERSION == 1
+    assert (vol / "head").stat().st_size == fmt.HEAD_SIZE
+    fs = open_sefs_fs(
+        vol, key=load_key_file(GOLDEN / "key"), state_dir=tmp_path / "state", read_only=True
+    )
+    try:
+        assert read_path(fs, "empty") == b""
+        assert read_path(fs, "one") == b"x"
+        assert read_path(fs, "big") == BIG
+        big = lookup_path(fs, "big")
+        assert big.mtime_ns == 1_600_000_000_123_456_789
+        assert fs.getxattr(big.ino, b"user.note") == b"golden"
+        assert stat.S_IMODE(lookup_path(fs, "dir").mode) == 0o750
+        assert fs.readlink(lookup_path(fs, "dir/link").ino) == b"../big"
+        sparse = lookup_path(fs, "sparse")
+        assert sparse.size == FAR + 3 and sparse.blocks == 8
+        fh = fs.open(sparse.ino, os.O_RDONLY)
+        assert fs.read(fh, FAR - 2, 10) == b"\0\0far"
+        fs.release(fh)
+    finally:
+        fs.close()
+    done = run_cli("fsck", vol, "--key-file", GOLDEN / "key", "--state-dir", tmp_path / "state")
+    assert done.returncode == 0
+
+
+def test_golden_v1_host_layout_is_the_documented_one():
+    names = sorted(str(p.relative_to(GOLDEN / "fs")) for p in (GOLDEN / "fs").rglob("*"))
+    assert "head" in names and "sefs.json" in names
+    assert [n for n in names if n.startswith("m/")] == ["m/0000000000000002.pack"]
+    # Non-empty regular files have a data file named by inode; the empty one has none.
+    data = [n for n in names if n.startswith("d/")]
+    assert data == ["d/0000000000000003", "d/0000000000000004", "d/0000000000000007"]
+    assert (GOLDEN / "fs" / "d" / "0000000000000003").stat().st_size == 4096  # "x"
+    assert (GOLDEN / "fs" / "d" / "0000000000000004").stat().st_size == 8192  # 5000 bytes
+
+
+if __name__ == "__main__":
+    target = GOLDEN
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    build_golden(target)
+    print(f"wrote {target}")
