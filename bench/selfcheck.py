@@ -86,6 +86,7 @@ def check() -> list[str]:
     expect("format 1 GiB", format_bytes(GiB), "1 GiB")
     expect("format 10.5 MiB", format_bytes(10.5 * MiB), "10.5 MiB")
     expect("format 0.25 s", format_seconds(0.25), "250 ms")
+    expect("format 4.26 ms", format_seconds(0.00426), "4.3 ms")
     expect("format 2.5 s", format_seconds(2.5), "2.50 s")
     expect("ratio", format_ratio(ratio(3.0, 2.0)), "1.50x")
     expect("ratio missing", format_ratio(ratio(None, 2.0)), "—")
