@@ -21,7 +21,6 @@ import click
 
 from occlumfs.errors import (
     ExitCode,
-    FormatError,
     FSError,
     NotFoundError,
     OcclumfsError,
@@ -271,4 +270,4 @@ def stat_command(image: Path, path: str, digest: str | None, key_file: Path | No
 
 COMMANDS = [mkimage, digest, verify, ls_command, cat, stat_command]
 
-__all__ = ["COMMANDS", "FormatError"]
+__all__ = ["COMMANDS"]

@@ -306,7 +306,3 @@ def _add_member(tree, tf, member, spool, spool_name) -> None:
     if not parts:
         raise FormatError(f"tar member {member.name!r} would replace the root directory")
     parent.children[parts[-1]] = node
-
-
-def is_tar_path(path: Path) -> bool:
-    return path.is_file()
