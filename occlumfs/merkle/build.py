@@ -185,11 +185,13 @@ def build_image(
     jobs = jobs or os.cpu_count() or 1
     image_dir = image.parent if str(image.parent) else Path(".")
     try:
+        if source.is_dir():
+            # Nothing is created before the scan: an image written inside SRC
+            # must not find its own scratch files in the tree.
+            tree = scan_directory(source)
+            return _Builder(tree, key, source_date_epoch, jobs, progress).write(image)
         with tempfile.TemporaryDirectory(prefix=".occlumfs-build-", dir=image_dir) as scratch:
-            if source.is_dir():
-                tree = scan_directory(source)
-            else:
-                tree = scan_tar(source, Path(scratch) / "spool")
+            tree = scan_tar(source, Path(scratch) / "spool")
             return _Builder(tree, key, source_date_epoch, jobs, progress).write(image)
     except OcclumfsError:
         raise

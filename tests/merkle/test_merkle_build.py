@@ -383,6 +383,37 @@ def test_build_errors_are_clear_and_leave_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.tar"]
 
 
+def test_an_image_written_inside_its_source_is_reproducible(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    set_times(src)
+    first = build_image(src, tmp_path / "outside.img")
+    assert build_image(src, src / "inside.img") == first  # the scan saw no scratch file
+    assert sorted(p.name for p in src.iterdir()) == ["f", "inside.img"]
+
+
+def test_empty_directory_and_exact_block_files(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    digest = build_image(src, tmp_path / "empty.img")
+    fs = open_image_fs(tmp_path / "empty.img", digest=digest, key=None)
+    assert list(iter_dir(fs, ROOT_INO)) == [] and fs.getattr(ROOT_INO).nlink == 2
+    fs.close()
+    (src / "block").write_bytes(pattern("b", BLOCK_SIZE))
+    (src / "two").write_bytes(pattern("t", 2 * BLOCK_SIZE))
+    digest = build_image(src, tmp_path / "blocks.img")
+    fs = open_image_fs(tmp_path / "blocks.img", digest=digest, key=None)
+    for name, size in (("block", BLOCK_SIZE), ("two", 2 * BLOCK_SIZE)):
+        attr = lookup_path(fs, name)
+        assert attr.blocks == size // 512
+        data = b"".join(read_all(fs, attr.ino))
+        assert data == (src / name).read_bytes()
+        assert fs.read(attr.ino, size, 10) == b""
+    fs.close()
+    verify_image(tmp_path / "blocks.img", digest=digest)
+
+
 def test_progress_reports_every_byte(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
