@@ -79,7 +79,9 @@ def copy_tree_into(
                 pending.append(_PendingDir(ino, path, st))
                 stack.append((ino, path))
                 continue
-            if stat.S_ISREG(mode):
+            if stat.S_ISREG(mode) and st.st_size == 0:  # nothing to write: no handle
+                ino = fs.mknod(dir_ino, name, mode, 0, caller).ino
+            elif stat.S_ISREG(mode):
                 ino = _copy_file(fs, dir_ino, name, path, st, caller)
             elif stat.S_ISLNK(mode):
                 ino = fs.symlink(dir_ino, name, os.readlink(path), caller).ino
@@ -110,9 +112,6 @@ def _copy_file(
     fs: Filesystem, parent: int, name: bytes, path: bytes, st: os.stat_result, caller: Caller
 ) -> int:
     fh, attr = fs.create(parent, name, stat.S_IMODE(st.st_mode), os.O_WRONLY, caller)
-    if st.st_size == 0:
-        fs.release(fh)
-        return attr.ino
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
