@@ -382,8 +382,9 @@ class ImageFS(Filesystem):
         return self.reader.digest
 
     def started_serving(self) -> None:
+        # The mount is in place but FUSE_INIT is not answered yet; the tuning
+        # waits for the first request (see _tune_mount).
         self._raise_readahead = True
-        self._serving = True
 
     def _tune_mount(self) -> None:
         # The kernel reads ahead only 128 KiB on a FUSE mount, so a sequential
@@ -391,8 +392,13 @@ class ImageFS(Filesystem):
         # (~60 us of Python) on top of 32 block hashes. The image never
         # changes, so reading ahead further is free of coherence concerns.
         # Done on the first request: FUSE_INIT, answered before it, resets it.
+        # The FUSE-only shortcuts (ENOSYS for getxattr on an xattr-less image
+        # and for flush) apply only when this image is the mount itself, not a
+        # layer of another filesystem that forwarded started_serving.
         self._raise_readahead = False
-        for bdi in _own_mount_bdis(self.info.name, f"fuse.{self.info.subtype}"):
+        bdis = _own_mount_bdis(self.info.name, f"fuse.{self.info.subtype}")
+        self._serving = bool(bdis)
+        for bdi in bdis:
             try:
                 Path(f"/sys/class/bdi/{bdi}/read_ahead_kb").write_text(f"{READAHEAD_KB}\n")
             except OSError as exc:
@@ -540,6 +546,8 @@ class ImageFS(Filesystem):
     def flush(self, fh: int) -> None:
         # Nothing to flush. Through a mount, ENOSYS makes the kernel stop
         # sending FLUSH on every close (it then succeeds without asking).
+        if self._raise_readahead:
+            self._tune_mount()
         if self._serving:
             raise FSError(errno.ENOSYS)
 
@@ -665,6 +673,8 @@ class ImageFS(Filesystem):
                 want = min(limit, want * 4)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        if self._raise_readahead:
+            self._tune_mount()
         if not self.reader.desc.has_xattrs:
             self._record(ino)
             # Through a mount, ENOSYS makes the kernel stop asking (it answers

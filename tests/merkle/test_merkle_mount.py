@@ -212,3 +212,30 @@ def test_encrypted_image_mounts_only_with_its_key(golden, mount, tmp_path):
         assert done.returncode == ExitCode.WRONG_KEY, done.stderr
         assert words in done.stderr and "Traceback" not in done.stderr
         assert mnt.resolve() not in mounted_paths()
+
+
+def test_serving_shortcuts_for_an_xattr_less_image(mount, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(pattern("f", 3 * BLOCK_SIZE))
+    image = tmp_path / "plain.img"
+    digest = build_image(src, image)
+    fs = open_image_fs(image, digest=digest, key=None)
+    with pytest.raises(OSError) as info:
+        fs.getxattr(2, b"user.x")
+    assert info.value.errno == errno.ENODATA  # in-process: the plain answer
+    fs.close()
+    with mount(image, "--digest", digest) as mnt:
+        assert (mnt / "f").read_bytes() == pattern("f", 3 * BLOCK_SIZE)
+        # The kernel was told once that this image has no xattrs, and answers itself.
+        for _ in range(2):
+            with pytest.raises(OSError) as info:
+                os.getxattr(mnt / "f", "user.x")
+            assert info.value.errno == errno.EOPNOTSUPP
+        assert os.listxattr(mnt / "f") == []
+        # Read-ahead on the mount was raised from the kernel's 128 KiB default.
+        bdi = f"{os.major(os.stat(mnt).st_dev)}:{os.minor(os.stat(mnt).st_dev)}"
+        assert Path(f"/sys/class/bdi/{bdi}/read_ahead_kb").read_text().strip() == "4096"
+        for _ in range(3):  # close() without FLUSH round trips still succeeds
+            with open(mnt / "f", "rb") as f:
+                assert f.read(5) == pattern("f", 5)
