@@ -97,16 +97,13 @@ def test_ls_cat_stat(built):
     long = run_cli("ls", "-l", image, "dir").stdout
     assert "rel-link -> ../one" in long and long.startswith("-rw-r--r--")
     assert run_cli("ls", "-l", image, "chr").stdout.startswith("crw-------")
-    cat = run_cli("cat", image, "five", "--digest", digest)
-    assert cat.stdout.encode("latin-1", "replace")[:0] == b"" and len(cat.stdout) > 0
-    raw = run_cli("cat", image, "dir/file").stdout
-    assert raw == "in a dir\n"
+    assert run_cli("cat", image, "dir/file", "--digest", digest).stdout == "in a dir\n"
     out = run_cli("stat", image, "owned").stdout
     assert "mode: -rwsr-x--x (104751)" in out and "uid: 1234" in out and "gid: 5678" in out
     assert "xattr: user.binary=" in run_cli("stat", image, "one").stdout
     assert "rdev: 259,65537" in run_cli("stat", image, "blk").stdout
     assert "target: /etc/passwd" in run_cli("stat", image, "abs-link").stdout
-    assert (src / "five").read_bytes() == pattern("five", 5000)
+    assert f"links: {(src / 'hard-a').stat().st_nlink}" in run_cli("stat", image, "hard-a").stdout
 
 
 def test_cat_writes_exact_bytes(built, tmp_path):
