@@ -60,7 +60,7 @@ class SefsSuite:
         self.s = settings
         self.root = settings.scratch / "sefs"
         self.fio_size = 16 * MiB if settings.quick else 256 * MiB
-        self.fio_runtime = 1 if settings.quick else 10
+        self.fio_runtime = 1 if settings.quick else 8
 
     def subjects(self) -> tuple[Subject, list[Subject]]:
         mnt = self.root / "mnt"
