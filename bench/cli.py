@@ -34,7 +34,7 @@ from bench.system import (
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-SUITES = ("image", "sefs")
+SUITES = ("image", "sefs", "soak")
 PEER_PACKAGES = ("fuse-overlayfs", "gocryptfs", "securefs", "fio")
 
 
@@ -47,7 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "suites",
         nargs="*",
         metavar="SUITE",
-        help=f"which suites to run: {', '.join(SUITES)} (default: all)",
+        help=f"which suites to run: {', '.join(SUITES)} (default: all; soak when present)",
     )
     parser.add_argument(
         "--quick",
@@ -96,7 +96,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
     if args.reps < 3:
         parser.error("--reps must be at least 3: a median of fewer says little on a noisy host")
-    args.suites = list(dict.fromkeys(args.suites)) or list(SUITES)
+    if not args.suites:
+        from bench.soak_suite import soak_available
+
+        # The crash soak belongs to make bench whenever SEFS ships it.
+        args.suites = [s for s in SUITES if s != "soak" or soak_available()]
+    args.suites = list(dict.fromkeys(args.suites))
     if args.size is None:
         args.size = 32 * MiB if args.quick else GiB
     return args
@@ -166,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.image_suite import run_image_suite
     from bench.measure import Settings
     from bench.sefs_suite import run_sefs_suite
+    from bench.soak_suite import run_soak_suite
 
     scratch = Path(tempfile.mkdtemp(prefix="occlumfs-bench-", dir=scratch_base(args.scratch)))
     # Mount records and server logs of our mounts stay with the run.
@@ -191,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = started.strftime("%Y%m%dT%H%M%SZ")
     log(f"scratch {scratch}; large size {format_bytes(args.size)}; {args.reps} repetitions")
 
-    runners = {"image": run_image_suite, "sefs": run_sefs_suite}
+    runners = {"image": run_image_suite, "sefs": run_sefs_suite, "soak": run_soak_suite}
     reports: list[SuiteReport] = []
     ours_failed = False
     try:
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             report.notes.append(f"suite took {time.monotonic() - t0:.0f} s")
             reports.append(report)
             print("\n" + render_text(report) + "\n", flush=True)
-            ours_failed |= any(row.ours_failed() for row in report.rows)
+            ours_failed |= report.ours_failed()
             records = [
                 {
                     "type": "run",
@@ -228,6 +234,16 @@ def main(argv: list[str] | None = None) -> int:
                 {"type": "row", "run_id": run_id, "suite": name, **row.to_json()}
                 for row in report.rows
             ]
+            if report.summary:
+                records.append(
+                    {
+                        "type": "summary",
+                        "run_id": run_id,
+                        "suite": name,
+                        "summary": report.summary,
+                        "failed": report.failed or None,
+                    }
+                )
             append_json_lines(args.results / "results.jsonl", records)
     finally:
         leftovers = [p for p in mounted_paths() if Path(p).is_relative_to(scratch)]

@@ -101,6 +101,11 @@ class SuiteReport:
     title: str
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    summary: str = ""  # a suite without a table (the crash soak) says its result here
+    failed: str = ""  # why our side of a table-less suite failed, if it did
+
+    def ours_failed(self) -> bool:
+        return bool(self.failed) or any(row.ours_failed() for row in self.rows)
 
     def peer_columns(self) -> list[str]:
         names: list[str] = []
@@ -155,7 +160,16 @@ class SuiteReport:
         return [f"{row.workload}: {note}" for row in self.rows for note in row.notes]
 
 
+def _untabled(report: SuiteReport, bullet: str) -> list[str]:
+    lines = [report.summary] if report.summary else []
+    if report.failed:
+        lines.append(f"FAILED: {report.failed}")
+    return lines + [f"{bullet}{note}" for note in report.notes]
+
+
 def render_text(report: SuiteReport) -> str:
+    if not report.rows:
+        return "\n".join([report.title, *_untabled(report, "  * ")])
     grid = report.grid()
     widths = [max(len(line[i]) for line in grid) for i in range(len(grid[0]))]
 
@@ -177,6 +191,8 @@ def _md_escape(cell: str) -> str:
 
 
 def render_markdown(report: SuiteReport) -> str:
+    if not report.rows:
+        return "\n".join([f"#### {report.title}", "", *_untabled(report, "- ")])
     grid = report.grid()
     out = [f"#### {report.title}", ""]
     out.append("| " + " | ".join(_md_escape(c) for c in grid[0]) + " |")

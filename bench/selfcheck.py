@@ -127,6 +127,9 @@ def check() -> list[str]:
     markdown = render_markdown(report)
     expect("markdown escapes pipes", "seq \\| read" in markdown, True)
     expect("markdown names the failure", "fio — occlumfs: failed: boom" in markdown, True)
+    soak = SuiteReport("soak", "Soak", summary="soak: 3 crashes, 3 recovered", failed="")
+    expect("table-less suite", render_markdown(soak), "#### Soak\n\nsoak: 3 crashes, 3 recovered")
+    expect("table-less suite passes", soak.ours_failed(), False)
     text = render_text(report)
     widths = {len(line) for line in text.splitlines()[1:3]}
     expect("text header aligned with rule", len(widths), 1)
