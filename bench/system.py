@@ -229,7 +229,7 @@ def git_commit(repo: Path) -> str:
     commit = done.stdout.strip()
     if done.returncode != 0 or not commit:
         marker = repo / ".git-commit"
-        return marker.read_text().strip()[:12] if marker.exists() else "unknown"
+        return marker.read_text().strip()[:7] if marker.exists() else "unknown"
     status = subprocess.run(
         ["git", "-C", str(repo), "status", "--porcelain", "--", "occlumfs", "libos"],
         capture_output=True,
