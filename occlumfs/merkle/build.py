@@ -5,8 +5,10 @@ The build runs in passes so that the output depends only on the tree:
 1. scan the source into memory (metadata only) and number the inodes in
    depth-first pre-order of byte-sorted names (root = 1; a hard link takes the
    number of its first occurrence);
-2. hash every regular file in parallel threads (hashlib releases the GIL),
-   skipping holes and all-zero blocks, which become holes in the image;
+2. hash every regular file in a pool of ``jobs`` threads (hashlib releases
+   the GIL while it hashes a block; the per-block Python work does not, so on
+   a small machine the gain is modest), skipping holes and all-zero blocks,
+   which become holes in the image;
 3. place each distinct content once in the data region, in inode order;
 4. serialise the inode table and the heap, then write the data (copied, or
    sealed in parallel for an encrypted image), the seal table, the Merkle tree
@@ -48,6 +50,7 @@ from occlumfs.merkle.format import (
 from occlumfs.merkle.source import Content, SourceNode, scan_directory, scan_tar
 from occlumfs.merkle.tree import build_levels, hash_blocks, pad_block
 
+ZERO_RUN = bytes(64)
 CHUNK = 8 << 20  # one hashing task reads at most this much of a file
 READ = 1 << 20
 
@@ -105,7 +108,15 @@ def _hash_chunk(content: Content, start: int, end: int) -> list[tuple[int, bytes
                     raise OcclumfsError(f"{os.fsdecode(content.path)}: changed during the build")
                 run_first = None
                 run: list[bytes] = []
-                for off in range(0, len(buf), BLOCK_SIZE):
+                first_off = 0
+                full = len(buf) - len(buf) % BLOCK_SIZE
+                if full and buf.find(ZERO_RUN, 0, full) < 0:
+                    # No all-zero block can hide in a buffer without 64 zeros in
+                    # a row: hash its whole blocks as one run, without copies.
+                    run_first = (pos - base) // BLOCK_SIZE
+                    run.append(hash_blocks(memoryview(buf)[:full]))
+                    first_off = full
+                for off in range(first_off, len(buf), BLOCK_SIZE):
                     piece = buf[off : off + BLOCK_SIZE]
                     block = (pos - base + off) // BLOCK_SIZE
                     if piece == ZERO_BLOCK[: len(piece)]:
