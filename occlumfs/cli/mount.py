@@ -47,12 +47,18 @@ def open_filesystem(
             )
         return open_image_fs(source, digest=digest, key=key)
     if kind == "sefs":
+        import sys
+
         from occlumfs.sefs import open_sefs_fs
 
+        passphrase = None
+        if key is None and passphrase_file is None and sys.stdin.isatty():
+            passphrase = click.prompt("Passphrase", hide_input=True, err=True).encode()
         return open_sefs_fs(
             source,
             key=key,
             passphrase_file=passphrase_file,
+            passphrase=passphrase,
             read_only=read_only,
             state_dir=state_dir,
         )

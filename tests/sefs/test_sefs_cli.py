@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import signal
+import time
 
 import pytest
 from conftest import run_cli
@@ -152,3 +153,80 @@ def test_every_sefs_command_has_help():
         assert run_cli("sefs", name, "--help").stdout.strip()
     assert main.commands["fsck"].help
     assert "exit" in run_cli("fsck", "--help").stdout.lower()
+
+
+def _run_on_a_terminal(args: list, answers: list[bytes], tmp_path) -> tuple[int, bytes]:
+    """Run ``occlumfs ARGS`` on a pseudo-terminal, answering each prompt in turn.
+
+    getpass turns echo off and flushes pending input when it prompts, so each
+    answer is typed only once its prompt (ending in ": ") has appeared and the
+    terminal has stopped echoing.
+    """
+    import fcntl
+    import select
+    import subprocess
+    import sys
+    import termios
+
+    master, slave = os.openpty()
+
+    def become_terminal_owner() -> None:
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "occlumfs", *map(str, args)],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        preexec_fn=become_terminal_owner,
+        env={**os.environ, "OCCLUMFS_RUNTIME_DIR": str(tmp_path / "run")},
+    )
+    os.close(slave)
+    output = b""
+    pending = list(answers)
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 60)
+            assert ready, f"no output for 60 s; so far: {output!r}"
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the program exited and closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+            if pending and output.rstrip().endswith(b":"):
+                deadline = time.monotonic() + 60
+                while termios.tcgetattr(master)[3] & termios.ECHO:
+                    assert time.monotonic() < deadline, "the prompt never turned echo off"
+                    os.sched_yield()
+                os.write(master, pending.pop(0))
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+        code = proc.wait(timeout=60)
+    return code, output
+
+
+def test_passphrase_prompts_on_a_terminal(tmp_path, mount):
+    code, out = _run_on_a_terminal(
+        ["sefs", "create", tmp_path / "fs"], [b"pw1\n", b"pw1\n"], tmp_path
+    )
+    assert code == 0, out
+    assert b"Passphrase" in out and b"pw1" not in out  # asked, not echoed
+    assert json.loads((tmp_path / "fs" / "sefs.json").read_text())["wrap"]["kind"] == "passphrase"
+    (tmp_path / "mnt").mkdir()
+    code, out = _run_on_a_terminal(
+        ["mount", tmp_path / "fs", tmp_path / "mnt"], [b"pw1\n"], tmp_path
+    )
+    assert code == 0, out
+    try:
+        (tmp_path / "mnt" / "f").write_text("typed")
+    finally:
+        assert run_cli("umount", tmp_path / "mnt").returncode == 0
+    phrase = tmp_path / "phrase"
+    phrase.write_text("pw1\n")
+    with mount(tmp_path / "fs", "--passphrase-file", phrase) as mnt:
+        assert (mnt / "f").read_text() == "typed"
