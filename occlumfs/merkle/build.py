@@ -23,13 +23,13 @@ import os
 import stat
 import struct
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
-from occlumfs.merkle.crypto import ImageKeys
 from occlumfs.merkle.format import (
     BLOCK_SIZE,
     DESCRIPTOR_SIZE,
@@ -51,6 +51,9 @@ from occlumfs.merkle.source import Content, SourceNode, scan_directory, scan_tar
 from occlumfs.merkle.tree import build_levels, hash_blocks, pad_block
 
 ZERO_RUN = bytes(64)
+SMALL_FILE = 1 << 20
+BATCH_BYTES = 4 << 20
+BATCH_FILES = 256
 CHUNK = 8 << 20  # one hashing task reads at most this much of a file
 READ = 1 << 20
 
@@ -73,6 +76,11 @@ class _Hashed:
 
 def _data_segments(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
     """Block-aligned [a, b) ranges of [start, end) that may hold data (holes skipped)."""
+    if end - start <= SMALL_FILE:
+        # Reading a small file whole costs less than asking where its holes
+        # are; zero blocks become holes all the same.
+        yield start, end
+        return
     pos = start
     while pos < end:
         try:
@@ -93,6 +101,17 @@ def _data_segments(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
         pos = b
 
 
+_thread_state = threading.local()
+
+
+def _read_area() -> bytearray:
+    """This thread's read buffer: reused, so reading costs no fresh page faults."""
+    area = getattr(_thread_state, "area", None)
+    if area is None:
+        area = _thread_state.area = bytearray(READ)
+    return area
+
+
 def _hash_chunk(content: Content, start: int, end: int) -> list[tuple[int, bytes]]:
     """Hash logical bytes [start, end) of a file: [(first block, hashes of the run)]."""
     out: list[tuple[int, bytes]] = []
@@ -101,23 +120,25 @@ def _hash_chunk(content: Content, start: int, end: int) -> list[tuple[int, bytes
     try:
         for seg_a, seg_b in _data_segments(fd, base + start, base + end):
             pos = seg_a
+            area = _read_area()
             while pos < seg_b:
                 want = min(READ, seg_b - pos)
-                buf = os.pread(fd, want, pos)
-                if len(buf) != want and pos + len(buf) != base + content.size:
+                got = os.preadv(fd, [memoryview(area)[:want]], pos)
+                if got != want and pos + got != base + content.size:
                     raise OcclumfsError(f"{os.fsdecode(content.path)}: changed during the build")
+                buf = memoryview(area)[:got]
                 run_first = None
                 run: list[bytes] = []
                 first_off = 0
-                full = len(buf) - len(buf) % BLOCK_SIZE
-                if full and buf.find(ZERO_RUN, 0, full) < 0:
+                full = got - got % BLOCK_SIZE
+                if full and area.find(ZERO_RUN, 0, full) < 0:
                     # No all-zero block can hide in a buffer without 64 zeros in
                     # a row: hash its whole blocks as one run, without copies.
                     run_first = (pos - base) // BLOCK_SIZE
-                    run.append(hash_blocks(memoryview(buf)[:full]))
+                    run.append(hash_blocks(buf[:full]))
                     first_off = full
-                for off in range(first_off, len(buf), BLOCK_SIZE):
-                    piece = buf[off : off + BLOCK_SIZE]
+                for off in range(first_off, got, BLOCK_SIZE):
+                    piece = bytes(buf[off : off + BLOCK_SIZE])
                     block = (pos - base + off) // BLOCK_SIZE
                     if piece == ZERO_BLOCK[: len(piece)]:
                         if run:
@@ -135,6 +156,10 @@ def _hash_chunk(content: Content, start: int, end: int) -> list[tuple[int, bytes
     finally:
         os.close(fd)
     return out
+
+
+def _hash_batch(batch: list[tuple[SourceNode, int, int]]) -> list[list[tuple[int, bytes]]]:
+    return [_hash_chunk(node.content, start, end) for node, start, end in batch]
 
 
 @dataclass(slots=True)
@@ -214,7 +239,11 @@ def build_image(
 
 class _Builder:
     def __init__(self, tree, key, source_date_epoch, jobs, progress) -> None:
-        self.keys = ImageKeys(key) if key is not None else None
+        self.keys = None
+        if key is not None:
+            from occlumfs.merkle.crypto import ImageKeys  # only encrypted builds pay for it
+
+            self.keys = ImageKeys(key)
         self.clamp_ns = None if source_date_epoch is None else source_date_epoch * 1_000_000_000
         self.jobs = jobs
         self.progress = progress
@@ -228,14 +257,24 @@ class _Builder:
             size = node.content.size
             for start in range(0, size, CHUNK):
                 tasks.append((node, start, min(size, start + CHUNK)))
+        # Small files travel in batches: one pool hand-off per few MiB, not per file.
+        batches: list[list[tuple[SourceNode, int, int]]] = []
+        batch_bytes = 0
+        for task in tasks:
+            if not batches or batch_bytes >= BATCH_BYTES or len(batches[-1]) >= BATCH_FILES:
+                batches.append([])
+                batch_bytes = 0
+            batches[-1].append(task)
+            batch_bytes += task[2] - task[1]
         results: dict[int, _Hashed] = {id(n): _Hashed() for n in files}
-        mapped = pool.map(lambda t: _hash_chunk(t[0].content, t[1], t[2]), tasks)
-        for (node, start, end), runs in zip(tasks, mapped, strict=True):
-            hashed = results[id(node)]
-            for first, hashes in runs:
-                hashed.add(first, hashes)
-            if self.progress is not None:
-                self.progress(end - start)
+        mapped = pool.map(_hash_batch, batches)
+        for batch, batch_runs in zip(batches, mapped, strict=True):
+            for (node, start, end), runs in zip(batch, batch_runs, strict=True):
+                hashed = results[id(node)]
+                for first, hashes in runs:
+                    hashed.add(first, hashes)
+                if self.progress is not None:
+                    self.progress(end - start)
         return results
 
     # -- pass 3: placement -------------------------------------------------------------
@@ -328,7 +367,9 @@ class _Builder:
         try:
             with ThreadPoolExecutor(self.jobs, thread_name_prefix="mkimage") as pool:
                 desc = self._write_into(fd, pool)
-            os.fsync(fd)
+            # No fsync: readers only ever see a complete image (the rename is
+            # atomic), and an image a power cut left half-written on disk fails
+            # verification like any other damage; `sync` makes it durable.
             os.close(fd)
             fd = -1
             self._check_unchanged()

@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from hashlib import sha256
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from occlumfs.errors import (
     FormatError,
@@ -33,7 +34,6 @@ from occlumfs.errors import (
     WrongKeyError,
 )
 from occlumfs.fs import ROOT_INO, Attr, DirEntry, Filesystem, FsInfo, StatFs
-from occlumfs.merkle.crypto import ImageKeys
 from occlumfs.merkle.format import (
     BLOCK_SIZE,
     DESCRIPTOR_SIZE,
@@ -63,6 +63,9 @@ from occlumfs.merkle.format import (
     unpack_xattrs,
 )
 from occlumfs.merkle.tree import hash_blocks
+
+if TYPE_CHECKING:
+    from occlumfs.merkle.crypto import ImageKeys
 
 log = logging.getLogger("occlumfs.merkle")
 
@@ -173,6 +176,8 @@ class ImageReader:
             )
         self.keys: ImageKeys | None = None
         if self.desc.encrypted:
+            from occlumfs.merkle.crypto import ImageKeys  # only encrypted images pay for it
+
             if key is None:
                 raise WrongKeyError(f"{image} is encrypted: give its key with --key-file")
             keys = ImageKeys(key)

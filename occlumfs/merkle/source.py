@@ -8,13 +8,10 @@ with absolute paths, ``..`` components or paths through a symlink are refused.
 
 from __future__ import annotations
 
-import base64
 import errno
 import os
 import stat
-import tarfile
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
@@ -169,7 +166,9 @@ def _member_parts(name: str, what: str) -> list[bytes]:
     return parts
 
 
-def _pax_mtime_ns(member: tarfile.TarInfo) -> int:
+def _pax_mtime_ns(member) -> int:
+    from decimal import Decimal, InvalidOperation
+
     text = member.pax_headers.get("mtime")
     if text is not None:
         try:
@@ -179,7 +178,9 @@ def _pax_mtime_ns(member: tarfile.TarInfo) -> int:
     return int(member.mtime) * 1_000_000_000
 
 
-def _pax_xattrs(member: tarfile.TarInfo) -> list[tuple[bytes, bytes]]:
+def _pax_xattrs(member) -> list[tuple[bytes, bytes]]:
+    import base64
+
     out = []
     for key, value in member.pax_headers.items():
         if key.startswith("SCHILY.xattr."):
@@ -222,6 +223,8 @@ def _spool(src, spool, size: int) -> int:
 
 def scan_tar(archive: Path, spool_path: Path) -> SourceNode:
     """The tree in tar ``archive``; regular files' bytes are copied to ``spool_path``."""
+    import tarfile  # only tar sources pay for it
+
     tree = _implicit_dir()
     spool_name = os.fsencode(spool_path)
     try:
@@ -244,6 +247,7 @@ def scan_tar(archive: Path, spool_path: Path) -> SourceNode:
 
 
 def _add_member(tree, tf, member, spool, spool_name) -> None:
+
     parts = _member_parts(member.name, "member")
     parent = tree
     for part in parts[:-1]:
