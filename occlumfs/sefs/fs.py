@@ -11,7 +11,8 @@ layout and the commit protocol; this module keeps these invariants:
   next cookie and goes to the end), so a listing resumes by bisection.
 * A block's committed slot is never written before the next commit: the slot
   a block had at the last commit is remembered in ``committed_slots`` the
-  first time the block is touched, and writes go to the other slot.
+  first time the block is touched, and writes go to the other slot. (A block
+  that was a hole at the last commit needs no record: both slots are free.)
 * Bytes past ``size`` in the last block are zero (truncate zeroes them), so
   growing a file exposes zeros.
 """
@@ -527,12 +528,16 @@ class SefsFS(Filesystem):
             chunk = chunks.get(c)
             if chunk is None:
                 chunk = chunks[c] = bytearray()
-            if len(chunk) < off + ENTRY_SIZE:
-                chunk.extend(bytes(off + ENTRY_SIZE - len(chunk)))
+            if len(chunk) <= off:
+                # Grow once per chunk, to the last block of this flush in it.
+                last = blocks[bisect.bisect_left(blocks, (c + 1) * 256) - 1]
+                chunk.extend(bytes((last - c * 256 + 1) * ENTRY_SIZE - len(chunk)))
             was = chunk[off]
             old = committed.get(block)
             if old is None:
-                old = committed[block] = was
+                old = was
+                if was:  # a block that was a hole at the last commit may use any slot
+                    committed[block] = was
             slot = SLOT_B if old == SLOT_A else SLOT_A
             nonce = nonces[j * 12 : j * 12 + 12]
             at = j * BLOCK_SIZE
