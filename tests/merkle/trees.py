@@ -38,6 +38,7 @@ def set_times(root: Path, mtime_ns: int = T0) -> None:
 def make_golden_tree(root: Path, order: str = "forward") -> Path:
     """Every feature the format stores, created in ``order`` ("forward" or "reverse")."""
     root.mkdir()
+    root.chmod(0o755)
     steps = [
         lambda: (root / "empty").write_bytes(b""),
         lambda: (root / "one").write_bytes(b"A"),
@@ -68,8 +69,13 @@ def make_golden_tree(root: Path, order: str = "forward") -> Path:
         # need first, then everything else backwards.
         creators = [steps[i] for i in (20, 11, 7, 1)]
         steps = creators + [s for s in reversed(steps) if s not in creators]
-    for step in steps:
-        step()
+    # Modes must not depend on the caller's umask: the golden digests pin them.
+    old_umask = os.umask(0o022)
+    try:
+        for step in steps:
+            step()
+    finally:
+        os.umask(old_umask)
     set_times(root)
     os.utime(root / "dir" / "sub", ns=(T0 + 5, T0 + 5))
     return root
