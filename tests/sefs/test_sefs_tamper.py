@@ -327,3 +327,32 @@ def test_edited_config_is_refused(pristine, victim, tmp_path):
     fs_id = text.split('"fs_id": "')[1][:32]
     config.write_text(text.replace(fs_id, fs_id[::-1]))
     assert_mount_refused(victim, tmp_path, code=ExitCode.WRONG_KEY)
+
+
+def test_fsck_names_the_paths_a_damaged_metadata_page_takes_with_it(tmp_path):
+    from occlumfs.fs import ROOT_INO
+    from sefs.helpers import ROOT, make_volume, write_file
+
+    volume = make_volume(tmp_path / "many")
+    fs = volume.open()
+    for d in range(4):
+        parent = fs.mkdir(ROOT_INO, b"dir%d" % d, 0o755, ROOT).ino
+        for i in range(600):
+            write_file(fs, parent, b"file-%04d-" % i + b"n" * 60, b"%d" % i)
+    fs.close()
+    fs = volume.open(read_only=True)
+    pages = list(fs._table)
+    fs.close()
+    assert len(pages) > 4
+    # Damage a page in the middle of the key space (directory entries or inodes).
+    ref = pages[len(pages) // 2]
+    _flip(volume.dir / "m" / f"{ref.pack:016x}.pack", ref.offset + 40)
+    (tmp_path / "refused").mkdir()
+    done = run_cli("mount", *volume.mount_args(), tmp_path / "refused", check=False)
+    assert done.returncode == ExitCode.INTEGRITY and "metadata page" in done.stderr
+    done = fsck(volume)
+    assert done.returncode == ExitCode.FSCK
+    lines = done.stdout.splitlines()
+    assert any("authentication failed" in line for line in lines)
+    named = [line for line in lines if line.startswith("/dir")]
+    assert named, done.stdout  # the files or directories that lost records, by path
