@@ -137,7 +137,7 @@ class DiskStorage(Storage):
         want = sum(len(b) for b in buffers)
         total = 0
         while total < want:
-            n = os.preadv(fd, _skip(buffers, total), offset + total)
+            n = os.preadv(fd, _skip(buffers, total) if total else buffers, offset + total)
             if n == 0:
                 break
             total += n
