@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,9 @@ def _force_unmount(mnt: Path) -> None:
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)
 
 
+_LOG_PROBLEM = re.compile(r" (WARNING|ERROR|CRITICAL): |^Traceback ")
+
+
 @contextmanager
 def mounted(
     source: str | os.PathLike,
@@ -82,7 +86,7 @@ def mounted(
     """Mount with the real ``occlumfs mount`` (background server) and unmount after.
 
     On leaving: ``occlumfs umount`` must succeed and the server must exit; the
-    server log must hold no ERROR or traceback unless ``allow_log_errors``.
+    server log must hold no WARNING, ERROR or traceback unless ``allow_log_errors``.
     """
     _require_fuse()
     mnt.mkdir(parents=True, exist_ok=True)
@@ -104,7 +108,9 @@ def mounted(
     assert process_exited(int(record["pid"])), "occlumfs umount returned before the server exited"
     if not allow_log_errors and log_file.exists():
         text = log_file.read_text(errors="replace")
-        assert "ERROR" not in text and "Traceback" not in text, f"server log:\n{text}"
+        # Unexpected warnings fail a test like errors do.
+        bad = [line for line in text.splitlines() if _LOG_PROBLEM.search(line)]
+        assert not bad, "server log:\n" + "\n".join(bad[:30])
 
 
 @pytest.fixture
