@@ -142,7 +142,10 @@ class Filesystem:
         raise NotImplementedError
 
     def forget(self, ino: int, nlookup: int) -> None:
-        """The kernel dropped ``nlookup`` references to ``ino``."""
+        """The kernel dropped ``nlookup`` references to ``ino``.
+
+        The kernel takes no answer: the adapter logs and drops any error.
+        """
 
     def getattr(self, ino: int) -> Attr:
         raise NotImplementedError

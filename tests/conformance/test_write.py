@@ -280,7 +280,9 @@ def test_symlinks(rw_view: View):
     assert stat.S_ISLNK(st.mode) and st.size == len(b"target")
     assert rw_view.read_file("rel") == b"pointed at"
     assert errno_of(rw_view.symlink, "x", "rel") == errno.EEXIST
-    # Creating through a dangling symlink creates its target.
+    # O_CREAT|O_EXCL refuses a dangling symlink; plain O_CREAT creates its target.
+    assert errno_of(rw_view.open, "dangling", os.O_WRONLY | os.O_CREAT | os.O_EXCL) == errno.EEXIST
+    assert not rw_view.exists("missing-target")
     rw_view.write_file("dangling", b"created")
     assert rw_view.read_file("missing-target") == b"created"
     rw_view.unlink("rel")

@@ -479,7 +479,9 @@ class ObjectView(View):
 
     # files
     def open(self, path: PathLike, flags: int, mode: int = 0o644) -> int:
-        walk = self._walk(path, follow=not flags & os.O_NOFOLLOW)
+        # O_CREAT|O_EXCL never follows a final symlink, even a dangling one.
+        exclusive = flags & os.O_CREAT and flags & os.O_EXCL
+        walk = self._walk(path, follow=not (flags & os.O_NOFOLLOW or exclusive))
         # Like the kernel, creation flags stay here; the rest reach the filesystem.
         fs_flags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
         if walk.attr is None:
