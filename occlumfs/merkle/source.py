@@ -196,6 +196,17 @@ def _pax_xattrs(member) -> list[tuple[bytes, bytes]]:
     return _check_xattrs(out, f"tar member {member.name!r}")
 
 
+def _check_ranges(member) -> None:
+    """Refuse numbers the image cannot store (pax headers allow any size)."""
+    if not (0 <= member.uid < 1 << 32 and 0 <= member.gid < 1 << 32):
+        raise FormatError(f"tar member {member.name!r}: owner out of range")
+    if not -(1 << 63) <= _pax_mtime_ns(member) < 1 << 63:
+        raise FormatError(f"tar member {member.name!r}: mtime out of range")
+    devices_ok = 0 <= member.devmajor < 1 << 32 and 0 <= member.devminor < 1 << 32
+    if (member.ischr() or member.isblk()) and not devices_ok:
+        raise FormatError(f"tar member {member.name!r}: device number out of range")
+
+
 def _implicit_dir() -> SourceNode:
     return SourceNode(mode=stat.S_IFDIR | 0o755, children={})
 
@@ -275,6 +286,7 @@ def _add_member(tree, tf, member, spool, spool_name) -> None:
         parent.children[parts[-1]] = target
         return
     perm = member.mode & 0o7777
+    _check_ranges(member)
     node = SourceNode(
         mode=perm,
         uid=member.uid,

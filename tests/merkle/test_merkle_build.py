@@ -324,6 +324,26 @@ def test_tar_slip_is_refused_and_no_image_is_left(tmp_path, members, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.tar"]
 
 
+def _pax_member(name, **pax):
+    info = _member(name)
+    info.pax_headers = {k: str(v) for k, v in pax.items()}
+    return info
+
+
+@pytest.mark.parametrize(
+    ("pax", "message"),
+    [({"uid": 1 << 40}, "owner out of range"), ({"mtime": "1e30"}, "mtime out of range")],
+)
+def test_tar_numbers_the_image_cannot_hold_are_refused(tmp_path, pax, message):
+    archive = tmp_path / "big.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tf:
+        info = _pax_member("f", **pax)
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(FormatError, match=message):
+        build_image(archive, tmp_path / "out.img")
+
+
 def test_tar_symlinks_with_outside_targets_are_stored_not_followed(tmp_path):
     archive = _tar_with(
         tmp_path / "ok.tar",
