@@ -250,9 +250,15 @@ def scan_tar(archive: Path, spool_path: Path) -> SourceNode:
         try:
             for member in tf:
                 _add_member(tree, tf, member, spool, spool_name)
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            if isinstance(exc, OcclumfsError):
+        except OcclumfsError:
+            raise
+        except OSError as exc:
+            if exc.filename is not None:  # the spool or the disk, not the archive
                 raise
+            raise FormatError(f"{archive}: broken tar archive ({exc})") from None
+        except Exception as exc:
+            # The decompressors raise their own types (zlib.error, LZMAError,
+            # EOFError...) for a damaged archive: all mean the same to the user.
             raise FormatError(f"{archive}: broken tar archive ({exc})") from None
     return tree
 

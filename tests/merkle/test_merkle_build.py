@@ -434,6 +434,21 @@ def test_empty_directory_and_exact_block_files(tmp_path):
     verify_image(tmp_path / "blocks.img", digest=digest)
 
 
+def test_a_damaged_compressed_tar_is_a_format_error(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"compressible text " * 20_000)  # a real deflate stream
+    with tarfile.open(tmp_path / "t.tar.gz", "w:gz") as tf:
+        tf.add(src, arcname=".")
+    raw = bytearray((tmp_path / "t.tar.gz").read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 64):
+        raw[i] ^= 0x5A
+    (tmp_path / "bad.tar.gz").write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match="tar archive"):
+        build_image(tmp_path / "bad.tar.gz", tmp_path / "out.img")
+    assert not (tmp_path / "out.img").exists()
+
+
 def test_progress_reports_every_byte(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
