@@ -27,6 +27,7 @@ import stat
 import struct
 import time
 from collections.abc import Iterator
+from types import MappingProxyType
 
 from cryptography.exceptions import InvalidTag
 
@@ -57,6 +58,9 @@ MAX_XATTR_VALUE = 65536
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
 _BLOCK_AD = struct.Struct(">QQ")
 _WRITE_RUN = 512  # blocks per pwritev (below IOV_MAX)
+
+
+_EMPTY: dict = MappingProxyType({})  # type: ignore[assignment]
 
 
 class _Inode:
@@ -97,11 +101,14 @@ class _Inode:
         self.next_cookie = 1
         self.entries: dict[bytes, tuple[int, int]] | None = {} if stat.S_ISDIR(mode) else None
         self.target = b""
-        self.xattrs: dict[bytes, bytes] = {}
-        self.chunks: dict[int, bytearray] = {}  # block map chunks (regular files)
+        # The dicts below start as the shared read-only _EMPTY and are replaced
+        # by a real dict on first change: most inodes never need them, and
+        # 100,000 inodes times four empty dicts is 25 MB.
+        self.xattrs: dict[bytes, bytes] = _EMPTY
+        self.chunks: dict[int, bytearray] = _EMPTY  # block map chunks (regular files)
         self.present = 0  # block map entries that are not holes
-        self.dirty: dict[int, bytes | bytearray | memoryview] = {}  # plaintext blocks
-        self.committed_slots: dict[int, int] = {}
+        self.dirty: dict[int, bytes | bytearray | memoryview] = _EMPTY  # plaintext blocks
+        self.committed_slots: dict[int, int] = _EMPTY
         self.open_count = 0
 
     @property
@@ -275,7 +282,7 @@ class SefsFS(Filesystem):
             node.nlink, node.rdev, node.size = rec.nlink, rec.rdev, rec.size
             node.atime_ns, node.mtime_ns, node.ctime_ns = rec.atime_ns, rec.mtime_ns, rec.ctime_ns
             node.parent, node.next_cookie = rec.parent, rec.next_cookie
-            node.target, node.xattrs = rec.target, rec.xattrs
+            node.target, node.xattrs = rec.target, rec.xattrs or _EMPTY
             self._inodes[ino] = node
             if node.is_dir:
                 self._expected_entries[ino] = rec.entry_count
@@ -293,6 +300,8 @@ class SefsFS(Filesystem):
                 self._problem(ino, f"block map chunk {chunk_no} of a missing or non-regular file")
                 continue
             chunk = bytearray(value)
+            if node.chunks is _EMPTY:
+                node.chunks = {}
             node.chunks[chunk_no] = chunk
             node.present += sum(1 for i in range(0, len(chunk), ENTRY_SIZE) if chunk[i])
         if ROOT_INO not in self._inodes:
@@ -454,7 +463,7 @@ class SefsFS(Filesystem):
         root_ref = fmt.ObjectRef(counter, len(pack), len(root_obj), root_obj[-fmt.TAG_SIZE :])
         pack += root_obj
         name = fmt.pack_name(counter)
-        self.storage.write_file(name, bytes(pack))
+        self.storage.write_file(name, pack)
         self.storage.fsync(name)
         self.storage.fsync_dir(fmt.META_DIR)
         head = fmt.pack_head(fmt.Head(self._fs_id, counter, root_ref), self._keys.head_mac)
@@ -472,7 +481,7 @@ class SefsFS(Filesystem):
         for ino in self._slot_touched:
             node = self._inodes.get(ino)
             if node is not None:
-                node.committed_slots.clear()
+                node.committed_slots = _EMPTY
         self._slot_touched.clear()
         self._last_commit = time.monotonic()
         if self._state is not None:
@@ -519,6 +528,10 @@ class SefsFS(Filesystem):
         encrypt_into = self._keys.data.encrypt_into
         prefix = self._data_prefix
         ino = node.ino
+        if node.chunks is _EMPTY:
+            node.chunks = {}
+        if node.committed_slots is _EMPTY:
+            node.committed_slots = {}
         chunks = node.chunks
         committed = node.committed_slots
         runs: list[list[int]] = []  # [slot, first block, first index, count]
@@ -567,7 +580,7 @@ class SefsFS(Filesystem):
             self._dirty_keys.add(fmt.map_key(ino, c))
         self._slot_touched.add(ino)
         self._dirty_blocks -= count
-        dirty.clear()
+        node.dirty = _EMPTY
 
     def path_of(self, ino: int) -> str:
         """A path of ``ino`` for messages (a search: only used when reporting)."""
@@ -850,6 +863,8 @@ class SefsFS(Filesystem):
         if isinstance(buffered, bytearray):
             return buffered
         current = self._blocks(node, block, block)
+        if node.dirty is _EMPTY:
+            node.dirty = {}
         node.dirty[block] = current
         return current
 
@@ -860,6 +875,8 @@ class SefsFS(Filesystem):
         if size == 0:
             return 0
         view = memoryview(data)
+        if node.dirty is _EMPTY:
+            node.dirty = {}
         dirty = node.dirty
         before = len(dirty)
         block, skip = divmod(offset, BLOCK_SIZE)
@@ -898,6 +915,8 @@ class SefsFS(Filesystem):
                 for off in range(start, len(chunk), ENTRY_SIZE):
                     if chunk[off]:
                         block = c * 256 + off // ENTRY_SIZE
+                        if node.committed_slots is _EMPTY:
+                            node.committed_slots = {}
                         node.committed_slots.setdefault(block, chunk[off])
                         node.present -= 1
                 del chunk[start:]
@@ -996,7 +1015,7 @@ class SefsFS(Filesystem):
             return
         del self._inodes[node.ino]
         self._dirty_blocks -= len(node.dirty)
-        node.dirty.clear()
+        node.dirty = _EMPTY
         self._dirty_inodes.discard(node.ino)
         for slot in (SLOT_A, SLOT_B):
             name = fmt.data_name(node.ino, slot)
@@ -1141,6 +1160,8 @@ class SefsFS(Filesystem):
             raise FSError(errno.EEXIST)
         if flags & os.XATTR_REPLACE and name not in node.xattrs:
             raise FSError(errno.ENODATA)
+        if node.xattrs is _EMPTY:
+            node.xattrs = {}
         node.xattrs[bytes(name)] = bytes(value)
         self._touch(node, mtime=False)
         self._changed()
@@ -1148,8 +1169,9 @@ class SefsFS(Filesystem):
     def removexattr(self, ino: int, name: bytes) -> None:
         self._writable()
         node = self._node(ino)
-        if node.xattrs.pop(name, None) is None:
+        if name not in node.xattrs:
             raise FSError(errno.ENODATA)
+        del node.xattrs[name]
         self._touch(node, mtime=False)
         self._changed()
 
