@@ -624,24 +624,48 @@ class SefsFS(Filesystem):
             raise self._corrupt(node, block, f"data file {name} is truncated")
         decrypt_into = self._keys.data.decrypt_into
         prefix = self._data_prefix
+        pack_ad = _BLOCK_AD.pack
         ino = node.ino
+        block = first
+        at = 0
         for i in range(count):
-            block = first + i
-            chunk = node.chunks[block >> 8]
-            off = (block & 255) * ENTRY_SIZE
-            at = i * stride
+            if i == 0 or not block & 255:
+                chunk = node.chunks[block >> 8]
+                off = (block & 255) * ENTRY_SIZE
             raw[at + BLOCK_SIZE : at + stride] = chunk[off + 13 : off + ENTRY_SIZE]
             try:
                 decrypt_into(
                     chunk[off + 1 : off + 13],
                     raw[at : at + stride],
-                    prefix + _BLOCK_AD.pack(ino, block),
+                    prefix + pack_ad(ino, block),
                     out[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE],
                 )
             except InvalidTag:
                 raise self._corrupt(
                     node, block, "authentication failed (tampered, moved or rolled back)"
                 ) from None
+            block += 1
+            off += ENTRY_SIZE
+            at += stride
+
+    @staticmethod
+    def _slot_run(node: _Inode, block: int, last: int, slot: int) -> int:
+        """The last of ``block..last`` such that all of them live in ``slot``
+        (``block`` itself does), reading the map's slot bytes a chunk at a time."""
+        same = bytes((slot,))
+        end = block
+        while end < last:
+            chunk = node.chunks.get((end + 1) >> 8)
+            if chunk is None:
+                break
+            index = (end + 1) & 255
+            want = min(256 - index, last - end)
+            slots = chunk[index * ENTRY_SIZE : (index + want) * ENTRY_SIZE : ENTRY_SIZE]
+            run = len(slots) - len(slots.lstrip(same))
+            end += run
+            if run < want:
+                break
+        return end
 
     def _blocks(self, node: _Inode, first: int, last: int) -> bytearray:
         """Plaintext of blocks ``first..last``: buffered, decrypted in runs, or hole zeros."""
@@ -660,9 +684,12 @@ class SefsFS(Filesystem):
             if slot == SLOT_HOLE:
                 block += 1  # already zeros
                 continue
-            end = block
-            while end < last and end + 1 not in dirty and node.slot(end + 1) == slot:
-                end += 1
+            if dirty:
+                end = block
+                while end < last and end + 1 not in dirty and node.slot(end + 1) == slot:
+                    end += 1
+            else:
+                end = self._slot_run(node, block, last, slot)
             self._read_run(node, block, end, slot, view[at : at + (end - block + 1) * BLOCK_SIZE])
             block = end + 1
         return out

@@ -149,3 +149,30 @@ def test_statfs_reports_the_host_in_4k_blocks(volume):
     assert abs(got.blocks * 4096 - host.f_blocks * host.f_frsize) < 4096
     assert 0 < got.bavail <= got.blocks
     fs.close()
+
+
+def test_slot_runs_match_the_block_by_block_answer():
+    import random
+
+    from occlumfs.sefs.fs import SefsFS, _Inode
+
+    rng = random.Random(5)
+    for _ in range(200):
+        node = _Inode(9, stat.S_IFREG | 0o644)
+        node.chunks = {}
+        for c in rng.sample(range(4), rng.randrange(1, 4)):
+            entries = rng.randrange(1, 257)
+            chunk = bytearray(entries * 29)
+            for i in range(entries):
+                chunk[i * 29] = rng.choice([0, 1, 1, 1, 2, 2])
+            node.chunks[c] = chunk
+        present = [b for b in range(1024) if node.slot(b)]
+        if not present:
+            continue
+        block = rng.choice(present)
+        last = rng.randrange(block, 1024)
+        slot = node.slot(block)
+        expected = block
+        while expected < last and node.slot(expected + 1) == slot:
+            expected += 1
+        assert SefsFS._slot_run(node, block, last, slot) == expected
