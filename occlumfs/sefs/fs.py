@@ -901,6 +901,8 @@ class SefsFS(Filesystem):
         size = len(data)
         if size == 0:
             return 0
+        if not isinstance(data, bytes):
+            data = bytes(data)  # buffered blocks are views of it: it must not change
         view = memoryview(data)
         if node.dirty is _EMPTY:
             node.dirty = {}
@@ -908,6 +910,12 @@ class SefsFS(Filesystem):
         before = len(dirty)
         block, skip = divmod(offset, BLOCK_SIZE)
         pos = 0
+        if not skip:  # whole blocks first, without per-block arithmetic
+            whole = size // BLOCK_SIZE
+            for i in range(whole):
+                dirty[block + i] = view[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
+            pos = whole * BLOCK_SIZE
+            block += whole
         while pos < size:
             take = min(BLOCK_SIZE - skip, size - pos)
             if take == BLOCK_SIZE:
