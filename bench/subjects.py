@@ -119,9 +119,6 @@ class Subject:
     def server_pid(self) -> int | None:
         return pid_serving(self.mnt, self.program)
 
-    def _after_mount(self) -> None:
-        """Work needed before a fresh mount is usable (the memfs stand-in reloads its seed)."""
-
     # Shared life cycle -------------------------------------------------------
 
     def setup(self) -> None:
@@ -169,7 +166,6 @@ class Subject:
         """Mount for the duration of the block; with ``drop_caches``, start cold."""
         self.mount()
         try:
-            self._after_mount()
             if drop_caches is not None:
                 drop_caches()
             yield self.mnt
@@ -267,8 +263,8 @@ class OcclumSefs(OcclumfsSubject):
 class MemStandIn(OcclumfsSubject):
     """``occlumfs mount -t mem``: exercises the harness before the real subject lands.
 
-    Nothing survives an unmount, so a "cold" run only drops kernel caches, and a
-    seed tree (for read workloads) is copied in, untimed, after every mount.
+    Nothing survives an unmount, so a "cold" run only drops kernel caches; the
+    server loads the seed tree (for read workloads) itself, as part of mounting.
     """
 
     name = f"{OURS} (memfs stand-in)"
@@ -279,11 +275,8 @@ class MemStandIn(OcclumfsSubject):
         self.seed = seed
 
     def _mount_args(self) -> list[str | Path]:
-        return ["-t", "mem", "standin"]
-
-    def _after_mount(self) -> None:
-        if self.seed is not None:
-            shutil.copytree(self.seed, self.mnt, symlinks=True, dirs_exist_ok=True)
+        # A SOURCE that does not exist gives an empty filesystem.
+        return ["-t", "mem", self.seed or self.mnt.with_name(self.mnt.name + ".empty")]
 
 
 # Peers ----------------------------------------------------------------------------
