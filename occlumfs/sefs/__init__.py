@@ -147,7 +147,11 @@ def open_sefs_fs(
     storage = DiskStorage(path)
     config = _read_config(storage, path)
     cred = credential(key, passphrase_file, passphrase)
-    master = unwrap_master(config, cred)
+    try:
+        master = unwrap_master(config, cred, str(path))
+    except BaseException:
+        storage.close()
+        raise
     keys = Keys(master, bytes.fromhex(config["fs_id"]))
     lock = DirLock(path)
     lock.acquire()
@@ -173,7 +177,7 @@ def change_credential(path: Path, old: Credential, new: Credential, scrypt: dict
     path = Path(os.path.abspath(path))
     storage = DiskStorage(path)
     config = _read_config(storage, path)
-    master = unwrap_master(config, old)
+    master = unwrap_master(config, old, str(path))
     lock = DirLock(path)
     lock.acquire()
     try:

@@ -61,14 +61,14 @@ def _hkdf(ikm: bytes, salt: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(ikm)
 
 
-def _kek(cred: Credential, wrap: dict) -> bytes:
+def _kek(cred: Credential, wrap: dict, where: str = "SEFS") -> bytes:
     salt = bytes.fromhex(wrap["salt"])
     if wrap["kind"] == KIND_KEY_FILE:
         if cred.key is None:
-            raise WrongKeyError("wrong key: this filesystem is opened with a key file")
+            raise WrongKeyError(f"{where}: wrong key: this filesystem is opened with a key file")
         return _hkdf(cred.key, salt, _KEY_FILE_INFO)
     if cred.passphrase is None:
-        raise WrongKeyError("wrong key: this filesystem is opened with a passphrase")
+        raise WrongKeyError(f"{where}: wrong key: this filesystem is opened with a passphrase")
     costs = wrap["scrypt"]
     return Scrypt(salt=salt, length=32, n=costs["n"], r=costs["r"], p=costs["p"]).derive(
         cred.passphrase
@@ -86,16 +86,17 @@ def wrap_master(master: bytes, fs_id: bytes, cred: Credential, scrypt: dict | No
     return wrap
 
 
-def unwrap_master(config: dict, cred: Credential) -> bytes:
+def unwrap_master(config: dict, cred: Credential, where: str) -> bytes:
+    """The master key, or WrongKeyError naming ``where`` (the SEFS directory)."""
     wrap = config["wrap"]
     fs_id = bytes.fromhex(config["fs_id"])
     ad = _WRAP_AD + fs_id + wrap["kind"].encode()
     try:
-        return AESGCM(_kek(cred, wrap)).decrypt(
+        return AESGCM(_kek(cred, wrap, where)).decrypt(
             bytes.fromhex(wrap["nonce"]), bytes.fromhex(wrap["wrapped_key"]), ad
         )
     except InvalidTag:
-        raise WrongKeyError("wrong key") from None
+        raise WrongKeyError(f"{where}: wrong key") from None
 
 
 def new_config(cred: Credential, scrypt: dict | None = None) -> tuple[dict, bytes]:

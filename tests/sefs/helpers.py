@@ -87,7 +87,7 @@ class SimVolume:
 
     def open(self, **kwargs) -> SefsFS:
         config = parse_config(self.storage.read("sefs.json"), "sim")
-        keys = Keys(unwrap_master(config, self.cred), bytes.fromhex(config["fs_id"]))
+        keys = Keys(unwrap_master(config, self.cred, "sim"), bytes.fromhex(config["fs_id"]))
         return SefsFS(self.storage, keys, **kwargs)
 
 

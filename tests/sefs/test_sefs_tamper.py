@@ -318,7 +318,7 @@ def test_wrong_key_is_one_clear_line(pristine, victim, tmp_path):
     ):
         done = run_cli(*args, check=False)
         assert done.returncode == ExitCode.WRONG_KEY
-        assert done.stderr.strip() == "occlumfs: error: wrong key"
+        assert done.stderr.strip() == f"occlumfs: error: {victim.dir}: wrong key"
 
 
 def test_edited_config_is_refused(pristine, victim, tmp_path):
