@@ -76,6 +76,19 @@ class AttrChanges:
     atime_ns: int | None = None
     mtime_ns: int | None = None
 
+    def apply_to(self, target: object) -> None:
+        """Set permission bits, owner and times on ``target`` (any object named like Attr).
+
+        The size is left to the caller: shrinking and growing are the
+        filesystem's own business.
+        """
+        if self.mode is not None:
+            target.mode = stat.S_IFMT(target.mode) | (self.mode & 0o7777)
+        for name in ("uid", "gid", "atime_ns", "mtime_ns"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(target, name, value)
+
 
 @dataclass(slots=True)
 class StatFs:

@@ -302,16 +302,7 @@ class MemFS(Filesystem):
                 raise FSError(errno.EINVAL)
             node.data.truncate(changes.size)
             attr.mtime_ns = time.time_ns()
-        if changes.mode is not None:
-            attr.mode = stat.S_IFMT(attr.mode) | (changes.mode & 0o7777)
-        if changes.uid is not None:
-            attr.uid = changes.uid
-        if changes.gid is not None:
-            attr.gid = changes.gid
-        if changes.atime_ns is not None:
-            attr.atime_ns = changes.atime_ns
-        if changes.mtime_ns is not None:
-            attr.mtime_ns = changes.mtime_ns
+        changes.apply_to(attr)
         attr.ctime_ns = time.time_ns()
         return self.getattr(ino)
 

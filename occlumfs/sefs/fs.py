@@ -979,16 +979,7 @@ class SefsFS(Filesystem):
                 raise FSError(errno.EINVAL)
             self._truncate(node, changes.size)
             node.mtime_ns = time.time_ns()
-        if changes.mode is not None:
-            node.mode = stat.S_IFMT(node.mode) | (changes.mode & 0o7777)
-        if changes.uid is not None:
-            node.uid = changes.uid
-        if changes.gid is not None:
-            node.gid = changes.gid
-        if changes.atime_ns is not None:
-            node.atime_ns = changes.atime_ns
-        if changes.mtime_ns is not None:
-            node.mtime_ns = changes.mtime_ns
+        changes.apply_to(node)
         node.ctime_ns = time.time_ns()
         self._dirty_keys.add(fmt.inode_key(ino))
         self._changed()
