@@ -6,9 +6,10 @@ its errno, an ``IntegrityError`` is logged and answers EIO, and anything else is
 logged with the request and answers EIO, because any other exception escaping a
 pyfuse3 handler would end the mount.
 
-The filesystem objects are synchronous and called from the trio thread, so each
-request runs to completion before the next starts: no locking is needed inside
-them. Request payloads (file data, xattr values) are never logged.
+The filesystem objects are synchronous and the handlers never await: the server
+loop (:mod:`occlumfs.mount`) runs each request to completion before it reads the
+next, so no locking is needed inside them. Request payloads (file data, xattr
+values) are never logged.
 """
 
 from __future__ import annotations

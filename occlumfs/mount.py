@@ -250,14 +250,14 @@ class _RequestLoop:
         if self._fuse_fd != fd:
             self._poll.register(fd, select.POLLIN)
             self._fuse_fd = fd
-        while True:
-            if self._closing:
-                raise self.ClosedResourceError
-            ready = self._poll.poll()
-            if any(got == self._wake_r for got, _ in ready):
-                self._take_signals()
-            elif ready:
+        while not self._closing:
+            for got, _ in self._poll.poll():
+                if got == self._wake_r:
+                    self._take_signals()
+                    break
+            else:
                 return
+        raise self.ClosedResourceError
 
     def _take_signals(self) -> None:
         with contextlib.suppress(BlockingIOError):
