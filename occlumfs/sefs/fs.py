@@ -58,6 +58,7 @@ MAX_XATTR_VALUE = 65536
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
 _BLOCK_AD = struct.Struct(">QQ")
 _WRITE_RUN = 512  # blocks per pwritev (below IOV_MAX)
+_STRIDE = BLOCK_SIZE + fmt.TAG_SIZE  # a ciphertext block and its tag, as AES-GCM reads them
 
 
 _EMPTY: dict = MappingProxyType({})  # type: ignore[assignment]
@@ -182,6 +183,7 @@ class SefsFS(Filesystem):
         self._last_commit = time.monotonic()
         self._cipher_buf = bytearray(0)  # reused: fresh memory per flush costs page faults
         self._raw_buf = bytearray(0)
+        self._raw_view = memoryview(self._raw_buf)
         self.failed_pages: set[int] = set()
         self._expected_entries: dict[int, int] = {}  # directory -> entry count on record
         if _new:
@@ -603,50 +605,55 @@ class SefsFS(Filesystem):
         """Decrypt blocks ``first..last``, which all live in ``slot``, into ``out``.
 
         The ciphertexts are read 4112 bytes apart so each block's tag can be put
-        right after it, as AES-GCM wants, without another copy.
+        right after it, as AES-GCM wants, without another copy. This runs once
+        per read request: keep it free of per-call allocations beyond the iovecs.
         """
         count = last - first + 1
-        stride = BLOCK_SIZE + fmt.TAG_SIZE
-        if len(self._raw_buf) < count * stride:
-            self._raw_buf = bytearray(count * stride)
-        raw = memoryview(self._raw_buf)
-        name = fmt.data_name(node.ino, slot)
+        raw = self._raw_view
+        if len(raw) < count * _STRIDE:
+            self._raw_buf = bytearray(count * _STRIDE)
+            raw = self._raw_view = memoryview(self._raw_buf)
+        ino = node.ino
+        name = fmt.data_name(ino, slot)
+        if count == 1:
+            iov = [raw[:BLOCK_SIZE]]
+        else:
+            iov = [raw[at : at + BLOCK_SIZE] for at in range(0, count * _STRIDE, _STRIDE)]
         try:
-            got = self.storage.preadv(
-                name,
-                first * BLOCK_SIZE,
-                [raw[i * stride : i * stride + BLOCK_SIZE] for i in range(count)],
-            )
+            got = self.storage.preadv(name, first * BLOCK_SIZE, iov)
         except FileNotFoundError:
             raise self._corrupt(node, first, f"data file {name} is missing") from None
         if got != count * BLOCK_SIZE:
             block = first + got // BLOCK_SIZE
             raise self._corrupt(node, block, f"data file {name} is truncated")
         decrypt_into = self._keys.data.decrypt_into
-        prefix = self._data_prefix
-        pack_ad = _BLOCK_AD.pack
-        ino = node.ino
-        block = first
+        ad = self._data_prefix + _BLOCK_AD.pack(ino, first)
+        chunks = node.chunks
+        chunk = chunks[first >> 8]
+        off = (first & 255) * ENTRY_SIZE
         at = 0
-        for i in range(count):
-            if i == 0 or not block & 255:
-                chunk = node.chunks[block >> 8]
-                off = (block & 255) * ENTRY_SIZE
-            raw[at + BLOCK_SIZE : at + stride] = chunk[off + 13 : off + ENTRY_SIZE]
-            try:
+        block = first
+        try:
+            for i in range(count):
+                if i and not block & 255:
+                    chunk = chunks[block >> 8]
+                    off = 0
+                raw[at + BLOCK_SIZE : at + _STRIDE] = chunk[off + 13 : off + ENTRY_SIZE]
+                if i:
+                    ad = self._data_prefix + _BLOCK_AD.pack(ino, block)
                 decrypt_into(
                     chunk[off + 1 : off + 13],
-                    raw[at : at + stride],
-                    prefix + pack_ad(ino, block),
+                    raw[at : at + _STRIDE],
+                    ad,
                     out[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE],
                 )
-            except InvalidTag:
-                raise self._corrupt(
-                    node, block, "authentication failed (tampered, moved or rolled back)"
-                ) from None
-            block += 1
-            off += ENTRY_SIZE
-            at += stride
+                block += 1
+                off += ENTRY_SIZE
+                at += _STRIDE
+        except InvalidTag:
+            raise self._corrupt(
+                node, block, "authentication failed (tampered, moved or rolled back)"
+            ) from None
 
     @staticmethod
     def _slot_run(node: _Inode, block: int, last: int, slot: int) -> int:
@@ -672,6 +679,11 @@ class SefsFS(Filesystem):
         out = bytearray((last - first + 1) * BLOCK_SIZE)
         view = memoryview(out)
         dirty = node.dirty
+        if not dirty:  # the common case: one run in one slot, no buffered blocks
+            slot = node.slot(first)
+            if slot and (first == last or self._slot_run(node, first, last, slot) == last):
+                self._read_run(node, first, last, slot, view)
+                return out
         block = first
         while block <= last:
             at = (block - first) * BLOCK_SIZE
@@ -828,11 +840,17 @@ class SefsFS(Filesystem):
         return self._inodes[ino]
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
-        node = self._handle(fh)
-        end = min(offset + size, node.size)
+        ino = self._handles.get(fh)
+        if ino is None:
+            raise FSError(errno.EBADF)
+        node = self._inodes[ino]
+        end = offset + size
+        if end > node.size:
+            end = node.size
         if offset >= end:
             return b""
-        first, last = fmt.block_span(offset, end - offset)
+        first = offset // BLOCK_SIZE
+        last = (end - 1) // BLOCK_SIZE
         data = self._blocks(node, first, last)
         start = offset - first * BLOCK_SIZE
         if start == 0 and len(data) == end - offset:

@@ -133,11 +133,15 @@ class DiskStorage(Storage):
         return os.pread(self._fd(name, False), size, offset)
 
     def preadv(self, name: str, offset: int, buffers: Sequence[memoryview]) -> int:
-        fd = self._fd(name, False)
-        want = sum(len(b) for b in buffers)
-        total = 0
-        while total < want:
-            n = os.preadv(fd, _skip(buffers, total) if total else buffers, offset + total)
+        fd = self._fds.get(name)
+        if fd is None:
+            fd = self._fd(name, False)
+        else:
+            self._fds.move_to_end(name)
+        total = os.preadv(fd, buffers, offset)
+        want = len(buffers[0]) if len(buffers) == 1 else sum(map(len, buffers))
+        while 0 < total < want:  # a short read that is not EOF: resume it
+            n = os.preadv(fd, _skip(buffers, total), offset + total)
             if n == 0:
                 break
             total += n
