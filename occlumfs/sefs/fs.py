@@ -58,6 +58,8 @@ MAX_XATTR_VALUE = 65536
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
 _BLOCK_AD = struct.Struct(">QQ")
 _WRITE_RUN = 512  # blocks per pwritev (below IOV_MAX)
+_STRIDE = BLOCK_SIZE + fmt.TAG_SIZE  # a block's ciphertext and its tag
+_SLOT_BYTES = {SLOT_A: bytes((SLOT_A,)), SLOT_B: bytes((SLOT_B,))}
 _STRIDE = BLOCK_SIZE + fmt.TAG_SIZE  # a ciphertext block and its tag, as AES-GCM reads them
 
 
@@ -536,42 +538,46 @@ class SefsFS(Filesystem):
             node.committed_slots = {}
         chunks = node.chunks
         committed = node.committed_slots
-        runs: list[list[int]] = []  # [slot, first block, first index, count]
-        run: list[int] = [0, -2, 0, 0]
+        runs: list[tuple[int, int, int, int]] = []  # (slot, first block, first index, count)
+        run_slot = run_first = run_j = run_len = 0
+        present = node.present
+        pack_ad = _BLOCK_AD.pack
+        chunk_no = -1
+        chunk = bytearray()
+        at = 0
         for j, block in enumerate(blocks):
-            c, off = block >> 8, (block & 255) * ENTRY_SIZE
-            chunk = chunks.get(c)
-            if chunk is None:
-                chunk = chunks[c] = bytearray()
-            if len(chunk) <= off:
-                # Grow once per chunk, to the last block of this flush in it.
-                last = blocks[bisect.bisect_left(blocks, (c + 1) * 256) - 1]
-                chunk.extend(bytes((last - c * 256 + 1) * ENTRY_SIZE - len(chunk)))
+            if block >> 8 != chunk_no:  # blocks are sorted: once per chunk
+                chunk_no = block >> 8
+                chunk = chunks.get(chunk_no)
+                if chunk is None:
+                    chunk = chunks[chunk_no] = bytearray()
+                # Grow it once, to the last block of this flush in it.
+                last = blocks[bisect.bisect_left(blocks, (chunk_no + 1) * 256) - 1]
+                need = (last - chunk_no * 256 + 1) * ENTRY_SIZE
+                if len(chunk) < need:
+                    chunk.extend(bytes(need - len(chunk)))
+            off = (block & 255) * ENTRY_SIZE
             was = chunk[off]
-            old = committed.get(block)
-            if old is None:
-                old = was
-                if was:  # a block that was a hole at the last commit may use any slot
-                    committed[block] = was
+            if was:  # the slot it had at the last commit, unless touched since
+                old = committed.setdefault(block, was)
+            else:  # a hole now; one at the last commit too unless truncated since
+                old = committed.get(block, SLOT_HOLE)
+                present += 1
             slot = SLOT_B if old == SLOT_A else SLOT_A
             nonce = nonces[j * 12 : j * 12 + 12]
-            at = j * BLOCK_SIZE
-            encrypt_into(
-                nonce,
-                dirty[block],
-                prefix + _BLOCK_AD.pack(ino, block),
-                buf[at : at + BLOCK_SIZE + 16],
+            encrypt_into(nonce, dirty[block], prefix + pack_ad(ino, block), buf[at : at + _STRIDE])
+            chunk[off : off + ENTRY_SIZE] = (
+                _SLOT_BYTES[slot] + nonce + buf[at + BLOCK_SIZE : at + _STRIDE]
             )
-            if not was:
-                node.present += 1
-            chunk[off] = slot
-            chunk[off + 1 : off + 13] = nonce
-            chunk[off + 13 : off + ENTRY_SIZE] = buf[at + BLOCK_SIZE : at + BLOCK_SIZE + 16]
-            if run[0] == slot and run[1] + run[3] == block and run[3] < _WRITE_RUN:
-                run[3] += 1
+            if slot == run_slot and block == run_first + run_len and run_len < _WRITE_RUN:
+                run_len += 1
             else:
-                run = [slot, block, j, 1]
-                runs.append(run)
+                if run_len:
+                    runs.append((run_slot, run_first, run_j, run_len))
+                run_slot, run_first, run_j, run_len = slot, block, j, 1
+            at += BLOCK_SIZE
+        runs.append((run_slot, run_first, run_j, run_len))
+        node.present = present
         for slot, first, j, n in runs:
             name = fmt.data_name(ino, slot)
             self.storage.pwritev(
