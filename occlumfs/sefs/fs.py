@@ -27,6 +27,7 @@ import stat
 import struct
 import time
 from collections.abc import Iterator
+from operator import itemgetter
 from types import MappingProxyType
 
 from cryptography.exceptions import InvalidTag
@@ -249,7 +250,7 @@ class SefsFS(Filesystem):
         self._members = [set() for _ in range(count)]
         self._table = list(root.pages)
         inode_recs: list[tuple[int, bytes]] = []
-        entry_recs: list[tuple[int, bytes, bytes]] = []
+        entry_recs: list[tuple[int, int, bytes, int]] = []  # (cookie, parent, name, child)
         map_recs: list[tuple[int, int, bytes]] = []
         for page, ref in enumerate(root.pages):
             what = f"metadata page {page}"
@@ -266,15 +267,20 @@ class SefsFS(Filesystem):
                 self.problems.append((None, str(exc)))
                 continue
             members = self._members[page]
+            # The page's range, [low, high): the same test as _page_of(key) == page,
+            # since parse_root checked that first keys strictly increase.
+            low = self._starts[page]
+            high = self._starts[page + 1] if page + 1 < count else None
             for key, value in records:
-                if self._page_of(key) != page:
+                if key < low or (high is not None and key >= high):
                     raise IntegrityError(f"{what}: holds a record of another page")
                 members.add(key)
                 kind, ino, rest = fmt.split_key(key)
                 if kind == b"i":
                     inode_recs.append((ino, value))
                 elif kind == b"e":
-                    entry_recs.append((ino, rest, value))
+                    child, cookie = fmt.parse_entry(value)
+                    entry_recs.append((cookie, ino, rest, child))
                 elif kind == b"m" and len(rest) == 8:
                     map_recs.append((ino, int.from_bytes(rest, "big"), value))
                 else:
@@ -290,9 +296,8 @@ class SefsFS(Filesystem):
             self._inodes[ino] = node
             if node.is_dir:
                 self._expected_entries[ino] = rec.entry_count
-        entry_recs.sort(key=lambda r: fmt.parse_entry(r[2])[1])
-        for parent, name, value in entry_recs:
-            child, cookie = fmt.parse_entry(value)
+        entry_recs.sort(key=itemgetter(0))  # stable: ties keep key order, as before
+        for cookie, parent, name, child in entry_recs:
             pnode = self._inodes.get(parent)
             if pnode is None or not pnode.is_dir:
                 self._problem(parent, f"entry {name!r} in a missing directory")
