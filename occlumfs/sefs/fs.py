@@ -620,6 +620,14 @@ class SefsFS(Filesystem):
         per read request: keep it free of per-call allocations beyond the iovecs.
         """
         count = last - first + 1
+        if count > _WRITE_RUN:  # one iovec per block: stay below IOV_MAX (1024)
+            for start in range(first, last + 1, _WRITE_RUN):
+                stop = min(start + _WRITE_RUN - 1, last)
+                at = (start - first) * BLOCK_SIZE
+                self._read_run(
+                    node, start, stop, slot, out[at : at + (stop - start + 1) * BLOCK_SIZE]
+                )
+            return
         raw = self._raw_view
         if len(raw) < count * _STRIDE:
             self._raw_buf = bytearray(count * _STRIDE)

@@ -176,3 +176,17 @@ def test_slot_runs_match_the_block_by_block_answer():
         while expected < last and node.slot(expected + 1) == slot:
             expected += 1
         assert SefsFS._slot_run(node, block, last, slot) == expected
+
+
+def test_one_read_larger_than_iov_max_blocks(volume):
+    """A read spanning more than IOV_MAX (1024) stored blocks in one slot run."""
+    fs = volume.open()
+    data = os.urandom(9 << 20)
+    write_file(fs, ROOT_INO, b"big", data)
+    fs.close()
+    fs = volume.open()
+    assert read_path(fs, "big") == data
+    fh = fs.open(lookup_path(fs, "big").ino, os.O_RDONLY)
+    assert fs.read(fh, 4097, 8 << 20) == data[4097 : 4097 + (8 << 20)]
+    fs.release(fh)
+    fs.close()
