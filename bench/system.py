@@ -71,14 +71,9 @@ class CacheDropper:
 
 
 def mounted_paths() -> set[str]:
-    paths = set()
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            field = line.split(b" ")[4]
-            for code in (b"\\040", b"\\011", b"\\012", b"\\134"):
-                field = field.replace(code, bytes([int(code[1:], 8)]))
-            paths.add(os.fsdecode(field))
-    return paths
+    from occlumfs.mount import mounted_paths as mounted
+
+    return {str(path) for path in mounted()}
 
 
 def is_mounted(path: Path) -> bool:
