@@ -24,6 +24,7 @@ Rules every implementation keeps:
 from __future__ import annotations
 
 import errno
+import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +33,10 @@ from occlumfs.errors import FSError
 
 ROOT_INO = 1
 BLOCK_SIZE = 4096
+
+
+RENAME_NOREPLACE = 1  # renameat2 flags, as the kernel passes them
+RENAME_EXCHANGE = 2
 
 
 @dataclass(slots=True)
@@ -285,3 +290,31 @@ def read_all(fs: Filesystem, ino: int, chunk: int = 1 << 20) -> Iterator[bytes]:
             yield data
     finally:
         fs.release(fh)
+
+
+def check_rename_target(
+    flags: int, *, same_inode: bool, src_is_dir: bool, dst_is_dir: bool, dst_is_empty: bool
+) -> bool:
+    """POSIX rules for renaming onto a name that exists; False when there is nothing to do.
+
+    Only RENAME_NOREPLACE is supported among the flags (the caller refuses others).
+    """
+    if flags & RENAME_NOREPLACE:
+        raise FSError(errno.EEXIST)
+    if same_inode:
+        return False
+    if src_is_dir and not dst_is_dir:
+        raise FSError(errno.ENOTDIR)
+    if dst_is_dir and not src_is_dir:
+        raise FSError(errno.EISDIR)
+    if dst_is_dir and not dst_is_empty:
+        raise FSError(errno.ENOTEMPTY)
+    return True
+
+
+def check_xattr_flags(flags: int, present: bool) -> None:
+    """XATTR_CREATE refuses an existing name, XATTR_REPLACE a missing one."""
+    if flags & os.XATTR_CREATE and present:
+        raise FSError(errno.EEXIST)
+    if flags & os.XATTR_REPLACE and not present:
+        raise FSError(errno.ENODATA)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from occlumfs.errors import FSError
 from occlumfs.fs import (
     BLOCK_SIZE,
+    RENAME_NOREPLACE,
     ROOT_INO,
     Attr,
     AttrChanges,
@@ -26,10 +27,9 @@ from occlumfs.fs import (
     Filesystem,
     FsInfo,
     StatFs,
+    check_rename_target,
+    check_xattr_flags,
 )
-
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
 
 
 class _SparseData:
@@ -392,18 +392,16 @@ class MemFS(Filesystem):
             raise FSError(errno.EINVAL)
         existing = npnode.entries.get(new_name)
         if existing is not None:
-            if flags & RENAME_NOREPLACE:
-                raise FSError(errno.EEXIST)
             dst = self._nodes[existing[0]]
-            if dst is src:
+            if not check_rename_target(
+                flags,
+                same_inode=dst is src,
+                src_is_dir=src.attr.is_dir,
+                dst_is_dir=dst.attr.is_dir,
+                dst_is_empty=not dst.entries,
+            ):
                 return
-            if src.attr.is_dir and not dst.attr.is_dir:
-                raise FSError(errno.ENOTDIR)
             if dst.attr.is_dir:
-                if not src.attr.is_dir:
-                    raise FSError(errno.EISDIR)
-                if dst.entries:
-                    raise FSError(errno.ENOTEMPTY)
                 npnode.attr.nlink -= 1
             self._remove_entry(npnode, new_name)
             self._drop_link(dst)
@@ -417,10 +415,7 @@ class MemFS(Filesystem):
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         node = self._node(ino)
-        if flags & os.XATTR_CREATE and name in node.xattrs:
-            raise FSError(errno.EEXIST)
-        if flags & os.XATTR_REPLACE and name not in node.xattrs:
-            raise FSError(errno.ENODATA)
+        check_xattr_flags(flags, name in node.xattrs)
         node.xattrs[name] = bytes(value)
         self._touch(node.attr, mtime=False)
 

@@ -34,6 +34,7 @@ from cryptography.exceptions import InvalidTag
 
 from occlumfs.errors import FSError, IntegrityError
 from occlumfs.fs import (
+    RENAME_NOREPLACE,
     ROOT_INO,
     Attr,
     AttrChanges,
@@ -42,6 +43,8 @@ from occlumfs.fs import (
     Filesystem,
     FsInfo,
     StatFs,
+    check_rename_target,
+    check_xattr_flags,
 )
 from occlumfs.sefs import format as fmt
 from occlumfs.sefs.format import BLOCK_SIZE, ENTRY_SIZE, SLOT_A, SLOT_B, SLOT_HOLE
@@ -51,7 +54,6 @@ from occlumfs.sefs.storage import Storage
 
 log = logging.getLogger("occlumfs.sefs")
 
-RENAME_NOREPLACE = 1
 DIRTY_LIMIT_BLOCKS = 8192  # 32 MiB of plaintext buffered before data is written out
 COMMIT_INTERVAL = 10.0  # seconds a change may wait for a commit unless fsync asks sooner
 MAX_XATTR_NAME = 255
@@ -1188,18 +1190,16 @@ class SefsFS(Filesystem):
             raise FSError(errno.EINVAL)
         existing = npnode.entries.get(new_name)
         if existing is not None:
-            if flags & RENAME_NOREPLACE:
-                raise FSError(errno.EEXIST)
             dst = self._inodes[existing[0]]
-            if dst is src:
+            if not check_rename_target(
+                flags,
+                same_inode=dst is src,
+                src_is_dir=src.is_dir,
+                dst_is_dir=dst.is_dir,
+                dst_is_empty=not dst.entries,
+            ):
                 return
-            if src.is_dir and not dst.is_dir:
-                raise FSError(errno.ENOTDIR)
             if dst.is_dir:
-                if not src.is_dir:
-                    raise FSError(errno.EISDIR)
-                if dst.entries:
-                    raise FSError(errno.ENOTEMPTY)
                 npnode.nlink -= 1
             self._remove_entry(npnode, new_name)
             self._drop_link(dst)
@@ -1219,10 +1219,7 @@ class SefsFS(Filesystem):
             raise FSError(errno.ERANGE)
         if len(value) > MAX_XATTR_VALUE:
             raise FSError(errno.E2BIG)
-        if flags & os.XATTR_CREATE and name in node.xattrs:
-            raise FSError(errno.EEXIST)
-        if flags & os.XATTR_REPLACE and name not in node.xattrs:
-            raise FSError(errno.ENODATA)
+        check_xattr_flags(flags, name in node.xattrs)
         if node.xattrs is _EMPTY:
             node.xattrs = {}
         node.xattrs[bytes(name)] = bytes(value)
