@@ -6,25 +6,17 @@ tree a test builds an image from is created here, deterministically.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from pathlib import Path
+
+from conformance.reference import pattern  # the suite's deterministic bytes; goldens depend on them
 
 from occlumfs.merkle.format import BLOCK_SIZE, DESCRIPTOR_SIZE, Descriptor, Layout
 from occlumfs.merkle.tree import build_levels, hash_blocks
 
 GiB = 1 << 30
 T0 = 1_650_000_000_123_456_789  # a fixed mtime, in ns
-
-
-def pattern(seed: str, size: int) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:size])
 
 
 def set_times(root: Path, mtime_ns: int = T0) -> None:
