@@ -38,31 +38,9 @@ def _tree(root: Path) -> dict[bytes, tuple]:
         for name in [b"", *dirs, *files] if dirpath == top else [*dirs, *files]:
             full = os.path.join(dirpath, name) if name else dirpath
             rel = os.path.relpath(full, top)
-            st = os.lstat(full)
-            first = links.setdefault(st.st_ino, rel)  # hard links: same inode number
-            xattrs = {
-                n: os.getxattr(full, n, follow_symlinks=False)
-                for n in sorted(os.listxattr(full, follow_symlinks=False))
-            }
-            extra: object = None
-            if stat.S_ISLNK(st.st_mode):
-                extra = os.readlink(full)
-            elif stat.S_ISREG(st.st_mode) and st.st_size < 1 << 20:
-                with open(full, "rb") as f:
-                    extra = f.read()
-            size = None if stat.S_ISDIR(st.st_mode) else st.st_size
-            out[rel] = (
-                st.st_mode,
-                st.st_uid,
-                st.st_gid,
-                st.st_nlink,
-                st.st_mtime_ns,
-                st.st_rdev,
-                size,
-                first,
-                xattrs,
-                extra,
-            )
+            first = links.setdefault(os.lstat(full).st_ino, rel)  # hard links: one inode
+            entry, _ = _tree_entry(full)
+            out[rel] = (*entry, first)
     return out
 
 
