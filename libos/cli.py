@@ -114,3 +114,44 @@ def print_command(what: str) -> None:
 
 
 __all__ = ["main"]
+
+
+def _copy_bom_options(command):
+    command = click.option("--dry-run", is_flag=True, help="Log what would be done; do nothing.")(
+        command
+    )
+    command = click.option(
+        "-i",
+        "--include-dir",
+        "include_dirs",
+        multiple=True,
+        type=PATH,
+        help="Where to find included BOM files (repeatable).",
+    )(command)
+    command = click.option(
+        "-r", "--root", required=True, type=PATH, help="The image directory to fill."
+    )(command)
+    return click.option(
+        "-f", "--file", "bom", required=True, type=PATH, help="The BOM (YAML) file."
+    )(command)
+
+
+def _copy_bom(bom: Path, root: Path, include_dirs: tuple[Path, ...], dry_run: bool) -> None:
+    from libos.bom import copy_bom
+
+    copy_bom(bom, root, list(include_dirs), dry_run=dry_run)
+
+
+@main.command("copy-bom")
+@_copy_bom_options
+def copy_bom_subcommand(bom, root, include_dirs, dry_run) -> None:
+    """Copy the files a BOM lists (with their shared libraries) into an image directory."""
+    _copy_bom(bom, root, include_dirs, dry_run)
+
+
+@click.command(cls=click.Command, context_settings={"help_option_names": ["-h", "--help"]})
+@_copy_bom_options
+def copy_bom_command(bom, root, include_dirs, dry_run) -> None:
+    """Copy the files a BOM lists (with their shared libraries) into an image directory."""
+    logging.basicConfig(level=logging.WARNING, format="copy_bom: %(levelname)s: %(message)s")
+    _copy_bom(bom, root, include_dirs, dry_run)
