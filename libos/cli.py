@@ -155,3 +155,19 @@ def copy_bom_command(bom, root, include_dirs, dry_run) -> None:
     """Copy the files a BOM lists (with their shared libraries) into an image directory."""
     logging.basicConfig(level=logging.WARNING, format="copy_bom: %(levelname)s: %(message)s")
     _copy_bom(bom, root, include_dirs, dry_run)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option(
+    "--image-key",
+    type=PATH,
+    help="The key the instance was built with (default: the one this machine kept at build).",
+)
+@click.argument("program")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def run(image_key: Path | None, program: str, args: tuple[str, ...]) -> None:
+    """Run PROGRAM (an absolute path inside the instance) with ARGS; exit with its status."""
+    from libos.instance import Instance
+    from libos.run import run as do_run
+
+    sys.exit(do_run(Instance.find(), program, list(args), image_key=image_key))
