@@ -6,9 +6,11 @@ in its own session (Ctrl-C on the terminal is for the program, not the
 server), so that :func:`unmount_rootfs` learns from its exit status whether
 the final commit succeeded.
 
-Today's rootfs is the image layer alone, verified, with tmpfs for the
-directories a program writes (``/root``); the union of the image layer and the
-SEFS store replaces it in :func:`_open_rootfs` alone.
+The rootfs is the union (:func:`occlumfs.unionfs.open_union`) of the build's
+image layers, pinned to the digests in the signed manifest, under the SEFS
+store in ``run/`` keyed by the image key or the autokey; the SEFS trusted
+state (its rollback pin) lives in the machine state directory, outside the
+instance.
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ from pathlib import Path
 from libos.build import VerifiedBuild
 from occlumfs.errors import OcclumfsError
 
-WRITABLE_STAND_IN = ["/root"]
-
 
 @dataclass
 class RootfsHandle:
@@ -37,10 +37,33 @@ class RootfsHandle:
 
 def _open_rootfs(build: VerifiedBuild, read_only: bool):
     """The filesystem object for ``/`` and the directories bwrap must cover with tmpfs."""
-    from occlumfs.merkle import open_image_fs
+    from occlumfs.unionfs import LayerMismatchError, Lower, open_union
 
-    path, digest, key = build.layers[0]
-    return open_image_fs(path, digest=digest, key=key), list(WRITABLE_STAND_IN)
+    lowers = [Lower(path, digest, key) for path, digest, key in build.layers]
+    upper = build.instance.upper
+    upper.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fs = open_union(
+            lowers,
+            upper,
+            key=build.fs_key,
+            state_dir=sefs_state_dir(),
+            read_only=read_only,
+            create=not read_only,
+        )
+    except LayerMismatchError:
+        raise LayerMismatchError(
+            f"{upper}: the writable layer was made over another build of the image; "
+            "rebase it onto this build (occlumfs union rebase) or move it away"
+        ) from None
+    return fs, []
+
+
+def sefs_state_dir() -> Path:
+    """Where the SEFS stores' trusted state (rollback pins) lives: beside the machine secret."""
+    from libos.machine import state_dir
+
+    return state_dir() / "sefs-state"
 
 
 def _runtime_dir(build: VerifiedBuild) -> Path:
