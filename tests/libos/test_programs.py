@@ -97,3 +97,26 @@ def test_host_python3_imports_its_c_extensions_and_persists(tmp_path, occlum):
     done = occlum("run", "/bin/python3", "/root/app.py", "read", cwd=inst)
     assert done.stdout == "True True\n"
     assert os.listdir(inst / "run/mount/__ROOT")
+
+
+def test_data_written_by_busybox_persists_and_a_failed_commit_is_loud(built, occlum):
+    occlum("run", "/bin/busybox", "sh", "-c", "echo kept > /root/note", cwd=built)
+    done = occlum("run", "/bin/busybox", "cat", "/root/note", cwd=built)
+    assert done.stdout == "kept\n"
+    # The program removes the store under the server's feet (through /host):
+    # the final commit cannot be written, and occlum run must say so.
+    script = "rm -rf /host/run/mount/__ROOT; echo lost > /root/other; echo wrote"
+    failed = occlum("run", "/bin/busybox", "sh", "-c", script, cwd=built, check=False)
+    assert failed.stdout == "wrote\n"
+    assert failed.returncode == 1
+    assert "FAILED" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_an_image_rebuild_under_an_old_store_refuses_in_one_line(built, occlum):
+    occlum("run", "/bin/busybox", "sh", "-c", "echo x > /root/x", cwd=built)
+    (built / "image/bin/added").write_text("new file\n")
+    occlum("build", cwd=built)
+    done = occlum("run", "/bin/busybox", "cat", "/root/x", cwd=built, check=False)
+    assert done.returncode == 13, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "another build of the image" in lines[0]
