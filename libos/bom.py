@@ -252,7 +252,7 @@ def _run_target(copier: _Copier, base: Path, target: dict) -> None:
             src = (prefix / entry["name"]) if prefix else (base / entry["name"])
             if not src.is_file():
                 raise NotFoundError(f"{cw}files[{k}]: {src} is not a file")
-            if entry.get("hash"):
+            if entry.get("hash") is not None:
                 _check_hash(src, entry["hash"], f"{cw}files[{k}]")
             name = str(entry.get("rename") or src.name)
             copier.copy_file(src, copier.dest(f"{tdir}/{name}", cw + "files"))
@@ -273,8 +273,11 @@ def copy_bom(
         for base, target in plan.targets:
             _run_target(copier, base, target)
         copier.copy_deps()
+    except OcclumfsError:
+        raise
     except OSError as exc:
-        raise OcclumfsError(f"copy_bom: {exc.filename or ''}: {exc.strerror or exc}") from None
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise OcclumfsError(f"{where}{exc.strerror or exc}") from None
 
 
 def main() -> None:

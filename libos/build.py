@@ -290,3 +290,19 @@ def verify_manifest_only(instance: Instance) -> Signature:
     if manifest_bytes is None or sig_bytes is None:
         raise NotFoundError(f"{instance.root}: not built; run 'occlum build' first")
     return verify_manifest(manifest_bytes, sig_bytes, str(instance.signature))
+
+
+def build_status(instance: Instance) -> str:
+    """``not built``, ``built`` or ``built, config changed since`` (from build/ alone)."""
+    if not instance.manifest.exists() or not instance.signature.exists():
+        return "not built"
+    state = _read_json(instance.build_state) or {}
+    try:
+        current = config_digest(instance.config_path)
+    except OSError:
+        current = None
+    if state.get("config_sha256") != current or state.get("inputs", {}).get(
+        "tree"
+    ) != tree_fingerprint(instance.image):
+        return "built, config or image changed since (run 'occlum build')"
+    return "built"

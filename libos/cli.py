@@ -171,3 +171,17 @@ def run(image_key: Path | None, program: str, args: tuple[str, ...]) -> None:
     from libos.run import run as do_run
 
     sys.exit(do_run(Instance.find(), program, list(args), image_key=image_key))
+
+
+@main.command()
+def status() -> None:
+    """Say whether the instance is built, changed since its build, or running."""
+    from libos.build import build_status
+    from libos.instance import Instance
+    from libos.run import running_pid
+
+    instance = Instance.find()
+    click.echo(build_status(instance))
+    pid = running_pid(instance)
+    if pid is not None:
+        click.echo(f"running (pid {pid})")

@@ -150,3 +150,21 @@ def _run_program(sandbox: Sandbox, command: list[str], env: dict[str, str]) -> i
 
 def _note(signum, frame) -> None:
     return None
+
+
+def running_pid(instance: Instance) -> int | None:
+    """The pid holding the instance lock, or None when nobody runs it."""
+    try:
+        fd = os.open(instance.lock, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
