@@ -29,10 +29,11 @@ PATH = click.Path(path_type=Path)
 @click.option("-v", "--verbose", is_flag=True, help="Log what is being done to stderr.")
 def main(verbose: bool) -> None:
     """Run unmodified apps on protected storage: new, build, run."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="occlum: %(levelname)s: %(message)s",
-    )
+    _log_to_stderr("occlum", logging.INFO if verbose else logging.WARNING)
+
+
+def _log_to_stderr(prog: str, level: int) -> None:
+    logging.basicConfig(level=level, format=f"{prog}: %(levelname)s: %(message)s")
 
 
 @main.command()
@@ -153,7 +154,7 @@ def copy_bom_subcommand(bom, root, include_dirs, dry_run) -> None:
 @_copy_bom_options
 def copy_bom_command(bom, root, include_dirs, dry_run) -> None:
     """Copy the files a BOM lists (with their shared libraries) into an image directory."""
-    logging.basicConfig(level=logging.WARNING, format="copy_bom: %(levelname)s: %(message)s")
+    _log_to_stderr("copy_bom", logging.WARNING)
     _copy_bom(bom, root, include_dirs, dry_run)
 
 

@@ -122,10 +122,8 @@ def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHand
         finally:
             os._exit(status)
     os.close(ready_w)
-    try:
-        ready = os.read(ready_r, 1)
-    finally:
-        os.close(ready_r)
+    with os.fdopen(ready_r, "rb") as ready_pipe:
+        ready = ready_pipe.read(1)  # empty: the server exited before serving
     if not ready:
         os.waitpid(pid, 0)
         raise OcclumfsError(f"the rootfs server failed to start; see {log_file}")

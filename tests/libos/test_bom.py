@@ -6,6 +6,7 @@ import hashlib
 import os
 
 import pytest
+from libos_fixtures import *  # noqa: F403 (the fixtures of tests/libos)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from libos_fixtures import *  # noqa: F403 (the fixtures of tests/libos)
 
 from libos.config import DEFAULT_CONFIG, parse_config, parse_size
 from libos.run import check_entry_point, program_env

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from libos_fixtures import *  # noqa: F403 (the fixtures of tests/libos)
+
 # The host's (Debian's) python3 and its standard library, e.g. /usr/lib/python3.11.
 HOST_PY = Path("/usr/lib") / Path("/usr/bin/python3").resolve().name
 

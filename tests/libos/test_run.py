@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from libos_fixtures import *  # noqa: F403 (the fixtures of tests/libos)
+
 from occlumfs.mount import mounted_paths
 
 
@@ -297,3 +299,27 @@ def test_new_refuses_an_existing_directory(tmp_path, occlum):
     occlum("init", cwd=tmp_path / "x")
     _one_line(occlum("init", cwd=tmp_path / "x", check=False), 2, "already an Occlum instance")
     assert Path(tmp_path / "x/Occlum.json").is_file()
+
+
+def test_sigterm_to_occlum_run_reaches_the_program(built):
+    import signal
+    import subprocess
+    import sys
+
+    script = 'trap "echo got-term; exit 3" TERM; echo up; while :; do busybox sleep 1; done'
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "libos", "run", "/bin/busybox", "sh", "-c", script],
+        cwd=built,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout.readline() == b"up\n"
+        proc.send_signal(signal.SIGTERM)
+        out, _err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert out == b"got-term\n"
+    assert proc.returncode == 3

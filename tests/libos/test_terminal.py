@@ -7,6 +7,8 @@ import pty
 import select
 import sys
 
+from libos_fixtures import *  # noqa: F403 (the fixtures of tests/libos)
+
 CURSOR_QUERY = b"\x1b[6n"  # busybox's line editor asks where the cursor is
 
 

@@ -1,4 +1,5 @@
-"""Fixtures for the ``occlum`` tests: the real command, real binaries, real bwrap and FUSE."""
+"""Fixtures for the ``occlum`` tests (imported by each test module: a conftest.py here
+would shadow the top-level one). Real command, binaries, bwrap and FUSE."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from occlumfs.mount import mounted_paths
+
+__all__ = ["_machine_state", "built", "hello_world", "occlum", "run_occlum"]
 
 
 @pytest.fixture(autouse=True)
