@@ -65,6 +65,7 @@ echo $$ > /tmp/pid; cat /tmp/pid
 hostname
 cat /proc/self/status | grep -E '^(CapEff|NoNewPrivs)'
 ls /host >/dev/null && echo host visible
+[ -e /etc/passwd ] || [ -e /usr ] || [ -e /home ] || echo no-host-files
 ls /host/.occlum | wc -l
 """
 
@@ -82,6 +83,7 @@ def test_busybox_script_with_pipes_subshells_and_jobs(built, occlum):
     assert "CapEff:\t0000000000000000" in lines
     assert "NoNewPrivs:\t1" in lines
     assert "host visible" in lines
+    assert "no-host-files" in lines  # nothing of the host outside /host
     assert lines[-1].strip() == "0"  # the instance's secrets are hidden under /host
     # Our own pid namespace: the shell is a low pid, not the host's.
     pid_line = lines[lines.index("child exited 7") + 1]
@@ -323,3 +325,43 @@ def test_sigterm_to_occlum_run_reaches_the_program(built):
             proc.wait()
     assert out == b"got-term\n"
     assert proc.returncode == 3
+
+
+def _set_limits(inst: Path, **limits) -> None:
+    config = json.loads((inst / "Occlum.json").read_text())
+    config["resource_limits"].update(limits)
+    (inst / "Occlum.json").write_text(json.dumps(config, indent=4))
+
+
+def test_resource_limits_are_enforced(built, occlum):
+    _set_limits(built, user_space_size="24MB", max_num_of_threads=8)
+    occlum("build", cwd=built)
+    big = occlum(
+        "run",
+        "/bin/busybox",
+        "dd",
+        "if=/dev/zero",
+        "of=/dev/null",
+        "bs=64M",
+        "count=1",
+        cwd=built,
+        check=False,
+    )
+    assert "resource limits via" in big.stderr and "memory 24MB, 8 tasks" in big.stderr
+    assert big.returncode != 0  # 64 MiB in one buffer does not fit in 24 MiB
+    small = occlum(
+        "run",
+        "/bin/busybox",
+        "dd",
+        "if=/dev/zero",
+        "of=/dev/null",
+        "bs=1M",
+        "count=4",
+        cwd=built,
+        check=False,
+    )
+    assert small.returncode == 0, small.stderr
+    forks = "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do busybox sleep 5 & done; wait; echo done"
+    many = occlum("run", "/bin/busybox", "sh", "-c", forks, cwd=built, check=False)
+    if "cgroup" in many.stderr:
+        assert "can't fork" in many.stderr or "Resource temporarily" in many.stderr, many.stderr
