@@ -131,15 +131,24 @@ def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHand
 
 
 def unmount_rootfs(handle: RootfsHandle) -> None:
-    """Unmount and wait for the server; raise when it failed to commit."""
+    """Unmount and wait for the server; raise when it failed to commit.
+
+    A server that died leaves a dead mount: it is detached (lazily) so the next
+    run can mount again, and the run fails all the same.
+    """
     from occlumfs.mount import umount
 
+    problem = None
     try:
         umount(handle.mountpoint)
-    finally:
-        _pid, status = os.waitpid(handle.server_pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    except OcclumfsError as exc:
+        problem = str(exc)
+        subprocess.run(["fusermount3", "-uz", str(handle.mountpoint)], capture_output=True)
+    _pid, status = os.waitpid(handle.server_pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0 or problem:
+        why = problem or (f"server killed by signal {-code}" if code < 0 else "see the log")
         raise OcclumfsError(
-            f"committing the instance's writable layer FAILED: data written in this run "
-            f"may be lost; see {handle.log_file}"
+            f"committing the instance's writable layer FAILED ({why}): data written in "
+            f"this run may be lost; see {handle.log_file}"
         )

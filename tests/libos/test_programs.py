@@ -122,3 +122,35 @@ def test_an_image_rebuild_under_an_old_store_refuses_in_one_line(built, occlum):
     assert done.returncode == 13, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "another build of the image" in lines[0]
+
+
+def test_a_killed_server_fails_the_run_loudly_and_the_next_run_recovers(built, occlum):
+    import signal
+    import subprocess
+    import sys
+
+    occlum("run", "/bin/busybox", "sh", "-c", "echo committed > /root/kept", cwd=built)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "libos", "run", "/bin/busybox", "sh", "-c",
+         "echo up; read x; echo lost > /root/lost; echo after"],
+        cwd=built, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline() == b"up\n"
+        # The FUSE server is occlum run's child that is not bubblewrap.
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        server = [
+            int(c) for c in children if b"bwrap" not in Path(f"/proc/{c}/cmdline").read_bytes()
+        ]
+        assert len(server) == 1, children
+        os.kill(server[0], signal.SIGKILL)
+        _out, err = proc.communicate(b"\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1
+    assert "FAILED" in err.decode() and "Traceback" not in err.decode()
+    # The dead mount was cleared and the last commit is intact.
+    done = occlum("run", "/bin/busybox", "cat", "/root/kept", cwd=built)
+    assert done.stdout == "committed\n"
