@@ -15,7 +15,7 @@ from occlumfs.sefs.fs import SefsFS
 
 def check_fs(fs: SefsFS) -> Iterator[str]:
     """Every problem of an opened (tolerant) filesystem, one line each."""
-    inodes = fs.inodes()
+    inodes = fs.recorded()
     paths: dict[int, str] = {ROOT_INO: "/"}
     links: dict[int, int] = {}
     subdirs: dict[int, int] = {}
@@ -24,7 +24,7 @@ def check_fs(fs: SefsFS) -> Iterator[str]:
         dir_ino = queue.popleft()
         directory = inodes[dir_ino]
         prefix = "" if dir_ino == ROOT_INO else paths[dir_ino]
-        for name, (child_ino, _cookie) in directory.entries.items():
+        for name, child_ino in directory.entries:
             path = f"{prefix}/{os.fsdecode(name)}"
             child = inodes.get(child_ino)
             if child is None:
