@@ -91,7 +91,6 @@ class FuseOperations(pyfuse3.Operations):
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = attr.ino
-        entry.generation = attr.generation
         entry.entry_timeout = self._timeout
         entry.attr_timeout = self._timeout
         entry.st_mode = attr.mode
