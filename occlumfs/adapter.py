@@ -85,8 +85,11 @@ class FuseOperations(pyfuse3.Operations):
         self.fs = fs
         self._timeout = fs.info.cache_timeout
         self._keep_cache = fs.info.immutable
-        # Writeback caching only makes sense where the kernel may write.
+        # Writeback caching only makes sense where the kernel may write. With it the
+        # kernel keeps regular files' c/mtime and sends them with setattr.
         self.enable_writeback_cache = not fs.info.read_only
+        if self.enable_writeback_cache:
+            fs.kernel_keeps_file_times()
 
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
@@ -197,6 +200,7 @@ class FuseOperations(pyfuse3.Operations):
             size=attr.st_size if fields.update_size else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
         )
         return self._entry(self.fs.setattr(inode, changes, fh))
 

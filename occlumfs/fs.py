@@ -86,6 +86,9 @@ class AttrChanges:
     size: int | None = None
     atime_ns: int | None = None
     mtime_ns: int | None = None
+    # Only from a kernel that keeps the file's times itself (writeback cache): the
+    # ctime it shows. Otherwise the filesystem sets ctime to the time of the change.
+    ctime_ns: int | None = None
 
     def apply_to(self, target: object) -> None:
         """Set permission bits, owner and times on ``target`` (any object named like Attr).
@@ -95,7 +98,7 @@ class AttrChanges:
         """
         if self.mode is not None:
             target.mode = stat.S_IFMT(target.mode) | (self.mode & 0o7777)
-        for name in ("uid", "gid", "atime_ns", "mtime_ns"):
+        for name in ("uid", "gid", "atime_ns", "mtime_ns", "ctime_ns"):
             value = getattr(self, name)
             if value is not None:
                 setattr(target, name, value)
@@ -160,6 +163,13 @@ class Filesystem:
 
     def close(self) -> None:
         """Flush and commit everything; the object is not used afterwards."""
+
+    def kernel_keeps_file_times(self) -> None:
+        """Served with the kernel's writeback cache: from here on the kernel keeps a
+        regular file's mtime and ctime as ``stat`` shows them and sends them with
+        ``setattr``; ``write`` (which may arrive after that ``setattr``) must not
+        stamp the filesystem's own clock over them.
+        """
 
     # -- read side -----------------------------------------------------------
     def lookup(self, parent: int, name: bytes) -> Attr:

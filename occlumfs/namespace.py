@@ -126,6 +126,10 @@ class Namespace(Filesystem):
     _next_ino: int
     _handles: dict[int, int]  # fh -> ino
     _next_fh: int
+    _stamp_writes = True  # False once the kernel keeps regular files' times
+
+    def kernel_keeps_file_times(self) -> None:
+        self._stamp_writes = False
 
     # == hooks ==============================================================================
     def _make_node(self, ino: int, mode: int, caller: Caller) -> Node:
@@ -306,8 +310,8 @@ class Namespace(Filesystem):
                 raise FSError(errno.EINVAL)
             self._truncate(node, changes.size)
             node.mtime_ns = time.time_ns()
-        changes.apply_to(node)
         node.ctime_ns = time.time_ns()
+        changes.apply_to(node)  # the kernel's ctime, when it keeps the file's times
         self._dirtied(node)
         self._changed()
         return self._attr(node)

@@ -84,3 +84,19 @@ def test_rename_rules_are_the_same_for_both(fs):
     fs.rename(a.ino, b"b", ROOT_INO, b"b")
     assert fs.getattr(a.ino).nlink == 2 and fs.getattr(ROOT_INO).nlink == 4
     assert fs.lookup(b.ino, b"..").ino == ROOT_INO
+
+
+def test_writes_keep_the_kernels_times_once_it_keeps_them(fs):
+    fh, attr = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, ME)
+    fs.write(fh, 0, b"stamped")
+    stamped = fs.getattr(attr.ino)
+    assert stamped.mtime_ns >= attr.mtime_ns and stamped.size == 7
+    fs.kernel_keeps_file_times()  # as the adapter does when it enables the writeback cache
+    kernel = AttrChanges(mtime_ns=1_000_000_007, ctime_ns=2_000_000_011)
+    fs.setattr(attr.ino, kernel)
+    fs.write(fh, 7, b" later")  # may reach us after the kernel's setattr
+    got = fs.getattr(attr.ino)
+    assert (got.mtime_ns, got.ctime_ns, got.size) == (1_000_000_007, 2_000_000_011, 13)
+    fs.setattr(attr.ino, AttrChanges(mode=0o600))  # no ctime given: the time of the change
+    assert fs.getattr(attr.ino).ctime_ns > 2_000_000_011
+    fs.release(fh)
