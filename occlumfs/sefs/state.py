@@ -139,6 +139,12 @@ class TrustedState:
         _write_doc(self.dir, self.name, doc)
 
 
+def pin_name(store: Path) -> str:
+    """The state file that pins which store lives at ``store`` (by its real path)."""
+    real = os.fsencode(os.path.realpath(store))
+    return f"store-{hashlib.sha256(real).hexdigest()[:32]}.pin"
+
+
 def pin_store(state_dir: Path, store: Path, fs_id: bytes, *, accept_new: bool = False) -> None:
     """Remember that ``store`` holds filesystem ``fs_id``; refuse another one there.
 
@@ -147,7 +153,7 @@ def pin_store(state_dir: Path, store: Path, fs_id: bytes, *, accept_new: bool = 
     ``accept_new`` re-pins a path whose store was replaced on purpose.
     """
     real = os.path.realpath(store)
-    name = f"store-{hashlib.sha256(os.fsencode(real)).hexdigest()[:32]}.pin"
+    name = pin_name(store)
     with HostDir.open(state_dir, follow=True) as where:
         doc = _read_doc(where, name)
     if doc is not None and not accept_new:
