@@ -34,7 +34,9 @@ CONFIG_MAX = 64 * 1024  # bytes; a larger sefs.json is malformed
 CIPHER = "AES-256-GCM"
 KIND_KEY_FILE = "key-file"
 KIND_PASSPHRASE = "passphrase"
-SCRYPT_DEFAULT = {"n": 1 << 15, "r": 8, "p": 1}
+SCRYPT_DEFAULT = {"n": 1 << 15, "r": 8, "p": 1}  # 32 MiB
+SCRYPT_MAX_MEMORY = 256 << 20  # bytes scrypt may allocate for a config we did not write
+SCRYPT_MAX_WORK = 1 << 30  # memory * p: about 5 s of one core
 _WRAP_AD_V1 = b"occlumfs-sefs v1 master key"
 _WRAP_AD_V2 = b"occlumfs-sefs v2 config\0"
 _KEY_FILE_INFO = b"occlumfs-sefs v1 key-file KEK"
@@ -183,9 +185,12 @@ def _config_problem(config: object) -> str | None:
         if not isinstance(costs, dict) or set(costs) != _SCRYPT_KEYS:
             return "wrap.scrypt: expected the keys n, r and p"
         n, r, p = costs["n"], costs["r"], costs["p"]
-        # Bounded so a crafted config cannot make us allocate gigabytes.
+        # Bounded so a crafted config cannot make us allocate gigabytes (scrypt
+        # needs 128 * n * r bytes) or spin for minutes.
         if not (_int(n, 2, 1 << 22) and n & (n - 1) == 0 and _int(r, 1, 32) and _int(p, 1, 16)):
             return "wrap.scrypt: costs out of range"
+        if 128 * n * r > SCRYPT_MAX_MEMORY or 128 * n * r * p > SCRYPT_MAX_WORK:
+            return "wrap.scrypt: costs too high (128 n r at most 256 MiB, times p 1 GiB)"
     return None
 
 
