@@ -36,6 +36,7 @@ def open_filesystem(
     passphrase_file: Path | None,
     read_only: bool,
     state_dir: Path | None,
+    accept_new_store: bool = False,
 ) -> Filesystem:
     key = load_key_file(key_file) if key_file else None
     if kind == "image":
@@ -63,6 +64,7 @@ def open_filesystem(
             passphrase=passphrase,
             read_only=read_only,
             state_dir=state_dir,
+            accept_new_store=accept_new_store,
         )
     from occlumfs.fs import ROOT_INO
     from occlumfs.memfs import MemFS
@@ -106,6 +108,11 @@ def open_filesystem(
     type=click.Path(path_type=Path, file_okay=False),
     help="Where SEFS keeps its trusted rollback state (outside SOURCE).",
 )
+@click.option(
+    "--accept-new-store",
+    is_flag=True,
+    help="Trust a SEFS whose id differs from the one last seen at SOURCE (replaced on purpose).",
+)
 @click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground until unmounted.")
 @click.option(
     "--log-file",
@@ -122,6 +129,7 @@ def mount(
     passphrase_file: Path | None,
     read_only: bool,
     state_dir: Path | None,
+    accept_new_store: bool,
     foreground: bool,
     log_file: Path | None,
     debug: bool,
@@ -143,6 +151,7 @@ def mount(
         passphrase_file=passphrase_file,
         read_only=read_only,
         state_dir=state_dir,
+        accept_new_store=accept_new_store,
     )
     from occlumfs.mount import serve
 

@@ -27,10 +27,9 @@ import hmac
 import struct
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from occlumfs.keys import hkdf_sha256
 from occlumfs.merkle.format import SEAL_SIZE
 
 NONCE_SIZE = 12
@@ -42,7 +41,7 @@ _SEAL_PAD = bytes(SEAL_SIZE - NONCE_SIZE - TAG_SIZE)
 
 
 def _subkey(key: bytes, info: str) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=_SALT, info=info.encode()).derive(key)
+    return hkdf_sha256(key, _SALT, info)
 
 
 class ImageKeys:
