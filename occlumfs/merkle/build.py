@@ -12,7 +12,8 @@ The build runs in passes so that the output depends only on the tree:
 3. place each distinct content once in the data region, in inode order;
 4. serialise the inode table and the heap, then write the data (copied, or
    sealed in parallel for an encrypted image), the seal table, the Merkle tree
-   and last the header, into a temporary file renamed over the target.
+   and last the header (with its MAC under the image key when encrypted), into
+   a temporary file renamed over the target.
 """
 
 from __future__ import annotations
@@ -426,6 +427,8 @@ class _Builder:
         )
         header = desc.pack()
         assert len(header) == DESCRIPTOR_SIZE
+        if encrypted:
+            header += self.keys.header_mac(header)
         os.pwrite(fd, header + bytes(BLOCK_SIZE - len(header)), 0)
         return desc
 

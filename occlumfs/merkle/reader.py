@@ -59,6 +59,7 @@ from occlumfs.merkle.format import (
     MalformedImageError,
     blocks_for,
     digest_of,
+    header_mac_span,
     parse_digest,
     unpack_xattrs,
 )
@@ -166,7 +167,8 @@ class ImageReader:
             self.desc = Descriptor.parse(raw)
         except FormatError as exc:
             raise FormatError(f"{image}: {exc}") from None
-        if any(header[DESCRIPTOR_SIZE:]):
+        mac_start, mac_end = header_mac_span(self.desc)
+        if any(header[mac_end:]):
             raise IntegrityError(f"{image}: header: non-zero bytes after the descriptor")
         self.layout = Layout.of(self.desc)
         if size != self.desc.image_blocks * BLOCK_SIZE:
@@ -174,16 +176,36 @@ class ImageReader:
                 f"{image}: size is {size} bytes, the header says "
                 f"{self.desc.image_blocks * BLOCK_SIZE}: truncated or extended"
             )
+        self.pinned = digest is not None
         self.keys: ImageKeys | None = None
         if self.desc.encrypted:
             from occlumfs.merkle.crypto import ImageKeys  # only encrypted images pay for it
 
             if key is None:
                 raise WrongKeyError(f"{image} is encrypted: give its key with --key-file")
-            keys = ImageKeys(key)
+            keys = ImageKeys(key, self.desc.version)
             if not keys.matches(self.desc.key_check):
                 raise WrongKeyError(f"wrong key for {image}")
+            if self.desc.version < 2:
+                # Version 1 seals blocks but not the header: blocks spliced from
+                # other images with the same key, under a recomputed tree, would
+                # open. Only a pinned digest authenticates such an image.
+                if not self.pinned:
+                    raise IntegrityError(
+                        f"{image}: a format version 1 encrypted image is not authenticated "
+                        "by its key; pin its digest or rebuild it"
+                    )
+            elif not keys.header_mac_matches(raw, header[mac_start:mac_end]):
+                raise IntegrityError(
+                    f"{image}: header is not authenticated by this key: "
+                    "the image was altered after it was built"
+                )
             self.keys = keys
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether something other than the image itself vouches for it (a pin or the key)."""
+        return self.pinned or self.keys is not None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -365,6 +387,21 @@ class ImageFS(Filesystem):
     def digest(self) -> str:
         return self.reader.digest
 
+    def unpinned_warning(self) -> str | None:
+        """What to tell a user who opened this image without pinning its digest."""
+        reader = self.reader
+        if reader.pinned:
+            return None
+        if reader.keys is None:
+            return (
+                f"no digest pinned: {reader.path} is a plain image, authenticated by nothing; "
+                "whoever can write it can change everything it serves"
+            )
+        return (
+            f"no digest pinned: {reader.path} is authenticated by its key, but any other "
+            "image built with the same key (an older one too) would be accepted in its place"
+        )
+
     def started_serving(self) -> None:
         # The mount is in place but FUSE_INIT is not answered yet; the tuning
         # waits for the first request (see _tune_mount).
@@ -392,7 +429,8 @@ class ImageFS(Filesystem):
         self.reader.close()
 
     # -- records -------------------------------------------------------------------------------
-    def _record(self, ino: int) -> InodeRecord:
+    def record(self, ino: int) -> InodeRecord:
+        """The stored record of ``ino``, checked for a known type and a link count."""
         rec = self.reader.inode(ino)
         if stat.S_IFMT(rec.mode) not in _KINDS or rec.nlink < 1:
             raise MalformedImageError(
@@ -401,7 +439,7 @@ class ImageFS(Filesystem):
         return rec
 
     def _dir_record(self, ino: int) -> InodeRecord:
-        rec = self._record(ino)
+        rec = self.record(ino)
         if not stat.S_ISDIR(rec.mode):
             raise FSError(errno.ENOTDIR)
         return rec
@@ -437,7 +475,7 @@ class ImageFS(Filesystem):
         return self.reader.heap(name_off, name_len)
 
     def _child_attr(self, parent: int, child: int) -> Attr:
-        rec = self._record(child)
+        rec = self.record(child)
         # Directories form a tree numbered in pre-order: a subdirectory has a
         # larger inode number than its parent and names it. This rules out cycles.
         if stat.S_ISDIR(rec.mode) and (child <= parent or rec.aux != parent):
@@ -450,7 +488,7 @@ class ImageFS(Filesystem):
     def getattr(self, ino: int) -> Attr:
         if self._raise_readahead:
             self._tune_mount()
-        return _attr(ino, self._record(ino))
+        return _attr(ino, self.record(ino))
 
     def lookup(self, parent: int, name: bytes) -> Attr:
         if self._raise_readahead:
@@ -510,7 +548,7 @@ class ImageFS(Filesystem):
                 yield DirEntry(name, attr, index)
 
     def readlink(self, ino: int) -> bytes:
-        rec = self._record(ino)
+        rec = self.record(ino)
         if not stat.S_ISLNK(rec.mode):
             raise FSError(errno.EINVAL)
         if rec.count != rec.size or rec.count > SYMLINK_MAX:
@@ -518,7 +556,7 @@ class ImageFS(Filesystem):
         return self.reader.heap(rec.ref, rec.count)
 
     def open(self, ino: int, flags: int) -> int:
-        rec = self._record(ino)
+        rec = self.record(ino)
         if flags & _WRITE_FLAGS:
             raise FSError(errno.EROFS)
         if stat.S_ISDIR(rec.mode):
@@ -538,6 +576,13 @@ class ImageFS(Filesystem):
     def _extent(self, rec: InodeRecord, index: int) -> tuple[int, int, int]:
         return EXTENT.unpack(self.reader.heap(rec.ref + index * EXTENT_SIZE, EXTENT_SIZE))
 
+    def extents(self, rec: InodeRecord) -> Iterator[tuple[int, int, int]]:
+        """(file block, data block, count) of each extent of a regular file, as stored."""
+        if rec.count * EXTENT_SIZE > self.reader.heap_bytes:
+            raise MalformedImageError(f"{self.reader.path}: extent list overruns the heap")
+        raw = self.reader.heap(rec.ref, rec.count * EXTENT_SIZE)
+        return EXTENT.iter_unpack(raw)
+
     def _first_extent(self, ino: int, rec: InodeRecord, block: int) -> int:
         """Index of the last extent starting at or before file block ``block`` (or 0)."""
         last = self._last_extent.get(ino)
@@ -556,7 +601,7 @@ class ImageFS(Filesystem):
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         ino = fh
-        rec = self._record(ino)
+        rec = self.record(ino)
         if not stat.S_ISREG(rec.mode):
             raise FSError(errno.EINVAL)
         if offset < 0:
@@ -589,7 +634,7 @@ class ImageFS(Filesystem):
             if a < b:
                 self._last_extent[ino] = (i, e_first, e_count)
                 pieces.append(
-                    (a, self._read_blocks(ino, data_start + e_data + (a - e_first), a, b - a))
+                    (a, self.read_data(ino, data_start + e_data + (a - e_first), a, b - a))
                 )
             i += 1
         if len(self._last_extent) > 1024:
@@ -607,7 +652,10 @@ class ImageFS(Filesystem):
             out[at : at + len(data)] = data
         return bytes(out[lo : lo + end - offset])
 
-    def _read_blocks(self, ino: int, block_no: int, file_block: int, count: int) -> bytes:
+    def read_data(self, ino: int, block_no: int, file_block: int, count: int) -> bytes:
+        """``count`` data blocks from absolute block ``block_no`` (file block ``file_block``
+        of ``ino``), verified and, for an encrypted image, opened."""
+
         def what(bad: int) -> str:
             off = (file_block + bad - block_no) * BLOCK_SIZE
             return f"{self.path_of(ino)}: data at offset {off} (image block {bad})"
@@ -630,7 +678,7 @@ class ImageFS(Filesystem):
         return StatFs(blocks=desc.image_blocks, bfree=0, bavail=0, files=desc.inode_count, ffree=0)
 
     def _xattrs(self, ino: int) -> list[tuple[bytes, bytes]]:
-        rec = self._record(ino)
+        rec = self.record(ino)
         if rec.xattr_count == 0 or not self.reader.desc.has_xattrs:
             return []
         if rec.xattr_count > XATTR_LIST_MAX // 2:
@@ -660,7 +708,7 @@ class ImageFS(Filesystem):
         if self._raise_readahead:
             self._tune_mount()
         if not self.reader.desc.has_xattrs:
-            self._record(ino)
+            self.record(ino)
             # Through a mount, ENOSYS makes the kernel stop asking (it answers
             # EOPNOTSUPP itself): without it `ls -l` costs two requests per file.
             raise FSError(errno.ENOSYS if self._serving else errno.ENODATA)

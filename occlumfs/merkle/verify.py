@@ -14,7 +14,6 @@ from occlumfs.fs import ROOT_INO
 from occlumfs.merkle.format import (
     BLOCK_SIZE,
     DIRENT_SIZE,
-    EXTENT_SIZE,
     HASH_SIZE,
     MalformedImageError,
     blocks_for,
@@ -117,8 +116,7 @@ def _describe_block(fs: ImageFS, block_no: int) -> str:
         for path, _ino, rec in _iter_tree(fs):
             if not stat.S_ISREG(rec.mode):
                 continue
-            for i in range(rec.count):
-                first, data, count = fs._extent(rec, i)
+            for first, data, count in fs.extents(rec):
                 if data <= rel < data + count:
                     return f"{path} at offset {(first + rel - data) * BLOCK_SIZE} ({where})"
     except (IntegrityError, MalformedImageError):
@@ -128,7 +126,9 @@ def _describe_block(fs: ImageFS, block_no: int) -> str:
 
 def _iter_tree(fs: ImageFS):
     """(path, ino, record) of every inode reachable from the root, breadth first."""
-    root = fs._dir_record(ROOT_INO)
+    root = fs.record(ROOT_INO)
+    if not stat.S_ISDIR(root.mode):
+        raise MalformedImageError(f"{fs.reader.path}: the root is not a directory")
     yield "/", ROOT_INO, root
     pending = deque([(b"", ROOT_INO)])
     seen_dirs = {ROOT_INO}
@@ -136,7 +136,7 @@ def _iter_tree(fs: ImageFS):
         prefix, ino = pending.popleft()
         for entry in fs.readdir(ino, 0):
             path = prefix + b"/" + entry.name
-            rec = fs._record(entry.attr.ino)
+            rec = fs.record(entry.attr.ino)
             yield os.fsdecode(path), entry.attr.ino, rec
             if entry.attr.is_dir:
                 if entry.attr.ino in seen_dirs:
@@ -167,11 +167,9 @@ def _walk(fs: ImageFS) -> None:
 
 def _check_extents(fs: ImageFS, path: str, ino: int, rec) -> None:
     reader = fs.reader
-    reader.heap(rec.ref, rec.count * EXTENT_SIZE)
     end = 0
     stored = 0
-    for i in range(rec.count):
-        first, data, count = fs._extent(rec, i)
+    for first, data, count in fs.extents(rec):
         if first < end or count == 0 or first + count > blocks_for(rec.size):
             raise MalformedImageError(
                 f"{reader.path}: {path}: extents out of order or beyond the file"
@@ -181,7 +179,7 @@ def _check_extents(fs: ImageFS, path: str, ino: int, rec) -> None:
         end = first + count
         stored += count
         if reader.keys is not None:
-            fs._read_blocks(ino, reader.layout.data_start + data, first, count)
+            fs.read_data(ino, reader.layout.data_start + data, first, count)
     if stored != rec.aux:
         raise MalformedImageError(
             f"{reader.path}: {path}: stored block count disagrees with extents"
