@@ -46,6 +46,7 @@ from occlumfs.merkle.format import (
     InodeRecord,
     Layout,
     dir_size,
+    name_problem,
     pack_xattrs,
 )
 from occlumfs.merkle.source import Content, SourceNode, scan_directory, scan_tar
@@ -328,6 +329,9 @@ class _Builder:
                 name_off = rec["ref"] + DIRENT_SIZE * len(names)
                 entries = bytearray()
                 for name in names:
+                    problem = name_problem(name)
+                    if problem is not None:
+                        raise FormatError(f"a name in the source {problem}: {name[:80]!r}")
                     child_ino = self.ino_of[id(node.children[name])]
                     if node.children[name].is_dir:
                         parent_of[child_ino] = ino

@@ -58,7 +58,27 @@ class MalformedImageError(FormatError, FSError):
         FSError.__init__(self, errno.EIO, message)
 
     def __str__(self) -> str:
-        return self.strerror
+        return f"malformed image: {self.strerror}"
+
+
+def name_problem(name: bytes) -> str | None:
+    """Why ``name`` cannot be a directory entry (None when it can).
+
+    A name is 1..NAME_MAX bytes without ``/`` or NUL and is not ``.`` or ``..``:
+    anything else would be cut short or reinterpreted by the kernel (a NUL ends
+    a name in every system call), so two entries could look like one.
+    """
+    if not name:
+        return "empty"
+    if len(name) > NAME_MAX:
+        return f"longer than {NAME_MAX} bytes"
+    if b"\0" in name:
+        return "contains a NUL byte"
+    if b"/" in name:
+        return "contains '/'"
+    if name in (b".", b".."):
+        return f"is {name.decode()!r}"
+    return None
 
 
 def blocks_for(nbytes: int) -> int:

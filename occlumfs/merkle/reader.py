@@ -60,6 +60,7 @@ from occlumfs.merkle.format import (
     blocks_for,
     digest_of,
     header_mac_span,
+    name_problem,
     parse_digest,
     unpack_xattrs,
 )
@@ -474,7 +475,39 @@ class ImageFS(Filesystem):
             raise MalformedImageError(f"{self.reader.path}: directory entry with a bad name length")
         return self.reader.heap(name_off, name_len)
 
+    def _entry(self, rec: InodeRecord, index: int) -> tuple[int, bytes]:
+        ((child, name_len, name_off),) = self._entries(rec, index, 1)
+        return child, self._name(name_len, name_off)
+
+    def _check_name(self, parent: int, name: bytes, previous: bytes | None) -> None:
+        """Malformed unless ``name`` is a valid name sorting strictly after ``previous``.
+
+        Names are stored sorted and unique; a NUL, a '/', '.', '..' or a
+        duplicate would let the kernel see two different entries as one name.
+        """
+        problem = name_problem(name)
+        if problem is not None:
+            raise MalformedImageError(
+                f"{self.reader.path}: directory {parent} holds a name that {problem}"
+            )
+        if previous is not None and name <= previous:
+            raise MalformedImageError(
+                f"{self.reader.path}: directory {parent}: names out of order or duplicated"
+            )
+
+    def _check_neighbours(self, parent: int, rec: InodeRecord, index: int, name: bytes) -> None:
+        """A lookup's match must be a valid name, strictly between its neighbours."""
+        before = self._entry(rec, index - 1)[1] if index > 0 else None
+        self._check_name(parent, name, before)
+        if index + 1 < rec.count:
+            self._check_name(parent, self._entry(rec, index + 1)[1], name)
+
     def _child_attr(self, parent: int, child: int) -> Attr:
+        if not 1 <= child <= self.reader.desc.inode_count:
+            raise MalformedImageError(
+                f"{self.reader.path}: directory {parent} names inode {child}, "
+                "beyond the inode table"
+            )
         rec = self.record(child)
         # Directories form a tree numbered in pre-order: a subdirectory has a
         # larger inode number than its parent and names it. This rules out cycles.
@@ -510,9 +543,9 @@ class ImageFS(Filesystem):
             raise MalformedImageError(f"{self.reader.path}: directory {parent} overruns the heap")
         while lo < hi:
             mid = (lo + hi) // 2
-            ((child, name_len, name_off),) = self._entries(rec, mid, 1)
-            here = self._name(name_len, name_off)
+            child, here = self._entry(rec, mid)
             if here == name:
+                self._check_neighbours(parent, rec, mid, name)
                 self._remember(child, parent, name)
                 return self._child_attr(parent, child)
             if here < name:
@@ -531,6 +564,7 @@ class ImageFS(Filesystem):
             raise MalformedImageError(f"{self.reader.path}: directory {fh} overruns the heap")
         index = max(0, offset)
         heap = self.reader.heap
+        previous = self._entry(rec, index - 1)[1] if 0 < index <= rec.count else None
         while index < rec.count:
             batch = self._entries(rec, index, min(256, rec.count - index))
             # A builder puts a directory's names side by side: fetch them at once.
@@ -542,6 +576,8 @@ class ImageFS(Filesystem):
                     name = self._name(name_len, name_off)
                 else:
                     name = blob[name_off - lo : name_off - lo + name_len]
+                self._check_name(fh, name, previous)
+                previous = name
                 attr = self._child_attr(fh, child)
                 self._remember(child, fh, name)
                 index += 1

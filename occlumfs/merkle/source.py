@@ -11,18 +11,19 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
 from occlumfs.merkle.format import (
     BLOCK_SIZE,
-    NAME_MAX,
     SYMLINK_MAX,
     XATTR_LIST_MAX,
     XATTR_NAME_MAX,
     XATTR_VALUE_MAX,
     ZERO_BLOCK,
+    name_problem,
 )
 
 
@@ -68,6 +69,8 @@ def _check_xattrs(xattrs: list[tuple[bytes, bytes]], where: str) -> list[tuple[b
     for name, value in xattrs:
         if not name or len(name) > XATTR_NAME_MAX or len(value) > XATTR_VALUE_MAX:
             raise FormatError(f"{where}: xattr {name[:40]!r} is too large to store")
+        if b"\0" in name:
+            raise FormatError(f"{where}: xattr name {name[:40]!r} contains a NUL byte")
         total += len(name) + 1
     if total > XATTR_LIST_MAX:
         raise FormatError(f"{where}: too many xattrs")
@@ -161,8 +164,9 @@ def _member_parts(name: str, what: str) -> list[bytes]:
     if b".." in parts:
         raise FormatError(f"tar {what} {name!r} contains '..'; refusing it")
     for part in parts:
-        if len(part) > NAME_MAX:
-            raise FormatError(f"tar {what} {name!r}: a name is longer than {NAME_MAX} bytes")
+        problem = name_problem(part)
+        if problem is not None:
+            raise FormatError(f"tar {what} {name!r}: a name {problem}; refusing it")
     return parts
 
 
@@ -244,8 +248,8 @@ def scan_tar(archive: Path, spool_path: Path) -> SourceNode:
         )
     except FileNotFoundError:
         raise NotFoundError(f"{archive} does not exist") from None
-    except tarfile.TarError as exc:
-        raise FormatError(f"{archive}: not a readable tar archive ({exc})") from None
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise _unreadable(archive, exc) from None
     with tf, open(spool_path, "w+b") as spool:
         try:
             for member in tf:
@@ -255,12 +259,34 @@ def scan_tar(archive: Path, spool_path: Path) -> SourceNode:
         except OSError as exc:
             if exc.filename is not None:  # the spool or the disk, not the archive
                 raise
-            raise FormatError(f"{archive}: broken tar archive ({exc})") from None
+            raise FormatError(f"{archive}: broken tar archive ({_one_line(exc)})") from None
         except Exception as exc:
             # The decompressors raise their own types (zlib.error, LZMAError,
             # EOFError...) for a damaged archive: all mean the same to the user.
-            raise FormatError(f"{archive}: broken tar archive ({exc})") from None
+            raise FormatError(f"{archive}: broken tar archive ({_one_line(exc)})") from None
     return tree
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
+
+
+def _unreadable(archive: Path, exc: BaseException) -> FormatError:
+    """One line saying why ``archive`` does not open (tarfile lists every method it tried)."""
+    try:
+        with open(archive, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        head = b""
+    if not head:
+        return FormatError(f"{archive}: empty file, not a readable tar archive")
+    for magic, kind in _COMPRESSED.items():
+        if head.startswith(magic):
+            return FormatError(f"{archive}: damaged {kind} data, not a readable tar archive")
+    return FormatError(f"{archive}: not a readable tar archive (nor gzip, bzip2 or xz)")
 
 
 def _add_member(tree, tf, member, spool, spool_name) -> None:
@@ -316,8 +342,8 @@ def _add_member(tree, tf, member, spool, spool_name) -> None:
     elif member.issym():
         node.mode |= stat.S_IFLNK
         node.target = os.fsencode(member.linkname)
-        if not node.target or len(node.target) > SYMLINK_MAX:
-            raise FormatError(f"tar symlink {member.name!r}: empty or too long target")
+        if not node.target or len(node.target) > SYMLINK_MAX or b"\0" in node.target:
+            raise FormatError(f"tar symlink {member.name!r}: empty, too long or NUL in target")
     elif member.ischr() or member.isblk():
         node.mode |= stat.S_IFCHR if member.ischr() else stat.S_IFBLK
         node.rdev = os.makedev(member.devmajor, member.devminor)
