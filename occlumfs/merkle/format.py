@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from occlumfs.errors import FormatError, FSError
-from occlumfs.fs import BLOCK_SIZE as FS_BLOCK_SIZE
+
+# One block size for the contract and the format (the goldens pin it at 4096).
+from occlumfs.fs import BLOCK_SIZE
 
 MAGIC = b"OCCLUMIM"
 VERSION = 2  # what the builder writes
 READABLE_VERSIONS = (1, 2)  # 1: no header MAC (an unpinned encrypted v1 image is refused)
-# One block size for the contract and the format; the goldens pin it.
-BLOCK_SIZE = FS_BLOCK_SIZE
 HASH_SIZE = 32
 HASHES_PER_BLOCK = BLOCK_SIZE // HASH_SIZE  # 128
 SEAL_SIZE = 32  # nonce (12) + tag (16) + 4 zero bytes

@@ -64,7 +64,7 @@ from occlumfs.merkle.format import (
     parse_digest,
     unpack_xattrs,
 )
-from occlumfs.merkle.tree import hash_blocks
+from occlumfs.merkle.tree import first_mismatch, hash_blocks
 
 if TYPE_CHECKING:
     from occlumfs.merkle.crypto import ImageKeys
@@ -75,7 +75,9 @@ TREE_CACHE_BLOCKS = 2048  # 8 MiB of verified tree nodes
 META_CACHE_BLOCKS = 8192  # 32 MiB of verified, decrypted metadata blocks
 NAME_CACHE = 65536  # inode -> (parent, name), only to name paths in error messages
 CACHE_TIMEOUT = 24 * 3600.0
-READAHEAD_KB = 4096  # kernel read-ahead asked for on our own mount (default: 128)
+# Kernel read-ahead wanted on a mount of an image (FUSE's default: 128 KiB). The
+# image never changes, so reading far ahead has no coherence cost.
+READAHEAD_KB = 4096
 _KINDS = frozenset(
     {
         stat.S_IFDIR,
@@ -266,17 +268,9 @@ class ImageReader:
         buf = self._pread(count * BLOCK_SIZE, first_block * BLOCK_SIZE, fd)
         # One thread: the per-block Python work holds the GIL, and handing it
         # to a helper every 4 KiB measured slower than hashing here alone.
-        got = hash_blocks(buf)
-        expected = self.expected_hashes(first_block, count)
-        if got != expected:
-            for i in range(count):
-                if (
-                    got[i * HASH_SIZE : (i + 1) * HASH_SIZE]
-                    != expected[i * HASH_SIZE : (i + 1) * HASH_SIZE]
-                ):
-                    raise IntegrityError(
-                        f"{self.path}: {what(first_block + i)} failed verification"
-                    )
+        bad = first_mismatch(hash_blocks(buf), self.expected_hashes(first_block, count))
+        if bad is not None:
+            raise IntegrityError(f"{self.path}: {what(first_block + bad)} failed verification")
         return buf
 
     # -- metadata blocks ---------------------------------------------------------------------
@@ -377,11 +371,10 @@ class ImageFS(Filesystem):
             read_only=True,
             immutable=True,
             cache_timeout=CACHE_TIMEOUT,
-            extra={"digest": reader.digest},
+            has_xattrs=reader.desc.has_xattrs,
+            readahead_kb=READAHEAD_KB,
         )
         self._names: dict[int, tuple[int, bytes]] = {}
-        self._raise_readahead = False
-        self._serving = False
         self._last_extent: dict[int, tuple[int, int, int]] = {}
 
     @property
@@ -402,29 +395,6 @@ class ImageFS(Filesystem):
             f"no digest pinned: {reader.path} is authenticated by its key, but any other "
             "image built with the same key (an older one too) would be accepted in its place"
         )
-
-    def started_serving(self) -> None:
-        # The mount is in place but FUSE_INIT is not answered yet; the tuning
-        # waits for the first request (see _tune_mount).
-        self._raise_readahead = True
-
-    def _tune_mount(self) -> None:
-        # The kernel reads ahead only 128 KiB on a FUSE mount, so a sequential
-        # read arrives as 128 KiB requests, each paying the per-request cost
-        # (~60 us of Python) on top of 32 block hashes. The image never
-        # changes, so reading ahead further is free of coherence concerns.
-        # Done on the first request: FUSE_INIT, answered before it, resets it.
-        # The FUSE-only shortcuts (ENOSYS for getxattr on an xattr-less image
-        # and for flush) apply only when this image is the mount itself, not a
-        # layer of another filesystem that forwarded started_serving.
-        self._raise_readahead = False
-        bdis = _own_mount_bdis(self.info.name, f"fuse.{self.info.subtype}")
-        self._serving = bool(bdis)
-        for bdi in bdis:
-            try:
-                Path(f"/sys/class/bdi/{bdi}/read_ahead_kb").write_text(f"{READAHEAD_KB}\n")
-            except OSError as exc:
-                log.info("cannot raise read-ahead of %s: %s", bdi, exc)
 
     def close(self) -> None:
         self.reader.close()
@@ -519,13 +489,9 @@ class ImageFS(Filesystem):
 
     # -- read side -----------------------------------------------------------------------------
     def getattr(self, ino: int) -> Attr:
-        if self._raise_readahead:
-            self._tune_mount()
         return _attr(ino, self.record(ino))
 
     def lookup(self, parent: int, name: bytes) -> Attr:
-        if self._raise_readahead:
-            self._tune_mount()
         rec = self._dir_record(parent)
         if name == b".":
             return _attr(parent, rec)
@@ -600,14 +566,6 @@ class ImageFS(Filesystem):
         if not stat.S_ISREG(rec.mode):
             raise FSError(errno.EINVAL)
         return ino
-
-    def flush(self, fh: int) -> None:
-        # Nothing to flush. Through a mount, ENOSYS makes the kernel stop
-        # sending FLUSH on every close (it then succeeds without asking).
-        if self._raise_readahead:
-            self._tune_mount()
-        if self._serving:
-            raise FSError(errno.ENOSYS)
 
     def _extent(self, rec: InodeRecord, index: int) -> tuple[int, int, int]:
         return EXTENT.unpack(self.reader.heap(rec.ref + index * EXTENT_SIZE, EXTENT_SIZE))
@@ -741,13 +699,9 @@ class ImageFS(Filesystem):
                 want = min(limit, want * 4)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        if self._raise_readahead:
-            self._tune_mount()
         if not self.reader.desc.has_xattrs:
             self.record(ino)
-            # Through a mount, ENOSYS makes the kernel stop asking (it answers
-            # EOPNOTSUPP itself): without it `ls -l` costs two requests per file.
-            raise FSError(errno.ENOSYS if self._serving else errno.ENODATA)
+            raise FSError(errno.ENODATA)
         for n, v in self._xattrs(ino):
             if n == name:
                 return v
@@ -755,34 +709,6 @@ class ImageFS(Filesystem):
 
     def listxattr(self, ino: int) -> list[bytes]:
         return [n for n, _ in self._xattrs(ino)]
-
-
-def _unescape_mountinfo(field: str) -> str:
-    for code in ("\\040", "\\011", "\\012", "\\134"):
-        field = field.replace(code, chr(int(code[1:], 8)))
-    return field
-
-
-def _own_mount_bdis(fsname: str, fstype: str) -> list[str]:
-    """The ``major:minor`` of every mount of this image (by fsname and type)."""
-    found = []
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        fields, tail = left.split(" "), right.split(" ")
-        if (
-            sep
-            and len(fields) > 2
-            and len(tail) > 1
-            and tail[0] == fstype
-            and _unescape_mountinfo(tail[1]) == fsname
-        ):
-            found.append(fields[2])
-    return found
 
 
 def open_image_fs(image: Path, *, digest: str | None, key: bytes | None) -> ImageFS:

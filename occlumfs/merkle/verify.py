@@ -19,7 +19,7 @@ from occlumfs.merkle.format import (
     blocks_for,
 )
 from occlumfs.merkle.reader import ImageFS, ImageReader
-from occlumfs.merkle.tree import hash_blocks
+from occlumfs.merkle.tree import first_mismatch, hash_blocks
 
 CHUNK_BLOCKS = 256  # 1 MiB per hashing task
 
@@ -59,16 +59,12 @@ def _verify_tree(reader: ImageReader) -> bytes:
         if len(level_bytes) != count * BLOCK_SIZE:
             raise IntegrityError(f"{reader.path}: merkle tree level {level} is truncated")
         got = hash_blocks(level_bytes)
-        if got != expected[: len(got)]:
-            for i in range(count):
-                if (
-                    got[i * HASH_SIZE : (i + 1) * HASH_SIZE]
-                    != expected[i * HASH_SIZE : (i + 1) * HASH_SIZE]
-                ):
-                    raise IntegrityError(
-                        f"{reader.path}: merkle tree level {level} block {i} "
-                        f"(image offset {(start + i) * BLOCK_SIZE}) failed verification"
-                    )
+        bad = first_mismatch(got, expected[: len(got)])
+        if bad is not None:
+            raise IntegrityError(
+                f"{reader.path}: merkle tree level {level} block {bad} "
+                f"(image offset {(start + bad) * BLOCK_SIZE}) failed verification"
+            )
         expected = level_bytes
     return level_bytes
 
@@ -83,17 +79,9 @@ def _first_bad_block(reader: ImageReader, level0: bytes, progress, jobs: int) ->
         buf = os.pread(fd, n * BLOCK_SIZE, first * BLOCK_SIZE)
         if len(buf) != n * BLOCK_SIZE:
             return first + len(buf) // BLOCK_SIZE
-        got = hash_blocks(buf)
         want = level0[(first - 1) * HASH_SIZE : (first - 1 + n) * HASH_SIZE]
-        if got == want:
-            return None
-        for i in range(n):
-            if (
-                got[i * HASH_SIZE : (i + 1) * HASH_SIZE]
-                != want[i * HASH_SIZE : (i + 1) * HASH_SIZE]
-            ):
-                return first + i
-        return None  # pragma: no cover - the joined hashes differed somewhere
+        bad = first_mismatch(hash_blocks(buf), want)
+        return None if bad is None else first + bad
 
     with ThreadPoolExecutor(jobs, thread_name_prefix="verify") as pool:
         for first, bad in zip(chunks, pool.map(check, chunks), strict=True):
