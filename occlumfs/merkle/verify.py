@@ -11,6 +11,7 @@ from pathlib import Path
 
 from occlumfs.errors import IntegrityError
 from occlumfs.fs import ROOT_INO
+from occlumfs.merkle.blocks import ImageReader
 from occlumfs.merkle.format import (
     BLOCK_SIZE,
     DIRENT_SIZE,
@@ -18,7 +19,7 @@ from occlumfs.merkle.format import (
     MalformedImageError,
     blocks_for,
 )
-from occlumfs.merkle.reader import ImageFS, ImageReader
+from occlumfs.merkle.reader import ImageFS
 from occlumfs.merkle.tree import first_mismatch, hash_blocks
 
 CHUNK_BLOCKS = 256  # 1 MiB per hashing task
