@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import stat
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -59,6 +60,24 @@ class MalformedImageError(FormatError, FSError):
 
     def __str__(self) -> str:
         return f"malformed image: {self.strerror}"
+
+
+# -- layers: overlayfs' conventions, served through the filesystem contract ---------
+#
+# An image is a layer of a union: a *whiteout* (a name deleted from the layers
+# below) is a character device 0/0, and an *opaque* directory (whose entries
+# in the layers below are hidden) carries this xattr with this value. A tar
+# source is read as an OCI layer, whose archive spells them as entry names.
+WHITEOUT_RDEV = 0
+OPAQUE_XATTR = b"trusted.overlay.opaque"
+OPAQUE_VALUE = b"y"
+OCI_WHITEOUT_PREFIX = b".wh."
+OCI_OPAQUE_MARKER = b".wh..wh..opq"
+
+
+def is_whiteout(mode: int, rdev: int) -> bool:
+    """Whether an entry of this mode and device number is a whiteout."""
+    return stat.S_ISCHR(mode) and rdev == WHITEOUT_RDEV
 
 
 def name_problem(name: bytes) -> str | None:
