@@ -14,6 +14,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from bisect import bisect_left
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +41,11 @@ from occlumfs.merkle.format import (
 )
 
 NAME_CACHE = 65536  # inode -> (parent, name), only to name paths in error messages
+# A directory of up to SMALL_DIR entries is decoded and checked whole on first
+# use and kept, up to LISTED_NAMES names over all directories; lookups in it are
+# a bisect. Larger ones are searched in place, O(log n) blocks per lookup.
+SMALL_DIR = 1024
+LISTED_NAMES = 65536
 CACHE_TIMEOUT = 24 * 3600.0
 # Kernel read-ahead wanted on a mount of an image (FUSE's default: 128 KiB). The
 # image never changes, so reading far ahead has no coherence cost.
@@ -96,6 +103,8 @@ class ImageFS(Filesystem):
         )
         self._names: dict[int, tuple[int, bytes]] = {}
         self._last_extent: dict[int, tuple[int, int, int]] = {}
+        self._listings: OrderedDict[int, tuple[list[bytes], list[int]]] = OrderedDict()
+        self._listed = 0
 
     @property
     def digest(self) -> str:
@@ -185,12 +194,45 @@ class ImageFS(Filesystem):
                 f"{self.reader.path}: directory {parent}: names out of order or duplicated"
             )
 
-    def _check_neighbours(self, parent: int, rec: InodeRecord, index: int, name: bytes) -> None:
+    def _check_neighbours(self, parent: int, rec: InodeRecord, index: int) -> None:
         """A lookup's match must be a valid name, strictly between its neighbours."""
-        before = self._entry(rec, index - 1)[1] if index > 0 else None
-        self._check_name(parent, name, before)
-        if index + 1 < rec.count:
-            self._check_name(parent, self._entry(rec, index + 1)[1], name)
+        first = max(0, index - 1)
+        batch = self._entries(rec, first, min(rec.count, index + 2) - first)
+        previous = None
+        for name in self._batch_names(batch):
+            self._check_name(parent, name, previous)
+            previous = name
+
+    def _listing(self, ino: int, rec: InodeRecord) -> tuple[list[bytes], list[int]] | None:
+        """Names and inode numbers of a small directory, checked once and kept (bounded)."""
+        listing = self._listings.get(ino)
+        if listing is not None or rec.count > SMALL_DIR:
+            return listing
+        batch = self._entries(rec, 0, rec.count) if rec.count else []
+        names = self._batch_names(batch) if batch else []
+        previous = None
+        for name in names:
+            self._check_name(ino, name, previous)
+            previous = name
+        while self._listings and self._listed + len(names) > LISTED_NAMES:
+            self._listed -= len(self._listings.popitem(last=False)[1][0])
+        listing = self._listings[ino] = (names, [e[0] for e in batch])
+        self._listed += len(names)
+        return listing
+
+    def _batch_names(self, batch: list[tuple[int, int, int]]) -> list[bytes]:
+        """The names of consecutive entries; a builder puts them side by side: one fetch."""
+        lo = min(e[2] for e in batch)
+        hi = max(e[2] + e[1] for e in batch)
+        if hi - lo > len(batch) * NAME_MAX:
+            return [self._name(name_len, name_off) for _, name_len, name_off in batch]
+        blob = self.reader.heap(lo, hi - lo)
+        return [
+            blob[name_off - lo : name_off - lo + name_len]
+            if 1 <= name_len <= NAME_MAX
+            else self._name(name_len, name_off)
+            for _, name_len, name_off in batch
+        ]
 
     def _child_attr(self, parent: int, child: int) -> Attr:
         if not 1 <= child <= self.reader.desc.inode_count:
@@ -224,14 +266,22 @@ class ImageFS(Filesystem):
             return self.getattr(up)
         if len(name) > NAME_MAX:
             raise FSError(errno.ENAMETOOLONG)
-        lo, hi = 0, rec.count
         if rec.count * DIRENT_SIZE > self.reader.heap_bytes:
             raise MalformedImageError(f"{self.reader.path}: directory {parent} overruns the heap")
+        listing = self._listing(parent, rec)
+        if listing is not None:
+            names, inos = listing
+            i = bisect_left(names, name)
+            if i == len(names) or names[i] != name:
+                raise FSError(errno.ENOENT)
+            self._remember(inos[i], parent, name)
+            return self._child_attr(parent, inos[i])
+        lo, hi = 0, rec.count
         while lo < hi:
             mid = (lo + hi) // 2
             child, here = self._entry(rec, mid)
             if here == name:
-                self._check_neighbours(parent, rec, mid, name)
+                self._check_neighbours(parent, rec, mid)
                 self._remember(child, parent, name)
                 return self._child_attr(parent, child)
             if here < name:
@@ -248,26 +298,27 @@ class ImageFS(Filesystem):
         rec = self._dir_record(fh)
         if rec.count * DIRENT_SIZE > self.reader.heap_bytes:
             raise MalformedImageError(f"{self.reader.path}: directory {fh} overruns the heap")
-        index = max(0, offset)
-        heap = self.reader.heap
+        for index, child, name in self._children(fh, rec, max(0, offset)):
+            attr = self._child_attr(fh, child)
+            self._remember(child, fh, name)
+            yield DirEntry(name, attr, index + 1)
+
+    def _children(self, ino: int, rec: InodeRecord, index: int) -> Iterator[tuple[int, int, bytes]]:
+        """(index, inode, name) of the entries of a directory from ``index`` on, names checked."""
+        listing = self._listing(ino, rec)
+        if listing is not None:
+            names, inos = listing
+            for i in range(index, len(names)):
+                yield i, inos[i], names[i]
+            return
         previous = self._entry(rec, index - 1)[1] if 0 < index <= rec.count else None
         while index < rec.count:
             batch = self._entries(rec, index, min(256, rec.count - index))
-            # A builder puts a directory's names side by side: fetch them at once.
-            lo = min(e[2] for e in batch)
-            hi = max(e[2] + e[1] for e in batch)
-            blob = heap(lo, hi - lo) if hi - lo <= len(batch) * NAME_MAX else None
-            for child, name_len, name_off in batch:
-                if blob is None or not 1 <= name_len <= NAME_MAX:
-                    name = self._name(name_len, name_off)
-                else:
-                    name = blob[name_off - lo : name_off - lo + name_len]
-                self._check_name(fh, name, previous)
+            for (child, _, _), name in zip(batch, self._batch_names(batch), strict=True):
+                self._check_name(ino, name, previous)
                 previous = name
-                attr = self._child_attr(fh, child)
-                self._remember(child, fh, name)
+                yield index, child, name
                 index += 1
-                yield DirEntry(name, attr, index)
 
     def readlink(self, ino: int) -> bytes:
         rec = self.record(ino)

@@ -12,6 +12,7 @@ import errno
 import io
 import os
 import shutil
+import stat
 import tarfile
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from conftest import run_cli
 from merkle.trees import reseal, set_times
 from occlumfs.errors import ExitCode, FormatError
 from occlumfs.fs import ROOT_INO, iter_dir
-from occlumfs.merkle import build_image, open_image_fs, verify_image
+from occlumfs.merkle import build_image, open_image_fs, reader, verify_image
 from occlumfs.merkle.format import (
     BLOCK_SIZE,
     DESCRIPTOR_SIZE,
@@ -248,3 +249,64 @@ def test_verify_of_an_entry_naming_an_inode_beyond_the_table_is_malformed(named_
         assert info.value.errno == errno.ENOENT
     finally:
         fs.close()
+
+
+@pytest.fixture(scope="module")
+def big_dir_image(tmp_path_factory):
+    """A directory larger than SMALL_DIR, searched in place rather than decoded whole."""
+    base = tmp_path_factory.mktemp("bigdir")
+    src = base / "src"
+    (src / "big").mkdir(parents=True)
+    for i in range(reader.SMALL_DIR + 100):
+        (src / "big" / f"n{i:05}").write_bytes(b"")
+    set_times(src)
+    image = base / "big.img"
+    build_image(src, image)
+    return image
+
+
+def test_a_duplicate_in_a_large_directory_is_malformed(big_dir_image, tmp_path):
+    def duplicate(raw: bytearray, layout: Layout) -> None:
+        heap = layout.heap_start * BLOCK_SIZE
+        big = InodeRecord._make(INODE.unpack_from(raw, layout.inode_start * BLOCK_SIZE + 64))
+        assert stat.S_ISDIR(big.mode) and big.count > reader.SMALL_DIR
+        _ino, nlen, noff = DIRENT.unpack_from(raw, heap + big.ref + 500 * DIRENT_SIZE)
+        raw[heap + noff : heap + noff + nlen] = b"n00499"
+
+    fs = open_image_fs(big_dir_image, digest=None, key=None)
+    try:
+        big = fs.lookup(ROOT_INO, b"big").ino
+        names = [e.name for e in iter_dir(fs, big)]
+        assert len(names) == reader.SMALL_DIR + 100 and names == sorted(names)
+        assert all(fs.lookup(big, n).ino for n in names[::97])
+        with pytest.raises(OSError) as info:
+            fs.lookup(big, b"n00499x")
+        assert info.value.errno == errno.ENOENT
+    finally:
+        fs.close()
+    image, digest = _crafted(big_dir_image, tmp_path, duplicate)
+    fs = open_image_fs(image, digest=digest, key=None)
+    try:
+        big = fs.lookup(ROOT_INO, b"big").ino
+        assert fs.lookup(big, b"n00010").ino  # far from the damage: found in place
+        with pytest.raises(MalformedImageError, match="out of order or duplicated"):
+            fs.lookup(big, b"n00499")
+        with pytest.raises(MalformedImageError, match="out of order or duplicated"):
+            list(iter_dir(fs, big))
+    finally:
+        fs.close()
+
+
+def test_decoded_listings_stay_bounded(named_image, big_dir_image, monkeypatch):
+    monkeypatch.setattr(reader, "LISTED_NAMES", 3)
+    for image in (named_image, big_dir_image):
+        fs = open_image_fs(image, digest=None, key=None)
+        try:
+            for _ in range(2):  # a second pass finds everything again after evictions
+                for entry in iter_dir(fs, ROOT_INO):
+                    assert fs.lookup(ROOT_INO, entry.name).ino == entry.attr.ino
+                    if entry.attr.is_dir:
+                        for child in iter_dir(fs, entry.attr.ino):
+                            assert fs.lookup(entry.attr.ino, child.name).ino == child.attr.ino
+        finally:
+            fs.close()
