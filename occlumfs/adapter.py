@@ -83,9 +83,9 @@ class FuseOperations(pyfuse3.Operations):
     def __init__(self, fs: Filesystem) -> None:
         super().__init__()
         self.fs = fs
+        self._has_xattrs = fs.info.has_xattrs
         self._timeout = fs.info.cache_timeout
         self._keep_cache = fs.info.immutable
-        self._has_xattrs = fs.info.has_xattrs
         # Writeback caching only makes sense where the kernel may write.
         self.enable_writeback_cache = not fs.info.read_only
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import hashlib
 import json
 import logging
@@ -25,7 +24,6 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyfuse3
@@ -65,8 +63,9 @@ def mount_record(mountpoint: Path) -> dict | None:
         return None
 
 
-def _mountinfo() -> Iterator[tuple[str, Path]]:
+def _mountinfo() -> list[tuple[str, Path]]:
     """(major:minor, mountpoint) of each mount in this namespace, oldest first."""
+    mounts = []
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split(b" ")
@@ -74,7 +73,8 @@ def _mountinfo() -> Iterator[tuple[str, Path]]:
             # mountinfo escapes space, tab, newline and backslash as octal.
             for code in (b"\\040", b"\\011", b"\\012", b"\\134"):
                 field = field.replace(code, bytes([int(code[1:], 8)]))
-            yield fields[2].decode(), Path(os.fsdecode(field))
+            mounts.append((fields[2].decode(), Path(os.fsdecode(field))))
+    return mounts
 
 
 def mounted_paths() -> set[Path]:
@@ -240,8 +240,8 @@ class _RequestLoop:
         self._poll = select.poll()
         self._poll.register(self._wake_r, select.POLLIN)
         self._fuse_fd: int | None = None
-        # Run once the first request (always FUSE_INIT) has been answered.
-        self.after_init: Callable[[], None] | None = None
+        # A callable run once the first request (always FUSE_INIT) has been answered.
+        self.after_init = None
 
     def close(self) -> None:
         os.close(self._wake_r)
@@ -417,8 +417,9 @@ def _serve_mounted(
             os.write(ready, b"1")
             os.close(ready)
         loop = _RequestLoop()
-        if fs.info.readahead_kb:
-            loop.after_init = functools.partial(set_readahead, target, fs.info.readahead_kb)
+        readahead_kb = fs.info.readahead_kb
+        if readahead_kb:
+            loop.after_init = lambda: set_readahead(target, readahead_kb)
         try:
             loop.serve(unblocked_mask)
         finally:
