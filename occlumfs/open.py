@@ -35,6 +35,9 @@ class OpenRequest:
     read_only: bool = False
     state_dir: Path | None = None
     warn: Callable[[str], None] = log.warning
+    # A union: its read-only layers, bottom first (occlumfs.unionfs.Lower); the
+    # source is the upper.
+    lowers: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,12 @@ def _open_mem(req: OpenRequest) -> Filesystem:
     return fs
 
 
+def _open_union(req: OpenRequest) -> Filesystem:
+    from occlumfs.unionfs import open_union_request
+
+    return open_union_request(req)
+
+
 def _is_sefs(source: Path) -> bool:
     from occlumfs.sefs import is_sefs_dir
 
@@ -109,6 +118,7 @@ KINDS: dict[str, Kind] = {
     "image": Kind(_open_image, detect=_is_image),
     "sefs": Kind(_open_sefs, detect=_is_sefs, needs_secret=True),
     "mem": Kind(_open_mem, source_must_exist=False),
+    "union": Kind(_open_union, needs_secret=True, source_must_exist=False),
 }
 
 
@@ -152,6 +162,7 @@ def open_filesystem(
     read_only: bool = False,
     state_dir: Path | None = None,
     warn: Callable[[str], None] = log.warning,
+    lowers: tuple = (),
 ) -> Filesystem:
     """Open ``source`` as a filesystem of ``kind`` (detected when None).
 
@@ -168,5 +179,6 @@ def open_filesystem(
         read_only=read_only,
         state_dir=state_dir,
         warn=warn,
+        lowers=tuple(lowers),
     )
     return KINDS[kind].open(request)
