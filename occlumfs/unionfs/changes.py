@@ -88,8 +88,13 @@ class UnionChanges:
         self.upper.mknod(parent_upper, name, stat.S_IFCHR, 0, Caller())
 
     def _forget_name(self, node) -> None:
+        """``node`` lost the name it was last seen under."""
         if node.is_dir:
             self._nodes.pop(node.ino, None)
+        elif node.upper is None:
+            # Still open maybe, or changed by the kernel flushing its times:
+            # a copy-up now must not bring the name back (see copy_up_meta).
+            node.name = None
 
     # -- attributes -----------------------------------------------------------------------
     def setattr(self, ino: int, changes: AttrChanges, fh: int | None = None) -> Attr:
@@ -198,8 +203,7 @@ class UnionChanges:
                 self.upper.unlink(parent_upper, name)
         if below:
             self._whiteout(parent_upper, name)
-        if want_dir:
-            self._forget_name(node)
+        self._forget_name(node)
 
     def _is_empty(self, node) -> bool:
         fh = self.opendir(node.ino)
@@ -276,7 +280,7 @@ class UnionChanges:
         self.upper.rename(old_upper, old_name, new_upper, new_name)
         if old_below:
             self._whiteout(old_upper, old_name)
-        if dst is not None and dst.ino != src.ino and dst.is_dir:
+        if dst is not None and dst.ino != src.ino:
             self._forget_name(dst)
         src.parent, src.name = npnode.ino, new_name
 

@@ -150,7 +150,10 @@ class CopyUp:
             return node.upper
         if node.is_dir:
             return self.upper_dir(node)
-        parent_upper = self.upper_dir(self._nodes[node.parent])
+        # A node whose name is gone (unlinked while open) is copied into the
+        # work directory and stays there, nameless, until the next mount.
+        detached = node.name is None
+        parent_upper = None if detached else self.upper_dir(self._nodes[node.parent])
         layer, lino = node.lower
         lower = self.lowers[layer]
         attr = lower.getattr(lino)
@@ -169,7 +172,8 @@ class CopyUp:
             made = self.upper.mknod(work, tmp, attr.mode, attr.rdev, caller)
         self.upper.setxattr(made.ino, L.ORIGIN_XATTR, L.pack_origin(node.ino))
         self._copy_meta(lower, lino, attr, made.ino)
-        self._move_into_place(work, tmp, parent_upper, node.name)
+        if not detached:
+            self._move_into_place(work, tmp, parent_upper, node.name)
         node.upper = made.ino
         if not stat.S_ISREG(attr.mode):
             node.lower = None

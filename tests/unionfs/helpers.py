@@ -117,19 +117,15 @@ class Stack:
         self.fs.close()
         return self.open()
 
-    def mount_args(self) -> list[str]:
+    def lower_args(self) -> list[str]:
+        """``occlumfs mount`` options naming the union's lowers."""
         args = ["--type", "union"]
         for image, digest in zip(self.layers.images, self.layers.digests, strict=True):
             args += ["--lower", str(image), "--digest", digest]
-        return [
-            *args,
-            "--upper",
-            str(self.upper),
-            "--key-file",
-            str(self.key_file),
-            "--state-dir",
-            str(self.state),
-        ]
+        return args
+
+    def secret_args(self) -> list[str]:
+        return ["--key-file", str(self.key_file), "--state-dir", str(self.state)]
 
 
 def listing(fs, path: str = "") -> list[bytes]:

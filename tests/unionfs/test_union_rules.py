@@ -362,3 +362,23 @@ def test_read_only_union_refuses_changes(stack):
     assert errno_of(fs.setattr, lp(fs, LOWER_ONLY).ino, AttrChanges(mode=0)) == errno.EROFS
     assert errno_of(fs.open, lp(fs, LOWER_ONLY).ino, os.O_WRONLY) == errno.EROFS
     assert read(fs, LOWER_ONLY) == WANT[LOWER_ONLY]
+
+
+def test_changing_an_unlinked_lower_file_does_not_bring_its_name_back(stack):
+    # The kernel flushes cached times of a file after unlinking it (a setattr);
+    # an open file stays usable after its name is gone.
+    fs = stack.fs
+    ino = lp(fs, MERGED).ino
+    fh = fs.open(ino, os.O_RDONLY)
+    fs.unlink(*parent_and_name(fs, MERGED))
+    fs.setattr(ino, AttrChanges(mtime_ns=123))
+    assert not exists(fs, MERGED) and b"shared" not in listing(fs, "merged")
+    assert fs.read(fh, 0, 100) == WANT[MERGED]
+    fs.release(fh)
+    fh = fs.open(ino, os.O_RDWR)
+    fs.write(fh, 0, b"TOP")
+    assert fs.read(fh, 0, 100) == b"TOP" + WANT[MERGED][3:]
+    fs.release(fh)
+    assert not exists(fs, MERGED)
+    fs = stack.reopen()
+    assert not exists(fs, MERGED) and b"shared" not in listing(fs, "merged")
