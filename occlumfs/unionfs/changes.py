@@ -189,7 +189,8 @@ class UnionChanges:
             raise FSError(errno.ENOTEMPTY)
         below = self._lower_shows(pnode, name)
         parent_upper = self.upper_dir(pnode)
-        if node.upper is not None:
+        self._drop_lower_name(node, parent_upper, name)
+        if self._upper_lookup(parent_upper, name) is not None:
             if want_dir:
                 self._remove_upper_tree(node.upper)  # only whiteouts are left in it
                 self.upper.rmdir(parent_upper, name)
@@ -204,6 +205,14 @@ class UnionChanges:
         if below:
             self._whiteout(parent_upper, name)
         self._forget_name(node)
+
+    def _drop_lower_name(self, node, parent_upper: int, name: bytes) -> None:
+        """Account for a hard-linked lower file losing its lower name ``name``."""
+        if node.is_dir or self._upper_lookup(parent_upper, name) is not None:
+            return
+        if node.indexed or (node.upper is None and self._attr(node).nlink > 1):
+            self.copy_up_meta(node)
+            self.count_gone(node)
 
     def _is_empty(self, node) -> bool:
         fh = self.opendir(node.ino)
@@ -265,6 +274,10 @@ class UnionChanges:
         self.copy_up_meta(src)
         old_upper = self.upper_dir(opnode)
         new_upper = self.upper_dir(npnode)
+        if src.indexed:
+            self.place_name(src, old_upper, old_name)
+        if dst is not None and dst.ino != src.ino:
+            self._drop_lower_name(dst, new_upper, new_name)
         in_way = self._upper_lookup(new_upper, new_name)
         if in_way is not None and (in_way.is_dir or src.is_dir) and in_way.is_dir != src.is_dir:
             # A whiteout (or an emptied directory) the upper cannot rename over.
@@ -291,6 +304,9 @@ class UnionChanges:
         self.copy_up_meta(src)
         self.copy_up_meta(dst)
         old_upper, new_upper = self.upper_dir(opnode), self.upper_dir(npnode)
+        for node, parent_upper, name in ((src, old_upper, old_name), (dst, new_upper, new_name)):
+            if node.indexed:
+                self.place_name(node, parent_upper, name)
         for node in (src, dst):
             if node.is_dir:
                 self._moved_dir(node)

@@ -21,6 +21,8 @@ class Node:
     # the lowers' namespace they were found at (what a rename redirects to).
     stack: tuple[tuple[int, int], ...] = ()
     lower_path: bytes = b""
+    # A hard-linked lower file's copy, shared by all its names through the index.
+    indexed: bool = False
 
 
 @dataclass(slots=True, eq=False)

@@ -58,6 +58,8 @@ def build_bottom(root: Path) -> None:
         f.write(b"end!")
     _file(root / "big", os.urandom(BIG))
     os.symlink("low-only", root / "link")
+    _file(root / "hl-a", b"bottom: hard-linked\n")
+    os.link(root / "hl-a", root / "merged/hl-b")
 
 
 def build_top(root: Path) -> None:

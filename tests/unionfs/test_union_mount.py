@@ -36,6 +36,7 @@ def test_mount_creates_the_upper_and_serves_the_union(layers, tmp_path):
         assert sorted(os.listdir(mnt / "merged")) == [
             "from-bottom",
             "from-top",
+            "hl-b",
             "shared",
             "sub-bottom",
         ]
@@ -61,6 +62,7 @@ def test_mount_creates_the_upper_and_serves_the_union(layers, tmp_path):
         assert sorted(os.listdir(mnt / "merged")) == [
             "from-bottom",
             "from-top",
+            "hl-b",
             "sub-bottom",
             "tree-moved",
         ]

@@ -38,6 +38,7 @@ WANT = {
     UNDER_OPAQUE: b"top: opaque/shown\n",
     MERGED: b"top: merged/shared\n",
 }
+MERGED_LISTING = [b"from-bottom", b"from-top", b"hl-b", b"shared", b"sub-bottom"]
 
 
 def now_and_after_remount(stack):
@@ -63,7 +64,7 @@ def test_whiteouts_and_opaque_directories_hide_what_is_below(stack):
     for gone in ("deleted-file", "deleted-dir", "deleted-dir/inside", "opaque/hidden"):
         assert not exists(fs, gone), gone
     assert listing(fs, "opaque") == [b"shown"]
-    assert listing(fs, "merged") == [b"from-bottom", b"from-top", b"shared", b"sub-bottom"]
+    assert listing(fs, "merged") == MERGED_LISTING
     root = listing(fs)
     assert b"deleted-file" not in root and b"deleted-dir" not in root
     assert b".occlumfs-union" not in root
@@ -196,7 +197,7 @@ def test_rename_merged_directory_over_an_emptied_one(stack):
     fs = stack.fs
     fs.unlink(*parent_and_name(fs, "opaque/shown"))
     rename(fs, "merged", "opaque")
-    assert listing(fs, "opaque") == [b"from-bottom", b"from-top", b"shared", b"sub-bottom"]
+    assert listing(fs, "opaque") == MERGED_LISTING
     assert not exists(fs, "merged")
     fs = stack.reopen()
     assert read(fs, "opaque/shared") == b"top: merged/shared\n"
@@ -323,7 +324,7 @@ def test_listing_cookies_survive_additions_and_removals(stack):
     try:
         entries = list(fs.readdir(fh, 0))
         names = [e.name for e in entries]
-        assert len(names) == len(set(names)) == 24
+        assert len(names) == len(set(names)) == 25
         # Resume from every cookie: exactly the rest, in the same order.
         for i, entry in enumerate(entries):
             assert [e.name for e in fs.readdir(fh, entry.next_offset)] == names[i + 1 :]
@@ -382,3 +383,41 @@ def test_changing_an_unlinked_lower_file_does_not_bring_its_name_back(stack):
     assert not exists(fs, MERGED)
     fs = stack.reopen()
     assert not exists(fs, MERGED) and b"shared" not in listing(fs, "merged")
+
+
+def _nlinks(fs, *paths):
+    return [(lp(fs, p).ino, lp(fs, p).nlink) for p in paths]
+
+
+def test_lower_hard_links_stay_one_inode_through_every_change(stack):
+    fs = stack.fs
+    ino = lp(fs, "hl-a").ino
+    assert _nlinks(fs, "hl-a", "merged/hl-b") == [(ino, 2)] * 2
+    fs.setattr(ino, AttrChanges(mode=0o600))
+    assert stat.S_IMODE(lp(fs, "merged/hl-b").mode) == 0o600
+    write(fs, "merged/hl-b", b"TOP")
+    assert read(fs, "hl-a") == b"TOP" + b"bottom: hard-linked\n"[3:]
+    assert _nlinks(fs, "hl-a", "merged/hl-b") == [(ino, 2)] * 2
+    fs.link(ino, 1, b"hl-c")
+    assert _nlinks(fs, "hl-a", "merged/hl-b", "hl-c") == [(ino, 3)] * 3
+    rename(fs, "hl-a", "tree/hl-moved")
+    assert _nlinks(fs, "tree/hl-moved", "merged/hl-b", "hl-c") == [(ino, 3)] * 3
+    fs = stack.reopen()
+    assert _nlinks(fs, "tree/hl-moved", "merged/hl-b", "hl-c") == [(ino, 3)] * 3
+    assert not exists(fs, "hl-a") and b"hl-a" not in listing(fs)
+    fs.unlink(*parent_and_name(fs, "merged/hl-b"))
+    assert _nlinks(fs, "tree/hl-moved", "hl-c") == [(ino, 2)] * 2
+    fs.unlink(*parent_and_name(fs, "hl-c"))
+    fs = stack.reopen()
+    assert _nlinks(fs, "tree/hl-moved") == [(ino, 1)]
+    assert read(fs, "tree/hl-moved") == b"TOP" + b"bottom: hard-linked\n"[3:]
+
+
+def test_unlinking_a_lower_hard_link_counts(stack):
+    fs = stack.fs
+    ino = lp(fs, "hl-a").ino
+    fs.unlink(1, b"hl-a")
+    assert _nlinks(fs, "merged/hl-b") == [(ino, 1)]
+    assert read(fs, "merged/hl-b") == b"bottom: hard-linked\n"
+    fs = stack.reopen()
+    assert _nlinks(fs, "merged/hl-b") == [(ino, 1)] and not exists(fs, "hl-a")
