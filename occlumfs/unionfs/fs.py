@@ -387,8 +387,13 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
             self.lowers[handle.layer].release(handle.fh)
             fresh = self._read_handle(handle.node, os.O_RDONLY)
             handle.layer, handle.fh = fresh.layer, fresh.fh
-        fs = self.upper if handle.layer < 0 else self.lowers[handle.layer]
-        return fs.read(handle.fh, offset, size)
+        if handle.layer < 0:
+            return self.upper.read(handle.fh, offset, size)
+        if handle.node.upper is not None:
+            # A metadata-only copy: its size is the upper's (a truncate that
+            # was cut short by a crash must not show the lower's tail).
+            size = max(0, min(size, self.upper.getattr(handle.node.upper).size - offset))
+        return self.lowers[handle.layer].read(handle.fh, offset, size)
 
     def _file_fs(self, handle: FileHandle) -> Filesystem:
         return self.upper if handle.layer < 0 else self.lowers[handle.layer]
