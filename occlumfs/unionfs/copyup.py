@@ -23,6 +23,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from occlumfs.errors import FSError, IntegrityError
 from occlumfs.fs import BLOCK_SIZE, ROOT_INO, Attr, AttrChanges, Caller
@@ -43,6 +45,23 @@ class CopyUp:
     def _writable(self) -> None:
         if self.read_only:
             raise FSError(errno.EROFS)
+
+    @contextmanager
+    def _upper_transaction(self) -> Iterator[None]:
+        """Several upper changes that must reach the disk together.
+
+        The upper commits on a timer checked after each change (SEFS: every
+        ``commit_interval``, 10 s); committing first means the timer cannot
+        fire between the changes, and the next commit holds them all.
+        """
+        commit = getattr(self.upper, "commit", None)
+        if commit is not None and not self.read_only:
+            # A commit with nothing to write does not restart the timer: touch
+            # the union's private directory so that there is something.
+            private = self._private_subdir(L.WORK_DIR)
+            self.upper.setattr(private, AttrChanges())
+            commit()
+        yield
 
     # -- the upper's private state --------------------------------------------------------
     def _bind_lowers(self) -> None:

@@ -232,24 +232,21 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
 
     # -- read side ----------------------------------------------------------------------
     def _attr(self, node: Node) -> Attr:
-        if node.upper is not None:
-            attr = self.upper.getattr(node.upper)
-            if node.lower is not None:  # a metadata-only copy: the data is below
-                layer, lino = node.lower
-                blocks = self.lowers[layer].getattr(lino).blocks
-                return dataclasses.replace(attr, ino=node.ino, blocks=blocks)
-            if node.is_dir:
-                return dataclasses.replace(attr, ino=node.ino, nlink=self._dir_nlink(node, attr))
-            if node.indexed:
-                return dataclasses.replace(
-                    attr, ino=node.ino, nlink=self._indexed_nlink(node, attr)
-                )
+        if node.upper is None:
+            layer, lino = node.lower if node.lower is not None else node.stack[0]
+            attr = self.lowers[layer].getattr(lino)
+            if node.is_dir and len(node.stack) > 1:
+                return dataclasses.replace(attr, ino=node.ino, nlink=1)
             return dataclasses.replace(attr, ino=node.ino)
-        layer, lino = node.lower if node.lower is not None else node.stack[0]
-        attr = self.lowers[layer].getattr(lino)
-        if node.is_dir and len(node.stack) > 1:
-            return dataclasses.replace(attr, ino=node.ino, nlink=1)
-        return dataclasses.replace(attr, ino=node.ino)
+        attr = self.upper.getattr(node.upper)
+        if node.is_dir:
+            return dataclasses.replace(attr, ino=node.ino, nlink=self._dir_nlink(node, attr))
+        nlink = self._indexed_nlink(node, attr) if node.indexed else attr.nlink
+        blocks = attr.blocks
+        if node.lower is not None:  # a metadata-only copy: the data is below
+            layer, lino = node.lower
+            blocks = self.lowers[layer].getattr(lino).blocks
+        return dataclasses.replace(attr, ino=node.ino, nlink=nlink, blocks=blocks)
 
     def _indexed_nlink(self, node: Node, attr: Attr) -> int:
         # The lower names still showing it, plus its upper names but the index's.

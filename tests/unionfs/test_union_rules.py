@@ -421,3 +421,12 @@ def test_unlinking_a_lower_hard_link_counts(stack):
     assert read(fs, "merged/hl-b") == b"bottom: hard-linked\n"
     fs = stack.reopen()
     assert _nlinks(fs, "merged/hl-b") == [(ino, 1)] and not exists(fs, "hl-a")
+
+
+def test_a_metadata_copy_of_a_hard_linked_lower_file_keeps_the_count(stack):
+    fs = stack.fs
+    ino = lp(fs, "hl-a").ino
+    fs.setattr(ino, AttrChanges(mode=0o600))
+    assert _nlinks(fs, "hl-a", "merged/hl-b") == [(ino, 2)] * 2
+    fs.unlink(1, b"hl-a")
+    assert _nlinks(fs, "merged/hl-b") == [(ino, 1)]
