@@ -93,17 +93,39 @@ def mount_record(mountpoint: Path) -> dict | None:
         return None
 
 
-def mounted_paths() -> set[Path]:
-    """Mountpoints in this mount namespace, from /proc/self/mountinfo."""
-    paths = set()
+def _mountinfo() -> list[tuple[str, Path]]:
+    """(major:minor, mountpoint) of each mount in this namespace, oldest first."""
+    mounts = []
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
-            field = line.split(b" ")[4]
+            fields = line.split(b" ")
+            field = fields[4]
             # mountinfo escapes space, tab, newline and backslash as octal.
             for code in (b"\\040", b"\\011", b"\\012", b"\\134"):
                 field = field.replace(code, bytes([int(code[1:], 8)]))
-            paths.add(Path(os.fsdecode(field)))
-    return paths
+            mounts.append((fields[2].decode(), Path(os.fsdecode(field))))
+    return mounts
+
+
+def mounted_paths() -> set[Path]:
+    """Mountpoints in this mount namespace, from /proc/self/mountinfo."""
+    return {path for _device, path in _mountinfo()}
+
+
+def set_readahead(mountpoint: Path, kb: int) -> None:
+    """Set the kernel read-ahead of the newest mount at ``mountpoint`` to ``kb`` KiB.
+
+    A FUSE mount reads ahead 128 KiB, so a sequential read arrives as 128 KiB
+    requests, each paying the per-request cost of the Python server. The
+    kernel resets the value when FUSE_INIT is answered: call this after.
+    """
+    devices = [device for device, path in _mountinfo() if path == mountpoint]
+    if not devices:
+        return
+    try:
+        Path(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb").write_text(f"{kb}\n")
+    except OSError as exc:
+        log.info("cannot set the read-ahead of %s: %s", mountpoint, exc)
 
 
 def check_mountpoint(mountpoint: Path, *, nonempty: bool = False) -> Path:
@@ -262,6 +284,8 @@ class _RequestLoop:
         self._poll = select.poll()
         self._poll.register(self._wake_r, select.POLLIN)
         self._fuse_fd: int | None = None
+        # A callable run once the first request (always FUSE_INIT) has been answered.
+        self.after_init = None
 
     def close(self) -> None:
         os.close(self._wake_r)
@@ -294,6 +318,11 @@ class _RequestLoop:
         if self._fuse_fd != fd:
             self._poll.register(fd, select.POLLIN)
             self._fuse_fd = fd
+        elif self.after_init is not None:
+            # pyfuse3 waits once per request: this second wait follows the
+            # answer to FUSE_INIT, which reset what the mount may tune.
+            hook, self.after_init = self.after_init, None
+            hook()
         while not self._closing:
             for got, _ in self._poll.poll():
                 if got == self._wake_r:
@@ -440,6 +469,9 @@ def _serve_mounted(
             os.write(ready, b"1")
             os.close(ready)
         loop = _RequestLoop()
+        readahead_kb = fs.info.readahead_kb
+        if readahead_kb:
+            loop.after_init = lambda: set_readahead(target, readahead_kb)
         try:
             loop.serve(unblocked_mask)
         finally:
