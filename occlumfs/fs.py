@@ -37,7 +37,8 @@ BLOCK_SIZE = 4096
 
 
 RENAME_NOREPLACE = 1  # renameat2 flags, as the kernel passes them
-RENAME_EXCHANGE = 2  # refused (EINVAL) by every filesystem so far
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 
 
 @dataclass(slots=True)
