@@ -17,7 +17,15 @@ from occlumfs.fs import Filesystem
 from occlumfs.unionfs.copyup import LayerMismatchError
 from occlumfs.unionfs.fs import UnionFS
 
-__all__ = ["LayerMismatchError", "Lower", "UnionFS", "open_union", "upper_is_new"]
+__all__ = [
+    "LayerMismatchError",
+    "Lower",
+    "UnionFS",
+    "lowers_from_options",
+    "open_union",
+    "open_union_request",
+    "upper_is_new",
+]
 
 
 @dataclass(frozen=True)
@@ -81,3 +89,56 @@ def open_union(
         for fs in reversed(opened):
             fs.close()
         raise
+
+
+def lowers_from_options(
+    images: Sequence[Path], digests: Sequence[str], key_files: Sequence[Path]
+) -> list[Lower]:
+    """The lowers of ``--lower``/``--digest``/``--lower-key-file``, each in lower order.
+
+    Digests: none, or one per lower. Key files: none, one for every lower, or
+    one per lower.
+    """
+    from occlumfs.keys import load_key_file
+
+    if not images:
+        raise UsageError("a union needs at least one --lower image")
+    if digests and len(digests) != len(images):
+        raise UsageError(
+            f"{len(digests)} --digest for {len(images)} --lower: give one per lower, in order"
+        )
+    if len(key_files) not in (0, 1, len(images)):
+        raise UsageError(
+            f"{len(key_files)} --lower-key-file for {len(images)} --lower: "
+            "give one for all, or one per lower, in order"
+        )
+    keys = [load_key_file(k) for k in key_files]
+    if len(keys) == 1:
+        keys *= len(images)
+    return [
+        Lower(Path(image), digests[i] if digests else None, keys[i] if keys else None)
+        for i, image in enumerate(images)
+    ]
+
+
+def open_union_request(req) -> UnionFS:
+    """Open the union an :class:`occlumfs.open.OpenRequest` describes (``source``: the upper)."""
+    for n, lower in enumerate(req.lowers):
+        if lower.digest is None:
+            req.warn(
+                f"no digest pinned for lower {n} ({lower.path}): it is verified against the "
+                "digest it carries, so nothing pins which image this is"
+            )
+    new = upper_is_new(req.source)
+    fs = open_union(
+        req.lowers,
+        req.source,
+        key=req.key,
+        passphrase=req.passphrase,
+        state_dir=req.state_dir,
+        read_only=req.read_only,
+        create=True,
+    )
+    if new:
+        req.warn(f"{os.path.abspath(req.source)}: created a new SEFS store as the upper layer")
+    return fs

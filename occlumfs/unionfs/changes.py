@@ -63,20 +63,25 @@ class UnionChanges:
         parent_upper = self.upper_dir(pnode)
         return pnode, parent_upper, self._upper_lookup(parent_upper, name) is not None
 
-    def _make(self, parent: int, name: bytes, make) -> Attr:
+    def _make(self, parent: int, name: bytes, make, *, is_dir: bool = False) -> Attr:
         """Create an entry with ``make(upper_parent, name)``, over a whiteout if one is there."""
         pnode, parent_upper, whiteout = self._prepare_new(parent, name)
         if not whiteout:
-            made = make(parent_upper, name)
-        else:
-            # Build it aside and rename it over the whiteout in one step.
-            work, tmp = self._work_dir(), self._tmp_name()
-            made = make(work, tmp)
-            if made.is_dir:
-                self.upper.unlink(parent_upper, name)
+            make(parent_upper, name)
+            return self._attr(self._resolve(pnode, name))
+        # Build it aside, then put it in the whiteout's place: one rename for a
+        # file; a directory (opaque if a lower one is hidden there) needs the
+        # whiteout gone first, so both land in one commit.
+        work, tmp = self._work_dir(), self._tmp_name()
+        made = make(work, tmp)
+        if not is_dir:
             self.upper.rename(work, tmp, parent_upper, name)
-        if made.is_dir and self._lower_shows_dir_below(pnode, name):
+            return self._attr(self._resolve(pnode, name))
+        if self._lower_shows_dir_below(pnode, name):
             self.upper.setxattr(made.ino, L.OPAQUE_XATTR, b"y")
+        with self._upper_transaction():
+            self.upper.unlink(parent_upper, name)
+            self.upper.rename(work, tmp, parent_upper, name)
         return self._attr(self._resolve(pnode, name))
 
     def _lower_shows_dir_below(self, pnode, name: bytes) -> bool:
@@ -88,8 +93,13 @@ class UnionChanges:
         self.upper.mknod(parent_upper, name, stat.S_IFCHR, 0, Caller())
 
     def _forget_name(self, node) -> None:
+        """``node`` lost the name it was last seen under."""
         if node.is_dir:
             self._nodes.pop(node.ino, None)
+        elif node.upper is None:
+            # Still open maybe, or changed by the kernel flushing its times:
+            # a copy-up now must not bring the name back (see copy_up_meta).
+            node.name = None
 
     # -- attributes -----------------------------------------------------------------------
     def setattr(self, ino: int, changes: AttrChanges, fh: int | None = None) -> Attr:
@@ -153,7 +163,9 @@ class UnionChanges:
         return self._make(parent, name, lambda p, n: self.upper.mknod(p, n, mode, rdev, caller))
 
     def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Attr:
-        return self._make(parent, name, lambda p, n: self.upper.mkdir(p, n, mode, caller))
+        return self._make(
+            parent, name, lambda p, n: self.upper.mkdir(p, n, mode, caller), is_dir=True
+        )
 
     def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Attr:
         return self._make(parent, name, lambda p, n: self.upper.symlink(p, n, target, caller))
@@ -184,22 +196,46 @@ class UnionChanges:
             raise FSError(errno.ENOTEMPTY)
         below = self._lower_shows(pnode, name)
         parent_upper = self.upper_dir(pnode)
-        if node.upper is not None:
-            if want_dir:
-                self._remove_upper_tree(node.upper)  # only whiteouts are left in it
-                self.upper.rmdir(parent_upper, name)
-            elif below:
-                # One step: a whiteout replaces the file.
-                work, tmp = self._work_dir(), self._tmp_name()
-                self._whiteout(work, tmp)
-                self.upper.rename(work, tmp, parent_upper, name)
-                return
+        if self._drops_lower_link(node, parent_upper, name):
+            with self._upper_transaction():
+                self.count_gone(node)
+                self._whiteout(parent_upper, name)
+        elif want_dir and node.upper is not None:
+            if below or not self._upper_dir_empty(node.upper):
+                with self._upper_transaction():
+                    self._remove_upper_tree(node.upper)  # only whiteouts are left in it
+                    self.upper.rmdir(parent_upper, name)
+                    if below:
+                        self._whiteout(parent_upper, name)
             else:
-                self.upper.unlink(parent_upper, name)
-        if below:
-            self._whiteout(parent_upper, name)
-        if want_dir:
-            self._forget_name(node)
+                self.upper.rmdir(parent_upper, name)
+        elif self._upper_lookup(parent_upper, name) is None:
+            self._whiteout(parent_upper, name)  # a lower-only name: below is not empty
+        elif below:
+            # One step: a whiteout replaces the file.
+            work, tmp = self._work_dir(), self._tmp_name()
+            self._whiteout(work, tmp)
+            self.upper.rename(work, tmp, parent_upper, name)
+        else:
+            self.upper.unlink(parent_upper, name)
+        self._forget_name(node)
+
+    def _upper_dir_empty(self, ino: int) -> bool:
+        fh = self.upper.opendir(ino)
+        try:
+            return next(iter(self.upper.readdir(fh, 0)), None) is None
+        finally:
+            self.upper.releasedir(fh)
+
+    def _drops_lower_link(self, node, parent_upper: int, name: bytes) -> bool:
+        """Whether hiding lower name ``name`` takes a link from a hard-linked lower
+        file; if so its copy is made ready (the caller counts the link gone)."""
+        if node.is_dir or self._upper_lookup(parent_upper, name) is not None:
+            return False
+        if node.indexed or (node.upper is None and self._attr(node).nlink > 1):
+            self.copy_up_meta(node)
+            return True
+        return False
 
     def _is_empty(self, node) -> bool:
         fh = self.opendir(node.ino)
@@ -217,10 +253,14 @@ class UnionChanges:
                 return False
             of = self._nodes[of.parent]
 
-    def _moved_dir(self, node) -> None:
-        """Mark a directory that now lives under another name: its lower
-        contents follow it (a redirect); without any, lowers at its new name
-        must not merge in (opaque)."""
+    def _needs_marks(self, node, new_pnode, new_name: bytes) -> bool:
+        """Whether moving directory ``node`` to ``new_name`` needs a mark (see _mark_moved)."""
+        return bool(node.stack) or self._lower_shows_dir_below(new_pnode, new_name)
+
+    def _mark_moved(self, node) -> None:
+        """Mark a directory about to live under another name: its lower
+        contents follow it (a redirect); without any, lower directories at its
+        new name must not merge in (opaque)."""
         marks = self._private_xattrs(node.upper)
         if node.stack:
             if L.REDIRECT_XATTR not in marks:
@@ -261,7 +301,29 @@ class UnionChanges:
         self.copy_up_meta(src)
         old_upper = self.upper_dir(opnode)
         new_upper = self.upper_dir(npnode)
+        dst_link = dst is not None and self._drops_lower_link(dst, new_upper, new_name)
+        place = src.indexed and self._upper_lookup(old_upper, old_name) is None
         in_way = self._upper_lookup(new_upper, new_name)
+        marks = src.is_dir and self._needs_marks(src, npnode, new_name)
+        if in_way is None and not (old_below or marks or place or dst_link):
+            self.upper.rename(old_upper, old_name, new_upper, new_name)  # one step
+        else:
+            with self._upper_transaction():
+                if place:
+                    self.place_name(src, old_upper, old_name)
+                if dst_link:
+                    self.count_gone(dst)
+                if marks:
+                    self._mark_moved(src)
+                self._rename_in_upper(src, old_upper, old_name, new_upper, new_name, in_way)
+                if old_below:
+                    self._whiteout(old_upper, old_name)
+        if dst is not None and dst.ino != src.ino:
+            self._forget_name(dst)
+        src.parent, src.name = npnode.ino, new_name
+
+    def _rename_in_upper(self, src, old_upper, old_name, new_upper, new_name, in_way) -> None:
+        """Move ``src`` in the upper, over what is in the way there."""
         if in_way is not None and (in_way.is_dir or src.is_dir) and in_way.is_dir != src.is_dir:
             # A whiteout (or an emptied directory) the upper cannot rename over.
             if in_way.is_dir:
@@ -271,14 +333,7 @@ class UnionChanges:
                 self.upper.unlink(new_upper, new_name)
         elif in_way is not None and in_way.is_dir:
             self._remove_upper_tree(in_way.ino)
-        if src.is_dir:
-            self._moved_dir(src)
         self.upper.rename(old_upper, old_name, new_upper, new_name)
-        if old_below:
-            self._whiteout(old_upper, old_name)
-        if dst is not None and dst.ino != src.ino and dst.is_dir:
-            self._forget_name(dst)
-        src.parent, src.name = npnode.ino, new_name
 
     def _exchange(self, opnode, old_name, src, npnode, new_name, dst) -> None:
         """RENAME_EXCHANGE: both entries come up, then swap through a private name."""
@@ -287,11 +342,22 @@ class UnionChanges:
         self.copy_up_meta(src)
         self.copy_up_meta(dst)
         old_upper, new_upper = self.upper_dir(opnode), self.upper_dir(npnode)
-        for node in (src, dst):
-            if node.is_dir:
-                self._moved_dir(node)
+        moved = [
+            node
+            for node, pnode, name in ((src, npnode, new_name), (dst, opnode, old_name))
+            if node.is_dir and self._needs_marks(node, pnode, name)
+        ]
         work, tmp = self._work_dir(), self._tmp_name()
-        self.upper.rename(old_upper, old_name, work, tmp)
-        self.upper.rename(new_upper, new_name, old_upper, old_name)
-        self.upper.rename(work, tmp, new_upper, new_name)
+        with self._upper_transaction():
+            for node, parent_upper, name in (
+                (src, old_upper, old_name),
+                (dst, new_upper, new_name),
+            ):
+                if node.indexed:
+                    self.place_name(node, parent_upper, name)
+            for node in moved:
+                self._mark_moved(node)
+            self.upper.rename(old_upper, old_name, work, tmp)
+            self.upper.rename(new_upper, new_name, old_upper, old_name)
+            self.upper.rename(work, tmp, new_upper, new_name)
         src.parent, src.name, dst.parent, dst.name = npnode.ino, new_name, opnode.ino, old_name

@@ -23,6 +23,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from occlumfs.errors import FSError, IntegrityError
 from occlumfs.fs import BLOCK_SIZE, ROOT_INO, Attr, AttrChanges, Caller
@@ -43,6 +45,23 @@ class CopyUp:
     def _writable(self) -> None:
         if self.read_only:
             raise FSError(errno.EROFS)
+
+    @contextmanager
+    def _upper_transaction(self) -> Iterator[None]:
+        """Several upper changes that must reach the disk together.
+
+        The upper commits on a timer checked after each change (SEFS: every
+        ``commit_interval``, 10 s); committing first means the timer cannot
+        fire between the changes, and the next commit holds them all.
+        """
+        commit = getattr(self.upper, "commit", None)
+        if commit is not None and not self.read_only:
+            # A commit with nothing to write does not restart the timer: touch
+            # the union's private directory so that there is something.
+            private = self._private_subdir(L.WORK_DIR)
+            self.upper.setattr(private, AttrChanges())
+            commit()
+        yield
 
     # -- the upper's private state --------------------------------------------------------
     def _bind_lowers(self) -> None:
@@ -88,14 +107,33 @@ class CopyUp:
             else:
                 self.upper.unlink(dir_ino, entry.name)
 
-    def _work_dir(self) -> int:
+    def _private_subdir(self, name: bytes) -> int:
         private = self._upper_lookup(ROOT_INO, L.PRIVATE_DIR)
         if private is None:
             private = self.upper.mkdir(ROOT_INO, L.PRIVATE_DIR, 0o700, Caller())
-        work = self._upper_lookup(private.ino, L.WORK_DIR)
-        if work is None:
-            work = self.upper.mkdir(private.ino, L.WORK_DIR, 0o700, Caller())
-        return work.ino
+        sub = self._upper_lookup(private.ino, name)
+        if sub is None:
+            sub = self.upper.mkdir(private.ino, name, 0o700, Caller())
+        return sub.ino
+
+    def _work_dir(self) -> int:
+        return self._private_subdir(L.WORK_DIR)
+
+    def _index_lookup(self, ino: int) -> Attr | None:
+        private = self._upper_lookup(ROOT_INO, L.PRIVATE_DIR)
+        index = private and self._upper_lookup(private.ino, L.INDEX_DIR)
+        return index and self._upper_lookup(index.ino, L.index_name(ino))
+
+    def count_gone(self, node) -> None:
+        """One more lower name of hard-linked ``node`` no longer shows it."""
+        gone = int(self.upper.getxattr(node.upper, L.GONE_XATTR))
+        self.upper.setxattr(node.upper, L.GONE_XATTR, b"%d" % (gone + 1))
+
+    def place_name(self, node, parent_upper: int, name: bytes) -> None:
+        """Give ``node``'s copy the name it shows, ``name``, in the upper."""
+        if self._upper_lookup(parent_upper, name) is None:
+            self.upper.link(node.upper, parent_upper, name)
+            self.count_gone(node)
 
     def _tmp_name(self) -> bytes:
         self._tmp_counter += 1
@@ -150,7 +188,10 @@ class CopyUp:
             return node.upper
         if node.is_dir:
             return self.upper_dir(node)
-        parent_upper = self.upper_dir(self._nodes[node.parent])
+        # A node whose name is gone (unlinked while open) is copied into the
+        # work directory and stays there, nameless, until the next mount.
+        detached = node.name is None
+        parent_upper = None if detached else self.upper_dir(self._nodes[node.parent])
         layer, lino = node.lower
         lower = self.lowers[layer]
         attr = lower.getattr(lino)
@@ -169,7 +210,15 @@ class CopyUp:
             made = self.upper.mknod(work, tmp, attr.mode, attr.rdev, caller)
         self.upper.setxattr(made.ino, L.ORIGIN_XATTR, L.pack_origin(node.ino))
         self._copy_meta(lower, lino, attr, made.ino)
-        self._move_into_place(work, tmp, parent_upper, node.name)
+        if attr.nlink > 1:
+            # Every lower name of it must show this copy: it goes to the index,
+            # where lookups of those names find it; no name moves.
+            self.upper.setxattr(made.ino, L.GONE_XATTR, b"0")
+            self.upper.link(made.ino, self._private_subdir(L.INDEX_DIR), L.index_name(node.ino))
+            self.upper.unlink(work, tmp)
+            node.indexed = True
+        elif not detached:
+            self._move_into_place(work, tmp, parent_upper, node.name)
         node.upper = made.ino
         if not stat.S_ISREG(attr.mode):
             node.lower = None

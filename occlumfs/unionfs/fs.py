@@ -177,16 +177,20 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
         if top.is_dir:
             node.stack = tuple((layer, attr.ino) for layer, attr in found)
             node.lower_path = pnode.lower_path + b"/" + name
-        else:
-            node.lower = (layer, top.ino)
+            return self._remember(node)
+        node.lower = (layer, top.ino)
+        copy = self._index_lookup(node.ino) if top.nlink > 1 else None
+        if copy is not None:  # another name of it was copied up: show that copy
+            self._apply_marks(node, copy.ino, self._private_xattrs(copy.ino), name)
         return self._remember(node)
 
     def _upper_node(self, pnode: Node, name: bytes, up: Attr) -> Node:
         marks = self._private_xattrs(up.ino) if self.upper.listxattr(up.ino) else {}
         origin = marks.get(L.ORIGIN_XATTR)
         ino = L.unpack_origin(origin) if origin is not None else up.ino
-        node = Node(ino, up.is_dir, pnode.ino, name, upper=up.ino)
+        node = Node(ino, up.is_dir, pnode.ino, name)
         if up.is_dir:
+            node.upper = up.ino
             redirect = marks.get(L.REDIRECT_XATTR)
             if redirect is not None:
                 node.lower_path = redirect
@@ -198,16 +202,23 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
                     if found and found[0][1].is_dir:
                         node.stack = tuple((layer, attr.ino) for layer, attr in found)
         else:
-            meta = marks.get(L.METACOPY_XATTR)
-            if meta is not None:
-                digest, lino = L.unpack_metacopy(meta)
-                layer = self._layer_of_digest.get(digest)
-                if layer is None:
-                    raise IntegrityError(
-                        f"union: {name!r} refers to data in lower {digest}, not mounted"
-                    )
-                node.lower = (layer, lino)
+            self._apply_marks(node, up.ino, marks, name)
         return node
+
+    def _apply_marks(self, node: Node, upper_ino: int, marks: dict, name: bytes) -> None:
+        """Make ``node`` the upper non-directory ``upper_ino`` carrying private ``marks``."""
+        node.upper = upper_ino
+        node.indexed = L.GONE_XATTR in marks
+        node.lower = None
+        meta = marks.get(L.METACOPY_XATTR)
+        if meta is not None:
+            digest, lino = L.unpack_metacopy(meta)
+            layer = self._layer_of_digest.get(digest)
+            if layer is None:
+                raise IntegrityError(
+                    f"union: {name!r} refers to data in lower {digest}, not mounted"
+                )
+            node.lower = (layer, lino)
 
     def _remember(self, fresh: Node) -> Node:
         node = self._nodes.get(fresh.ino)
@@ -221,20 +232,27 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
 
     # -- read side ----------------------------------------------------------------------
     def _attr(self, node: Node) -> Attr:
-        if node.upper is not None:
-            attr = self.upper.getattr(node.upper)
-            if node.lower is not None:  # a metadata-only copy: the data is below
-                layer, lino = node.lower
-                blocks = self.lowers[layer].getattr(lino).blocks
-                return dataclasses.replace(attr, ino=node.ino, blocks=blocks)
-            if node.is_dir:
-                return dataclasses.replace(attr, ino=node.ino, nlink=self._dir_nlink(node, attr))
+        if node.upper is None:
+            layer, lino = node.lower if node.lower is not None else node.stack[0]
+            attr = self.lowers[layer].getattr(lino)
+            if node.is_dir and len(node.stack) > 1:
+                return dataclasses.replace(attr, ino=node.ino, nlink=1)
             return dataclasses.replace(attr, ino=node.ino)
-        layer, lino = node.lower if node.lower is not None else node.stack[0]
-        attr = self.lowers[layer].getattr(lino)
-        if node.is_dir and len(node.stack) > 1:
-            return dataclasses.replace(attr, ino=node.ino, nlink=1)
-        return dataclasses.replace(attr, ino=node.ino)
+        attr = self.upper.getattr(node.upper)
+        if node.is_dir:
+            return dataclasses.replace(attr, ino=node.ino, nlink=self._dir_nlink(node, attr))
+        nlink = self._indexed_nlink(node, attr) if node.indexed else attr.nlink
+        blocks = attr.blocks
+        if node.lower is not None:  # a metadata-only copy: the data is below
+            layer, lino = node.lower
+            blocks = self.lowers[layer].getattr(lino).blocks
+        return dataclasses.replace(attr, ino=node.ino, nlink=nlink, blocks=blocks)
+
+    def _indexed_nlink(self, node: Node, attr: Attr) -> int:
+        # The lower names still showing it, plus its upper names but the index's.
+        layer, lino = L.split_lower_ino(node.ino)
+        gone = int(self.upper.getxattr(node.upper, L.GONE_XATTR))
+        return self.lowers[layer].getattr(lino).nlink - gone + attr.nlink - 1
 
     def _dir_nlink(self, node: Node, attr: Attr) -> int:
         # Counting a merged directory's subdirectories would take a listing:
@@ -366,8 +384,13 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
             self.lowers[handle.layer].release(handle.fh)
             fresh = self._read_handle(handle.node, os.O_RDONLY)
             handle.layer, handle.fh = fresh.layer, fresh.fh
-        fs = self.upper if handle.layer < 0 else self.lowers[handle.layer]
-        return fs.read(handle.fh, offset, size)
+        if handle.layer < 0:
+            return self.upper.read(handle.fh, offset, size)
+        if handle.node.upper is not None:
+            # A metadata-only copy: its size is the upper's (a truncate that
+            # was cut short by a crash must not show the lower's tail).
+            size = max(0, min(size, self.upper.getattr(handle.node.upper).size - offset))
+        return self.lowers[handle.layer].read(handle.fh, offset, size)
 
     def _file_fs(self, handle: FileHandle) -> Filesystem:
         return self.upper if handle.layer < 0 else self.lowers[handle.layer]

@@ -26,12 +26,18 @@ ORIGIN_XATTR = b"trusted.occlumfs.origin"  # the union inode number the entry ke
 METACOPY_XATTR = b"trusted.occlumfs.metacopy"  # "<lower digest> <lower ino>": data still below
 REDIRECT_XATTR = b"trusted.occlumfs.redirect"  # lower path whose directories merge here
 LOWERS_XATTR = b"trusted.occlumfs.lowers"  # on the upper root: lower digests, bottom first
+# On the copy of a hard-linked lower file (kept in the index): how many of its
+# lower names no longer show it (renamed to upper names or deleted).
+GONE_XATTR = b"trusted.occlumfs.gone"
 PRIVATE_XATTR_PREFIXES = (b"trusted.overlay.", b"trusted.occlumfs.")
 
 # The upper root holds one directory of its own (hidden from users): "work"
 # builds copy-ups under private names before they are renamed into place.
 PRIVATE_DIR = b".occlumfs-union"
 WORK_DIR = b"work"
+# "index" holds the copy of each hard-linked lower file under its union inode
+# number, so that every lower name of it shows the one copy.
+INDEX_DIR = b"index"
 
 # Union inode numbers: an entry made in the upper keeps its upper number; an
 # entry from lower layer i (bottom first) gets (i + 1) << LAYER_SHIFT | lower ino.
@@ -59,6 +65,16 @@ def lower_ino(layer: int, ino: int) -> int:
     if ino > _LOW_MASK:
         raise FSError(5, f"lower layer {layer}: inode number {ino} too large for a union")
     return (layer + 1) << LAYER_SHIFT | ino
+
+
+def split_lower_ino(ino: int) -> tuple[int, int] | None:
+    """(layer, lower inode) a union inode number derives from; None for an upper one."""
+    layer = (ino >> LAYER_SHIFT) - 1
+    return None if layer < 0 else (layer, ino & _LOW_MASK)
+
+
+def index_name(ino: int) -> bytes:
+    return b"%x" % ino
 
 
 def pack_origin(ino: int) -> bytes:

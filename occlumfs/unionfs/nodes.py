@@ -12,7 +12,7 @@ class Node:
     ino: int
     is_dir: bool
     parent: int  # union inode of the directory it was last seen in
-    name: bytes
+    name: bytes | None  # None: a non-directory whose name was removed
     upper: int | None = None  # the upper inode, once the entry is in the upper
     # Non-directories: (layer, lower inode) shown or read from: a lower-only
     # entry, or the data of a metadata-only copy in the upper.
@@ -21,6 +21,8 @@ class Node:
     # the lowers' namespace they were found at (what a rename redirects to).
     stack: tuple[tuple[int, int], ...] = ()
     lower_path: bytes = b""
+    # A hard-linked lower file's copy, shared by all its names through the index.
+    indexed: bool = False
 
 
 @dataclass(slots=True, eq=False)
