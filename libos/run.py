@@ -22,7 +22,18 @@ from libos.rootfs import mount_rootfs, unmount_rootfs
 from libos.sandbox import Limits, Sandbox, apply_limits, release_limits
 from occlumfs.errors import InUseError, NotFoundError, UsageError
 
-FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+# What occlum run passes on to the sandbox's programs: the terminal's Ctrl-C
+# and Ctrl-\ and window changes reach occlum run's process group, not the
+# sandbox (its own session), and kill/SIGTERM/hang-up are for the program.
+FORWARDED = (
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGWINCH,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
 
 
 def check_entry_point(path: str, entry_points: list[str]) -> None:
@@ -125,18 +136,14 @@ def run(instance: Instance, program: str, args: list[str], image_key: Path | Non
 
 
 def _run_program(sandbox: Sandbox, command: list[str], env: dict[str, str]) -> int:
-    # The terminal's Ctrl-C (SIGINT, SIGQUIT) reaches the program directly: it
-    # is in our process group. We wait for its status instead of dying (a
-    # handler, not SIG_IGN, which the program would inherit); other signals
-    # sent to us are forwarded to it.
-    saved = {s: signal.signal(s, _note) for s in (signal.SIGINT, signal.SIGQUIT)}
+    """Run ``command`` to its end, forwarding signals to it; its status."""
     proc = None
 
     def forward(signum, _frame):
         if proc is not None:
             proc.signal(signum)
 
-    saved.update({s: signal.signal(s, forward) for s in FORWARDED})
+    saved = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
         proc = sandbox.spawn(command, env)
         return proc.wait()
@@ -146,25 +153,3 @@ def _run_program(sandbox: Sandbox, command: list[str], env: dict[str, str]) -> i
             proc.proc.wait()
         for signum, handler in saved.items():
             signal.signal(signum, handler)
-
-
-def _note(signum, frame) -> None:
-    return None
-
-
-def running_pid(instance: Instance) -> int | None:
-    """The pid holding the instance lock, or None when nobody runs it."""
-    try:
-        fd = os.open(instance.lock, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else -1
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)

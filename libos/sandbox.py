@@ -144,8 +144,19 @@ def release_limits(limits: Limits) -> None:
     limits.cgroups = []
 
 
+def _enter_child(limits: Limits) -> None:
+    """In bubblewrap's process, before exec: its own process group, and the limits.
+
+    Its own group: the terminal's Ctrl-C goes to the caller's group only, not
+    to bubblewrap's monitor (which dies of SIGINT and takes the sandbox with
+    it); the caller forwards the signal to the programs instead.
+    """
+    os.setpgid(0, 0)
+    _enter_limits(limits)
+
+
 def _enter_limits(limits: Limits) -> None:
-    """In the child, before exec: join the cgroups, or set rlimits."""
+    """Join the cgroups, or set rlimits."""
     for path in limits.cgroups:
         (path / "cgroup.procs").write_text(str(os.getpid()))
     if limits.how == "rlimits":
@@ -184,6 +195,7 @@ class Sandbox:
             "--hostname",
             self.hostname,
             "--die-with-parent",
+            "--new-session",
             "--cap-drop",
             "ALL",
             "--bind",
@@ -225,7 +237,7 @@ class Sandbox:
                 stdout=stdout,
                 stderr=stderr,
                 pass_fds=(status_w,),
-                preexec_fn=lambda: _enter_limits(self.limits),
+                preexec_fn=lambda: _enter_child(self.limits),
             )
         except BaseException:
             os.close(status_r)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from libos_fixtures import *  # noqa: F403 (the fixtures of tests/libos)
+from libos_fixtures import pty_expect
 
 # The host's (Debian's) python3 and its standard library, e.g. /usr/lib/python3.11.
 HOST_PY = Path("/usr/lib") / Path("/usr/bin/python3").resolve().name
@@ -154,3 +155,40 @@ def test_a_killed_server_fails_the_run_loudly_and_the_next_run_recovers(built, o
     # The dead mount was cleared and the last commit is intact.
     done = occlum("run", "/bin/busybox", "cat", "/root/kept", cwd=built)
     assert done.stdout == "committed\n"
+
+
+def test_the_python3_repl_on_a_terminal(tmp_path, occlum):
+    import pty
+    import sys
+
+    occlum("new", "inst", cwd=tmp_path)
+    inst = tmp_path / "inst"
+    (tmp_path / "python.yaml").write_text(PYTHON_BOM)
+    occlum("copy-bom", "-f", tmp_path / "python.yaml", "--root", inst / "image", cwd=tmp_path)
+    occlum("build", cwd=inst)
+    pid, fd = pty.fork()
+    if pid == 0:
+        try:
+            os.chdir(inst)
+            argv = [sys.executable, "-m", "libos", "run", "/bin/python3", "-q"]
+            os.execve(sys.executable, argv, dict(os.environ))
+        finally:
+            os._exit(127)
+    seen = bytearray()
+    try:
+        pty_expect(fd, b">>> ", seen)
+        os.write(fd, b"import ssl, os; print('tty', os.isatty(0), ssl.OPENSSL_VERSION[:7])\n")
+        pty_expect(fd, b"tty True OpenSSL", seen)
+        os.write(fd, b"input('waiting> ')\n")
+        pty_expect(fd, b"waiting> ", seen)
+        os.write(fd, b"\x03")  # Ctrl-C reaches the REPL, not occlum run or bubblewrap
+        pty_expect(fd, b"KeyboardInterrupt", seen)
+        pty_expect(fd, b">>> ", seen)
+        os.write(fd, b"raise SystemExit(7)\n")
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.waitstatus_to_exitcode(status) == 7
+    finally:
+        os.close(fd)
+        if pid:
+            os.waitpid(pid, 0)
