@@ -29,7 +29,7 @@ import resource
 import shutil
 import signal
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from occlumfs.errors import NotFoundError, OcclumfsError
@@ -181,14 +181,26 @@ class Sandbox:
     tmpfs: list[str] = field(default_factory=lambda: ["/tmp"])
     hostname: str = "occlum"
     limits: Limits = field(default_factory=Limits)
+    pidns_fd: int | None = None  # join this pid namespace instead of making one
+
+    def joined(self, first: SandboxProcess) -> Sandbox:
+        """The same sandbox for another program, in ``first``'s pid namespace.
+
+        ``occlum exec`` runs each program this way: the same root, binds and
+        limits, and one pid namespace, so programs see and can signal each
+        other. The caller closes ``pidns_fd`` when done.
+        """
+        fd = os.open(f"/proc/{first.init_pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        return replace(self, pidns_fd=fd)
 
     def argv(self, command: list[str], cwd: str = "/", status_fd: int | None = None) -> list[str]:
         bwrap = shutil.which("bwrap")
         if bwrap is None:
             raise NotFoundError("bwrap not found (Debian package: bubblewrap)")
+        pid = ["--unshare-pid"] if self.pidns_fd is None else ["--pidns", str(self.pidns_fd)]
         args = [
             bwrap,
-            "--unshare-pid",
+            *pid,
             "--unshare-ipc",
             "--unshare-uts",
             "--unshare-cgroup-try",
@@ -236,7 +248,7 @@ class Sandbox:
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
-                pass_fds=(status_w,),
+                pass_fds=(status_w,) if self.pidns_fd is None else (status_w, self.pidns_fd),
                 preexec_fn=lambda: _enter_child(self.limits),
             )
         except BaseException:
