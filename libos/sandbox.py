@@ -98,9 +98,16 @@ def _make_cgroup(parent: Path | None, name: str, files: dict[str, str]) -> Path 
 
 
 def apply_limits(limits: Limits, name: str) -> Limits:
-    """Create cgroups for ``limits`` (v2, else v1), else fall back to rlimits."""
+    """Create cgroups for ``limits`` (v2, else v1), else fall back to rlimits.
+
+    ``$OCCLUM_LIMITS=rlimits`` skips the cgroups (a host whose cgroups are
+    managed by something else, and the tests of the fallback).
+    """
     if not limits.memory and not limits.tasks:
         limits.how = "none"
+        return limits
+    if os.environ.get("OCCLUM_LIMITS") == "rlimits":
+        limits.how = "rlimits"
         return limits
     v2 = _own_cgroup("")
     if v2 is not None and _unified_root() is not None:

@@ -365,3 +365,17 @@ def test_resource_limits_are_enforced(built, occlum):
     many = occlum("run", "/bin/busybox", "sh", "-c", forks, cwd=built, check=False)
     if "cgroup" in many.stderr:
         assert "can't fork" in many.stderr or "Resource temporarily" in many.stderr, many.stderr
+
+
+def test_without_cgroups_the_limits_become_rlimits(built, occlum):
+    _set_limits(built, user_space_size="24MB", max_num_of_threads=8)
+    occlum("build", cwd=built)
+    env = {"OCCLUM_LIMITS": "rlimits"}
+    big = occlum(
+        "run", "/bin/busybox", "dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1",
+        cwd=built, check=False, env=env,
+    )  # fmt: skip
+    assert "resource limits via rlimits (memory 24MB, 8 tasks)" in big.stderr
+    assert big.returncode != 0 and "memory" in big.stderr.lower()
+    limits = occlum("run", "/bin/busybox", "sh", "-c", "ulimit -v; ulimit -s", cwd=built, env=env)
+    assert limits.stdout.split() == [str(24 * 1024), str(4 * 1024)]  # KiB: AS, stack
