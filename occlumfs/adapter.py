@@ -83,6 +83,7 @@ class FuseOperations(pyfuse3.Operations):
     def __init__(self, fs: Filesystem) -> None:
         super().__init__()
         self.fs = fs
+        self._has_xattrs = fs.info.has_xattrs
         self._timeout = fs.info.cache_timeout
         self._keep_cache = fs.info.immutable
         # Writeback caching only makes sense where the kernel may write. With it the
@@ -161,6 +162,10 @@ class FuseOperations(pyfuse3.Operations):
 
     @_handler
     def flush(self, fh):
+        if self._keep_cache:
+            # Nothing of an immutable filesystem is ever dirty. ENOSYS makes the
+            # kernel stop sending FLUSH on every close (it then succeeds alone).
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         self.fs.flush(fh)
 
     @_handler
@@ -184,6 +189,10 @@ class FuseOperations(pyfuse3.Operations):
 
     @_handler
     def getxattr(self, inode, name, ctx):
+        if not self._has_xattrs:
+            # ENOSYS makes the kernel answer EOPNOTSUPP itself from now on:
+            # without it `ls -l` costs two requests per file.
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         return self.fs.getxattr(inode, name)
 
     @_handler

@@ -25,12 +25,13 @@ class ExitCode:
     OK = 0
     ERROR = 1  # any other failure
     USAGE = 2  # bad command line (click's own code)
-    MOUNTPOINT = 10  # mountpoint missing, not a directory, or already mounted
+    MOUNTPOINT = 10  # mountpoint missing, not a directory, not empty, or already mounted
     WRONG_KEY = 12  # the key does not open this image or filesystem
     INTEGRITY = 13  # tampered, truncated or rolled-back data; digest mismatch
     NOT_FOUND = 14  # a named file, path or key file does not exist
     FORMAT = 15  # malformed image, manifest, header or config
     IN_USE = 16  # the filesystem is mounted or locked by another process
+    NOT_SAVED = 17  # a final commit (unmount) failed or was never confirmed
     FSCK = 26  # fsck found problems
 
 
@@ -81,3 +82,13 @@ class FormatError(OcclumfsError):
 
 class InUseError(OcclumfsError):
     exit_code = ExitCode.IN_USE
+
+
+class MountpointNotEmptyError(MountpointError):
+    """The mountpoint holds entries that a mount would hide."""
+
+
+class NotSavedError(OcclumfsError):
+    """A filesystem's final commit failed or was never confirmed: data was lost."""
+
+    exit_code = ExitCode.NOT_SAVED

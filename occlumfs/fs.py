@@ -37,7 +37,8 @@ BLOCK_SIZE = 4096
 
 
 RENAME_NOREPLACE = 1  # renameat2 flags, as the kernel passes them
-RENAME_EXCHANGE = 2  # refused (EINVAL) by every filesystem so far
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 
 
 @dataclass(slots=True)
@@ -136,15 +137,25 @@ class DirEntry:
 
 @dataclass(slots=True)
 class FsInfo:
-    """How the adapter should serve a filesystem."""
+    """Facts about a filesystem; the adapter and the mount decide what to do with them.
+
+    A filesystem states what it is (immutable, without xattrs, best read in
+    large runs); it never tunes the mount it may or may not be served by.
+    """
 
     name: str  # shown as the mount's fsname, e.g. "occlumfs:/srv/app.img"
     subtype: str  # shown as fuse.<subtype> in /proc/mounts
     read_only: bool = False
     # Contents never change under the kernel: keep its page cache across opens
-    # and cache attributes and names for long.
+    # and cache attributes and names for long; nothing is ever dirty to flush.
     immutable: bool = False
     cache_timeout: float = 1.0
+    # False when no inode has an xattr and none can get one: the kernel can be
+    # told once instead of asking for every file.
+    has_xattrs: bool = True
+    # Kernel read-ahead (KiB) the filesystem wants on a mount of its own, or
+    # None for the kernel's default.
+    readahead_kb: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 

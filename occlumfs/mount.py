@@ -7,7 +7,11 @@ mountpoint) fails before the fork, in the foreground, with a one-line error.
 
 The server keeps a small record per mount in the runtime directory (pid and
 log file), so ``occlumfs umount`` can wait for the server to finish committing
-before it returns. SIGINT and SIGTERM make the server unmount and exit cleanly.
+before it returns. When the filesystem's final ``close`` (its last commit)
+returns or fails, the server writes the outcome to a result file beside the
+record; ``umount`` reads it and fails with :class:`NotSavedError` when the
+commit failed or the server exited without writing it. SIGINT and SIGTERM
+make the server unmount and exit cleanly.
 """
 
 from __future__ import annotations
@@ -24,17 +28,39 @@ import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
 
 from occlumfs.adapter import FuseOperations
-from occlumfs.errors import InUseError, MountpointError, OcclumfsError
+from occlumfs.errors import (
+    ExitCode,
+    InUseError,
+    MountpointError,
+    MountpointNotEmptyError,
+    NotSavedError,
+    OcclumfsError,
+)
 from occlumfs.fs import Filesystem
 
 log = logging.getLogger("occlumfs.mount")
 
 UMOUNT_WAIT_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class MountHandle:
+    """A mount made by :func:`serve`: who serves it, where, and where it logs.
+
+    For a background server, ``pid`` is the detached server; for a foreground
+    one, the calling process (and :func:`serve` returns once it has finished).
+    """
+
+    pid: int
+    mountpoint: Path
+    log_file: Path | None
 
 
 def runtime_dir() -> Path:
@@ -53,6 +79,10 @@ def _record_path(mountpoint: Path) -> Path:
     return runtime_dir() / f"{key}.json"
 
 
+def _result_path(mountpoint: Path) -> Path:
+    return _record_path(mountpoint).with_suffix(".result")
+
+
 def mount_record(mountpoint: Path) -> dict | None:
     """What the server serving ``mountpoint`` recorded (``pid``, ``mountpoint``,
     ``fsname``), or None when there is no readable record."""
@@ -63,21 +93,47 @@ def mount_record(mountpoint: Path) -> dict | None:
         return None
 
 
-def mounted_paths() -> set[Path]:
-    """Mountpoints in this mount namespace, from /proc/self/mountinfo."""
-    paths = set()
+def _mountinfo() -> list[tuple[str, Path]]:
+    """(major:minor, mountpoint) of each mount in this namespace, oldest first."""
+    mounts = []
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
-            field = line.split(b" ")[4]
+            fields = line.split(b" ")
+            field = fields[4]
             # mountinfo escapes space, tab, newline and backslash as octal.
             for code in (b"\\040", b"\\011", b"\\012", b"\\134"):
                 field = field.replace(code, bytes([int(code[1:], 8)]))
-            paths.add(Path(os.fsdecode(field)))
-    return paths
+            mounts.append((fields[2].decode(), Path(os.fsdecode(field))))
+    return mounts
 
 
-def check_mountpoint(mountpoint: Path) -> Path:
-    """The absolute mountpoint, or a MountpointError saying what is wrong with it."""
+def mounted_paths() -> set[Path]:
+    """Mountpoints in this mount namespace, from /proc/self/mountinfo."""
+    return {path for _device, path in _mountinfo()}
+
+
+def set_readahead(mountpoint: Path, kb: int) -> None:
+    """Set the kernel read-ahead of the newest mount at ``mountpoint`` to ``kb`` KiB.
+
+    A FUSE mount reads ahead 128 KiB, so a sequential read arrives as 128 KiB
+    requests, each paying the per-request cost of the Python server. The
+    kernel resets the value when FUSE_INIT is answered: call this after.
+    """
+    devices = [device for device, path in _mountinfo() if path == mountpoint]
+    if not devices:
+        return
+    try:
+        Path(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb").write_text(f"{kb}\n")
+    except OSError as exc:
+        log.info("cannot set the read-ahead of %s: %s", mountpoint, exc)
+
+
+def check_mountpoint(mountpoint: Path, *, nonempty: bool = False) -> Path:
+    """The absolute mountpoint, or a MountpointError saying what is wrong with it.
+
+    A mountpoint that holds entries is refused unless ``nonempty``: the mount
+    would hide them.
+    """
     path = Path(os.path.abspath(mountpoint))
     try:
         st = os.stat(path)
@@ -94,6 +150,16 @@ def check_mountpoint(mountpoint: Path) -> Path:
         if record is not None and not _process_alive(int(record.get("pid", 0))):
             raise _dead_mount(mountpoint)
         raise MountpointError(f"mountpoint {mountpoint} is already mounted")
+    if not nonempty:
+        try:
+            with os.scandir(path) as entries:
+                hidden = next(entries, None)
+        except OSError as exc:
+            raise MountpointError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+        if hidden is not None:
+            raise MountpointNotEmptyError(
+                f"mountpoint {mountpoint} is not empty: the mount would hide {hidden.name!r}"
+            )
     return path.resolve()
 
 
@@ -122,19 +188,19 @@ def _configure_logging(log_file: Path | None, debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-def _detach(log_file: Path | None) -> int | None:
-    """Fork into the background.
+def _detach(log_file: Path | None) -> tuple[int, int | None]:
+    """Fork into the background: ``(server pid, None)`` in the caller, ``(0, fd)`` in the server.
 
-    In the server, returns the write end of a readiness pipe: the server writes
-    one byte to it once its mount record exists and the filesystem has started
-    serving. The caller waits for that byte, so that when it returns,
-    ``occlumfs umount`` can already find the server; it returns None then, or
-    raises if the server died first.
+    The server gets the write end of a readiness pipe: it writes one byte to it
+    once its mount record exists and the filesystem has started serving. The
+    caller waits for that byte, so that when it returns, ``occlumfs umount``
+    can already find the server; or it raises if the server died first.
     """
     sys.stdout.flush()
     sys.stderr.flush()
     ready_r, ready_w = os.pipe()
-    if os.fork() != 0:
+    child = os.fork()
+    if child != 0:
         os.close(ready_w)
         try:
             ready = os.read(ready_r, 1)
@@ -142,7 +208,7 @@ def _detach(log_file: Path | None) -> int | None:
             os.close(ready_r)
         if not ready:
             raise OcclumfsError(f"the server failed to start; see {log_file}")
-        return None
+        return child, None
     os.close(ready_r)
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -155,7 +221,7 @@ def _detach(log_file: Path | None) -> int | None:
         os.dup2(err, 2)
         os.close(err)
     os.close(devnull)
-    return ready_w
+    return 0, ready_w
 
 
 _STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
@@ -218,6 +284,8 @@ class _RequestLoop:
         self._poll = select.poll()
         self._poll.register(self._wake_r, select.POLLIN)
         self._fuse_fd: int | None = None
+        # A callable run once the first request (always FUSE_INIT) has been answered.
+        self.after_init = None
 
     def close(self) -> None:
         os.close(self._wake_r)
@@ -250,6 +318,11 @@ class _RequestLoop:
         if self._fuse_fd != fd:
             self._poll.register(fd, select.POLLIN)
             self._fuse_fd = fd
+        elif self.after_init is not None:
+            # pyfuse3 waits once per request: this second wait follows the
+            # answer to FUSE_INIT, which reset what the mount may tune.
+            hook, self.after_init = self.after_init, None
+            hook()
         while not self._closing:
             for got, _ in self._poll.poll():
                 if got == self._wake_r:
@@ -300,7 +373,8 @@ def serve(
     log_file: Path | None = None,
     debug: bool = False,
     allow_other: bool | None = None,
-) -> None:
+    nonempty: bool = False,
+) -> MountHandle:
     """Mount ``fs`` at ``mountpoint`` and serve it until unmounted.
 
     In the background (the default) the caller returns as soon as the mount is
@@ -308,8 +382,10 @@ def serve(
     ``log_file`` (default: beside its mount record in :func:`runtime_dir`).
     SIGINT and SIGTERM unmount cleanly from the moment the mount exists: they
     are held back until the server is ready to handle them, never lost.
+    In the foreground, returns once unmounted, and raises NotSavedError when
+    the filesystem's final commit failed.
     """
-    target = check_mountpoint(mountpoint)
+    target = check_mountpoint(mountpoint, nonempty=nonempty)
     if log_file is not None:
         log_file = Path(os.path.abspath(log_file))
         try:  # fail here, in the foreground, not in the detached server
@@ -339,7 +415,7 @@ def serve(
                 log_file = record.with_suffix(".log")
                 log_file.parent.mkdir(parents=True, exist_ok=True)
             try:
-                ready = _detach(log_file)
+                server, ready = _detach(log_file)
             except OcclumfsError:
                 # The server died before serving; it unmounts on the way out,
                 # but a server killed outright leaves the mount behind.
@@ -347,7 +423,7 @@ def serve(
                     subprocess.run(["fusermount3", "-uz", str(target)], capture_output=True)
                 raise
             if ready is None:
-                return
+                return MountHandle(server, target, log_file)
         try:
             status = _serve_mounted(fs, target, record, ready, log_file, debug, mask)
         except BaseException:
@@ -358,8 +434,11 @@ def serve(
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     if not foreground:
         os._exit(status)
+    if status == ExitCode.NOT_SAVED:
+        raise NotSavedError(f"the final commit of {fs.info.name} failed; see the log")
     if status:
         raise OcclumfsError(f"server for {target} failed; see the log")
+    return MountHandle(os.getpid(), target, log_file)
 
 
 def _serve_mounted(
@@ -381,13 +460,18 @@ def _serve_mounted(
     except OSError as exc:
         log.warning("cannot write mount record %s: %s", record, exc)
     status = 0
+    serving = False
     try:
         fs.started_serving()
+        serving = True
         log.info("serving %s at %s (pid %d)", fs.info.name, target, os.getpid())
         if ready is not None:
             os.write(ready, b"1")
             os.close(ready)
         loop = _RequestLoop()
+        readahead_kb = fs.info.readahead_kb
+        if readahead_kb:
+            loop.after_init = lambda: set_readahead(target, readahead_kb)
         try:
             loop.serve(unblocked_mask)
         finally:
@@ -397,15 +481,52 @@ def _serve_mounted(
         status = 1
     finally:
         pyfuse3.close(unmount=True)
+        error = None
         try:
             fs.close()
-        except Exception:
+        except Exception as exc:
             log.exception("closing %s failed", fs.info.name)
-            status = 1
+            error = _describe_failure(exc)
+            status = ExitCode.NOT_SAVED
+        if serving:
+            _write_result(target, fs.info.name, error)
         with contextlib.suppress(FileNotFoundError):
             record.unlink()
         log.info("unmounted %s", target)
     return status
+
+
+def _describe_failure(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _write_result(target: Path, fsname: str, error: str | None) -> None:
+    """Record how the final commit went, for ``umount``: whole or not at all."""
+    result = _result_path(target)
+    outcome = {"pid": os.getpid(), "fsname": fsname, "saved": error is None, "error": error}
+    tmp = result.with_name(f"{result.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(outcome))
+        os.replace(tmp, result)
+    except OSError as exc:
+        # umount then reports the commit as unconfirmed, which is the truth.
+        log.error("cannot write the result file %s: %s", result, exc)
+
+
+def _read_result(target: Path, pid: int) -> dict | None:
+    """The outcome written by server ``pid``, consumed; None when it wrote none."""
+    result = _result_path(target)
+    try:
+        outcome = json.loads(result.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(outcome, dict) or outcome.get("pid") != pid:
+        return None
+    with contextlib.suppress(FileNotFoundError):
+        result.unlink()
+    return outcome
 
 
 def _wait_for_exit(pid: int, timeout: float) -> bool:
@@ -420,12 +541,21 @@ def _wait_for_exit(pid: int, timeout: float) -> bool:
         os.close(pidfd)
 
 
-def umount(mountpoint: Path, *, lazy: bool = False, timeout: float = UMOUNT_WAIT_SECONDS) -> None:
-    """Unmount and wait for the server to finish committing and exit.
+def umount(
+    mountpoint: Path,
+    *,
+    lazy: bool = False,
+    timeout: float = UMOUNT_WAIT_SECONDS,
+    warn: Callable[[str], None] = log.warning,
+) -> None:
+    """Unmount, wait for the server to finish its final commit and exit, and check it.
 
     A busy mount (files open in it) is an InUseError. ``lazy`` detaches it at
     once even so, and does not wait: the server finishes when the last file
-    open in it is closed, which may be any time later.
+    open in it is closed, which may be any time later, and its outcome is not
+    checked. Otherwise a NotSavedError says when the final commit failed or
+    the server exited without confirming it. A mount whose server had died
+    before this call is cleared, with a word to ``warn``.
     """
     path = Path(os.path.abspath(mountpoint)).resolve()
     if path not in mounted_paths():
@@ -433,6 +563,7 @@ def umount(mountpoint: Path, *, lazy: bool = False, timeout: float = UMOUNT_WAIT
     pid = None
     with contextlib.suppress(TypeError, ValueError, KeyError):
         pid = int(mount_record(path)["pid"])
+    served = pid is not None and _process_alive(pid)
     fusermount = shutil.which("fusermount3") or "fusermount3"
     cmd = [fusermount, "-u"] + (["-z"] if lazy else []) + [str(path)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -443,8 +574,27 @@ def umount(mountpoint: Path, *, lazy: bool = False, timeout: float = UMOUNT_WAIT
         raise MountpointError(f"cannot unmount {mountpoint}: {reason}")
     if lazy:
         return
-    if pid is not None and not _wait_for_exit(pid, timeout):
+    if served and not _wait_for_exit(pid, timeout):
         raise OcclumfsError(f"server pid {pid} for {mountpoint} did not exit in {timeout:.0f}s")
     # A server that exits removes its record; one that died left it behind.
     with contextlib.suppress(FileNotFoundError):
         _record_path(path).unlink()
+    if pid is None:
+        return  # not a mount this tool made, or its record was lost: nothing to check
+    if not served:
+        warn(
+            f"the server of {mountpoint} had died before this unmount; what it had not "
+            "committed is lost"
+        )
+        return
+    outcome = _read_result(path, pid)
+    if outcome is None:
+        raise NotSavedError(
+            f"the server of {mountpoint} (pid {pid}) exited without confirming its final "
+            "commit: changes not synced before the unmount may be lost"
+        )
+    if not outcome.get("saved"):
+        raise NotSavedError(
+            f"the final commit of {outcome.get('fsname', mountpoint)} failed "
+            f"({outcome.get('error')}): changes not synced before the unmount were not saved"
+        )

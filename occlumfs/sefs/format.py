@@ -161,6 +161,14 @@ def parse_head(raw: bytes, fs_id: bytes, mac_key: bytes) -> Head:
     return Head(got_id, counter, ObjectRef(pack, offset, length, tag))
 
 
+def unpack_head(raw: bytes) -> Head:
+    """The head's fields, its MAC not checked: for tools that hold no key (``sefs info``)."""
+    if len(raw) != HEAD_SIZE or not raw.startswith(HEAD_MAGIC):
+        raise FormatError(f"head: {len(raw)} bytes, not a version {VERSION} commit record")
+    _, fs_id, counter, pack, offset, length, tag = _HEAD.unpack_from(raw)
+    return Head(fs_id, counter, ObjectRef(pack, offset, length, tag))
+
+
 # -- root --------------------------------------------------------------------------------
 @dataclass(slots=True)
 class Root:

@@ -67,6 +67,7 @@ def fsck(
     passphrase_file: Path | None = None,
     passphrase: bytes | None = None,
     state_dir: Path | None = None,
+    accept_new_store: bool = False,
 ) -> list[str]:
     """All problems of the SEFS at ``path`` (empty: clean). Wrong keys and locks raise."""
     from occlumfs.sefs import open_sefs_fs
@@ -80,6 +81,7 @@ def fsck(
             read_only=True,
             state_dir=state_dir,
             tolerant=True,
+            accept_new_store=accept_new_store,
         )
     except IntegrityError as exc:
         return [f"/: cannot verify the filesystem root: {exc}"]
