@@ -63,6 +63,28 @@ def test_missing_state_dir_gets_only_its_last_component(volume, tmp_path):
     assert sorted(p.suffix for p in fresh.iterdir()) == [".json", ".pin"]
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "{",
+        "[]",
+        '{"counter": Infinity, "root_tag": "00", "mac": "00"}',
+        '{"counter": -1, "root_tag": "00", "mac": "00"}',
+        '{"counter": 1, "root_tag": "zz", "mac": "00"}',
+        '{"counter": 1, "root_tag": "00", "mac": "\u00e9"}',
+        '{"counter": 1, "root_tag": "00", "mac": 5}',
+    ],
+)
+def test_garbled_commit_state_is_one_line(volume, text):
+    assert run_cli(*volume.fsck_args()).returncode == 0
+    (state_file,) = volume.state.glob("*.json")
+    state_file.write_text(text)
+    done = run_cli(*volume.fsck_args(), check=False)
+    assert done.returncode == ExitCode.FSCK and "trusted state" in done.stdout, done
+    assert done.stderr.count("\n") == 1
+
+
 # -- the store's identity ----------------------------------------------------------------------
 def test_a_different_store_at_a_known_path_is_refused_unless_accepted(volume, tmp_path, spare_mnt):
     assert run_cli(*volume.fsck_args()).returncode == 0
