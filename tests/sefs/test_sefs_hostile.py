@@ -138,6 +138,7 @@ GRID = [
 ]
 
 
+@pytest.mark.fuse
 @pytest.mark.parametrize(("role", "kind"), GRID)
 def test_planted_store_entry_is_refused_and_nothing_outside_changes(
     base, tmp_path, spare_mnt, role, kind
@@ -200,6 +201,7 @@ def _write_fsync(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+@pytest.mark.fuse
 @pytest.mark.parametrize("kind", ["symlink", "fifo"])
 @pytest.mark.parametrize("role", ["head tmp", "next pack", "next data", "slot b"])
 def test_entry_planted_while_mounted_never_redirects_a_commit(base, tmp_path, role, kind):
@@ -237,6 +239,7 @@ def test_commit_over_a_planted_entry_raises_naming_it(base, tmp_path, role, kind
     assert planted.outside_now() == planted.before
 
 
+@pytest.mark.fuse
 @pytest.mark.parametrize("kind", ["symlink", "hardlink", "fifo", "dir"])
 @pytest.mark.parametrize("which", ["commit state", "store pin"])
 def test_planted_state_file_is_refused(base, tmp_path, spare_mnt, which, kind):

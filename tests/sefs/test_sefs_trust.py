@@ -28,6 +28,7 @@ def _mount_fails(volume: Volume, mnt: Path, *args) -> object:
 
 
 # -- the state directory -------------------------------------------------------------------
+@pytest.mark.fuse
 @pytest.mark.parametrize("where", ["the store", "inside the store", "above the store"])
 def test_state_dir_overlapping_the_store_is_refused(volume, tmp_path, spare_mnt, where):
     state = {
@@ -86,6 +87,7 @@ def test_garbled_commit_state_is_one_line(volume, text):
 
 
 # -- the store's identity ----------------------------------------------------------------------
+@pytest.mark.fuse
 def test_a_different_store_at_a_known_path_is_refused_unless_accepted(volume, tmp_path, spare_mnt):
     assert run_cli(*volume.fsck_args()).returncode == 0
     # Another store made with the same key, copied over the first one wholesale.
@@ -133,6 +135,7 @@ FORGED = {
 }  # fmt: skip
 
 
+@pytest.mark.fuse
 @pytest.mark.parametrize("store", ["v2", "golden v1"])
 @pytest.mark.parametrize("forgery", sorted(FORGED))
 def test_forged_config_fields_are_refused(volume, tmp_path, spare_mnt, store, forgery):
