@@ -18,7 +18,6 @@ This module holds the node table and the read side.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 from collections.abc import Iterator, Sequence
@@ -49,14 +48,22 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
             raise ValueError(f"a union takes at most {L.MAX_LAYERS - 1} lower layers")
         self.lowers = list(lowers)
         self.upper = upper
-        self.digests = (
-            list(digests)
-            if digests is not None
-            else [lower.info.extra.get("digest", f"layer-{i}") for i, lower in enumerate(lowers)]
-        )
+        if digests is None:
+            # An image layer knows its digest; any other lower must be named.
+            digests = [getattr(lower, "digest", None) for lower in lowers]
+            if None in digests:
+                raise ValueError("a lower without a digest: pass digests=")
+        self.digests = list(digests)
         self._layer_of_digest = {d: i for i, d in enumerate(self.digests)}
         self.read_only = read_only or upper.info.read_only
-        self.info = FsInfo(name=name, subtype="occlumfs-union", read_only=self.read_only)
+        # Lower data is best read in the runs its layers ask for.
+        readahead = max((lower.info.readahead_kb or 0 for lower in self.lowers), default=0)
+        self.info = FsInfo(
+            name=name,
+            subtype="occlumfs-union",
+            read_only=self.read_only,
+            readahead_kb=readahead or None,
+        )
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._next_fh = 1
         self._tmp_counter = 0
@@ -236,17 +243,17 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
             layer, lino = node.lower if node.lower is not None else node.stack[0]
             attr = self.lowers[layer].getattr(lino)
             if node.is_dir and len(node.stack) > 1:
-                return dataclasses.replace(attr, ino=node.ino, nlink=1)
-            return dataclasses.replace(attr, ino=node.ino)
+                return L.shown_as(attr, node.ino, 1, attr.blocks)
+            return L.shown_as(attr, node.ino, attr.nlink, attr.blocks)
         attr = self.upper.getattr(node.upper)
         if node.is_dir:
-            return dataclasses.replace(attr, ino=node.ino, nlink=self._dir_nlink(node, attr))
+            return L.shown_as(attr, node.ino, self._dir_nlink(node, attr), attr.blocks)
         nlink = self._indexed_nlink(node, attr) if node.indexed else attr.nlink
         blocks = attr.blocks
         if node.lower is not None:  # a metadata-only copy: the data is below
             layer, lino = node.lower
             blocks = self.lowers[layer].getattr(lino).blocks
-        return dataclasses.replace(attr, ino=node.ino, nlink=nlink, blocks=blocks)
+        return L.shown_as(attr, node.ino, nlink, blocks)
 
     def _indexed_nlink(self, node: Node, attr: Attr) -> int:
         # The lower names still showing it, plus its upper names but the index's.

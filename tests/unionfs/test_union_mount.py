@@ -87,11 +87,15 @@ def test_an_upper_refuses_other_lowers(layers, tmp_path):
     args += ["--key-file", stack.key_file, "--state-dir", stack.state]
     pins = ["--digest", layers.digests[0], "--digest", other_digest]
     done = run_cli("mount", *args, *pins, mnt, check=False)
+    if os.path.ismount(mnt):
+        run_cli("umount", mnt)
     assert done.returncode == 13, done.stderr
     message = done.stderr.strip()
     assert "\n" not in message and "lower 1" in message and other_digest in message
     assert layers.digests[1] in message and "Traceback" not in done.stderr
     fewer = run_cli("mount", *args[:2], *args[4:], *pins[:2], mnt, check=False)
+    if os.path.ismount(mnt):
+        run_cli("umount", mnt)
     assert fewer.returncode == 13 and "made over 2 lower(s), 1 given" in fewer.stderr
 
 
