@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from occlumfs.cli.options import read_secret, secret_options, state_dir_option
 from occlumfs.errors import UsageError
 
 _FILE = click.Path(path_type=Path, dir_okay=False)
@@ -77,3 +78,62 @@ def union_arguments(
     from occlumfs.unionfs import lowers_from_options
 
     return source, mountpoint, kind, lowers_from_options(lowers, digests, lower_key_files)
+
+
+@click.command("commit")
+@click.argument("new_image", type=_FILE)
+@union_options
+@click.option(
+    "--digest",
+    "digests",
+    multiple=True,
+    help="Pin each --lower to a digest, one per --lower in the same order.",
+)
+@secret_options("Key file of the upper's SEFS store.", "File whose first line is its passphrase.")
+@state_dir_option("Where the upper's SEFS keeps its trusted rollback state.")
+@click.option(
+    "--image-key-file",
+    type=_FILE,
+    help="Encrypt the new image with this key (from 'occlumfs keygen').",
+)
+@click.option("--flatten", is_flag=True, help="Write the whole merged view as one image.")
+def commit(
+    new_image: Path,
+    lowers: tuple[Path, ...],
+    lower_key_files: tuple[Path, ...],
+    upper: Path | None,
+    digests: tuple[str, ...],
+    key_file: Path | None,
+    passphrase_file: Path | None,
+    state_dir: Path | None,
+    image_key_file: Path | None,
+    flatten: bool,
+) -> None:
+    """Write a union's upper (--upper over its --lower images) as image NEW_IMAGE.
+
+    Stacked on the same lowers, the new image shows exactly the union's view:
+    deletions are whiteouts, replaced directories opaque (docs/unionfs.md).
+    With --flatten it holds the whole view alone. The upper is read through
+    the filesystem, never decrypted onto the disk. Prints the digest.
+    """
+    from occlumfs.keys import load_key_file
+    from occlumfs.unionfs import lowers_from_options, open_union
+    from occlumfs.unionfs.commit import commit_layer
+
+    if upper is None:
+        raise UsageError("commit needs the union's upper: --upper DIR")
+    layers = lowers_from_options(lowers, digests, lower_key_files)
+    image_key = load_key_file(image_key_file) if image_key_file else None
+    secret = read_secret(key_file, passphrase_file)
+    fs = open_union(
+        layers,
+        upper,
+        key=secret.key,
+        passphrase=secret.passphrase,
+        state_dir=state_dir,
+        read_only=True,
+    )
+    click.echo(commit_layer(fs, new_image, key=image_key, flatten=flatten))
+
+
+COMMANDS = [commit]
