@@ -86,13 +86,15 @@ class FuseOperations(pyfuse3.Operations):
         self._has_xattrs = fs.info.has_xattrs
         self._timeout = fs.info.cache_timeout
         self._keep_cache = fs.info.immutable
-        # Writeback caching only makes sense where the kernel may write.
+        # Writeback caching only makes sense where the kernel may write. With it the
+        # kernel keeps regular files' c/mtime and sends them with setattr.
         self.enable_writeback_cache = not fs.info.read_only
+        if self.enable_writeback_cache:
+            fs.kernel_keeps_file_times()
 
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = attr.ino
-        entry.generation = attr.generation
         entry.entry_timeout = self._timeout
         entry.attr_timeout = self._timeout
         entry.st_mode = attr.mode
@@ -207,6 +209,7 @@ class FuseOperations(pyfuse3.Operations):
             size=attr.st_size if fields.update_size else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
         )
         return self._entry(self.fs.setattr(inode, changes, fh))
 

@@ -34,6 +34,8 @@ class OpenRequest:
     passphrase: bytes | None = None
     read_only: bool = False
     state_dir: Path | None = None
+    # Trust a SEFS whose id differs from the one last seen at its path.
+    accept_new_store: bool = False
     warn: Callable[[str], None] = log.warning
     # A union: its read-only layers, bottom first (occlumfs.unionfs.Lower); the
     # source is the upper.
@@ -79,6 +81,7 @@ def _open_sefs(req: OpenRequest) -> Filesystem:
         passphrase=req.passphrase,
         read_only=req.read_only,
         state_dir=req.state_dir,
+        accept_new_store=req.accept_new_store,
     )
 
 
@@ -161,6 +164,7 @@ def open_filesystem(
     passphrase: bytes | None = None,
     read_only: bool = False,
     state_dir: Path | None = None,
+    accept_new_store: bool = False,
     warn: Callable[[str], None] = log.warning,
     lowers: tuple = (),
 ) -> Filesystem:
@@ -178,6 +182,7 @@ def open_filesystem(
         passphrase=passphrase,
         read_only=read_only,
         state_dir=state_dir,
+        accept_new_store=accept_new_store,
         warn=warn,
         lowers=tuple(lowers),
     )

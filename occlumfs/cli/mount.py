@@ -51,6 +51,11 @@ def _warn(message: str) -> None:
     is_flag=True,
     help="Mount even if MOUNTPOINT holds files (they are hidden until the unmount).",
 )
+@click.option(
+    "--accept-new-store",
+    is_flag=True,
+    help="Trust a SEFS whose id differs from the one last seen at SOURCE (replaced on purpose).",
+)
 @click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground until unmounted.")
 @click.option(
     "--log-file",
@@ -71,6 +76,7 @@ def mount(
     read_only: bool,
     state_dir: Path | None,
     nonempty: bool,
+    accept_new_store: bool,
     foreground: bool,
     log_file: Path | None,
     debug: bool,
@@ -107,6 +113,7 @@ def mount(
         state_dir=state_dir,
         warn=_warn,
         lowers=layers,
+        accept_new_store=accept_new_store,
     )
     serve(fs, mountpoint, foreground=foreground, log_file=log_file, debug=debug, nonempty=nonempty)
 

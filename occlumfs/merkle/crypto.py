@@ -33,10 +33,9 @@ import hmac
 import struct
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from occlumfs.keys import hkdf_sha256
 from occlumfs.merkle.format import SEAL_SIZE, VERSION
 
 NONCE_SIZE = 12
@@ -48,12 +47,7 @@ _SEAL_PAD = bytes(SEAL_SIZE - NONCE_SIZE - TAG_SIZE)
 
 def _subkey(key: bytes, version: int, purpose: str) -> bytes:
     prefix = f"occlumfs image v{version}"
-    return HKDF(
-        algorithm=hashes.SHA256(),
-        length=32,
-        salt=prefix.encode(),
-        info=f"{prefix} {purpose}".encode(),
-    ).derive(key)
+    return hkdf_sha256(key, prefix.encode(), f"{prefix} {purpose}")
 
 
 class ImageKeys:
