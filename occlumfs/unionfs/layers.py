@@ -69,7 +69,6 @@ def shown_as(attr: Attr, ino: int, nlink: int, blocks: int) -> Attr:
         mtime_ns=attr.mtime_ns,
         ctime_ns=attr.ctime_ns,
         blksize=attr.blksize,
-        generation=attr.generation,
     )
 
 
