@@ -329,6 +329,8 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
         n = len(self.lowers)
         is_root = node.ino == ROOT_INO
         stack = node.stack
+        # A directory only one lower holds: each entry is what the union shows.
+        alone = node.upper is None and len(stack) == 1
         for depth, (layer, ldir) in enumerate(stack):
             here = n - layer
             if here < phase:
@@ -341,6 +343,10 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
                 if L.is_whiteout(entry.attr) or (is_root and name == L.PRIVATE_DIR):
                     continue
                 if any(self._lower_lookup(al, ad, name) is not None for al, ad in above):
+                    continue
+                if alone and (entry.attr.nlink == 1 or entry.attr.is_dir):
+                    attr = self._attr_alone(node, layer, name, entry.attr)
+                    yield DirEntry(name, attr, L.pack_cookie(here, entry.next_offset))
                     continue
                 try:
                     attr = self._attr(self._resolve(node, name))
@@ -361,6 +367,18 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
                 continue
             attr = self._attr(self._remember(self._upper_node(node, name, entry.attr)))
             yield DirEntry(name, attr, L.pack_cookie(last, entry.next_offset))
+
+    def _attr_alone(self, pnode: Node, layer: int, name: bytes, attr: Attr) -> Attr:
+        """What the union shows of entry ``attr`` of the one lower under ``pnode``
+        (not hard-linked): :meth:`_resolve` without looking it up again."""
+        node = Node(L.lower_ino(layer, attr.ino), attr.is_dir, pnode.ino, name)
+        if attr.is_dir:
+            node.stack = ((layer, attr.ino),)
+            node.lower_path = pnode.lower_path + b"/" + name
+        else:
+            node.lower = (layer, attr.ino)
+        self._remember(node)
+        return L.shown_as(attr, node.ino, attr.nlink, attr.blocks)
 
     def releasedir(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
