@@ -38,6 +38,16 @@ def view_of(fs, ino: int = 1, prefix: bytes = b"") -> dict:
     return out
 
 
+def _assert_shows(want: dict, lowers: list, scratch, key: bytes) -> None:
+    """A fresh upper over ``lowers`` shows exactly ``want``."""
+    scratch.mkdir()
+    fs = open_union(lowers, scratch / "upper", key=key, state_dir=scratch / "state", create=True)
+    try:
+        assert view_of(fs) == want
+    finally:
+        fs.close()
+
+
 def _change_everything(fs) -> None:
     write(fs, "both", b"TOP", flags=os.O_RDWR)
     fs.setattr(lp(fs, "meta").ino, AttrChanges(mode=0o600, uid=3))
@@ -64,12 +74,7 @@ def test_commit_then_stack_shows_the_same_tree(stack, tmp_path):
     lowers = ["--lower", stack.layers.images[0], "--lower", stack.layers.images[1]]
     done = run_cli(
         "commit",
-        "--upper",
-        stack.upper,
-        "--key-file",
-        stack.key_file,
-        "--state-dir",
-        stack.state,
+        *stack.upper_args(),
         *lowers,
         new_image,
     )
@@ -92,43 +97,18 @@ def test_commit_then_stack_shows_the_same_tree(stack, tmp_path):
     layer.close()
     stack.fs = None
     key = write_key_file(tmp_path / "k2")
-    stacked = open_union(
-        [*stack.layers.lowers(), Lower(new_image, digest)],
-        tmp_path / "up2",
-        key=key,
-        state_dir=tmp_path / "st2",
-        create=True,
-    )
-    try:
-        assert view_of(stacked) == want
-    finally:
-        stacked.close()
+    _assert_shows(want, [*stack.layers.lowers(), Lower(new_image, digest)], tmp_path / "s2", key)
     # Flattened: the whole view as one layer, alone.
     flat = tmp_path / "flat.img"
     stack.open(read_only=True).close()
     done = run_cli(
         "commit",
         "--flatten",
-        "--upper",
-        stack.upper,
-        "--key-file",
-        stack.key_file,
-        "--state-dir",
-        stack.state,
+        *stack.upper_args(),
         *lowers,
         flat,
     )
-    alone = open_union(
-        [Lower(flat, done.stdout.split()[-1])],
-        tmp_path / "up3",
-        key=key,
-        state_dir=tmp_path / "st3",
-        create=True,
-    )
-    try:
-        assert view_of(alone) == want
-    finally:
-        alone.close()
+    _assert_shows(want, [Lower(flat, done.stdout.split()[-1])], tmp_path / "s3", key)
     # Nothing of the upper's plaintext was written on the host beside the images.
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith("occlumfs-commit")]
     assert leftovers == []
