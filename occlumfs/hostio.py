@@ -17,8 +17,17 @@ any name we use. So every name is resolved in exactly one way:
   (symlink, fifo, device, socket, directory, hard link) is an
   :class:`~occlumfs.errors.IntegrityError` naming it, and nothing is touched.
   Opens use ``O_NONBLOCK`` so a fifo cannot hang us before the check.
-* :meth:`HostDir.replace_file` is the one atomic replace: write a temporary
+* :meth:`HostDir.replace_file` (bytes) and :meth:`HostDir.replacing` (a
+  descriptor to stream into) are the one atomic replace: write a temporary
   file, fsync it, rename it over the name, fsync the directory.
+
+Typical use, for a file the user named (its directory is theirs, so followed)::
+
+    with HostDir.open(path.parent, follow=True) as parent:
+        parent.replace_file(path.name, data)          # or: with parent.replacing(...) as fd
+
+and for a store: ``root = HostDir.open(store)`` once, ``root.subdir("m")``,
+then ``open_file``/``read_file``/``write_file``/``rename``/``unlink`` by name.
 
 Only root can make device nodes, so an unprivileged owner cannot race a
 device in between the ``lstat`` and the ``open``; the ``fstat`` after the
@@ -31,6 +40,7 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterator
 
 from occlumfs.errors import IntegrityError, NotFoundError
 
@@ -110,6 +120,7 @@ class HostDir:
 
     def lstat(self, name: str) -> os.stat_result | None:
         """The entry ``name`` itself (never what a link points to); None when absent."""
+        self._where(name)  # one path component, or ValueError
         try:
             return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -131,7 +142,7 @@ class HostDir:
         symlink, fifo, device, directory or hard link is refused untouched.
         """
         if flags & os.O_TRUNC:
-            raise ValueError("O_TRUNC would truncate before the check: use truncate()")
+            raise ValueError("O_TRUNC would truncate before the check: ftruncate the result")
         self.check_file(name)
         try:
             fd = os.open(name, flags | _OPEN_FLAGS, mode, dir_fd=self.fd)
@@ -184,13 +195,28 @@ class HostDir:
         A crash leaves either the old or the new contents under ``name`` (and
         perhaps ``tmp``, which the caller may clean up later).
         """
+        with self.replacing(name, tmp=tmp, mode=mode) as fd:
+            write_all(fd, data)
+
+    @contextlib.contextmanager
+    def replacing(
+        self, name: str, *, tmp: str | None = None, mode: int = 0o600, durable: bool = True
+    ) -> Iterator[int]:
+        """``with d.replacing(name) as fd:`` write ``fd`` (a new, empty ``tmp``, read-write);
+        on a clean exit it replaces ``name`` atomically, on an exception it is removed.
+
+        ``durable`` fsyncs the file before the rename and the directory after
+        it; without it a reader still never sees a partial file under ``name``
+        but a power cut may lose the replacement.
+        """
         tmp = tmp or f".{name}.{os.getpid()}.tmp"
         self.check_file(name)
-        fd = self.open_file(tmp, os.O_WRONLY | os.O_CREAT, mode)
+        fd = self.open_file(tmp, os.O_RDWR | os.O_CREAT, mode)
         try:
             os.ftruncate(fd, 0)
-            write_all(fd, data)
-            os.fsync(fd)
+            yield fd
+            if durable:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -198,7 +224,8 @@ class HostDir:
             raise
         os.close(fd)
         self.rename(tmp, name)
-        self.fsync()
+        if durable:
+            self.fsync()
 
     def rename(self, src: str, dst: str) -> None:
         """Rename ``src`` over ``dst``, both regular files (or ``dst`` absent) in this directory."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
+from occlumfs.errors import FormatError, IntegrityError, NotFoundError, OcclumfsError
 from occlumfs.hostio import HostDir
 
 KEY_BYTES = 16
@@ -64,6 +64,8 @@ def write_key_file(path: Path, key: bytes | None = None, *, overwrite: bool = Fa
             parent.replace_file(path.name, (format_key(key) + "\n").encode())
     except NotFoundError:
         raise NotFoundError(f"{path}: directory {path.parent} does not exist") from None
+    except IntegrityError:
+        raise  # something other than a lone regular file is at the path: named in the message
     except OSError as exc:
         raise OcclumfsError(f"{path}: cannot write the key file: {exc.strerror}") from None
     return key

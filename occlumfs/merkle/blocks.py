@@ -167,11 +167,6 @@ class ImageReader:
                 )
             self.keys = keys
 
-    @property
-    def authenticated(self) -> bool:
-        """Whether something other than the image itself vouches for it (a pin or the key)."""
-        return self.pinned or self.keys is not None
-
     def close(self) -> None:
         if self.fd >= 0:
             for fd in (self.fd, self._tree_fd, self._meta_fd):

@@ -11,6 +11,10 @@ invariants:
   that was a hole at the last commit needs no record: both slots are free.)
 * Bytes past ``size`` in the last block are zero (truncate zeroes them), so
   growing a file exposes zeros.
+* Buffered blocks never outnumber the free blocks of the store's disk, as last
+  measured (less a reserve for the next commit): a write that would exceed
+  that first writes the buffer out, so a full disk fails that write (ENOSPC),
+  not a later commit that nobody waits for.
 
 Read, write and flush run per request over all of its blocks: keep their loops
 free of per-block calls (docs/performance.md).
@@ -19,13 +23,14 @@ free of per-block calls (docs/performance.md).
 from __future__ import annotations
 
 import bisect
+import errno
 import os
 from collections.abc import Callable, Iterator
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from occlumfs.errors import IntegrityError
+from occlumfs.errors import FSError, IntegrityError
 from occlumfs.sefs import format as fmt
 from occlumfs.sefs.format import (
     BLOCK_SIZE,
@@ -79,6 +84,7 @@ class BlockIO:
         inodes: dict[int, Inode],
         dirty_keys: set[bytes],
         describe: Callable[[int], str],
+        room: Callable[[], int | None] = lambda: None,
     ) -> None:
         self.storage = storage
         self._cipher = cipher
@@ -86,6 +92,9 @@ class BlockIO:
         self._inodes = inodes  # the filesystem's
         self._dirty_keys = dirty_keys  # the page table's: map chunks changed since the commit
         self._describe = describe  # a path of an inode, for messages
+        self._room = room  # blocks the store's disk can take beyond the reserve (None: unknown)
+        self._free: int | None = None  # its last answer
+        self.limit = DIRTY_LIMIT_BLOCKS  # buffered blocks that trigger a write-out
         self.dirty_inodes: set[int] = set()  # inodes with buffered plaintext blocks
         self.dirty_blocks = 0
         self._slot_touched: set[int] = set()  # inodes whose committed_slots are in use
@@ -96,9 +105,27 @@ class BlockIO:
         self._raw_view = memoryview(self._raw_buf)
 
     # == buffering =========================================================================
+    def measure(self) -> None:
+        """Ask the store's disk again how much may be buffered."""
+        self._free = self._room()
+        self.limit = (
+            DIRTY_LIMIT_BLOCKS if self._free is None else min(DIRTY_LIMIT_BLOCKS, self._free)
+        )
+
+    def _make_room(self, span: int) -> None:
+        """Write out every buffered block, then refuse ``span`` more if the disk cannot
+        take them. Either failure (ENOSPC) leaves nothing of the new write buffered."""
+        self.flush_all()
+        self.measure()
+        if self._free is not None and span > self._free:
+            raise FSError(errno.ENOSPC)
+
     def write(self, node: Inode, offset: int, data: bytes) -> None:
         """Buffer ``data`` at ``offset`` (the caller updates the size)."""
         size = len(data)
+        span = (offset + size - 1) // BLOCK_SIZE - offset // BLOCK_SIZE + 1
+        if self.dirty_blocks + span > self.limit:
+            self._make_room(span)
         if not isinstance(data, bytes):
             data = bytes(data)  # buffered blocks are views of it: it must not change
         view = memoryview(data)
@@ -128,8 +155,6 @@ class BlockIO:
         self.dirty_blocks += added
         if added:
             self.dirty_inodes.add(node.ino)
-        if self.dirty_blocks > DIRTY_LIMIT_BLOCKS:
-            self.flush_all()
 
     def block_for_update(self, node: Inode, block: int) -> bytearray:
         """A mutable buffered copy of ``block`` (the caller accounts for new dirty blocks)."""

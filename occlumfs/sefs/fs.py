@@ -40,6 +40,7 @@ from occlumfs.sefs.state import DirLock, TrustedState
 from occlumfs.sefs.storage import Storage
 
 COMMIT_INTERVAL = 10.0  # seconds a change may wait for a commit unless fsync asks sooner
+RESERVE_BLOCKS = 256  # free blocks kept for the next commit's pack, beyond the live packs' size
 
 
 class _DirHandle:
@@ -79,7 +80,7 @@ class SefsFS(Namespace):
         self._pages = PageTable(storage, keys.meta, keys.head_mac, keys.fs_id, self._nodes)
         self._dirty_keys = self._pages.dirty
         self._io = BlockIO(
-            storage, keys.data, keys.fs_id, self._nodes, self._dirty_keys, self.path_of
+            storage, keys.data, keys.fs_id, self._nodes, self._dirty_keys, self.path_of, self._room
         )
         self._next_ino = ROOT_INO + 1
         self._handles: dict[int, int] = {}
@@ -103,6 +104,8 @@ class SefsFS(Namespace):
             )
             if not read_only and not tolerant:
                 remove_leftovers(self._pages, self._nodes)
+        if not read_only:
+            self._io.measure()
 
     # == lifecycle ==========================================================================
     def started_serving(self) -> None:
@@ -134,6 +137,17 @@ class SefsFS(Namespace):
             self._state.update(self._pages.counter, self._pages.root_tag)
         self._pages.discard_dead_packs()
         self._io.discard_doomed()
+        self._io.measure()
+
+    def _room(self) -> int | None:
+        """Blocks the store's disk can still take, less a reserve for the next commit
+        (a compaction rewrites every live page): bounds the buffered blocks."""
+        host = self.storage.statvfs()
+        if host is None:
+            return None
+        free = host.f_bavail * host.f_frsize // BLOCK_SIZE
+        reserve = RESERVE_BLOCKS + sum(self._pages.pack_sizes.values()) // BLOCK_SIZE
+        return max(free - reserve, 0)
 
     # == namespace hooks (occlumfs.namespace): what a change must record ===================
     def _changed(self) -> None:
@@ -293,6 +307,13 @@ class SefsFS(Namespace):
             self._dirtied(node)
         self._changed()
         return size
+
+    def flush(self, fh: int) -> None:
+        """On close: write the file's buffered blocks out, so that a full disk fails the
+        close at the latest. (The commit still waits for fsync or the timer.)"""
+        node = self._handle(fh)
+        if node.dirty:
+            self._io.flush(node)
 
     def fsync(self, fh: int, datasync: bool) -> None:
         self.commit()

@@ -107,12 +107,12 @@ class TrustedState:
         if doc is None:
             return None
         try:
-            counter, tag, mac = int(doc["counter"]), bytes.fromhex(doc["root_tag"]), doc["mac"]
-            if not isinstance(mac, str):
-                raise TypeError("mac")
+            counter, tag, mac = doc["counter"], bytes.fromhex(doc["root_tag"]), doc["mac"]
+            if type(counter) is not int or not 0 <= counter < 1 << 64 or not isinstance(mac, str):
+                raise TypeError("field types")
         except (ValueError, KeyError, TypeError):
             raise IntegrityError(f"trusted state {self.path} is unreadable") from None
-        if not hmac.compare_digest(mac, self._mac(counter, tag)):
+        if not hmac.compare_digest(mac.encode(errors="replace"), self._mac(counter, tag).encode()):
             raise IntegrityError(f"trusted state {self.path}: MAC check failed")
         return counter, tag
 

@@ -25,7 +25,7 @@ from occlumfs.fs import (
     check_rename_target,
 )
 from occlumfs.unionfs import layers as L
-from occlumfs.unionfs.nodes import FileHandle
+from occlumfs.unionfs.nodes import FileHandle, Node
 
 
 class UnionChanges:
@@ -67,8 +67,13 @@ class UnionChanges:
         """Create an entry with ``make(upper_parent, name)``, over a whiteout if one is there."""
         pnode, parent_upper, whiteout = self._prepare_new(parent, name)
         if not whiteout:
-            make(parent_upper, name)
-            return self._attr(self._resolve(pnode, name))
+            made = make(parent_upper, name)
+            if made.nlink > 1 and not made.is_dir:  # a link: it shows an existing node
+                return self._attr(self._resolve(pnode, name))
+            # Nothing below shows at this name: the new entry is upper-only.
+            node = Node(made.ino, made.is_dir, pnode.ino, name, upper=made.ino)
+            node.lower_path = pnode.lower_path + b"/" + name
+            return self._attr(self._remember(node))
         # Build it aside, then put it in the whiteout's place: one rename for a
         # file; a directory (opaque if a lower one is hidden there) needs the
         # whiteout gone first, so both land in one commit.

@@ -18,7 +18,6 @@ This module holds the node table and the read side.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 from collections.abc import Iterator, Sequence
@@ -49,14 +48,22 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
             raise ValueError(f"a union takes at most {L.MAX_LAYERS - 1} lower layers")
         self.lowers = list(lowers)
         self.upper = upper
-        self.digests = (
-            list(digests)
-            if digests is not None
-            else [lower.info.extra.get("digest", f"layer-{i}") for i, lower in enumerate(lowers)]
-        )
+        if digests is None:
+            # An image layer knows its digest; any other lower must be named.
+            digests = [getattr(lower, "digest", None) for lower in lowers]
+            if None in digests:
+                raise ValueError("a lower without a digest: pass digests=")
+        self.digests = list(digests)
         self._layer_of_digest = {d: i for i, d in enumerate(self.digests)}
         self.read_only = read_only or upper.info.read_only
-        self.info = FsInfo(name=name, subtype="occlumfs-union", read_only=self.read_only)
+        # Lower data is best read in the runs its layers ask for.
+        readahead = max((lower.info.readahead_kb or 0 for lower in self.lowers), default=0)
+        self.info = FsInfo(
+            name=name,
+            subtype="occlumfs-union",
+            read_only=self.read_only,
+            readahead_kb=readahead or None,
+        )
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._next_fh = 1
         self._tmp_counter = 0
@@ -236,17 +243,17 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
             layer, lino = node.lower if node.lower is not None else node.stack[0]
             attr = self.lowers[layer].getattr(lino)
             if node.is_dir and len(node.stack) > 1:
-                return dataclasses.replace(attr, ino=node.ino, nlink=1)
-            return dataclasses.replace(attr, ino=node.ino)
+                return L.shown_as(attr, node.ino, 1, attr.blocks)
+            return L.shown_as(attr, node.ino, attr.nlink, attr.blocks)
         attr = self.upper.getattr(node.upper)
         if node.is_dir:
-            return dataclasses.replace(attr, ino=node.ino, nlink=self._dir_nlink(node, attr))
+            return L.shown_as(attr, node.ino, self._dir_nlink(node, attr), attr.blocks)
         nlink = self._indexed_nlink(node, attr) if node.indexed else attr.nlink
         blocks = attr.blocks
         if node.lower is not None:  # a metadata-only copy: the data is below
             layer, lino = node.lower
             blocks = self.lowers[layer].getattr(lino).blocks
-        return dataclasses.replace(attr, ino=node.ino, nlink=nlink, blocks=blocks)
+        return L.shown_as(attr, node.ino, nlink, blocks)
 
     def _indexed_nlink(self, node: Node, attr: Attr) -> int:
         # The lower names still showing it, plus its upper names but the index's.
@@ -322,6 +329,8 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
         n = len(self.lowers)
         is_root = node.ino == ROOT_INO
         stack = node.stack
+        # A directory only one lower holds: each entry is what the union shows.
+        alone = node.upper is None and len(stack) == 1
         for depth, (layer, ldir) in enumerate(stack):
             here = n - layer
             if here < phase:
@@ -334,6 +343,10 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
                 if L.is_whiteout(entry.attr) or (is_root and name == L.PRIVATE_DIR):
                     continue
                 if any(self._lower_lookup(al, ad, name) is not None for al, ad in above):
+                    continue
+                if alone and (entry.attr.nlink == 1 or entry.attr.is_dir):
+                    attr = self._attr_alone(node, layer, name, entry.attr)
+                    yield DirEntry(name, attr, L.pack_cookie(here, entry.next_offset))
                     continue
                 try:
                     attr = self._attr(self._resolve(node, name))
@@ -354,6 +367,18 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
                 continue
             attr = self._attr(self._remember(self._upper_node(node, name, entry.attr)))
             yield DirEntry(name, attr, L.pack_cookie(last, entry.next_offset))
+
+    def _attr_alone(self, pnode: Node, layer: int, name: bytes, attr: Attr) -> Attr:
+        """What the union shows of entry ``attr`` of the one lower under ``pnode``
+        (not hard-linked): :meth:`_resolve` without looking it up again."""
+        node = Node(L.lower_ino(layer, attr.ino), attr.is_dir, pnode.ino, name)
+        if attr.is_dir:
+            node.stack = ((layer, attr.ino),)
+            node.lower_path = pnode.lower_path + b"/" + name
+        else:
+            node.lower = (layer, attr.ino)
+        self._remember(node)
+        return L.shown_as(attr, node.ino, attr.nlink, attr.blocks)
 
     def releasedir(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)

@@ -52,6 +52,26 @@ COOKIE_SHIFT = 48
 _ORIGIN = struct.Struct(">Q")
 
 
+def shown_as(attr: Attr, ino: int, nlink: int, blocks: int) -> Attr:
+    """A layer's ``attr`` as the union shows it (a new value: layers' Attrs are
+    never changed). Spelled out field by field: dataclasses.replace costs 6 us,
+    a third of a union lookup."""
+    return Attr(
+        ino=ino,
+        mode=attr.mode,
+        nlink=nlink,
+        uid=attr.uid,
+        gid=attr.gid,
+        size=attr.size,
+        rdev=attr.rdev,
+        blocks=blocks,
+        atime_ns=attr.atime_ns,
+        mtime_ns=attr.mtime_ns,
+        ctime_ns=attr.ctime_ns,
+        blksize=attr.blksize,
+    )
+
+
 def is_whiteout(attr: Attr) -> bool:
     return stat.S_ISCHR(attr.mode) and attr.rdev == 0
 

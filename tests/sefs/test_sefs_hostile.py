@@ -138,8 +138,11 @@ GRID = [
 ]
 
 
+@pytest.mark.fuse
 @pytest.mark.parametrize(("role", "kind"), GRID)
-def test_planted_store_entry_is_refused_and_nothing_outside_changes(base, tmp_path, role, kind):
+def test_planted_store_entry_is_refused_and_nothing_outside_changes(
+    base, tmp_path, spare_mnt, role, kind
+):
     rel = role.rstrip("/") if role.endswith("/") else base.names()[role]
     volume = base.volume.copy(tmp_path / "v")
     new_key = tmp_path / "new.key"
@@ -154,8 +157,7 @@ def test_planted_store_entry_is_refused_and_nothing_outside_changes(base, tmp_pa
     if role in ("config", "head", "pack", "data", "m/", "d/"):
         assert code != 0, "fsck reads this entry: it must not pass"
 
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    mnt = spare_mnt
     done = run_cli("mount", volume.dir, mnt, *key_args, check=False)
     if role in (*MOUNT_USES, "m/", "d/"):
         assert done.returncode == ExitCode.INTEGRITY, done.stderr
@@ -199,6 +201,7 @@ def _write_fsync(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+@pytest.mark.fuse
 @pytest.mark.parametrize("kind", ["symlink", "fifo"])
 @pytest.mark.parametrize("role", ["head tmp", "next pack", "next data", "slot b"])
 def test_entry_planted_while_mounted_never_redirects_a_commit(base, tmp_path, role, kind):
@@ -236,9 +239,10 @@ def test_commit_over_a_planted_entry_raises_naming_it(base, tmp_path, role, kind
     assert planted.outside_now() == planted.before
 
 
+@pytest.mark.fuse
 @pytest.mark.parametrize("kind", ["symlink", "hardlink", "fifo", "dir"])
 @pytest.mark.parametrize("which", ["commit state", "store pin"])
-def test_planted_state_file_is_refused(base, tmp_path, which, kind):
+def test_planted_state_file_is_refused(base, tmp_path, spare_mnt, which, kind):
     volume = base.volume.copy(tmp_path / "v")
     run_cli(*volume.fsck_args())  # pins the store's path in the copied state
     found = volume.state / (
@@ -249,8 +253,7 @@ def test_planted_state_file_is_refused(base, tmp_path, which, kind):
     done = run_cli(*volume.fsck_args(), check=False)
     assert_refused_or_untouched(done.returncode, done.stdout, done.stderr, planted, [ExitCode.FSCK])
     assert done.returncode != 0
-    (tmp_path / "mnt").mkdir()
-    done = run_cli("mount", volume.dir, tmp_path / "mnt", *volume.mount_args()[1:], check=False)
+    done = run_cli("mount", volume.dir, spare_mnt, *volume.mount_args()[1:], check=False)
     assert done.returncode == ExitCode.INTEGRITY and found.name in done.stderr
     assert planted.outside_now() == planted.before
 

@@ -23,15 +23,14 @@ def one_line(done, code: int) -> str:
     return done.stderr
 
 
-def _mount_fails(volume: Volume, tmp_path: Path, *args) -> object:
-    mnt = tmp_path / "mnt"
-    mnt.mkdir(exist_ok=True)
+def _mount_fails(volume: Volume, mnt: Path, *args) -> object:
     return run_cli("mount", volume.dir, mnt, "--key-file", volume.key_file, *args, check=False)
 
 
 # -- the state directory -------------------------------------------------------------------
+@pytest.mark.fuse
 @pytest.mark.parametrize("where", ["the store", "inside the store", "above the store"])
-def test_state_dir_overlapping_the_store_is_refused(volume, tmp_path, where):
+def test_state_dir_overlapping_the_store_is_refused(volume, tmp_path, spare_mnt, where):
     state = {
         "the store": volume.dir,
         "inside the store": volume.dir / "st",
@@ -42,7 +41,7 @@ def test_state_dir_overlapping_the_store_is_refused(volume, tmp_path, where):
         run_cli(
             "fsck", volume.dir, "--key-file", volume.key_file, "--state-dir", state, check=False
         ),
-        _mount_fails(volume, tmp_path, "--state-dir", state),
+        _mount_fails(volume, spare_mnt, "--state-dir", state),
     ):
         assert "outside the store" in one_line(done, ExitCode.USAGE)
     assert sorted(p.name for p in volume.dir.rglob("*")) == before
@@ -65,8 +64,31 @@ def test_missing_state_dir_gets_only_its_last_component(volume, tmp_path):
     assert sorted(p.suffix for p in fresh.iterdir()) == [".json", ".pin"]
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "{",
+        "[]",
+        '{"counter": Infinity, "root_tag": "00", "mac": "00"}',
+        '{"counter": -1, "root_tag": "00", "mac": "00"}',
+        '{"counter": 1, "root_tag": "zz", "mac": "00"}',
+        '{"counter": 1, "root_tag": "00", "mac": "\u00e9"}',
+        '{"counter": 1, "root_tag": "00", "mac": 5}',
+    ],
+)
+def test_garbled_commit_state_is_one_line(volume, text):
+    assert run_cli(*volume.fsck_args()).returncode == 0
+    (state_file,) = volume.state.glob("*.json")
+    state_file.write_text(text)
+    done = run_cli(*volume.fsck_args(), check=False)
+    assert done.returncode == ExitCode.FSCK and "trusted state" in done.stdout, done
+    assert done.stderr.count("\n") == 1
+
+
 # -- the store's identity ----------------------------------------------------------------------
-def test_a_different_store_at_a_known_path_is_refused_unless_accepted(volume, tmp_path):
+@pytest.mark.fuse
+def test_a_different_store_at_a_known_path_is_refused_unless_accepted(volume, tmp_path, spare_mnt):
     assert run_cli(*volume.fsck_args()).returncode == 0
     # Another store made with the same key, copied over the first one wholesale.
     other = tmp_path / "other"
@@ -75,7 +97,7 @@ def test_a_different_store_at_a_known_path_is_refused_unless_accepted(volume, tm
     shutil.copytree(other, volume.dir)
     fsck = run_cli(*volume.fsck_args(), check=False)
     assert fsck.returncode == ExitCode.FSCK and "--accept-new-store" in fsck.stdout
-    mount = _mount_fails(volume, tmp_path, "--state-dir", volume.state)
+    mount = _mount_fails(volume, spare_mnt, "--state-dir", volume.state)
     assert "--accept-new-store" in one_line(mount, ExitCode.INTEGRITY)
     assert run_cli(*volume.fsck_args(), "--accept-new-store").returncode == 0
     assert run_cli(*volume.fsck_args()).returncode == 0  # pinned to the new one from now on
@@ -113,9 +135,10 @@ FORGED = {
 }  # fmt: skip
 
 
+@pytest.mark.fuse
 @pytest.mark.parametrize("store", ["v2", "golden v1"])
 @pytest.mark.parametrize("forgery", sorted(FORGED))
-def test_forged_config_fields_are_refused(volume, tmp_path, store, forgery):
+def test_forged_config_fields_are_refused(volume, tmp_path, spare_mnt, store, forgery):
     if store == "golden v1":
         shutil.copytree(GOLDEN_V1 / "fs", tmp_path / "v1")
         volume = Volume(tmp_path / "v1", GOLDEN_V1 / "key", b"", tmp_path / "v1-state")
@@ -123,7 +146,7 @@ def test_forged_config_fields_are_refused(volume, tmp_path, store, forgery):
     for done in (
         run_cli("sefs", "info", volume.dir, check=False),
         run_cli(*volume.fsck_args(), check=False),
-        _mount_fails(volume, tmp_path, "--state-dir", volume.state),
+        _mount_fails(volume, spare_mnt, "--state-dir", volume.state),
     ):
         assert "sefs.json: malformed SEFS config" in one_line(done, ExitCode.FORMAT)
 

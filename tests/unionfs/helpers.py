@@ -129,6 +129,9 @@ class Stack:
     def secret_args(self) -> list[str]:
         return ["--key-file", str(self.key_file), "--state-dir", str(self.state)]
 
+    def upper_args(self) -> list[str]:
+        return ["--upper", str(self.upper), *self.secret_args()]
+
 
 def listing(fs, path: str = "") -> list[bytes]:
     return sorted(e.name for e in iter_dir(fs, lookup_path(fs, path).ino))

@@ -15,12 +15,12 @@ import time
 
 import pytest
 from sefs.helpers import SimVolume
+from sefs.powerloss import PowerCut
 
 from occlumfs.fs import RENAME_EXCHANGE, AttrChanges, iter_dir, read_all
 from occlumfs.fs import lookup_path as lp
 from occlumfs.merkle import open_image_fs
 from occlumfs.sefs.fsck import check_fs
-from occlumfs.sefs.storage import PowerCut
 from occlumfs.unionfs import UnionFS
 from unionfs.helpers import ROOT, listing, read, rename, write
 

@@ -87,11 +87,15 @@ def test_an_upper_refuses_other_lowers(layers, tmp_path):
     args += ["--key-file", stack.key_file, "--state-dir", stack.state]
     pins = ["--digest", layers.digests[0], "--digest", other_digest]
     done = run_cli("mount", *args, *pins, mnt, check=False)
+    if os.path.ismount(mnt):
+        run_cli("umount", mnt)
     assert done.returncode == 13, done.stderr
     message = done.stderr.strip()
     assert "\n" not in message and "lower 1" in message and other_digest in message
     assert layers.digests[1] in message and "Traceback" not in done.stderr
     fewer = run_cli("mount", *args[:2], *args[4:], *pins[:2], mnt, check=False)
+    if os.path.ismount(mnt):
+        run_cli("umount", mnt)
     assert fewer.returncode == 13 and "made over 2 lower(s), 1 given" in fewer.stderr
 
 
@@ -141,3 +145,78 @@ def test_read_only_mount(layers, tmp_path):
             assert exc.errno == errno.EROFS
         else:
             raise AssertionError("chmod on a read-only union succeeded")
+
+
+def _tar(path, members: dict[str, bytes | None]) -> None:
+    """A tar of regular files (bytes) and directories (None)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.mtime = 1_700_000_000
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tf.addfile(info)
+            else:
+                info.size, info.mode = len(data), 0o644
+                tf.addfile(info, io.BytesIO(data))
+
+
+def test_a_stack_of_oci_layers_mounts_as_a_union(tmp_path):
+    # OCI spells deletions .wh.NAME and opaque directories .wh..wh..opq;
+    # mkimage keeps them as whiteouts and opaque marks, the union obeys them.
+    # The top layer is encrypted and opened with --lower-key-file.
+    _tar(
+        tmp_path / "base.tar",
+        {"etc": None, "etc/a": b"a", "etc/b": b"b", "d": None, "d/x": b"x", "d/y": b"y"},
+    )
+    _tar(
+        tmp_path / "top.tar",
+        {
+            "etc": None,
+            "etc/.wh.a": b"",
+            "d": None,
+            "d/.wh..wh..opq": b"",
+            "d/z": b"z",
+            "new": b"new",
+        },
+    )
+    keys = [tmp_path / "base.key", tmp_path / "top.key"]
+    args = []
+    for name, key in zip(("base", "top"), keys, strict=True):
+        run_cli("keygen", key)
+        done = run_cli(
+            "mkimage", "--key-file", key, tmp_path / f"{name}.tar", tmp_path / f"{name}.img"
+        )
+        args += ["--lower", tmp_path / f"{name}.img", "--digest", done.stdout.split()[-1]]
+    for key in keys:
+        args += ["--lower-key-file", key]
+    run_cli("keygen", tmp_path / "upper.key")
+    upper = [
+        "--upper",
+        tmp_path / "upper",
+        "--key-file",
+        tmp_path / "upper.key",
+        "--state-dir",
+        tmp_path / "state",
+    ]
+    with mounted(
+        tmp_path / "upper",
+        tmp_path / "mnt",
+        *args,
+        "--key-file",
+        tmp_path / "upper.key",
+        "--state-dir",
+        tmp_path / "state",
+    ) as mnt:
+        assert sorted(os.listdir(mnt)) == ["d", "etc", "new"]
+        assert os.listdir(mnt / "etc") == ["b"] and os.listdir(mnt / "d") == ["z"]
+        assert (mnt / "new").read_bytes() == b"new"
+        os.rename(mnt / "etc", mnt / "etc2")
+    one_key = run_cli(
+        "mount", *args[:8], "--lower-key-file", keys[0], *upper, tmp_path / "mnt", check=False
+    )
+    assert one_key.returncode == 12, one_key.stderr  # base's key does not open top
+    assert not os.path.ismount(tmp_path / "mnt")

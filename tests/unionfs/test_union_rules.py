@@ -15,6 +15,7 @@ import pytest
 
 from occlumfs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, AttrChanges
 from occlumfs.fs import lookup_path as lp
+from occlumfs.unionfs import LayerMismatchError, Lower, open_union
 from unionfs.helpers import (
     ROOT,
     create,
@@ -430,3 +431,16 @@ def test_a_metadata_copy_of_a_hard_linked_lower_file_keeps_the_count(stack):
     assert _nlinks(fs, "hl-a", "merged/hl-b") == [(ino, 2)] * 2
     fs.unlink(1, b"hl-a")
     assert _nlinks(fs, "merged/hl-b") == [(ino, 1)]
+
+
+def test_an_upper_opens_only_over_its_own_lowers(stack, layers):
+    stack.fs.close()
+    swapped = [Lower(lo.path, lo.digest) for lo in reversed(layers.lowers())]
+    for lowers, difference in (
+        (swapped, "lower 0 (bottom first) is " + layers.digests[1]),
+        (layers.lowers()[:1], "made over 2 lower(s), 1 given"),
+    ):
+        with pytest.raises(LayerMismatchError) as raised:
+            open_union(lowers, stack.upper, key=stack.key, state_dir=stack.state)
+        assert difference in str(raised.value) and "\n" not in str(raised.value)
+    stack.open()
