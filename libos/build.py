@@ -169,6 +169,9 @@ def build(
             digest = None
     layer_built = digest is None
     if layer_built:
+        from libos.rebase import discard_previous_if_bound_to, keep_previous_layer
+
+        keep_previous_layer(instance, state.get("inputs", {}).get("image_key"))
         epoch = inputs["source_date_epoch"]
         digest = build_image(
             instance.image,
@@ -177,6 +180,7 @@ def build(
             source_date_epoch=int(epoch) if epoch and epoch.isdigit() else None,
             progress=progress,
         )
+        discard_previous_if_bound_to(instance, digest)
 
     manifest = canonical(
         {

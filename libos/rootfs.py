@@ -37,6 +37,7 @@ class RootfsHandle:
 
 def _open_rootfs(build: VerifiedBuild, read_only: bool):
     """The filesystem object for ``/`` and the directories bwrap must cover with tmpfs."""
+    from libos.rebase import record_store_digests, store_digests
     from occlumfs.unionfs import LayerMismatchError, Lower, open_union
 
     lowers = [Lower(path, digest, key) for path, digest, key in build.layers]
@@ -45,9 +46,11 @@ def _open_rootfs(build: VerifiedBuild, read_only: bool):
     digests = [digest for _path, digest, _key in build.layers]
     mismatch = LayerMismatchError(
         f"{upper}: the writable layer was made over another build of the image; "
-        "rebase it onto this build (occlumfs union rebase) or move it away"
+        "its previous build is gone, so it cannot be moved onto this one: "
+        "restore that build, or move the store away"
     )
-    if not _same_build(upper, digests):
+    bound = store_digests(upper)
+    if bound is not None and bound != digests:
         raise mismatch
     try:
         fs = open_union(
@@ -61,38 +64,8 @@ def _open_rootfs(build: VerifiedBuild, read_only: bool):
     except LayerMismatchError:
         raise mismatch from None
     if not read_only:
-        _record_build(upper, digests)
+        record_store_digests(upper, digests)
     return fs, []
-
-
-def _build_record(upper: Path) -> Path:
-    return upper.parent / (upper.name + ".lowers")
-
-
-def _same_build(upper: Path, digests: list[str]) -> bool:
-    """A plain-text guard beside the store: the digests it was made over.
-
-    The union's own record, encrypted inside the store, is the authority; this
-    one (host-writable) only catches a mix-up early and in any union version.
-    """
-    from occlumfs.unionfs import upper_is_new
-
-    try:
-        recorded = _build_record(upper).read_text().split()
-    except FileNotFoundError:
-        return True
-    return upper_is_new(upper) or recorded == digests
-
-
-def _record_build(upper: Path, digests: list[str]) -> None:
-    record = _build_record(upper)
-    tmp = record.with_name(record.name + ".tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(digests) + "\n")
-    os.replace(tmp, record)
 
 
 def sefs_state_dir() -> Path:

@@ -18,7 +18,8 @@ from pathlib import Path
 from libos.build import VerifiedBuild, rootfs_layers, verify_build
 from libos.config import Config
 from libos.instance import Instance
-from libos.rootfs import mount_rootfs, unmount_rootfs
+from libos.rebase import rebase_store
+from libos.rootfs import mount_rootfs, sefs_state_dir, unmount_rootfs
 from libos.sandbox import Limits, Sandbox, apply_limits, release_limits
 from occlumfs.errors import InUseError, NotFoundError, UsageError
 
@@ -117,6 +118,14 @@ def run(instance: Instance, program: str, args: list[str], image_key: Path | Non
     with instance_lock(instance):
         build = verify_build(instance, image_key)
         check_entry_point(program, build.config.entry_points)
+        moved = rebase_store(build, sefs_state_dir())
+        if moved is not None:
+            print(
+                "occlum: moved the writable layer onto this build "
+                f"({moved['data_copied']} file(s) copied in from the previous image)",
+                file=sys.stderr,
+                flush=True,
+            )
         handle = mount_rootfs(build)
         status = None
         try:

@@ -115,10 +115,36 @@ def test_data_written_by_busybox_persists_and_a_failed_commit_is_loud(built, occ
     assert "FAILED" in failed.stderr and "Traceback" not in failed.stderr
 
 
-def test_an_image_rebuild_under_an_old_store_refuses_in_one_line(built, occlum):
+def test_user_data_survives_an_image_rebuild(built, occlum):
+    script = (
+        "echo mine > /root/x; echo 10.0.0.1 extra >> /etc/hosts; rm /etc/resolv.conf; "
+        "mkdir -p /root/d && echo deep > /root/d/f"
+    )
+    occlum("run", "/bin/busybox", "sh", "-c", script, cwd=built)
+    (built / "image/bin/added").write_text("new file\n")
+    (built / "image/etc/hosts").write_text("127.0.0.1 rebuilt\n")
+    occlum("build", cwd=built)
+    assert any((built / "build/mount/__ROOT/previous").iterdir())  # kept for the move
+    show = "cat /root/x /root/d/f /bin/added /etc/hosts; ls /etc/resolv.conf || echo gone"
+    done = occlum("run", "/bin/busybox", "sh", "-c", show, cwd=built)
+    assert "moved the writable layer onto this build" in done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:3] == ["mine", "deep", "new file"]
+    # The user's copy of /etc/hosts is theirs (copied up before the rebuild).
+    assert "10.0.0.1 extra" in lines and "127.0.0.1 rebuilt" not in lines
+    assert lines[-1] == "gone"  # a deletion stays a deletion
+    assert not (built / "build/mount/__ROOT/previous").exists()
+    again = occlum("run", "/bin/busybox", "cat", "/root/x", cwd=built)
+    assert again.stdout == "mine\n" and "moved" not in again.stderr
+
+
+def test_a_store_whose_build_is_gone_refuses_in_one_line(built, occlum):
+    import shutil
+
     occlum("run", "/bin/busybox", "sh", "-c", "echo x > /root/x", cwd=built)
     (built / "image/bin/added").write_text("new file\n")
     occlum("build", cwd=built)
+    shutil.rmtree(built / "build/mount/__ROOT/previous")
     done = occlum("run", "/bin/busybox", "cat", "/root/x", cwd=built, check=False)
     assert done.returncode == 13, done.stderr
     lines = done.stderr.strip().splitlines()
