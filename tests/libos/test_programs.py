@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from libos_fixtures import *  # noqa: F403 (the fixtures of tests/libos)
 from libos_fixtures import pty_expect
+
+pytestmark = pytest.mark.fuse  # occlum run serves the rootfs over FUSE
 
 # The host's (Debian's) python3 and its standard library, e.g. /usr/lib/python3.11.
 HOST_PY = Path("/usr/lib") / Path("/usr/bin/python3").resolve().name

@@ -6,9 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from libos_fixtures import *  # noqa: F403 (the fixtures of tests/libos)
 
 from occlumfs.mount import mounted_paths
+
+pytestmark = pytest.mark.fuse  # occlum run serves the rootfs over FUSE
 
 
 def test_seed_flow_prints_hello_world(tmp_path, hello_world, occlum):

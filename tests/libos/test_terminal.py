@@ -6,8 +6,11 @@ import os
 import pty
 import sys
 
+import pytest
 from libos_fixtures import *  # noqa: F403 (the fixtures of tests/libos)
 from libos_fixtures import pty_expect, pty_read
+
+pytestmark = pytest.mark.fuse  # occlum run serves the rootfs over FUSE
 
 
 def test_interactive_shell_ctrl_c_and_exit_status(built):
