@@ -17,13 +17,12 @@ over by path), then drops the previous layer. Occlum itself loses the data.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
 
-from libos.instance import Instance
+from libos.instance import Instance, write_atomic
 
 PREVIOUS_DIR = "previous"
 PREVIOUS_LIST = "previous-layers.json"
@@ -46,14 +45,7 @@ def store_digests(upper: Path) -> list[str] | None:
 
 
 def record_store_digests(upper: Path, digests: list[str]) -> None:
-    guard = _guard(upper)
-    tmp = guard.with_name(guard.name + ".tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(digests) + "\n")
-    os.replace(tmp, guard)
+    write_atomic(_guard(upper), ("\n".join(digests) + "\n").encode())
 
 
 def _previous_list(instance: Instance) -> Path:
@@ -82,14 +74,7 @@ def keep_previous_layer(instance: Instance, key_id: str | None) -> None:
 
 
 def _write_list(instance: Instance, entries: list[dict]) -> None:
-    path = _previous_list(instance)
-    tmp = path.with_name(path.name + ".tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w") as f:
-        json.dump(entries, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(_previous_list(instance), json.dumps(entries, indent=2).encode())
 
 
 def _previous_layers(instance: Instance, digests: list[str]):
