@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from pathlib import Path
 
 from libos.build import VerifiedBuild
 from occlumfs.errors import OcclumfsError
+
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -103,6 +106,7 @@ def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHand
     log_file = base / "server.log"
     fs, tmpfs = _open_rootfs(build, read_only)
     ready_r, ready_w = os.pipe()
+    parent = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -111,6 +115,7 @@ def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHand
         try:
             os.close(ready_r)
             os.setsid()
+            _end_with_parent(parent)
             devnull = os.open(os.devnull, os.O_RDWR)
             log = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             for fd, target in ((devnull, 0), (devnull, 1), (log, 2)):
@@ -137,6 +142,18 @@ def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHand
         os.waitpid(pid, 0)
         raise OcclumfsError(f"the rootfs server failed to start; see {log_file}")
     return RootfsHandle(mountpoint, pid, log_file, tmpfs)
+
+
+def _end_with_parent(parent: int) -> None:
+    """SIGTERM this server when occlum run dies (even by SIGKILL): it then
+    unmounts, commits and exits, instead of serving a mount nobody will end."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def unmount_rootfs(handle: RootfsHandle) -> None:

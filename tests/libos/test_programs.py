@@ -221,3 +221,38 @@ def test_the_python3_repl_on_a_terminal(tmp_path, occlum):
         os.close(fd)
         if pid:
             os.waitpid(pid, 0)
+
+
+def test_when_occlum_run_is_killed_the_server_still_commits(built, occlum):
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "libos", "run", "/bin/busybox", "sh", "-c",
+         "echo saved > /root/a; echo up; read x"],
+        cwd=built, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline() == b"up\n"
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        server = [
+            int(c) for c in children if b"bwrap" not in Path(f"/proc/{c}/cmdline").read_bytes()
+        ]
+        assert len(server) == 1
+        pidfd = os.pidfd_open(server[0])
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ready, _, _ = select.select([pidfd], [], [], 60)  # the server ends on its own
+        os.close(pidfd)
+        assert ready, "the server outlived occlum run"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+        proc.stderr.close()
+    done = occlum("run", "/bin/busybox", "cat", "/root/a", cwd=built)
+    assert done.stdout == "saved\n"
