@@ -21,7 +21,7 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from libos.build import VerifiedBuild
@@ -35,11 +35,10 @@ class RootfsHandle:
     mountpoint: Path
     server_pid: int
     log_file: Path
-    writable_tmpfs: list[str] = field(default_factory=list)
 
 
 def _open_rootfs(build: VerifiedBuild, read_only: bool):
-    """The filesystem object for ``/`` and the directories bwrap must cover with tmpfs."""
+    """The filesystem object for ``/``."""
     from libos.rebase import record_store_digests, store_digests
     from occlumfs.unionfs import LayerMismatchError, Lower, open_union
 
@@ -68,7 +67,7 @@ def _open_rootfs(build: VerifiedBuild, read_only: bool):
         raise mismatch from None
     if not read_only:
         record_store_digests(upper, digests)
-    return fs, []
+    return fs
 
 
 def sefs_state_dir() -> Path:
@@ -104,7 +103,7 @@ def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHand
     mountpoint.mkdir(exist_ok=True)
     _clear_stale(mountpoint)
     log_file = base / "server.log"
-    fs, tmpfs = _open_rootfs(build, read_only)
+    fs = _open_rootfs(build, read_only)
     ready_r, ready_w = os.pipe()
     parent = os.getpid()
     sys.stdout.flush()
@@ -141,7 +140,7 @@ def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHand
     if not ready:
         os.waitpid(pid, 0)
         raise OcclumfsError(f"the rootfs server failed to start; see {log_file}")
-    return RootfsHandle(mountpoint, pid, log_file, tmpfs)
+    return RootfsHandle(mountpoint, pid, log_file)
 
 
 def _end_with_parent(parent: int) -> None:

@@ -65,7 +65,7 @@ def program_env(config: Config, host: dict[str, str] | None = None) -> dict[str,
     return env
 
 
-def sandbox_for(build: VerifiedBuild, root: Path, tmpfs: list[str]) -> Sandbox:
+def sandbox_for(build: VerifiedBuild, root: Path) -> Sandbox:
     """The sandbox the config describes, with ``root`` as ``/``."""
     config = build.config
     rootfs_layers(config)
@@ -88,9 +88,7 @@ def sandbox_for(build: VerifiedBuild, root: Path, tmpfs: list[str]) -> Sandbox:
         tasks=config.get("resource_limits", "max_num_of_threads"),
         stack=config.size("process", "default_stack_size"),
     )
-    return Sandbox(
-        root=root, binds=binds, proc=proc, dev=dev, tmpfs=["/tmp", *tmpfs], limits=limits
-    )
+    return Sandbox(root=root, binds=binds, proc=proc, dev=dev, tmpfs=["/tmp"], limits=limits)
 
 
 @contextlib.contextmanager
@@ -132,7 +130,7 @@ def run(instance: Instance, program: str, args: list[str], image_key: Path | Non
             inside = handle.mountpoint / posixpath.relpath(program, "/")
             if not os.path.lexists(inside):
                 raise NotFoundError(f"{program}: no such program in the instance")
-            sandbox = sandbox_for(build, handle.mountpoint, handle.writable_tmpfs)
+            sandbox = sandbox_for(build, handle.mountpoint)
             apply_limits(sandbox.limits, f"occlum-{os.getpid()}")
             print(f"occlum: {sandbox.limits.describe()}", file=sys.stderr, flush=True)
             try:
