@@ -178,11 +178,66 @@ def run(image_key: Path | None, program: str, args: tuple[str, ...]) -> None:
 def status() -> None:
     """Say whether the instance is built, changed since its build, or running."""
     from libos.build import build_status
+    from libos.control import describe
     from libos.instance import Instance
-    from libos.run import running_pid
 
     instance = Instance.find()
     click.echo(build_status(instance))
-    pid = running_pid(instance)
-    if pid is not None:
-        click.echo(f"running (pid {pid})")
+    running = describe(instance)
+    if running is not None:
+        click.echo(running)
+
+
+@main.command()
+@click.option(
+    "--image-key",
+    type=PATH,
+    help="The key the instance was built with (default: the one this machine kept at build).",
+)
+def start(image_key: Path | None) -> None:
+    """Mount the instance and keep its sandbox up for occlum exec; return when ready."""
+    from libos.control import start as do_start
+    from libos.instance import Instance
+
+    click.echo(do_start(Instance.find(), image_key), err=True)
+
+
+@main.command(
+    "exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_command(command: tuple[str, ...]) -> None:
+    """Run COMMAND (an absolute path inside the instance, and its arguments) in the
+    started instance with this terminal's stdin/stdout/stderr; exit with its status."""
+    from libos.control import exec_program
+    from libos.instance import Instance
+
+    sys.exit(exec_program(Instance.find(), list(command)))
+
+
+@main.command()
+@click.option(
+    "-t",
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=3.0,
+    show_default=True,
+    help="Seconds the programs get after SIGTERM before SIGKILL.",
+)
+def stop(timeout: float) -> None:
+    """SIGTERM every program, SIGKILL what is left after the timeout, commit, unmount."""
+    from libos.control import stop as do_stop
+    from libos.instance import Instance
+
+    do_stop(Instance.find(), timeout)
+    click.echo("occlum: stopped; the writable layer is committed", err=True)
+
+
+@main.command()
+def kill() -> None:
+    """SIGKILL every program now, then commit and unmount."""
+    from libos.control import stop as do_stop
+    from libos.instance import Instance
+
+    do_stop(Instance.find(), kill=True)
+    click.echo("occlum: killed; the writable layer is committed", err=True)

@@ -91,39 +91,64 @@ def sandbox_for(build: VerifiedBuild, root: Path) -> Sandbox:
     return Sandbox(root=root, binds=binds, proc=proc, dev=dev, tmpfs=["/tmp"], limits=limits)
 
 
+def lock_instance(instance: Instance, *, wait: bool = False) -> int:
+    """Take ``run/occlum.lock`` (one run, or one started instance, at a time); its fd."""
+    instance.run.mkdir(exist_ok=True)
+    fd = os.open(instance.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        if (instance.run / "occlum.sock").exists():
+            raise InUseError(
+                f"{instance.root}: the instance is started (pid {holder}); "
+                "use occlum exec, or occlum stop"
+            ) from None
+        raise InUseError(
+            f"{instance.root}: the instance is in use (pid {holder}); its store is locked"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 @contextlib.contextmanager
 def instance_lock(instance: Instance):
-    """Hold ``run/occlum.lock`` (one run, or one started instance, at a time)."""
-    instance.run.mkdir(exist_ok=True)
-    fd = os.open(instance.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    """Hold ``run/occlum.lock`` for the ``with`` block."""
+    fd = lock_instance(instance)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise InUseError(
-                f"{instance.root}: the instance is in use (pid {holder}); its store is locked"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)
 
 
+def rebase_and_say(build: VerifiedBuild) -> None:
+    """Move the store onto a rebuilt image (libos/rebase.py), and say so."""
+    moved = rebase_store(build, sefs_state_dir())
+    if moved is not None:
+        print(
+            "occlum: moved the writable layer onto this build "
+            f"({moved['data_copied']} file(s) copied in from the previous image)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def run(instance: Instance, program: str, args: list[str], image_key: Path | None = None) -> int:
     """Run ``program`` in ``instance``; its exit status (128 + signal when killed)."""
+    from libos.control import connect
+
+    sock = connect(instance)  # a started instance refuses below; a dead one is cleaned up
+    if sock is not None:
+        sock.close()
     with instance_lock(instance):
         build = verify_build(instance, image_key)
         check_entry_point(program, build.config.entry_points)
-        moved = rebase_store(build, sefs_state_dir())
-        if moved is not None:
-            print(
-                "occlum: moved the writable layer onto this build "
-                f"({moved['data_copied']} file(s) copied in from the previous image)",
-                file=sys.stderr,
-                flush=True,
-            )
+        rebase_and_say(build)
         handle = mount_rootfs(build)
         status = None
         try:

@@ -200,7 +200,13 @@ class Sandbox:
         fd = os.open(f"/proc/{first.init_pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         return replace(self, pidns_fd=fd)
 
-    def argv(self, command: list[str], cwd: str = "/", status_fd: int | None = None) -> list[str]:
+    def argv(
+        self,
+        command: list[str],
+        cwd: str = "/",
+        status_fd: int | None = None,
+        block_fd: int | None = None,
+    ) -> list[str]:
         bwrap = shutil.which("bwrap")
         if bwrap is None:
             raise NotFoundError("bwrap not found (Debian package: bubblewrap)")
@@ -233,6 +239,8 @@ class Sandbox:
                 args += ["--tmpfs", f"{inside.rstrip('/')}/{HIDDEN}"]
         if status_fd is not None:
             args += ["--json-status-fd", str(status_fd)]
+        if block_fd is not None:
+            args += ["--block-fd", str(block_fd)]
         args += ["--chdir", cwd, "--", *command]
         return args
 
@@ -245,17 +253,23 @@ class Sandbox:
         stdin: int | None = None,
         stdout: int | None = None,
         stderr: int | None = None,
+        block_fd: int | None = None,
     ) -> SandboxProcess:
-        """Start ``command`` in the sandbox; stdio is inherited unless fds are given."""
+        """Start ``command`` in the sandbox; stdio is inherited unless fds are given.
+
+        ``block_fd``: the sandbox is set up, then waits for data (or EOF) on
+        this fd before it runs ``command``.
+        """
         status_r, status_w = os.pipe()
+        keep = [fd for fd in (status_w, self.pidns_fd, block_fd) if fd is not None]
         try:
             proc = subprocess.Popen(
-                self.argv(command, cwd, status_w),
+                self.argv(command, cwd, status_w, block_fd),
                 env=env,
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
-                pass_fds=(status_w,) if self.pidns_fd is None else (status_w, self.pidns_fd),
+                pass_fds=keep,
                 preexec_fn=lambda: _enter_child(self.limits),
             )
         except BaseException:
@@ -264,6 +278,29 @@ class Sandbox:
         finally:
             os.close(status_w)
         return SandboxProcess(proc, status_r)
+
+    def hold(self) -> tuple[SandboxProcess, int]:
+        """An empty sandbox that stays up: its pid namespace is for :meth:`joined`.
+
+        Its one process waits on a pipe whose write end (returned) the caller
+        keeps; when that closes (the caller died), it execs ``/dev/null``,
+        which fails, and the sandbox ends with everything in it.
+        """
+        block_r, block_w = os.pipe()
+        try:
+            holder = self.spawn(
+                ["/dev/null"],
+                {},
+                stdin=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                block_fd=block_r,
+            )
+        except BaseException:
+            os.close(block_w)
+            raise
+        finally:
+            os.close(block_r)
+        return holder, block_w
 
 
 class SandboxProcess:
@@ -302,9 +339,13 @@ class SandboxProcess:
             todo += children.get(pid, [])
         return out
 
-    def signal(self, signum: int) -> None:
-        """Deliver ``signum`` to the programs (the init, pid 1 inside, ignores it)."""
-        for pid in self.pids()[1:]:
+    def signal(self, signum: int, *, joined: bool = False) -> None:
+        """Deliver ``signum`` to the programs (the init, pid 1 inside, ignores it).
+
+        ``joined``: this process was spawned into another's pid namespace, so
+        it has no init of its own; its first process is the program.
+        """
+        for pid in self.pids()[0 if joined else 1 :]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 

@@ -1,0 +1,282 @@
+"""``occlum start``, ``exec``, ``stop``, ``kill`` and the started half of ``status``.
+
+``start`` takes the instance lock, verifies the build (as ``run`` does), and
+forks the server (libos/server.py) into its own session; it returns when the
+server says it is ready, or with the server's one-line error. The server
+holds the lock from then on (and its FUSE server, a fork of it, until the
+last commit is done), so ``run`` and a second ``start`` refuse (16).
+
+A server that died (killed with SIGKILL, say) leaves ``run/occlum.sock``
+behind: the next command finds nobody answering, waits for the lock (the
+FUSE server commits and unmounts when its parent dies), says so, and
+removes the socket. The writable layer keeps what was last committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import sys
+
+from libos.instance import Instance
+from libos.run import FORWARDED, lock_instance, rebase_and_say
+from libos.server import DEFAULT_STOP_TIMEOUT, log, socket_path_of
+from occlumfs.errors import NotFoundError, NotSavedError, OcclumfsError, UsageError
+
+NOT_STARTED = "the instance is not started (occlum start)"
+
+
+class ServerError(OcclumfsError):
+    """An error the server reported, with its exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.exit_code = code
+
+
+@contextlib.contextmanager
+def _in_run_dir(instance: Instance):
+    """The socket's address, whatever the length of the instance's path."""
+    fd = os.open(instance.run, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/occlum.sock"
+    finally:
+        os.close(fd)
+
+
+def connect(instance: Instance) -> socket.socket | None:
+    """A connection to the started instance's server, or None (after recovering a dead one)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with _in_run_dir(instance) as address:
+            sock.connect(address)
+        return sock
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+    except OSError:
+        sock.close()
+        raise
+    recover(instance)
+    return None
+
+
+def recover(instance: Instance) -> None:
+    """Clean up after a server that died: wait for its commit, remove its socket."""
+    path = socket_path_of(instance)
+    if not os.path.lexists(path):
+        return
+    fd = os.open(instance.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        fcntl.flock(fd, fcntl.LOCK_EX)  # its FUSE server holds it until the commit is done
+        if os.path.lexists(path):
+            os.unlink(path)
+            print(
+                f"occlum: the instance's server (pid {holder}) died; cleaned up "
+                "(the writable layer keeps what it last committed)",
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        os.close(fd)
+
+
+def request(instance: Instance, message: dict) -> dict:
+    """Send one request to the server; its one-line answer."""
+    sock = connect(instance)
+    if sock is None:
+        raise NotFoundError(f"{instance.root}: {NOT_STARTED}")
+    with sock:
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        answer = _read_line(sock.makefile("rb"))
+    if answer is None:
+        raise OcclumfsError(f"{instance.root}: the instance's server died while answering")
+    return answer
+
+
+def _read_line(stream) -> dict | None:
+    line = stream.readline()
+    if not line:
+        return None
+    return json.loads(line)
+
+
+def _raise_if_error(answer: dict) -> dict:
+    if "error" in answer:
+        raise ServerError(answer["error"], int(answer.get("code", 1)))
+    return answer
+
+
+def describe(instance: Instance) -> str | None:
+    """``running (pid N, since T, K programs)``, or None when not started."""
+    sock = connect(instance)
+    if sock is None:
+        return None
+    sock.close()
+    answer = _raise_if_error(request(instance, {"op": "status"}))
+    n = answer["programs"]
+    return (
+        f"running (pid {answer['pid']}, since {answer['since']}, "
+        f"{n} program{'' if n == 1 else 's'} running)"
+    )
+
+
+# -- start ---------------------------------------------------------------------
+
+
+def start(instance: Instance, image_key=None) -> str:
+    """Start the instance's server; the line to print once it is ready."""
+    from libos.build import verify_build
+
+    connect(instance)  # a dead server is noticed and cleaned up first
+    lock_fd = lock_instance(instance)
+    try:
+        build = verify_build(instance, image_key)
+        rebase_and_say(build)
+        ready_r, ready_w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.close(ready_r)
+            _daemon(build, lock_fd, ready_w)  # never returns
+        os.close(ready_w)
+        with os.fdopen(ready_r, "rb") as ready:
+            line = ready.readline().decode(errors="replace").rstrip("\n")
+    finally:
+        os.close(lock_fd)
+    kind, _, rest = line.partition(" ")
+    if kind == "ok":
+        return f"occlum: started (pid {pid}); {rest}"
+    if kind == "error":
+        code, _, message = rest.partition(" ")
+        raise ServerError(message, int(code))
+    raise OcclumfsError(f"the instance's server failed to start; see {instance.run / 'occlum.log'}")
+
+
+def _daemon(build, lock_fd: int, ready_w: int) -> None:
+    """The forked server: detach, mount, hold the sandbox, listen, say ready, serve."""
+    import trio
+
+    from libos.rootfs import mount_rootfs, unmount_rootfs
+    from libos.run import sandbox_for
+    from libos.sandbox import apply_limits, release_limits
+    from libos.server import Server
+
+    code = 1
+    handle = holder = limits = server = None
+    try:
+        os.setsid()
+        instance = build.instance
+        log_fd = os.open(
+            instance.run / "occlum.log",
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
+            0o600,
+        )
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd, target in ((devnull, 0), (devnull, 1), (log_fd, 2)):
+            os.dup2(fd, target)
+        os.close(devnull)
+        os.close(log_fd)
+        os.ftruncate(lock_fd, 0)
+        os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+        handle = mount_rootfs(build)
+        sandbox = sandbox_for(build, handle.mountpoint)
+        limits = apply_limits(sandbox.limits, f"occlum-{os.getpid()}")
+        holder, block_w = sandbox.hold()
+        if holder.init_pid is None:
+            raise OcclumfsError(f"the sandbox could not be set up; see {instance.run}/occlum.log")
+        listener = _listen(instance)
+        server = Server(build, handle, sandbox, holder, block_w, listener)
+        log(f"started; {limits.describe()}")
+        os.write(ready_w, f"ok {limits.describe()}\n".encode())
+        os.close(ready_w)
+        ready_w = -1
+        trio.run(server.main)
+        code = 0 if server.result.get("ok") else 1
+        log("stopped" if code == 0 else "stopped; the commit FAILED")
+    except BaseException as exc:
+        if ready_w >= 0:
+            exit_code = int(getattr(exc, "exit_code", 1))
+            with contextlib.suppress(OSError):
+                os.write(ready_w, f"error {exit_code} {exc}\n".encode())
+        with contextlib.suppress(BaseException):
+            log(f"failed: {exc!r}")
+            if holder is not None:
+                holder.kill()
+                holder.proc.wait()
+            if limits is not None:
+                release_limits(limits)
+            if handle is not None and (server is None or not server.unmounted):
+                unmount_rootfs(handle)
+    finally:
+        os._exit(code)
+
+
+def _listen(instance: Instance) -> socket.socket:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path_of(instance))
+    with _in_run_dir(instance) as address:
+        listener.bind(address)
+    os.chmod(socket_path_of(instance), 0o600)
+    listener.listen(64)
+    return listener
+
+
+# -- stop, kill ----------------------------------------------------------------
+
+
+def stop(instance: Instance, timeout: float = DEFAULT_STOP_TIMEOUT, *, kill: bool = False) -> None:
+    """Stop the started instance; raise when its last commit failed."""
+    message = {"op": "kill"} if kill else {"op": "stop", "timeout": timeout}
+    answer = request(instance, message)
+    if "error" in answer:
+        raise NotSavedError(answer["error"])
+    lock_fd = lock_instance(instance, wait=True)  # the server has exited
+    os.close(lock_fd)
+
+
+# -- exec ----------------------------------------------------------------------
+
+
+def _stdio() -> list[int]:
+    """Our fds 0, 1, 2 to hand over (``/dev/null`` for a closed one)."""
+    fds = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            fds.append(fd)
+        except OSError:
+            fds.append(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
+    return fds
+
+
+def exec_program(instance: Instance, argv: list[str]) -> int:
+    """Run ``argv`` in the started instance with our stdio; its status."""
+    if not argv:
+        raise UsageError("exec: no program given")
+    sock = connect(instance)
+    if sock is None:
+        raise NotFoundError(f"{instance.root}: {NOT_STARTED}")
+    with sock:
+        message = json.dumps({"op": "exec", "argv": argv, "env": dict(os.environ)}).encode()
+        socket.send_fds(sock, [message + b"\n"], _stdio())
+
+        def forward(signum, _frame):
+            with contextlib.suppress(OSError):
+                sock.sendall(json.dumps({"signal": signum}).encode() + b"\n")
+
+        saved = {s: signal.signal(s, forward) for s in FORWARDED}
+        try:
+            answer = _read_line(sock.makefile("rb"))
+        finally:
+            for signum, handler in saved.items():
+                signal.signal(signum, handler)
+    if answer is None:
+        raise OcclumfsError(f"{instance.root}: the instance's server died during the exec")
+    return int(_raise_if_error(answer)["status"])
