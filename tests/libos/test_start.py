@@ -1,0 +1,161 @@
+"""occlum start / exec / status / stop / kill: one sandbox, many programs, real bwrap and FUSE."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from libos_fixtures import *  # noqa: F403 (the fixtures of tests/libos)
+from libos_fixtures import assert_no_leftover_mounts, run_occlum
+
+pytestmark = pytest.mark.fuse  # a started instance serves its rootfs over FUSE
+
+SH = "/bin/busybox"
+
+
+def exec_popen(inst: Path, *argv: str, env: dict | None = None) -> subprocess.Popen:
+    """``occlum exec ARGV`` in the background, with pipes for its stdio."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "libos", "exec", *argv],
+        cwd=inst,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def finish(proc: subprocess.Popen) -> int:
+    """Wait for a background ``occlum exec`` and close its pipes; its status."""
+    proc.communicate(timeout=30)
+    return proc.returncode
+
+
+def server_pid(inst: Path) -> int:
+    return int((inst / "run/occlum.lock").read_text())
+
+
+def wait_for_exit(pid: int, timeout: float = 30) -> None:
+    """Wait for a process that is not our child (pidfd, no polling)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        assert select.select([fd], [], [], timeout)[0], f"pid {pid} still running"
+    finally:
+        os.close(fd)
+
+
+def test_start_exec_status_stop(built, occlum):
+    started = occlum("start", cwd=built)
+    assert "started (pid" in started.stderr
+    try:
+        again = occlum("start", cwd=built, check=False)
+        assert again.returncode == 16 and again.stderr.count("\n") == 1, again.stderr
+        assert "is started" in again.stderr
+        run = occlum("run", SH, "true", cwd=built, check=False)
+        assert run.returncode == 16 and "occlum exec, or occlum stop" in run.stderr
+        assert "running (pid" in occlum("status", cwd=built).stdout
+
+        # Several execs at once, each with its own stdin/stdout and status.
+        script = 'echo ready; read x; echo "$1 got $x"; exit $1'
+        procs = [exec_popen(built, SH, "sh", "-c", script, "sh", str(n)) for n in (3, 0, 7)]
+        for p in procs:
+            assert p.stdout.readline() == b"ready\n"
+        assert "3 programs running" in occlum("status", cwd=built).stdout
+        for n, p in zip((3, 0, 7), procs, strict=True):
+            out, err = p.communicate(f"hello{n}\n".encode(), timeout=30)
+            assert out == f"{n} got hello{n}\n".encode(), err
+            assert p.returncode == n
+        assert "0 programs running" in occlum("status", cwd=built).stdout
+
+        # One pid namespace: a program sees another exec's program.
+        sleeper = exec_popen(built, SH, "sh", "-c", "echo ready; exec sleep 100")
+        assert sleeper.stdout.readline() == b"ready\n"
+        ps = occlum("exec", SH, "ps", "-o", "args", cwd=built).stdout
+        assert "sleep 100" in ps
+        # Ctrl-C / SIGINT to occlum exec reaches its program.
+        sleeper.send_signal(signal.SIGINT)
+        assert finish(sleeper) == 128 + signal.SIGINT
+
+        # The environment: env.default, plus only the host's env.untrusted names.
+        env = occlum("exec", "--", SH, "env", cwd=built, env={"EXAMPLE": "x", "SECRET": "y"})
+        assert "EXAMPLE=x" in env.stdout and "OCCLUM=yes" in env.stdout
+        assert "SECRET" not in env.stdout
+
+        # entry_points and a missing program: one line each.
+        outside = occlum("exec", "/usr/bin/env", cwd=built, check=False)
+        assert outside.returncode == 2 and "entry point" in outside.stderr
+        missing = occlum("exec", "/bin/nope", cwd=built, check=False)
+        assert missing.returncode == 14 and outside.stderr.count("\n") == 1
+    finally:
+        occlum("stop", cwd=built)
+    assert "running" not in occlum("status", cwd=built).stdout
+    assert not (built / "run/occlum.sock").exists()
+    assert_no_leftover_mounts(built)
+    not_started = occlum("exec", SH, "true", cwd=built, check=False)
+    assert not_started.returncode == 14 and "not started" in not_started.stderr
+
+
+def test_stop_ends_running_execs_and_commits_what_they_wrote(built, occlum):
+    occlum("start", cwd=built)
+    polite = exec_popen(built, SH, "sh", "-c", "echo kept > /root/kept; echo ready; exec sleep 100")
+    stubborn = exec_popen(
+        built, SH, "sh", "-c", "trap '' TERM; echo ready; while :; do sleep 1; done"
+    )
+    assert polite.stdout.readline() == b"ready\n"
+    assert stubborn.stdout.readline() == b"ready\n"
+    occlum("stop", "-t", "0.5", cwd=built)
+    assert finish(polite) == 128 + signal.SIGTERM
+    assert finish(stubborn) == 128 + signal.SIGKILL  # ignored SIGTERM: killed
+    assert_no_leftover_mounts(built)
+    assert occlum("run", SH, "cat", "/root/kept", cwd=built).stdout == "kept\n"
+
+
+def test_kill_then_restart(built, occlum):
+    occlum("start", cwd=built)
+    p = exec_popen(built, SH, "sh", "-c", "echo data > /root/f; echo ready; exec sleep 100")
+    assert p.stdout.readline() == b"ready\n"
+    killed = occlum("kill", cwd=built)
+    assert "committed" in killed.stderr
+    assert finish(p) == 128 + signal.SIGKILL
+    occlum("start", cwd=built)  # restart
+    try:
+        assert occlum("exec", SH, "cat", "/root/f", cwd=built).stdout == "data\n"
+    finally:
+        occlum("stop", cwd=built)
+
+
+def test_a_server_killed_with_sigkill_is_noticed_and_recovered(built, occlum):
+    occlum("start", cwd=built)
+    occlum("exec", SH, "sh", "-c", "echo survived > /root/s", cwd=built)
+    pid = server_pid(built)
+    os.kill(pid, signal.SIGKILL)
+    wait_for_exit(pid)
+    status = occlum("status", cwd=built)
+    assert "running" not in status.stdout
+    assert f"server (pid {pid}) died" in status.stderr
+    assert not (built / "run/occlum.sock").exists()
+    # Its FUSE server committed on its way out; the next start sees the data.
+    occlum("start", cwd=built)
+    try:
+        assert occlum("exec", SH, "cat", "/root/s", cwd=built).stdout == "survived\n"
+    finally:
+        occlum("stop", cwd=built)
+    assert_no_leftover_mounts(built)
+
+
+def test_start_refuses_a_broken_build_in_one_line(built, occlum):
+    layer = built / "build/mount/__ROOT/image.layer"
+    data = bytearray(layer.read_bytes())
+    data[-1] ^= 1
+    layer.write_bytes(bytes(data))
+    bad = run_occlum("start", cwd=built, check=False)
+    assert bad.returncode == 13 and bad.stderr.count("\n") == 1, bad.stderr
+    assert not (built / "run/occlum.sock").exists()
