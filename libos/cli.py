@@ -241,3 +241,44 @@ def kill() -> None:
 
     do_stop(Instance.find(), kill=True)
     click.echo("occlum: killed; the writable layer is committed", err=True)
+
+
+@main.command("mount")
+@click.argument("mountpoint", type=PATH)
+@click.option("--rw", is_flag=True, help="Writable (changes are committed on unmount).")
+@click.option(
+    "--image-key",
+    type=PATH,
+    help="The key the instance was built with (default: the one this machine kept at build).",
+)
+def mount_command(mountpoint: Path, rw: bool, image_key: Path | None) -> None:
+    """Mount the instance's / (read-only unless --rw) at MOUNTPOINT for inspection;
+    'occlumfs umount MOUNTPOINT' ends it."""
+    from libos.instance import Instance
+    from libos.ship import mount_instance
+
+    mount_instance(Instance.find(), mountpoint, rw=rw, image_key=image_key)
+    click.echo(f"occlum: mounted at {mountpoint}; 'occlumfs umount {mountpoint}' ends it", err=True)
+
+
+@main.command()
+@click.argument("output", required=False, type=PATH)
+@click.option("--with-run", is_flag=True, help="Include the writable layer (run/).")
+def package(output: Path | None, with_run: bool) -> None:
+    """Write OUTPUT (default: INSTANCE.tar.gz here), a reproducible tarball of the
+    built instance without image/; unpacked elsewhere, it runs with the image key."""
+    from libos.instance import Instance
+    from libos.ship import package as do_package
+
+    click.echo(do_package(Instance.find(), output, with_run=with_run))
+
+
+@main.command("gen-image-key")
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace an existing key file.")
+def gen_image_key(path: Path, force: bool) -> None:
+    """Write a new random image key to PATH (mode 0600), as 'occlumfs keygen' does."""
+    from occlumfs.keys import write_key_file
+
+    write_key_file(path, overwrite=force)
+    click.echo(f"wrote a new key to {path}", err=True)
