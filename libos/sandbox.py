@@ -79,9 +79,22 @@ def _unified_root() -> Path | None:
     return None
 
 
+def _sweep_stale(parent: Path) -> None:
+    """Remove the empty cgroups of sandboxes whose owner died (a SIGKILLed server),
+    or that were still emptying when their run released them."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            owner = entry.name.removeprefix("occlum-")
+            stale = owner.isdigit() and not Path(f"/proc/{owner}").exists()
+            if entry.name.startswith("occlum-") and stale:
+                with contextlib.suppress(OSError):
+                    os.rmdir(entry.path)  # refused while a process is in it
+
+
 def _make_cgroup(parent: Path | None, name: str, files: dict[str, str]) -> Path | None:
     if parent is None or not parent.is_dir():
         return None
+    _sweep_stale(parent)
     path = parent / name
     try:
         path.mkdir()
