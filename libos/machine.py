@@ -36,7 +36,7 @@ def state_dir() -> Path:
     return Path.home() / ".local" / "state" / "occlumfs"
 
 
-def _private_dir() -> Path:
+def private_state_dir() -> Path:
     path = state_dir()
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
@@ -48,7 +48,7 @@ def _hkdf(ikm: bytes, salt: bytes, info: bytes, length: int = KEY_BYTES) -> byte
 
 def machine_secret() -> bytes:
     """This machine's secret, created (0600) on first use."""
-    path = _private_dir() / "machine-secret"
+    path = private_state_dir() / "machine-secret"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
@@ -80,7 +80,7 @@ def key_fingerprint(key: bytes) -> str:
 def remember_image_key(key: bytes) -> str:
     """Keep ``key`` under its fingerprint (0600); returns the fingerprint."""
     fingerprint = key_fingerprint(key)
-    keys = _private_dir() / "image-keys"
+    keys = private_state_dir() / "image-keys"
     keys.mkdir(mode=0o700, exist_ok=True)
     path = keys / fingerprint
     if not path.exists():

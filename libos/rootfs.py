@@ -72,9 +72,9 @@ def _open_rootfs(build: VerifiedBuild, read_only: bool):
 
 def sefs_state_dir() -> Path:
     """Where the SEFS stores' trusted state (rollback pins) lives: beside the machine secret."""
-    from libos.machine import state_dir
+    from libos.machine import private_state_dir
 
-    return state_dir() / "sefs-state"
+    return private_state_dir() / "sefs-state"  # made on a machine that has only image keys too
 
 
 def _runtime_dir(build: VerifiedBuild) -> Path:
