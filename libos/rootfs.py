@@ -114,6 +114,7 @@ def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHand
         try:
             os.close(ready_r)
             os.setsid()
+            stops = _survive_repeated_stops()
             _end_with_parent(parent)
             devnull = os.open(os.devnull, os.O_RDWR)
             log = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -123,6 +124,8 @@ def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHand
 
             def announce() -> None:
                 started()
+                if stops:  # arrived before serving: pending now, it ends the serving
+                    os.kill(os.getpid(), signal.SIGTERM)
                 os.write(ready_w, b"1")
                 os.close(ready_w)
 
@@ -141,6 +144,26 @@ def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHand
         os.waitpid(pid, 0)
         raise OcclumfsError(f"the rootfs server failed to start; see {log_file}")
     return RootfsHandle(mountpoint, pid, log_file)
+
+
+def _survive_repeated_stops() -> list[int]:
+    """SIGTERM/SIGINT after the first one must not kill the server mid-commit.
+
+    The parent-death signal comes once per thread of a dying multithreaded
+    parent (the ``occlum start`` server: the kernel hands the child to each
+    surviving thread in turn, signalling each time). The serving loop turns
+    the first stop signal into an unmount, then puts back the handlers it
+    found: these, which only note the signal, instead of the default that
+    would end the process before its final commit.
+    """
+    stops: list[int] = []
+
+    def note(signum: int, _frame) -> None:
+        stops.append(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, note)
+    return stops
 
 
 def _end_with_parent(parent: int) -> None:
