@@ -9,6 +9,7 @@ workload's peer is a gocryptfs mount (encrypted, FUSE) under bwrap.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -25,8 +26,11 @@ HELLO_C = '#include <stdio.h>\nint main(void) { puts("Hello World!"); return 0; 
 PY_IMPORT = "import json, email, http.client, sqlite3"
 TRUE_LOOP = "i=0; while [ $i -lt 1000 ]; do /bin/true; i=$((i+1)); done"
 SQLITE_TXNS = 10_000
-TARGETS = {"hello_world": 0.5}  # absolute seconds
-RATIO_TARGETS = {"python_import": 1.5, "true_x1000": 1.5, "sqlite_txns": 1.0}
+EXEC_SCRIPT = "i=0; while [ $i -lt 50 ]; do /bin/true; i=$((i+1)); done"
+EXEC_TRUE_RUNS = 100
+CONCURRENT = 20
+TARGETS = {"hello_world": 0.5, "exec_true": 0.030}  # absolute seconds
+RATIO_TARGETS = {"python_import": 1.5, "true_x1000": 1.5, "sqlite_txns": 1.0, "exec_x20": 1.5}
 
 
 def _occlum(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -79,6 +83,58 @@ def _instance(work: Path) -> Path:
     return inst
 
 
+def _busybox_instance(work: Path) -> Path:
+    """A small instance for the exec workloads: busybox as /bin/true and /bin/sh."""
+    _occlum("new", "small", cwd=work)
+    inst = work / "small"
+    shutil.copy2("/bin/busybox", inst / "image/bin/busybox")
+    os.symlink("busybox", inst / "image/bin/true")
+    os.symlink("busybox", inst / "image/bin/sh")
+    config = json.loads((inst / "Occlum.json").read_text())
+    config["resource_limits"]["max_num_of_threads"] = 256  # 20 shells and their children
+    (inst / "Occlum.json").write_text(json.dumps(config, indent=4))
+    _occlum("build", cwd=inst)
+    return inst
+
+
+def _concurrently(cmds: list[list[str]], cwd: Path | None) -> float:
+    """Wall time for all of ``cmds`` started together."""
+    start = time.perf_counter()
+    procs = [subprocess.Popen(c, cwd=cwd, stdout=subprocess.DEVNULL) for c in cmds]
+    codes = [p.wait() for p in procs]
+    elapsed = time.perf_counter() - start
+    if any(codes):
+        raise click.ClickException(f"a concurrent run failed: {codes}")
+    return elapsed
+
+
+def _exec_rows(work: Path, repeat: int) -> list[tuple[str, float, float]]:
+    """``occlum exec`` on a started instance against bwrap on a plain directory."""
+    inst = _busybox_instance(work)
+    image = inst / "image"
+    exec_cmd = [sys.executable, "-m", "libos", "exec"]
+    script = ["/bin/busybox", "sh", "-c", EXEC_SCRIPT]
+    _occlum("start", cwd=inst)
+    try:
+        rows = [
+            (
+                "exec_true",
+                _timed([*exec_cmd, "/bin/true"], inst, EXEC_TRUE_RUNS),
+                _timed(_plain(image, "/bin/true"), None, EXEC_TRUE_RUNS),
+            )
+        ]
+        ours = statistics.median(
+            _concurrently([[*exec_cmd, *script]] * CONCURRENT, inst) for _ in range(repeat)
+        )
+    finally:
+        _occlum("stop", cwd=inst)
+    plain = statistics.median(
+        _concurrently([_plain(image, *script)] * CONCURRENT, None) for _ in range(repeat)
+    )
+    rows.append((f"exec_x{CONCURRENT}", ours, plain))
+    return rows
+
+
 def _sqlite_script(txns: int) -> str:
     inserts = "".join(f"BEGIN; INSERT INTO t VALUES ({i}); COMMIT;\n" for i in range(txns))
     return f"CREATE TABLE IF NOT EXISTS t(x);\n{inserts}"
@@ -119,30 +175,49 @@ def _sqlite_gocryptfs(inst: Path, work: Path, script: str) -> float:
     show_default=True,
     help="Single-row sqlite3 transactions (0: skip that workload).",
 )
-def main(repeat: int, txns: int) -> None:
-    """Measure occlum run against bwrap on a plain directory; print times and ratios."""
+@click.option(
+    "--only",
+    type=click.Choice(["all", "run", "exec"]),
+    default="all",
+    show_default=True,
+    help="run: the occlum run workloads; exec: occlum exec on a started instance.",
+)
+def main(repeat: int, txns: int, only: str) -> None:
+    """Measure occlum run/exec against bwrap on a plain directory; print times and ratios."""
     with tempfile.TemporaryDirectory(prefix="occlum-bench-") as tmp:
         work = Path(tmp)
-        inst = _instance(work)
-        image = inst / "image"
-        rows = []
-        inside = [sys.executable, "-m", "libos", "run"]
-        for name, cmd in (
-            ("hello_world", ["/bin/hello_world"]),
-            ("python_import", ["/bin/python3", "-c", PY_IMPORT]),
-            ("true_x1000", ["/bin/busybox", "sh", "-c", TRUE_LOOP]),
-        ):
-            rows.append(
-                (
-                    name,
-                    _timed([*inside, *cmd], inst, repeat),
-                    _timed(_plain(image, *cmd), None, repeat),
-                )
+        rows = _exec_rows(work, repeat) if only in ("all", "exec") else []
+        if only != "exec":
+            rows += _run_rows(work, repeat, txns)
+    _print(rows)
+
+
+def _run_rows(work: Path, repeat: int, txns: int) -> list[tuple[str, float, float]]:
+    """``occlum run`` (a cold start each time) against bwrap on a plain directory."""
+    inst = _instance(work)
+    image = inst / "image"
+    rows = []
+    inside = [sys.executable, "-m", "libos", "run"]
+    for name, cmd in (
+        ("hello_world", ["/bin/hello_world"]),
+        ("python_import", ["/bin/python3", "-c", PY_IMPORT]),
+        ("true_x1000", ["/bin/busybox", "sh", "-c", TRUE_LOOP]),
+    ):
+        rows.append(
+            (
+                name,
+                _timed([*inside, *cmd], inst, repeat),
+                _timed(_plain(image, *cmd), None, repeat),
             )
-        if txns:
-            script = _sqlite_script(txns)
-            ours = _sqlite_inside(inst, script)
-            rows.append(("sqlite_txns", ours, _sqlite_gocryptfs(inst, work, script)))
+        )
+    if txns:
+        script = _sqlite_script(txns)
+        ours = _sqlite_inside(inst, script)
+        rows.append(("sqlite_txns", ours, _sqlite_gocryptfs(inst, work, script)))
+    return rows
+
+
+def _print(rows: list[tuple[str, float, float]]) -> None:
     click.echo(f"{'workload':<16}{'occlum s':>10}{'peer s':>10}{'ratio':>8}  target")
     for name, a, b in rows:
         target = (

@@ -209,10 +209,10 @@ def start(image_key: Path | None) -> None:
 def exec_command(command: tuple[str, ...]) -> None:
     """Run COMMAND (an absolute path inside the instance, and its arguments) in the
     started instance with this terminal's stdin/stdout/stderr; exit with its status."""
-    from libos.control import exec_program
     from libos.instance import Instance
+    from libos.protocol import exec_program
 
-    sys.exit(exec_program(Instance.find(), list(command)))
+    sys.exit(exec_program(str(Instance.find().root), list(command)))
 
 
 @main.command()

@@ -18,50 +18,34 @@ import contextlib
 import fcntl
 import json
 import os
-import signal
 import socket
 import sys
 
 from libos.instance import Instance
-from libos.run import FORWARDED, lock_instance, rebase_and_say
-from libos.server import DEFAULT_STOP_TIMEOUT, log, socket_path_of
-from occlumfs.errors import NotFoundError, NotSavedError, OcclumfsError, UsageError
-
-NOT_STARTED = "the instance is not started (occlum start)"
-
-
-class ServerError(OcclumfsError):
-    """An error the server reported, with its exit code."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.exit_code = code
+from libos.protocol import (
+    DEFAULT_STOP_TIMEOUT,
+    NOT_STARTED,
+    ServerError,
+    in_run_dir,
+    raise_if_error,
+    read_answer,
+    try_connect,
+)
+from occlumfs.errors import NotFoundError, NotSavedError, OcclumfsError
 
 
-@contextlib.contextmanager
-def _in_run_dir(instance: Instance):
-    """The socket's address, whatever the length of the instance's path."""
-    fd = os.open(instance.run, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{fd}/occlum.sock"
-    finally:
-        os.close(fd)
+def socket_path_of(instance: Instance) -> str:
+    from libos.protocol import SOCKET_NAME
+
+    return str(instance.run / SOCKET_NAME)
 
 
 def connect(instance: Instance) -> socket.socket | None:
     """A connection to the started instance's server, or None (after recovering a dead one)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        with _in_run_dir(instance) as address:
-            sock.connect(address)
-        return sock
-    except (FileNotFoundError, ConnectionRefusedError):
-        sock.close()
-    except OSError:
-        sock.close()
-        raise
-    recover(instance)
-    return None
+    sock = try_connect(instance.run) if instance.run.is_dir() else None
+    if sock is None:
+        recover(instance)
+    return sock
 
 
 def recover(instance: Instance) -> None:
@@ -92,32 +76,19 @@ def request(instance: Instance, message: dict) -> dict:
         raise NotFoundError(f"{instance.root}: {NOT_STARTED}")
     with sock:
         sock.sendall(json.dumps(message).encode() + b"\n")
-        answer = _read_line(sock.makefile("rb"))
+        answer = read_answer(sock)
     if answer is None:
         raise OcclumfsError(f"{instance.root}: the instance's server died while answering")
     return answer
 
 
-def _read_line(stream) -> dict | None:
-    line = stream.readline()
-    if not line:
-        return None
-    return json.loads(line)
-
-
-def _raise_if_error(answer: dict) -> dict:
-    if "error" in answer:
-        raise ServerError(answer["error"], int(answer.get("code", 1)))
-    return answer
-
-
 def describe(instance: Instance) -> str | None:
-    """``running (pid N, since T, K programs)``, or None when not started."""
+    """``running (pid N, since T, K programs running)``, or None when not started."""
     sock = connect(instance)
     if sock is None:
         return None
     sock.close()
-    answer = _raise_if_error(request(instance, {"op": "status"}))
+    answer = raise_if_error(request(instance, {"op": "status"}))
     n = answer["programs"]
     return (
         f"running (pid {answer['pid']}, since {answer['since']}, "
@@ -131,6 +102,7 @@ def describe(instance: Instance) -> str | None:
 def start(instance: Instance, image_key=None) -> str:
     """Start the instance's server; the line to print once it is ready."""
     from libos.build import verify_build
+    from libos.run import lock_instance, rebase_and_say
 
     connect(instance)  # a dead server is noticed and cleaned up first
     lock_fd = lock_instance(instance)
@@ -165,7 +137,7 @@ def _daemon(build, lock_fd: int, ready_w: int) -> None:
     from libos.rootfs import mount_rootfs, unmount_rootfs
     from libos.run import sandbox_for
     from libos.sandbox import apply_limits, release_limits
-    from libos.server import Server
+    from libos.server import Server, log
 
     code = 1
     handle = holder = limits = server = None
@@ -221,7 +193,7 @@ def _listen(instance: Instance) -> socket.socket:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path_of(instance))
-    with _in_run_dir(instance) as address:
+    with in_run_dir(instance.run) as address:
         listener.bind(address)
     os.chmod(socket_path_of(instance), 0o600)
     listener.listen(64)
@@ -234,49 +206,10 @@ def _listen(instance: Instance) -> socket.socket:
 def stop(instance: Instance, timeout: float = DEFAULT_STOP_TIMEOUT, *, kill: bool = False) -> None:
     """Stop the started instance; raise when its last commit failed."""
     message = {"op": "kill"} if kill else {"op": "stop", "timeout": timeout}
+    from libos.run import lock_instance
+
     answer = request(instance, message)
     if "error" in answer:
         raise NotSavedError(answer["error"])
     lock_fd = lock_instance(instance, wait=True)  # the server has exited
     os.close(lock_fd)
-
-
-# -- exec ----------------------------------------------------------------------
-
-
-def _stdio() -> list[int]:
-    """Our fds 0, 1, 2 to hand over (``/dev/null`` for a closed one)."""
-    fds = []
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-            fds.append(fd)
-        except OSError:
-            fds.append(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
-    return fds
-
-
-def exec_program(instance: Instance, argv: list[str]) -> int:
-    """Run ``argv`` in the started instance with our stdio; its status."""
-    if not argv:
-        raise UsageError("exec: no program given")
-    sock = connect(instance)
-    if sock is None:
-        raise NotFoundError(f"{instance.root}: {NOT_STARTED}")
-    with sock:
-        message = json.dumps({"op": "exec", "argv": argv, "env": dict(os.environ)}).encode()
-        socket.send_fds(sock, [message + b"\n"], _stdio())
-
-        def forward(signum, _frame):
-            with contextlib.suppress(OSError):
-                sock.sendall(json.dumps({"signal": signum}).encode() + b"\n")
-
-        saved = {s: signal.signal(s, forward) for s in FORWARDED}
-        try:
-            answer = _read_line(sock.makefile("rb"))
-        finally:
-            for signum, handler in saved.items():
-                signal.signal(signum, handler)
-    if answer is None:
-        raise OcclumfsError(f"{instance.root}: the instance's server died during the exec")
-    return int(_raise_if_error(answer)["status"])

@@ -18,23 +18,11 @@ from pathlib import Path
 from libos.build import VerifiedBuild, rootfs_layers, verify_build
 from libos.config import Config
 from libos.instance import Instance
+from libos.protocol import FORWARDED
 from libos.rebase import rebase_store
 from libos.rootfs import mount_rootfs, sefs_state_dir, unmount_rootfs
 from libos.sandbox import Limits, Sandbox, apply_limits, release_limits
 from occlumfs.errors import InUseError, NotFoundError, UsageError
-
-# What occlum run passes on to the sandbox's programs: the terminal's Ctrl-C
-# and Ctrl-\ and window changes reach occlum run's process group, not the
-# sandbox (its own session), and kill/SIGTERM/hang-up are for the program.
-FORWARDED = (
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGWINCH,
-    signal.SIGTERM,
-    signal.SIGHUP,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
 
 
 def check_entry_point(path: str, entry_points: list[str]) -> None:

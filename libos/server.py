@@ -31,12 +31,12 @@ import time
 import trio
 
 from libos.build import VerifiedBuild
+from libos.protocol import DEFAULT_STOP_TIMEOUT, SOCKET_NAME
 from libos.rootfs import RootfsHandle, unmount_rootfs
 from libos.run import check_entry_point, program_env
 from libos.sandbox import Sandbox, SandboxProcess, release_limits
 from occlumfs.errors import InUseError, NotFoundError, OcclumfsError, UsageError
 
-DEFAULT_STOP_TIMEOUT = 3.0
 MAX_FDS = 3
 
 
@@ -297,4 +297,4 @@ class Server:
 
 
 def socket_path_of(instance) -> str:
-    return str(instance.run / "occlum.sock")
+    return str(instance.run / SOCKET_NAME)

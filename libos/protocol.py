@@ -1,0 +1,137 @@
+"""The client side of a started instance's socket, light enough to start fast.
+
+``occlum exec`` is on the latency path of every program run in a started
+instance, so ``python -m libos exec`` comes here without importing click,
+trio or the filesystem stack (libos/__main__.py): the standard library and
+:mod:`occlumfs.errors` only. The rest of the client is libos/control.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+
+from occlumfs.errors import NotFoundError, OcclumfsError, UsageError
+
+SOCKET_NAME = "occlum.sock"
+NOT_STARTED = "the instance is not started (occlum start)"
+DEFAULT_STOP_TIMEOUT = 3.0
+# What occlum run and occlum exec pass on to their programs.
+FORWARDED = (
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGWINCH,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
+class ServerError(OcclumfsError):
+    """An error the server reported, with its exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.exit_code = code
+
+
+@contextlib.contextmanager
+def in_run_dir(run_dir: os.PathLike | str):
+    """The socket's address, whatever the length of the instance's path."""
+    fd = os.open(run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{SOCKET_NAME}"
+    finally:
+        os.close(fd)
+
+
+def try_connect(run_dir: os.PathLike | str) -> socket.socket | None:
+    """A connection to the server, or None when nobody answers."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with in_run_dir(run_dir) as address:
+            sock.connect(address)
+        return sock
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        return None
+    except OSError:
+        sock.close()
+        raise
+
+
+def read_answer(sock: socket.socket) -> dict | None:
+    with sock.makefile("rb") as stream:
+        line = stream.readline()
+    return json.loads(line) if line else None
+
+
+def raise_if_error(answer: dict) -> dict:
+    if "error" in answer:
+        raise ServerError(answer["error"], int(answer.get("code", 1)))
+    return answer
+
+
+def _stdio() -> list[int]:
+    """Our fds 0, 1, 2 to hand over (``/dev/null`` for a closed one)."""
+    fds = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            fds.append(fd)
+        except OSError:
+            fds.append(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
+    return fds
+
+
+def exec_program(root: str, argv: list[str]) -> int:
+    """Run ``argv`` in the instance at ``root`` with our stdio; its status."""
+    if not argv:
+        raise UsageError("exec: no program given")
+    run_dir = os.path.join(root, "run")
+    sock = try_connect(run_dir) if os.path.isdir(run_dir) else None
+    if sock is None:
+        from libos.control import recover
+        from libos.instance import Instance
+
+        recover(Instance.find(root))  # a server that died: say so, clean up
+        raise NotFoundError(f"{root}: {NOT_STARTED}")
+    with sock:
+        message = json.dumps({"op": "exec", "argv": argv, "env": dict(os.environ)}).encode()
+        socket.send_fds(sock, [message + b"\n"], _stdio())
+
+        def forward(signum, _frame):
+            with contextlib.suppress(OSError):
+                sock.sendall(json.dumps({"signal": signum}).encode() + b"\n")
+
+        saved = {s: signal.signal(s, forward) for s in FORWARDED}
+        try:
+            answer = read_answer(sock)
+        finally:
+            for signum, handler in saved.items():
+                signal.signal(signum, handler)
+    if answer is None:
+        raise OcclumfsError(f"{root}: the instance's server died during the exec")
+    return int(raise_if_error(answer)["status"])
+
+
+def exec_main(args: list[str]) -> None:
+    """``occlum exec [--] CMD ARGS...`` without click: one-line errors, the program's status."""
+    if args and args[0] == "--":
+        args = args[1:]
+    root = os.path.abspath(".")
+    try:
+        if not os.path.isfile(os.path.join(root, "Occlum.json")):
+            raise NotFoundError(
+                f"{root}: not an Occlum instance (no Occlum.json); run 'occlum init'"
+            )
+        status = exec_program(root, args)
+    except OcclumfsError as exc:
+        print(f"occlum: error: {exc}", file=sys.stderr)
+        sys.exit(int(exc.exit_code))
+    sys.exit(status)
