@@ -193,6 +193,9 @@ class Server:
                     self.done.set()
                 else:
                     await conn.send({"error": f"unknown request {op!r}", "code": 2})
+            except Exception as exc:  # one bad request must not end the instance
+                log(f"a request failed: {exc!r}")
+                await conn.send({"error": f"the server could not serve the request: {exc}"})
             finally:
                 conn.close_fds()
 
@@ -255,7 +258,10 @@ class Server:
     async def _forward(self, conn: _Conn, job: _Exec) -> None:
         """Signals from ``occlum exec`` to its program; a vanished client kills it."""
         while True:
-            message = await conn.read()
+            try:
+                message = await conn.read()
+            except OSError:  # reset by a client that died
+                message = None
             if message is None:
                 job.signal(signal.SIGKILL)
                 return

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 from libos_fixtures import *  # noqa: F403 (the fixtures of tests/libos)
-
-from occlumfs.mount import mounted_paths
+from libos_fixtures import assert_no_leftover_mounts
 
 pytestmark = pytest.mark.fuse  # occlum run serves the rootfs over FUSE
 
@@ -32,7 +31,7 @@ def test_seed_flow_prints_hello_world(tmp_path, hello_world, occlum):
     done = occlum("run", "/bin/hello_world", cwd=inst)
     assert done.stdout == "Hello World!\n"
     assert "resource limits via" in done.stderr
-    assert not [p for p in mounted_paths() if "occlum" in p.parts]
+    assert_no_leftover_mounts(inst)
 
 
 def test_rebuild_without_changes_does_no_work(built, occlum):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,17 @@ def test_start_exec_status_stop(built, occlum):
         env = occlum("exec", "--", SH, "env", cwd=built, env={"EXAMPLE": "x", "SECRET": "y"})
         assert "EXAMPLE=x" in env.stdout and "OCCLUM=yes" in env.stdout
         assert "SECRET" not in env.stdout
+
+        # A client that hands over no fds, or goes away mid-request, is refused or
+        # forgotten; the instance serves on.
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.connect(str(built / "run/occlum.sock"))
+            raw.sendall(b'{"op": "exec", "argv": ["/bin/busybox", "true"]}\n')
+            assert b"must be handed over" in raw.recv(4096)
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.connect(str(built / "run/occlum.sock"))
+            raw.sendall(b'{"op": "ex')
+        assert occlum("exec", SH, "true", cwd=built).returncode == 0
 
         # entry_points and a missing program: one line each.
         outside = occlum("exec", "/usr/bin/env", cwd=built, check=False)
