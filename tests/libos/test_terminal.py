@@ -1,4 +1,5 @@
-"""A terminal passes through: an interactive busybox sh on a pty, Ctrl-C, exit status."""
+"""A terminal passes through occlum run and occlum exec: an interactive busybox sh on
+a pty, Ctrl-C, exit status."""
 
 from __future__ import annotations
 
@@ -13,12 +14,23 @@ from libos_fixtures import pty_expect, pty_read
 pytestmark = pytest.mark.fuse  # occlum run serves the rootfs over FUSE
 
 
-def test_interactive_shell_ctrl_c_and_exit_status(built):
+@pytest.mark.parametrize("verb", ["run", "exec"])
+def test_interactive_shell_ctrl_c_and_exit_status(built, occlum, verb):
+    if verb == "exec":
+        occlum("start", cwd=built)
+    try:
+        _interactive_shell(built, verb)
+    finally:
+        if verb == "exec":
+            occlum("stop", cwd=built)
+
+
+def _interactive_shell(built, verb: str) -> None:
     pid, fd = pty.fork()
-    if pid == 0:  # the child: occlum run on the terminal
+    if pid == 0:  # the child: occlum run (or exec) on the terminal
         try:
             os.chdir(built)
-            argv = [sys.executable, "-m", "libos", "run", "/bin/busybox", "sh"]
+            argv = [sys.executable, "-m", "libos", verb, "/bin/busybox", "sh"]
             os.execve(sys.executable, argv, {**os.environ, "ENV": ""})
         finally:
             os._exit(127)
