@@ -56,6 +56,8 @@ def recover(instance: Instance) -> None:
     fd = os.open(instance.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        if holder.isdigit() and _alive(int(holder)):
+            return  # alive: a server between binding and listening, or closing down
         fcntl.flock(fd, fcntl.LOCK_EX)  # its FUSE server holds it until the commit is done
         if os.path.lexists(path):
             os.unlink(path)
@@ -67,6 +69,16 @@ def recover(instance: Instance) -> None:
             )
     finally:
         os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, not yet reaped by whoever inherited it, is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
 
 
 def request(instance: Instance, message: dict) -> dict:
