@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -217,7 +219,16 @@ def test_a_second_run_refuses_while_one_runs(built, occlum):
     import sys
 
     first = subprocess.Popen(
-        [sys.executable, "-m", "libos", "run", "/bin/busybox", "sh", "-c", "echo up; read x"],
+        [
+            sys.executable,
+            "-m",
+            "libos",
+            "run",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "echo up; read x; exit 0",
+        ],
         cwd=built,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -382,3 +393,26 @@ def test_without_cgroups_the_limits_become_rlimits(built, occlum):
     assert big.returncode != 0 and "memory" in big.stderr.lower()
     limits = occlum("run", "/bin/busybox", "sh", "-c", "ulimit -v; ulimit -s", cwd=built, env=env)
     assert limits.stdout.split() == [str(24 * 1024), str(4 * 1024)]  # KiB: AS, stack
+
+
+def test_status_says_built_and_running(built, occlum):
+    assert occlum("status", cwd=built).stdout == "built\n"
+    cmd = [
+        sys.executable,
+        "-m",
+        "libos",
+        "run",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "echo up; read x; exit 0",
+    ]
+    prog = subprocess.Popen(cmd, cwd=built, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert prog.stdout.readline() == b"up\n"  # the program runs, so the instance does
+        shown = occlum("status", cwd=built).stdout.splitlines()
+        assert shown[0] == "built" and shown[1].startswith("running (pid ")
+    finally:
+        prog.stdin.close()
+        assert prog.wait(timeout=60) == 0
+    assert occlum("status", cwd=built).stdout == "built\n"
