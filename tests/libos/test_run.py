@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -214,21 +212,13 @@ def test_malformed_config_names_key_and_line(built, occlum):
     assert done.returncode == 15 and "Occlum.json:" in done.stderr
 
 
-def test_a_second_run_refuses_while_one_runs(built, occlum):
+def test_a_second_run_refuses_while_one_runs_and_status_shows_it(built, occlum):
     import subprocess
     import sys
 
+    assert occlum("status", cwd=built).stdout == "built\n"
     first = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "libos",
-            "run",
-            "/bin/busybox",
-            "sh",
-            "-c",
-            "echo up; read x; exit 0",
-        ],
+        [sys.executable, "-m", "libos", "run", "/bin/busybox", "sh", "-c", "echo up; read x"],
         cwd=built,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -238,12 +228,15 @@ def test_a_second_run_refuses_while_one_runs(built, occlum):
         assert first.stdout.readline() == b"up\n"  # the first run holds the instance now
         second = occlum("run", "/bin/hello_world", cwd=built, check=False)
         _one_line(second, 16, "in use")
+        shown = occlum("status", cwd=built).stdout.splitlines()
+        assert shown[0] == "built" and shown[1] == f"running (pid {first.pid})"
     finally:
         first.stdin.write(b"\n")
         first.stdin.close()
         assert first.wait(timeout=60) == 0
         first.stdout.close()
         first.stderr.close()
+    assert occlum("status", cwd=built).stdout == "built\n"
 
 
 def test_sign_with_rsa_3072_and_ed25519_keys(built, occlum, tmp_path):
@@ -393,26 +386,3 @@ def test_without_cgroups_the_limits_become_rlimits(built, occlum):
     assert big.returncode != 0 and "memory" in big.stderr.lower()
     limits = occlum("run", "/bin/busybox", "sh", "-c", "ulimit -v; ulimit -s", cwd=built, env=env)
     assert limits.stdout.split() == [str(24 * 1024), str(4 * 1024)]  # KiB: AS, stack
-
-
-def test_status_says_built_and_running(built, occlum):
-    assert occlum("status", cwd=built).stdout == "built\n"
-    cmd = [
-        sys.executable,
-        "-m",
-        "libos",
-        "run",
-        "/bin/busybox",
-        "sh",
-        "-c",
-        "echo up; read x; exit 0",
-    ]
-    prog = subprocess.Popen(cmd, cwd=built, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert prog.stdout.readline() == b"up\n"  # the program runs, so the instance does
-        shown = occlum("status", cwd=built).stdout.splitlines()
-        assert shown[0] == "built" and shown[1].startswith("running (pid ")
-    finally:
-        prog.stdin.close()
-        assert prog.wait(timeout=60) == 0
-    assert occlum("status", cwd=built).stdout == "built\n"
