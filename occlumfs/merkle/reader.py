@@ -398,9 +398,8 @@ class ImageFS(Filesystem):
             b = min(end_block, e_first + e_count)
             if a < b:
                 self._last_extent[ino] = (i, e_first, e_count)
-                pieces.append(
-                    (a, self.read_data(ino, data_start + e_data + (a - e_first), a, b - a))
-                )
+                at = data_start + e_data
+                pieces.append((a, self.read_data(ino, at + (a - e_first), a, b - a, at + e_count)))
             i += 1
         if len(self._last_extent) > 1024:
             self._last_extent.clear()
@@ -417,26 +416,19 @@ class ImageFS(Filesystem):
             out[at : at + len(data)] = data
         return bytes(out[lo : lo + end - offset])
 
-    def read_data(self, ino: int, block_no: int, file_block: int, count: int) -> bytes:
+    def read_data(
+        self, ino: int, block_no: int, file_block: int, count: int, ahead_to: int = 0
+    ) -> bytes:
         """``count`` data blocks from absolute block ``block_no`` (file block ``file_block``
-        of ``ino``), verified and, for an encrypted image, opened."""
+        of ``ino``), verified and, for an encrypted image, opened. A sequential
+        reader gets the blocks up to absolute block ``ahead_to`` (the end of the
+        extent) read and hashed ahead."""
 
         def what(bad: int) -> str:
             off = (file_block + bad - block_no) * BLOCK_SIZE
             return f"{self.path_of(ino)}: data at offset {off} (image block {bad})"
 
-        data = self.reader.read_verified(block_no, count, what)
-        if self.reader.keys is None:
-            return data
-        mv = memoryview(data)
-        return b"".join(
-            [
-                self.reader.open_sealed(
-                    block_no + i, mv[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE], what
-                )
-                for i in range(count)
-            ]
-        )
+        return self.reader.read_data(block_no, count, what, ahead_to)
 
     def statfs(self) -> StatFs:
         desc = self.reader.desc

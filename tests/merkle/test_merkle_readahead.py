@@ -1,0 +1,124 @@
+"""Read-ahead on worker threads: a sequential reader gets the same bytes and the same
+failures as reads done on the spot, and only the reads touching a bad block fail."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from occlumfs.errors import IntegrityError
+from occlumfs.merkle import build_image, open_image_fs
+from occlumfs.merkle.format import BLOCK_SIZE
+from occlumfs.merkle.readahead import AHEAD_BLOCKS
+
+KEY = bytes(range(16))
+MiB = 1 << 20
+# Ten requests of 1 MiB plus a ragged end: several read-ahead windows.
+SIZE = 10 * MiB + 3 * BLOCK_SIZE + 17
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> tuple[Path, bytes]:
+    src = tmp_path_factory.mktemp("readahead") / "src"
+    src.mkdir()
+    data = random.Random(11).randbytes(SIZE)
+    (src / "big.bin").write_bytes(data)
+    (src / "after.bin").write_bytes(b"next file" * 1000)
+    return src, data
+
+
+def _image(tree, tmp_path: Path, key: bytes | None) -> tuple[Path, str]:
+    image = tmp_path / "big.img"
+    return image, build_image(tree[0], image, key=key)
+
+
+def _file_offset(image: Path, digest: str, key: bytes | None) -> int:
+    """Byte offset in the image of the first data block of big.bin."""
+    fs = open_image_fs(image, digest=digest, key=key)
+    try:
+        rec = fs.record(fs.lookup(1, b"big.bin").ino)
+        ((first, data, _count),) = list(fs.extents(rec))
+        assert first == 0
+        return (fs.reader.layout.data_start + data) * BLOCK_SIZE
+    finally:
+        fs.close()
+
+
+def _read_sequentially(image: Path, digest: str, key: bytes | None, size: int):
+    """(offset, bytes or 'EIO') of each request of ``size`` over big.bin, in order."""
+    fs = open_image_fs(image, digest=digest, key=key)
+    out = []
+    try:
+        ino = fs.lookup(1, b"big.bin").ino
+        fh = fs.open(ino, os.O_RDONLY)
+        for off in range(0, SIZE, size):
+            try:
+                out.append((off, fs.read(fh, off, size)))
+            except IntegrityError:
+                out.append((off, "EIO"))
+        return out, fs
+    except BaseException:
+        fs.close()
+        raise
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "encrypted"])
+@pytest.mark.parametrize("size", [MiB, 128 * 1024, 300 * BLOCK_SIZE + 5])
+def test_sequential_reads_match_the_source(tree, tmp_path, key, size):
+    image, digest = _image(tree, tmp_path, key)
+    got, fs = _read_sequentially(image, digest, key, size)
+    try:
+        # Read-ahead really ran: jobs are queued beyond the last request.
+        if size >= MiB:
+            assert fs.reader._runs._ahead or fs.reader._runs._pool is not None
+    finally:
+        fs.close()
+    data = tree[1]
+    for off, chunk in got:
+        assert chunk == data[off : off + size], off
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "encrypted"])
+@pytest.mark.parametrize("bad_block", [5, 256, 300, 1000, 2559, 2561])
+def test_a_flipped_block_fails_exactly_the_reads_touching_it(tree, tmp_path, key, bad_block):
+    image, digest = _image(tree, tmp_path, key)
+    at = _file_offset(image, digest, key) + bad_block * BLOCK_SIZE + 1234
+    with open(image, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x40]))
+    got, fs = _read_sequentially(image, digest, key, MiB)
+    fs.close()
+    data = tree[1]
+    for off, chunk in got:
+        touches = off // BLOCK_SIZE <= bad_block < (off + MiB) // BLOCK_SIZE
+        if touches:
+            assert chunk == "EIO", off
+        else:
+            assert chunk == data[off : off + MiB], off
+
+
+def test_read_ahead_stays_bounded_and_stops_at_the_extent(tree, tmp_path):
+    image, digest = _image(tree, tmp_path, None)
+    fs = open_image_fs(image, digest=digest, key=None)
+    try:
+        ino = fs.lookup(1, b"big.bin").ino
+        rec = fs.record(ino)
+        ((_, data, count),) = list(fs.extents(rec))
+        end = fs.reader.layout.data_start + data + count
+        runs = fs.reader._runs
+        for off in range(0, SIZE, MiB):
+            fs.read(ino, off, MiB)
+            ahead = sum(n for n, _ in runs._ahead.values())
+            assert ahead <= AHEAD_BLOCKS
+            assert all(start + n <= end for start, (n, _) in runs._ahead.items())
+        # A jump elsewhere (not sequential) drops what was read ahead.
+        fs.read(ino, 0, MiB)
+        assert not runs._ahead
+    finally:
+        fs.close()
+    assert runs._pool is None
