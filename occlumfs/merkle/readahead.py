@@ -21,6 +21,7 @@ Memory is bounded: at most ``AHEAD_BLOCKS`` blocks (plus one request) are held.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +40,11 @@ AHEAD_BLOCKS = 1024  # 4 MiB hashed ahead of a sequential reader
 MIN_AHEAD_RUN = 32  # requests of fewer blocks (128 KiB) never start read-ahead
 SPLIT_BLOCKS = 64  # a request read on the spot is split in two from here on
 _SHORT = "short read"
+# glibc malloc: serve blocks below this from the heap, and keep up to this much
+# free at its top instead of handing it back to the kernel.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+HEAP_KEEP = 32 << 20
+HEAP_BLOCK_MAX = 4 << 20
 
 
 class Piece(NamedTuple):
@@ -86,6 +92,23 @@ def read_piece(fd: int, first: int, count: int, keys: ImageKeys | None, seals: b
     return Piece(first, count, plain, hashes, bad)
 
 
+def keep_heap() -> None:
+    """Let 1 MiB read buffers be reused instead of mapped afresh for each request.
+
+    By default glibc maps each 1 MiB block on its own, or trims it off the
+    heap when freed, so every new buffer takes a page fault per 4 KiB:
+    measured, about a quarter of the CPU of a cold sequential read (half the
+    pages faulted in; with these settings almost none). Process-wide, and
+    bounded: what stays mapped is at most the peak the heap already reached.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return
+    mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_MAX)
+    mallopt(_M_TRIM_THRESHOLD, HEAP_KEEP)
+
+
 def _block_signals() -> None:
     # Stop signals belong to the request loop's thread.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
@@ -117,6 +140,7 @@ class Runs:
 
     def _submit(self, first: int, count: int) -> Future:
         if self._pool is None:
+            keep_heap()
             self._pool = ThreadPoolExecutor(
                 WORKERS, thread_name_prefix="image-hash", initializer=_block_signals
             )
