@@ -58,10 +58,6 @@ BATCH_BYTES = 4 << 20
 BATCH_FILES = 256
 CHUNK = 8 << 20  # one hashing task reads at most this much of a file
 READ = 1 << 20
-# Small files are read once: the bytes hashed are kept (up to this much in
-# all) and written from memory, instead of being opened and copied again.
-KEEP_BYTES = 128 << 20
-IOV_MAX = 1024
 
 
 @dataclass(slots=True)
@@ -70,7 +66,6 @@ class _Hashed:
 
     runs: list[list[int]] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)
-    kept: bytes | None = None  # the whole file as read and hashed, when small
 
     def add(self, first: int, hashes: bytes) -> None:
         count = len(hashes) // HASH_SIZE
@@ -150,23 +145,12 @@ def _hash_buffer(buf: bytes | bytearray, got: int, first_block: int, out: list) 
         out.append((run_first, b"".join(run)))
 
 
-def _hash_chunk(
-    content: Content, start: int, end: int, keep: bool = False
-) -> tuple[list[tuple[int, bytes]], bytes | None]:
-    """Hash logical bytes [start, end) of a file: [(first block, hashes of the run)].
-
-    With ``keep`` (a whole file of at most ``READ`` bytes), also the bytes hashed.
-    """
+def _hash_chunk(content: Content, start: int, end: int) -> list[tuple[int, bytes]]:
+    """Hash logical bytes [start, end) of a file: [(first block, hashes of the run)]."""
     out: list[tuple[int, bytes]] = []
     base = content.offset
     fd = os.open(content.path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        if keep:
-            data = os.pread(fd, content.size, base)
-            if len(data) != content.size:
-                raise OcclumfsError(f"{os.fsdecode(content.path)}: changed during the build")
-            _hash_buffer(data, len(data), 0, out)
-            return out, data
         area = _read_area()
         for seg_a, seg_b in _data_segments(fd, base + start, base + end):
             pos = seg_a
@@ -179,13 +163,11 @@ def _hash_chunk(
                 pos += want
     finally:
         os.close(fd)
-    return out, None
+    return out
 
 
-def _hash_batch(
-    batch: list[tuple[SourceNode, int, int, bool]],
-) -> list[tuple[list[tuple[int, bytes]], bytes | None]]:
-    return [_hash_chunk(node.content, start, end, keep) for node, start, end, keep in batch]
+def _hash_batch(batch: list[tuple[SourceNode, int, int]]) -> list[list[tuple[int, bytes]]]:
+    return [_hash_chunk(node.content, start, end) for node, start, end in batch]
 
 
 @dataclass(slots=True)
@@ -196,17 +178,7 @@ class _Placed:
     data_block: int  # first block, relative to the data region
     runs: list[list[int]]
     hashes: bytes
-    kept: bytes | None
     heap_ref: int = -1
-
-    def stored(self) -> Iterator[memoryview]:
-        """The kept bytes of each run, whole blocks, as they go to the data region."""
-        mv = memoryview(self.kept)
-        for first, count in self.runs:
-            run = mv[first * BLOCK_SIZE : (first + count) * BLOCK_SIZE]
-            yield run
-            if len(run) % BLOCK_SIZE:  # the file's short last block, padded
-                yield memoryview(ZERO_BLOCK)[: -len(run) % BLOCK_SIZE]
 
 
 def _number_inodes(root: SourceNode) -> tuple[list[SourceNode], dict[int, int], dict[int, int]]:
@@ -289,15 +261,12 @@ class _Builder:
     def _hash_files(self, pool: ThreadPoolExecutor) -> dict[int, _Hashed]:
         files = [n for n in self.order if n.content is not None]
         tasks = []
-        budget = KEEP_BYTES
         for node in files:
             size = node.content.size
-            keep = 0 < size <= min(READ, budget)
-            budget -= size if keep else 0
             for start in range(0, size, CHUNK):
-                tasks.append((node, start, min(size, start + CHUNK), keep))
+                tasks.append((node, start, min(size, start + CHUNK)))
         # Small files travel in batches: one pool hand-off per few MiB, not per file.
-        batches: list[list[tuple[SourceNode, int, int, bool]]] = []
+        batches: list[list[tuple[SourceNode, int, int]]] = []
         batch_bytes = 0
         for task in tasks:
             if not batches or batch_bytes >= BATCH_BYTES or len(batches[-1]) >= BATCH_FILES:
@@ -308,9 +277,8 @@ class _Builder:
         results: dict[int, _Hashed] = {id(n): _Hashed() for n in files}
         mapped = pool.map(_hash_batch, batches)
         for batch, batch_runs in zip(batches, mapped, strict=True):
-            for (node, start, end, _), (runs, kept) in zip(batch, batch_runs, strict=True):
+            for (node, start, end), runs in zip(batch, batch_runs, strict=True):
                 hashed = results[id(node)]
-                hashed.kept = kept
                 for first, hashes in runs:
                     hashed.add(first, hashes)
                 if self.progress is not None:
@@ -335,9 +303,7 @@ class _Builder:
             ).digest()
             known = by_content.get(ident)
             if known is None:
-                known = by_content[ident] = _Placed(
-                    node.content, next_block, h.runs, hashes, h.kept
-                )
+                known = by_content[ident] = _Placed(node.content, next_block, h.runs, hashes)
                 placed.append(known)
                 next_block += len(hashes) // HASH_SIZE
             of_node[id(node)] = known
@@ -492,46 +458,25 @@ class _Builder:
         leaves[at : at + len(data) // BLOCK_SIZE * HASH_SIZE] = hash_blocks(data)
 
     def _copy_data(self, fd, pool, layout: Layout, placed: list[_Placed], leaves) -> None:
-        """Kept small files go out in runs of ``pwritev``; others are copied file to file.
-
-        Both release the GIL: the writes run in the pool.
-        """
+        """Copy each placed content file to file, in the pool (copy_file_range drops the GIL)."""
         at = (layout.data_start - 1) * HASH_SIZE
-        tasks: list[tuple[int, list]] = []
-        batch: list[_Placed] = []
-        batch_bytes = iovecs = 0
+        batches: list[list[_Placed]] = [[]]
+        batch_bytes = 0
         for p in placed:
             leaves[at : at + len(p.hashes)] = p.hashes
             at += len(p.hashes)
-            # A batch is contiguous in the image: a copied content ends it.
-            if batch and (
-                p.kept is None or batch_bytes >= BATCH_BYTES or iovecs + 2 * len(p.runs) > IOV_MAX
-            ):
-                tasks.append((layout.data_start + batch[0].data_block, batch))
-                batch, batch_bytes, iovecs = [], 0, 0
-            if p.kept is None:
-                tasks.append((layout.data_start + p.data_block, [p]))
-                continue
-            batch.append(p)
-            batch_bytes += len(p.kept)
-            iovecs += 2 * len(p.runs)
-        if batch:
-            tasks.append((layout.data_start + batch[0].data_block, batch))
+            # Small contents travel in batches: one pool hand-off per few MiB.
+            if batch_bytes >= BATCH_BYTES or len(batches[-1]) >= BATCH_FILES:
+                batches.append([])
+                batch_bytes = 0
+            batches[-1].append(p)
+            batch_bytes += p.content.size
 
-        def write(task: tuple[int, list[_Placed]]) -> None:
-            block, ps = task
-            if ps[0].kept is None:
-                _copy_placed(ps[0], fd, block)
-                return
-            buffers = [run for p in ps for run in p.stored()]
-            want = sum(len(b) for b in buffers)
-            done = os.pwritev(fd, buffers, block * BLOCK_SIZE)
-            if done != want:  # a short write to a regular file: write the rest plainly
-                rest = b"".join(buffers)
-                while done < want:
-                    done += os.pwrite(fd, rest[done:], block * BLOCK_SIZE + done)
+        def copy(batch: list[_Placed]) -> None:
+            for p in batch:
+                _copy_placed(p, fd, layout.data_start + p.data_block)
 
-        for _ in pool.map(write, tasks):
+        for _ in pool.map(copy, batches):
             pass
 
     def _seal_data(self, fd, pool, layout: Layout, placed, leaves, seals) -> None:
@@ -549,14 +494,11 @@ class _Builder:
         def seal(task) -> None:
             p, first, block, n, hash_at = task
             want = min(n * BLOCK_SIZE, p.content.size - first * BLOCK_SIZE)
-            if p.kept is not None:
-                buf = pad_block(p.kept[first * BLOCK_SIZE : first * BLOCK_SIZE + want])
-            else:
-                src = os.open(p.content.path, os.O_RDONLY | os.O_NOFOLLOW)
-                try:
-                    buf = pad_block(os.pread(src, want, p.content.offset + first * BLOCK_SIZE))
-                finally:
-                    os.close(src)
+            src = os.open(p.content.path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                buf = pad_block(os.pread(src, want, p.content.offset + first * BLOCK_SIZE))
+            finally:
+                os.close(src)
             out = bytearray()
             for i in range(n):
                 plain = buf[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
