@@ -211,7 +211,12 @@ class Runs:
             job = self._ahead.pop(at, None)
             if job is None:
                 n = min(size, horizon - at)
-                job = (n, self._submit(at, n))
+                try:
+                    job = (n, self._submit(at, n))
+                except Exception:
+                    # Fetching the seals ahead failed (a bad seal-table block):
+                    # the request that needs them will fail on its own.
+                    break
             kept[at] = job
             at += job[0]
         self._drop()

@@ -102,6 +102,39 @@ def test_a_flipped_block_fails_exactly_the_reads_touching_it(tree, tmp_path, key
             assert chunk == data[off : off + MiB], off
 
 
+@pytest.mark.parametrize("bad_block", [300, 1500])
+def test_a_bad_seal_block_fails_only_the_reads_needing_it(tree, tmp_path, bad_block):
+    image, digest = _image(tree, tmp_path, KEY)
+    fs = open_image_fs(image, digest=digest, key=KEY)
+    try:
+        layout = fs.reader.layout
+        first = (_file_offset(image, digest, KEY)) // BLOCK_SIZE
+    finally:
+        fs.close()
+    # The seal-table block holding the seal of file block ``bad_block`` (one
+    # holds the seals of 128 consecutive blocks): every block it covers fails.
+    seals_per_block = BLOCK_SIZE // 32
+    seal_block = layout.seal_start + (first + bad_block - 1) // seals_per_block
+    covered = range(
+        (seal_block - layout.seal_start) * seals_per_block + 1 - first,
+        (seal_block - layout.seal_start + 1) * seals_per_block + 1 - first,
+    )
+    with open(image, "r+b") as f:
+        f.seek(seal_block * BLOCK_SIZE + 7)
+        byte = f.read(1)
+        f.seek(seal_block * BLOCK_SIZE + 7)
+        f.write(bytes([byte[0] ^ 1]))
+    got, fs = _read_sequentially(image, digest, KEY, MiB)
+    fs.close()
+    data = tree[1]
+    for off, chunk in got:
+        blocks = range(off // BLOCK_SIZE, -(-min(off + MiB, SIZE) // BLOCK_SIZE))
+        if set(blocks) & set(covered):
+            assert chunk == "EIO", off
+        else:
+            assert chunk == data[off : off + MiB], off
+
+
 def test_read_ahead_stays_bounded_and_stops_at_the_extent(tree, tmp_path):
     image, digest = _image(tree, tmp_path, None)
     fs = open_image_fs(image, digest=digest, key=None)
