@@ -44,7 +44,6 @@ from occlumfs.merkle.format import (
     header_mac_span,
     parse_digest,
 )
-from occlumfs.merkle.readahead import Runs, joined
 from occlumfs.merkle.tree import first_mismatch, hash_blocks
 
 if TYPE_CHECKING:
@@ -108,7 +107,6 @@ class ImageReader:
         # kernel's read-ahead follows each instead of seeing random access.
         self._tree_fd = self._reopen()
         self._meta_fd = self._reopen()
-        self._runs = Runs(self.fd, self.keys, self._seal_run, self._short_read)
         with contextlib.suppress(OSError):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
@@ -170,7 +168,6 @@ class ImageReader:
 
     def close(self) -> None:
         if self.fd >= 0:
-            self._runs.close()
             for fd in (self.fd, self._tree_fd, self._meta_fd):
                 os.close(fd)
             self.fd = -1
@@ -178,13 +175,8 @@ class ImageReader:
     def _pread(self, length: int, offset: int, fd: int | None = None) -> bytes:
         data = os.pread(self.fd if fd is None else fd, length, offset)
         if len(data) != length:
-            raise self._short_read(offset // BLOCK_SIZE)
+            raise IntegrityError(f"{self.path}: short read at offset {offset}: image truncated")
         return data
-
-    def _short_read(self, block_no: int) -> IntegrityError:
-        return IntegrityError(
-            f"{self.path}: short read at offset {block_no * BLOCK_SIZE}: image truncated"
-        )
 
     # -- the tree --------------------------------------------------------------------------
     def tree_block(self, level: int, index: int) -> bytes:
@@ -222,42 +214,36 @@ class ImageReader:
             count -= take
         return b"".join(parts) if len(parts) != 1 else parts[0]
 
-    def _check_covered(self, first_block: int, count: int) -> None:
-        if first_block < 1 or first_block + count > self.layout.tree_start:
-            raise MalformedImageError(f"{self.path}: reference beyond the covered blocks")
-
-    def _check_hashes(self, got: bytes, first_block: int, count: int, what) -> None:
-        bad = first_mismatch(got, self.expected_hashes(first_block, count))
-        if bad is not None:
-            raise IntegrityError(f"{self.path}: {what(first_block + bad)} failed verification")
-
     def read_verified(self, first_block: int, count: int, what, fd: int | None = None) -> bytes:
         """``count`` covered blocks from ``first_block``, each checked against the tree.
 
         ``what(block_no)`` describes a block for the error message.
         """
-        self._check_covered(first_block, count)
+        if first_block < 1 or first_block + count > self.layout.tree_start:
+            raise MalformedImageError(f"{self.path}: reference beyond the covered blocks")
         buf = self._pread(count * BLOCK_SIZE, first_block * BLOCK_SIZE, fd)
-        self._check_hashes(hash_blocks(buf), first_block, count, what)
+        # One thread: the per-block Python work holds the GIL, and handing it
+        # to a helper every 4 KiB measured slower than hashing here alone.
+        bad = first_mismatch(hash_blocks(buf), self.expected_hashes(first_block, count))
+        if bad is not None:
+            raise IntegrityError(f"{self.path}: {what(first_block + bad)} failed verification")
         return buf
 
-    def read_data(self, first_block: int, count: int, what, ahead_to: int = 0) -> bytes:
+    def read_data(self, first_block: int, count: int, what) -> bytes:
         """File data: ``count`` covered blocks from ``first_block``, verified and opened.
 
-        ``ahead_to`` is the block after the contiguous run (extent) the request
-        lies in; a sequential reader gets the blocks up to it read and hashed
-        ahead on worker threads (:mod:`occlumfs.merkle.readahead`). Everything
-        is checked here, on the calling thread, before it is returned.
+        All on the calling thread: hashing on helper threads measured slower
+        (docs/performance.md, issue 11): one block's hash is too short for the
+        GIL hand-off it costs. An encrypted run fetches its seals once and
+        opens its blocks in one loop.
         """
-        self._check_covered(first_block, count)
-        pieces = self._runs.fetch(first_block, count, min(ahead_to, self.layout.tree_start))
-        hashes = pieces[0].hashes if len(pieces) == 1 else b"".join(p.hashes for p in pieces)
-        self._check_hashes(hashes, first_block, count, what)
-        for piece in pieces:
-            if piece.bad_seal is not None:
-                bad = piece.first + piece.bad_seal
-                raise IntegrityError(f"{self.path}: {what(bad)}: seal does not verify")
-        return joined(pieces)
+        buf = self.read_verified(first_block, count, what)
+        if self.keys is None:
+            return buf
+        plain, bad = self.keys.open_run(first_block, buf, self._seal_run(first_block, count))
+        if bad is not None:
+            raise IntegrityError(f"{self.path}: {what(first_block + bad)}: seal does not verify")
+        return plain
 
     # -- metadata blocks ---------------------------------------------------------------------
     def _seal_run(self, first_block: int, count: int) -> bytes:

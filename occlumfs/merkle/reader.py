@@ -398,8 +398,9 @@ class ImageFS(Filesystem):
             b = min(end_block, e_first + e_count)
             if a < b:
                 self._last_extent[ino] = (i, e_first, e_count)
-                at = data_start + e_data
-                pieces.append((a, self.read_data(ino, at + (a - e_first), a, b - a, at + e_count)))
+                pieces.append(
+                    (a, self.read_data(ino, data_start + e_data + (a - e_first), a, b - a))
+                )
             i += 1
         if len(self._last_extent) > 1024:
             self._last_extent.clear()
@@ -416,19 +417,15 @@ class ImageFS(Filesystem):
             out[at : at + len(data)] = data
         return bytes(out[lo : lo + end - offset])
 
-    def read_data(
-        self, ino: int, block_no: int, file_block: int, count: int, ahead_to: int = 0
-    ) -> bytes:
+    def read_data(self, ino: int, block_no: int, file_block: int, count: int) -> bytes:
         """``count`` data blocks from absolute block ``block_no`` (file block ``file_block``
-        of ``ino``), verified and, for an encrypted image, opened. A sequential
-        reader gets the blocks up to absolute block ``ahead_to`` (the end of the
-        extent) read and hashed ahead."""
+        of ``ino``), verified and, for an encrypted image, opened."""
 
         def what(bad: int) -> str:
             off = (file_block + bad - block_no) * BLOCK_SIZE
             return f"{self.path_of(ino)}: data at offset {off} (image block {bad})"
 
-        return self.reader.read_data(block_no, count, what, ahead_to)
+        return self.reader.read_data(block_no, count, what)
 
     def statfs(self) -> StatFs:
         desc = self.reader.desc
