@@ -86,7 +86,7 @@ def _result_path(mountpoint: Path) -> Path:
 def mount_record(mountpoint: Path) -> dict | None:
     """What the server serving ``mountpoint`` recorded (``pid``, ``mountpoint``,
     ``fsname``), or None when there is no readable record."""
-    path = Path(os.path.abspath(mountpoint)).resolve()
+    path = _mounted_path(mountpoint) or Path(os.path.abspath(mountpoint)).resolve()
     try:
         return json.loads(_record_path(path).read_text())
     except (OSError, ValueError):
@@ -104,6 +104,20 @@ def mounted_paths() -> set[Path]:
                 field = field.replace(code, bytes([int(code[1:], 8)]))
             paths.add(Path(os.fsdecode(field)))
     return paths
+
+
+def _mounted_path(mountpoint: Path) -> Path | None:
+    """The mount table's name for ``mountpoint``, or None when nothing is mounted there.
+
+    Only the parent is resolved first: looking up a mountpoint itself asks its
+    server, which may be stopped (the lookup hangs) or gone.
+    """
+    path = Path(os.path.abspath(mountpoint))
+    mounted = mounted_paths()
+    path = path.parent.resolve() / path.name
+    if path not in mounted:
+        path = path.resolve()  # a symlink to a mountpoint
+    return path if path in mounted else None
 
 
 def check_mountpoint(mountpoint: Path, *, nonempty: bool = False) -> Path:
@@ -525,8 +539,8 @@ def umount(
     the server exited without confirming it. A mount whose server had died
     before this call is cleared, with a word to ``warn``.
     """
-    path = Path(os.path.abspath(mountpoint)).resolve()
-    if path not in mounted_paths():
+    path = _mounted_path(mountpoint)
+    if path is None:
         raise MountpointError(f"{mountpoint} is not mounted")
     pid = None
     with contextlib.suppress(TypeError, ValueError, KeyError):

@@ -91,8 +91,18 @@ def mount(
     serve(fs, mountpoint, foreground=foreground, log_file=log_file, debug=debug, nonempty=nonempty)
 
 
+class _Unlooked(click.ParamType):
+    """A path taken as typed: click.Path would stat it, and a stat of a
+    mountpoint asks its server, which may be stopped or gone."""
+
+    name = "path"
+
+    def convert(self, value, param, ctx) -> Path:
+        return Path(value)
+
+
 @click.command("umount")
-@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.argument("mountpoint", type=_Unlooked())
 @click.option(
     "-z",
     "--lazy",
