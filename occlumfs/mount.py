@@ -139,7 +139,7 @@ def check_mountpoint(mountpoint: Path, *, nonempty: bool = False) -> Path:
         raise MountpointError(f"mountpoint {mountpoint} is not a directory")
     if path.resolve() in mounted_paths():
         record = mount_record(path)
-        if record is not None and not _process_alive(int(record.get("pid", 0))):
+        if record is not None and not process_alive(int(record.get("pid", 0))):
             raise _dead_mount(mountpoint)
         raise MountpointError(f"mountpoint {mountpoint} is already mounted")
     if not nonempty:
@@ -162,12 +162,12 @@ def _dead_mount(mountpoint: Path) -> MountpointError:
     )
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie does not)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except (FileNotFoundError, IndexError):
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
 
 
@@ -511,7 +511,8 @@ def _read_result(target: Path, pid: int) -> dict | None:
     return outcome
 
 
-def _wait_for_exit(pid: int, timeout: float) -> bool:
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``pid`` (any process, not only a child) to exit."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -545,7 +546,7 @@ def umount(
     pid = None
     with contextlib.suppress(TypeError, ValueError, KeyError):
         pid = int(mount_record(path)["pid"])
-    served = pid is not None and _process_alive(pid)
+    served = pid is not None and process_alive(pid)
     fusermount = shutil.which("fusermount3") or "fusermount3"
     cmd = [fusermount, "-u"] + (["-z"] if lazy else []) + [str(path)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -556,7 +557,7 @@ def umount(
         raise MountpointError(f"cannot unmount {mountpoint}: {reason}")
     if lazy:
         return
-    if served and not _wait_for_exit(pid, timeout):
+    if served and not wait_for_exit(pid, timeout):
         raise OcclumfsError(f"server pid {pid} for {mountpoint} did not exit in {timeout:.0f}s")
     # A server that exits removes its record; one that died left it behind.
     with contextlib.suppress(FileNotFoundError):

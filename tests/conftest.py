@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from occlumfs.mount import mount_record, mounted_paths
+from occlumfs.mount import mount_record, mounted_paths, process_alive
 
 
 def _require_fuse() -> None:
@@ -60,11 +60,7 @@ def _runtime_dir(tmp_path_factory):
 
 def process_exited(pid: int) -> bool:
     """True once ``pid`` is gone or a zombie (a background server is not our child)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
-    except FileNotFoundError:
-        return True
+    return not process_alive(pid)
 
 
 def _force_unmount(mnt: Path) -> None:

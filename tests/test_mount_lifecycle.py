@@ -352,16 +352,24 @@ def _fill(disk: Path) -> None:
 def test_umount_fails_when_the_final_commit_finds_the_disk_full(tmp_path, mnt):
     with _tmpfs(tmp_path / "disk", "30m") as disk, _sefs_store(tmp_path, disk) as store:
         log = tmp_path / "server.log"
-        run_cli("mount", store[0], mnt, *store[1:], "--log-file", log)
-        pid = int(mount_record(mnt)["pid"])
-        (mnt / "note").write_bytes(b"written, never synced")
-        _fill(disk)
-        done = run_cli("umount", mnt, check=False)
+        cmd = [*OCCLUMFS, "mount", *map(str, (store[0], mnt, *store[1:])), "-f"]
+        # In the foreground, so that the server's own exit status is seen too.
+        with subprocess.Popen([*cmd, "--log-file", str(log)], stderr=subprocess.PIPE) as server:
+            try:
+                _wait_until_mounted(mnt, server)
+                (mnt / "note").write_bytes(b"written, never synced")
+                _fill(disk)
+                done = run_cli("umount", mnt, check=False)
+                _, server_err = server.communicate(timeout=60)
+            finally:
+                server.kill()
         assert done.returncode == ExitCode.NOT_SAVED, done.stderr
         line = _one_line(done.stderr)
         assert "final commit" in line and "No space left on device" in line
         assert "not saved" in line
-        assert not _is_mounted(mnt) and process_exited(pid)
+        assert server.returncode == ExitCode.NOT_SAVED
+        assert "final commit" in _one_line(server_err.decode())
+        assert not _is_mounted(mnt)
         assert "No space left on device" in log.read_text()
         # Nothing half-written: with room again, the store mounts with what it had.
         (disk / "filler").unlink()

@@ -13,7 +13,7 @@ from conftest import run_cli
 
 from occlumfs.cli import main
 from occlumfs.errors import ExitCode
-from occlumfs.mount import _wait_for_exit, mounted_paths
+from occlumfs.mount import mounted_paths, wait_for_exit
 from sefs.helpers import force_unmount, server_pid
 
 
@@ -136,7 +136,7 @@ def test_lock_left_by_a_killed_server_is_recovered(volume, tmp_path, mount):
         os.close(fd)
         dead = server_pid(volume.dir)
         os.kill(dead, signal.SIGKILL)
-        assert _wait_for_exit(dead, 30), "the killed server did not go away"
+        assert wait_for_exit(dead, 30), "the killed server did not go away"
     finally:
         force_unmount(mnt)
     assert mnt.resolve() not in mounted_paths()
