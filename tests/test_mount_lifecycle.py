@@ -23,6 +23,8 @@ from conftest import process_exited, run_cli
 from occlumfs.errors import ExitCode
 from occlumfs.mount import mount_record, mounted_paths
 
+pytestmark = pytest.mark.fuse
+
 OCCLUMFS = [sys.executable, "-m", "occlumfs"]
 READY_SECONDS = 30
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from occlumfs.cli.options import read_secret, secret_options, state_dir_option
+from occlumfs.cli.options import Secret, read_secret, secret_options, state_dir_option
 from occlumfs.errors import MountpointNotEmptyError
 from occlumfs.open import KINDS, needs_secret, open_filesystem, resolve_kind
 
@@ -73,11 +73,13 @@ def mount(
     from occlumfs.mount import check_mountpoint, serve
 
     kind = resolve_kind(kind, source)
+    secret = read_secret(key_file, passphrase_file, ask=False)
     try:  # before asking for a passphrase; serve checks again
         check_mountpoint(mountpoint, nonempty=nonempty)
     except MountpointNotEmptyError as exc:
         raise MountpointNotEmptyError(f"{exc}; give --nonempty to mount over it") from None
-    secret = read_secret(key_file, passphrase_file, ask=needs_secret(kind))
+    if secret == Secret() and needs_secret(kind):
+        secret = read_secret(None, None)
     fs = open_filesystem(
         kind,
         source,

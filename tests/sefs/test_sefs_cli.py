@@ -17,6 +17,7 @@ from occlumfs.mount import mounted_paths, wait_for_exit
 from sefs.helpers import force_unmount, server_pid
 
 
+@pytest.mark.fuse
 def test_create_mount_write_read(tmp_path, mount):
     key = tmp_path / "k"
     run_cli("keygen", key)
@@ -56,6 +57,7 @@ def test_create_refuses_a_non_empty_directory(tmp_path, volume):
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["x"]
 
 
+@pytest.mark.fuse
 def test_info_needs_no_key_and_shows_no_secrets(volume, mount):
     with mount(*volume.mount_args()) as mnt:
         (mnt / "f").write_bytes(b"x" * 10000)
@@ -70,6 +72,7 @@ def test_info_needs_no_key_and_shows_no_secrets(volume, mount):
     assert "commit_counter:" in text and "root:" in text
 
 
+@pytest.mark.fuse
 def test_passwd_rewraps_without_touching_data(volume, mount, tmp_path):
     with mount(*volume.mount_args()) as mnt:
         (mnt / "f").write_bytes(b"payload" * 1000)
@@ -101,6 +104,7 @@ def test_passwd_rewraps_without_touching_data(volume, mount, tmp_path):
     assert done.returncode == ExitCode.WRONG_KEY and "wrong key" in done.stderr
 
 
+@pytest.mark.fuse
 def test_create_with_a_passphrase_file(tmp_path, mount):
     phrase = tmp_path / "phrase"
     phrase.write_text("s3cret\n")
@@ -112,6 +116,7 @@ def test_create_with_a_passphrase_file(tmp_path, mount):
     assert done.returncode == 0
 
 
+@pytest.mark.fuse
 def test_second_mount_is_refused_with_the_server_pid(volume, mount, tmp_path):
     with mount(*volume.mount_args()) as mnt:
         pid = server_pid(volume.dir)
@@ -125,6 +130,7 @@ def test_second_mount_is_refused_with_the_server_pid(volume, mount, tmp_path):
         assert (mnt / ".").is_dir()
 
 
+@pytest.mark.fuse
 def test_lock_left_by_a_killed_server_is_recovered(volume, tmp_path, mount):
     mnt = tmp_path / "crashing"
     mnt.mkdir()
@@ -210,6 +216,7 @@ def _run_on_a_terminal(args: list, answers: list[bytes], tmp_path) -> tuple[int,
     return code, output
 
 
+@pytest.mark.fuse
 def test_passphrase_prompts_on_a_terminal(tmp_path, mount):
     code, out = _run_on_a_terminal(
         ["sefs", "create", tmp_path / "fs"], [b"pw1\n", b"pw1\n"], tmp_path
