@@ -425,3 +425,28 @@ def _mounted_again_from(store: list, mnt: Path, tmp_path: Path):
         yield
     finally:
         run_cli("umount", mnt)
+
+
+_SERVE = """
+import sys
+from pathlib import Path
+from occlumfs.memfs import MemFS
+from occlumfs.mount import serve
+
+handle = serve(MemFS(), Path(sys.argv[1]), log_file=Path(sys.argv[2]))
+print(handle.pid, handle.mountpoint, handle.log_file)
+"""
+
+
+def test_serve_returns_a_handle_naming_the_detached_server(mnt, tmp_path):
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-c", _SERVE, str(mnt), str(log)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+    try:
+        pid, mountpoint, log_file = done.stdout.split()
+        assert int(pid) == int(mount_record(mnt)["pid"]) != os.getpid()
+        assert (mountpoint, log_file) == (str(mnt), str(log))
+        assert not process_exited(int(pid))
+    finally:
+        run_cli("umount", mnt)
+    assert process_exited(int(pid))
