@@ -60,20 +60,22 @@ def pytest_runtest_setup(item):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
-    try:
+    # Before any fixture is torn down: the last test's teardown also closes
+    # the session's shared mounts, which were recorded in the session's dir.
+    saved = item.stash.get(_UNMARKED_RUNTIME, None)
+    if saved is None:
         return (yield)
-    finally:
-        saved = item.stash.get(_UNMARKED_RUNTIME, None)
-        if saved is not None:
-            previous, runtime = saved
-            if previous is None:
-                os.environ.pop(_RUNTIME_ENV, None)
-            else:
-                os.environ[_RUNTIME_ENV] = previous
-            served = runtime.exists()
-            shutil.rmtree(runtime.parent, ignore_errors=True)
-            if served:
-                pytest.fail(f"{item.nodeid} mounts a FUSE filesystem: mark it pytest.mark.fuse")
+    previous, runtime = saved
+    if previous is None:
+        os.environ.pop(_RUNTIME_ENV, None)
+    else:
+        os.environ[_RUNTIME_ENV] = previous
+    served = runtime.exists()
+    shutil.rmtree(runtime.parent, ignore_errors=True)
+    result = yield
+    if served:
+        pytest.fail(f"{item.nodeid} mounts a FUSE filesystem: mark it pytest.mark.fuse")
+    return result
 
 
 _RUNTIME_ENV = "OCCLUMFS_RUNTIME_DIR"

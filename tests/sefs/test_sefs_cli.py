@@ -190,6 +190,7 @@ def _run_on_a_terminal(args: list, answers: list[bytes], tmp_path) -> tuple[int,
     )
     os.close(slave)
     output = b""
+    answered = 0
     pending = list(answers)
     try:
         while True:
@@ -202,7 +203,10 @@ def _run_on_a_terminal(args: list, answers: list[bytes], tmp_path) -> tuple[int,
             if not chunk:
                 break
             output += chunk
-            if pending and output.rstrip().endswith(b":"):
+            # Answer a prompt once: the newline echoed after an answer must not
+            # look like the next prompt (an early answer is flushed by getpass).
+            if pending and output[answered:].rstrip().endswith(b":"):
+                answered = len(output)
                 deadline = time.monotonic() + 60
                 while termios.tcgetattr(master)[3] & termios.ECHO:
                     assert time.monotonic() < deadline, "the prompt never turned echo off"
