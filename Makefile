@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 VENV_MIN := .venv-min
 MIN_BIN  := $(VENV_MIN)/bin
 # What the library and its tests need on the host.
-APT_PKGS       := fuse3 libfuse3-dev pkg-config gcc python3-dev bubblewrap attr
+APT_PKGS       := fuse3 libfuse3-dev pkg-config gcc python3-dev bubblewrap attr musl-tools busybox-static sqlite3
 # The peers the benchmarks measure against, in the same run.
 BENCH_APT_PKGS := fuse-overlayfs gocryptfs securefs fio
 

@@ -32,8 +32,7 @@ TESTS = Path(__file__).resolve().parents[1] / "tests"
 def power_cut_round(seed: int) -> None:
     from sefs.crashload import Workload, snapshot
     from sefs.helpers import SimVolume, fsck_problems
-
-    from occlumfs.sefs.storage import PowerCut
+    from sefs.powerloss import PowerCut
 
     sim = SimVolume()
     rng = random.Random(seed)

@@ -83,15 +83,18 @@ class FuseOperations(pyfuse3.Operations):
     def __init__(self, fs: Filesystem) -> None:
         super().__init__()
         self.fs = fs
+        self._has_xattrs = fs.info.has_xattrs
         self._timeout = fs.info.cache_timeout
         self._keep_cache = fs.info.immutable
-        # Writeback caching only makes sense where the kernel may write.
+        # Writeback caching only makes sense where the kernel may write. With it the
+        # kernel keeps regular files' c/mtime and sends them with setattr.
         self.enable_writeback_cache = not fs.info.read_only
+        if self.enable_writeback_cache:
+            fs.kernel_keeps_file_times()
 
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = attr.ino
-        entry.generation = attr.generation
         entry.entry_timeout = self._timeout
         entry.attr_timeout = self._timeout
         entry.st_mode = attr.mode
@@ -159,6 +162,10 @@ class FuseOperations(pyfuse3.Operations):
 
     @_handler
     def flush(self, fh):
+        if self._keep_cache:
+            # Nothing of an immutable filesystem is ever dirty. ENOSYS makes the
+            # kernel stop sending FLUSH on every close (it then succeeds alone).
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         self.fs.flush(fh)
 
     @_handler
@@ -182,6 +189,10 @@ class FuseOperations(pyfuse3.Operations):
 
     @_handler
     def getxattr(self, inode, name, ctx):
+        if not self._has_xattrs:
+            # ENOSYS makes the kernel answer EOPNOTSUPP itself from now on:
+            # without it `ls -l` costs two requests per file.
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         return self.fs.getxattr(inode, name)
 
     @_handler
@@ -198,6 +209,7 @@ class FuseOperations(pyfuse3.Operations):
             size=attr.st_size if fields.update_size else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
         )
         return self._entry(self.fs.setattr(inode, changes, fh))
 

@@ -5,19 +5,32 @@
 A key file holds that one line (a trailing newline is allowed) and is created
 with mode 0600. Loading fails with one line saying which file and what is wrong,
 never echoing key material.
+
+:func:`hkdf_sha256` is the one subkey derivation of the project: every purpose
+gets its own subkey under a readable ``info`` string (SEFS and image keys alike).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 from pathlib import Path
 
-from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from occlumfs.errors import FormatError, IntegrityError, NotFoundError, OcclumfsError
+from occlumfs.hostio import HostDir
 
 KEY_BYTES = 16
 _KEY_RE = re.compile(rf"^[0-9a-fA-F]{{2}}(-[0-9a-fA-F]{{2}}){{{KEY_BYTES - 1}}}$")
+
+
+def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes | str, length: int = 32) -> bytes:
+    """The subkey of ``ikm`` for the purpose named by ``info`` (HKDF-SHA256, RFC 5869)."""
+    if isinstance(info, str):
+        info = info.encode()
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
 
 
 def generate_key() -> bytes:
@@ -46,22 +59,15 @@ def write_key_file(path: Path, key: bytes | None = None, *, overwrite: bool = Fa
     path = Path(path)
     if path.exists() and not overwrite:
         raise OcclumfsError(f"{path}: already exists; not overwriting a key")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileNotFoundError:
+        with HostDir.open(path.parent, follow=True) as parent:
+            parent.replace_file(path.name, (format_key(key) + "\n").encode())
+    except NotFoundError:
         raise NotFoundError(f"{path}: directory {path.parent} does not exist") from None
+    except IntegrityError:
+        raise  # something other than a lone regular file is at the path: named in the message
     except OSError as exc:
         raise OcclumfsError(f"{path}: cannot write the key file: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(format_key(key) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return key
 
 

@@ -94,17 +94,39 @@ def mount_record(mountpoint: Path) -> dict | None:
         return None
 
 
-def mounted_paths() -> set[Path]:
-    """Mountpoints in this mount namespace, from /proc/self/mountinfo."""
-    paths = set()
+def _mountinfo() -> list[tuple[str, Path]]:
+    """(major:minor, mountpoint) of each mount in this namespace, oldest first."""
+    mounts = []
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
-            field = line.split(b" ")[4]
+            fields = line.split(b" ")
+            field = fields[4]
             # mountinfo escapes space, tab, newline and backslash as octal.
             for code in (b"\\040", b"\\011", b"\\012", b"\\134"):
                 field = field.replace(code, bytes([int(code[1:], 8)]))
-            paths.add(Path(os.fsdecode(field)))
-    return paths
+            mounts.append((fields[2].decode(), Path(os.fsdecode(field))))
+    return mounts
+
+
+def mounted_paths() -> set[Path]:
+    """Mountpoints in this mount namespace, from /proc/self/mountinfo."""
+    return {path for _device, path in _mountinfo()}
+
+
+def set_readahead(mountpoint: Path, kb: int) -> None:
+    """Set the kernel read-ahead of the newest mount at ``mountpoint`` to ``kb`` KiB.
+
+    A FUSE mount reads ahead 128 KiB, so a sequential read arrives as 128 KiB
+    requests, each paying the per-request cost of the Python server. The
+    kernel resets the value when FUSE_INIT is answered: call this after.
+    """
+    devices = [device for device, path in _mountinfo() if path == mountpoint]
+    if not devices:
+        return
+    try:
+        Path(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb").write_text(f"{kb}\n")
+    except OSError as exc:
+        log.info("cannot set the read-ahead of %s: %s", mountpoint, exc)
 
 
 def _mounted_path(mountpoint: Path) -> Path | None:
@@ -321,6 +343,9 @@ def _serve_mounted(
             os.write(ready, b"1")
             os.close(ready)
         loop = RequestLoop()
+        readahead_kb = fs.info.readahead_kb
+        if readahead_kb:
+            loop.after_init = lambda: set_readahead(target, readahead_kb)
         try:
             loop.serve(unblocked_mask)
         finally:

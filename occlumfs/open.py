@@ -34,7 +34,12 @@ class OpenRequest:
     passphrase: bytes | None = None
     read_only: bool = False
     state_dir: Path | None = None
+    # Trust a SEFS whose id differs from the one last seen at its path.
+    accept_new_store: bool = False
     warn: Callable[[str], None] = log.warning
+    # A union: its read-only layers, bottom first (occlumfs.unionfs.Lower); the
+    # source is the upper.
+    lowers: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ def _open_sefs(req: OpenRequest) -> Filesystem:
         passphrase=req.passphrase,
         read_only=req.read_only,
         state_dir=req.state_dir,
+        accept_new_store=req.accept_new_store,
     )
 
 
@@ -90,6 +96,12 @@ def _open_mem(req: OpenRequest) -> Filesystem:
     elif req.source.exists():
         raise UsageError(f"{req.source}: a memory filesystem starts from a directory, or empty")
     return fs
+
+
+def _open_union(req: OpenRequest) -> Filesystem:
+    from occlumfs.unionfs import open_union_request
+
+    return open_union_request(req)
 
 
 def _is_sefs(source: Path) -> bool:
@@ -109,6 +121,7 @@ KINDS: dict[str, Kind] = {
     "image": Kind(_open_image, detect=_is_image),
     "sefs": Kind(_open_sefs, detect=_is_sefs, needs_secret=True),
     "mem": Kind(_open_mem, source_must_exist=False),
+    "union": Kind(_open_union, needs_secret=True, source_must_exist=False),
 }
 
 
@@ -151,7 +164,9 @@ def open_filesystem(
     passphrase: bytes | None = None,
     read_only: bool = False,
     state_dir: Path | None = None,
+    accept_new_store: bool = False,
     warn: Callable[[str], None] = log.warning,
+    lowers: tuple = (),
 ) -> Filesystem:
     """Open ``source`` as a filesystem of ``kind`` (detected when None).
 
@@ -167,6 +182,8 @@ def open_filesystem(
         passphrase=passphrase,
         read_only=read_only,
         state_dir=state_dir,
+        accept_new_store=accept_new_store,
         warn=warn,
+        lowers=tuple(lowers),
     )
     return KINDS[kind].open(request)

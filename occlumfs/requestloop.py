@@ -76,6 +76,8 @@ class RequestLoop:
         self._poll = select.poll()
         self._poll.register(self._wake_r, select.POLLIN)
         self._fuse_fd: int | None = None
+        # A callable run once the first request (always FUSE_INIT) has been answered.
+        self.after_init = None
 
     def close(self) -> None:
         os.close(self._wake_r)
@@ -108,6 +110,11 @@ class RequestLoop:
         if self._fuse_fd != fd:
             self._poll.register(fd, select.POLLIN)
             self._fuse_fd = fd
+        elif self.after_init is not None:
+            # pyfuse3 waits once per request: this second wait follows the
+            # answer to FUSE_INIT, which reset what the mount may tune.
+            hook, self.after_init = self.after_init, None
+            hook()
         while not self._closing:
             for got, _ in self._poll.poll():
                 if got == self._wake_r:

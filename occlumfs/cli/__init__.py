@@ -76,9 +76,9 @@ def main(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from occlumfs.cli import image, keys, mount, sefs
+    from occlumfs.cli import image, keys, mount, sefs, union
 
-    for module in (mount, image, sefs, keys):
+    for module in (mount, image, sefs, keys, union):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from occlumfs.cli.options import Secret, read_secret, secret_options, state_dir_option
+from occlumfs.cli.union import union_arguments, union_options
 from occlumfs.errors import MountpointNotEmptyError
 from occlumfs.open import KINDS, needs_secret, open_filesystem, resolve_kind
 
@@ -20,7 +21,7 @@ def _warn(message: str) -> None:
 
 @click.command()
 @click.argument("source", type=click.Path(path_type=Path))
-@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.argument("mountpoint", type=click.Path(path_type=Path), required=False)
 @click.option(
     "-t",
     "--type",
@@ -31,7 +32,14 @@ def _warn(message: str) -> None:
         "holding a copy of SOURCE when it is a directory, empty when SOURCE does not exist."
     ),
 )
-@click.option("--digest", help="Image digest to pin (sha256:...); refuse any other image.")
+@click.option(
+    "--digest",
+    "digests",
+    multiple=True,
+    help="Image digest to pin (sha256:...); refuse any other image. A union takes one per "
+    "--lower, in the same order.",
+)
+@union_options
 @secret_options(
     "Key file (from 'occlumfs keygen') for an encrypted image or a SEFS.",
     "File whose first line is the SEFS passphrase.",
@@ -42,6 +50,11 @@ def _warn(message: str) -> None:
     "--nonempty",
     is_flag=True,
     help="Mount even if MOUNTPOINT holds files (they are hidden until the unmount).",
+)
+@click.option(
+    "--accept-new-store",
+    is_flag=True,
+    help="Trust a SEFS whose id differs from the one last seen at SOURCE (replaced on purpose).",
 )
 @click.option("-f", "--foreground", is_flag=True, help="Serve in the foreground until unmounted.")
 @click.option(
@@ -54,17 +67,25 @@ def mount(
     source: Path,
     mountpoint: Path,
     kind: str | None,
-    digest: str | None,
+    digests: tuple[str, ...],
+    lowers: tuple[Path, ...],
+    lower_key_files: tuple[Path, ...],
+    upper: Path | None,
     key_file: Path | None,
     passphrase_file: Path | None,
     read_only: bool,
     state_dir: Path | None,
     nonempty: bool,
+    accept_new_store: bool,
     foreground: bool,
     log_file: Path | None,
     debug: bool,
 ) -> None:
     """Mount SOURCE (an image file or a SEFS directory) at MOUNTPOINT.
+
+    A union ('--type union', or any --lower) mounts its --lower images under
+    the SEFS store --upper (or SOURCE): 'occlumfs mount --lower IMG --upper DIR
+    --key-file K MOUNTPOINT'. A missing or empty upper becomes a new store.
 
     Returns once the mount is ready; the server runs in the background until
     'occlumfs umount MOUNTPOINT', SIGINT or SIGTERM. A secret a SEFS needs and
@@ -72,6 +93,10 @@ def mount(
     """
     from occlumfs.mount import check_mountpoint, serve
 
+    source, mountpoint, kind, layers = union_arguments(
+        source, mountpoint, kind, digests, lowers, lower_key_files, upper
+    )
+    digest = None if kind == "union" else (digests[0] if digests else None)
     kind = resolve_kind(kind, source)
     secret = read_secret(key_file, passphrase_file, ask=False)
     try:  # before asking for a passphrase; serve checks again
@@ -89,6 +114,8 @@ def mount(
         read_only=read_only,
         state_dir=state_dir,
         warn=_warn,
+        lowers=layers,
+        accept_new_store=accept_new_store,
     )
     serve(fs, mountpoint, foreground=foreground, log_file=log_file, debug=debug, nonempty=nonempty)
 

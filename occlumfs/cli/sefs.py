@@ -13,6 +13,8 @@ from occlumfs.errors import ExitCode
 from occlumfs.sefs import Credential, change_credential, create_sefs, describe_sefs
 from occlumfs.sefs.fsck import fsck as fsck_sefs
 
+_ACCEPT_HELP = "Trust a SEFS whose id differs from the one last seen at this path (replaced)."
+
 
 def _credential(
     key_file: Path | None,
@@ -89,15 +91,26 @@ def passwd(
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
 @secret_options("Key file of the filesystem.", "Passphrase file of the filesystem.")
 @state_dir_option("Trusted state directory, to check for whole-filesystem rollback.")
+@click.option("--accept-new-store", is_flag=True, help=_ACCEPT_HELP)
 def fsck(
-    directory: Path, key_file: Path | None, passphrase_file: Path | None, state_dir: Path | None
+    directory: Path,
+    key_file: Path | None,
+    passphrase_file: Path | None,
+    state_dir: Path | None,
+    accept_new_store: bool,
 ) -> None:
     """Check a SEFS DIRECTORY completely: every page, entry, link count and data block.
 
     Prints each problem with its path. Exit 0 when clean, 26 when problems were found.
     """
     cred = _credential(key_file, passphrase_file, "passphrase")
-    problems = fsck_sefs(directory, key=cred.key, passphrase=cred.passphrase, state_dir=state_dir)
+    problems = fsck_sefs(
+        directory,
+        key=cred.key,
+        passphrase=cred.passphrase,
+        state_dir=state_dir,
+        accept_new_store=accept_new_store,
+    )
     for line in problems:
         click.echo(line)
     if problems:

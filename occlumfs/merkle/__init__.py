@@ -15,9 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from occlumfs.errors import FormatError
+from occlumfs.merkle.blocks import ImageReader, read_header
 from occlumfs.merkle.build import build_image
 from occlumfs.merkle.format import DESCRIPTOR_SIZE, MAGIC, Descriptor, digest_of
-from occlumfs.merkle.reader import ImageFS, ImageReader, open_image_fs, read_header
+from occlumfs.merkle.reader import ImageFS, open_image_fs
 from occlumfs.merkle.verify import verify_image
 
 

@@ -12,7 +12,8 @@ The build runs in passes so that the output depends only on the tree:
 3. place each distinct content once in the data region, in inode order;
 4. serialise the inode table and the heap, then write the data (copied, or
    sealed in parallel for an encrypted image), the seal table, the Merkle tree
-   and last the header, into a temporary file renamed over the target.
+   and last the header (with its MAC under the image key when encrypted), into
+   a temporary file renamed over the target.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from occlumfs.merkle.format import (
     InodeRecord,
     Layout,
     dir_size,
+    name_problem,
     pack_xattrs,
 )
 from occlumfs.merkle.source import Content, SourceNode, scan_directory, scan_tar
@@ -327,6 +329,9 @@ class _Builder:
                 name_off = rec["ref"] + DIRENT_SIZE * len(names)
                 entries = bytearray()
                 for name in names:
+                    problem = name_problem(name)
+                    if problem is not None:
+                        raise FormatError(f"a name in the source {problem}: {name[:80]!r}")
                     child_ino = self.ino_of[id(node.children[name])]
                     if node.children[name].is_dir:
                         parent_of[child_ino] = ino
@@ -426,6 +431,8 @@ class _Builder:
         )
         header = desc.pack()
         assert len(header) == DESCRIPTOR_SIZE
+        if encrypted:
+            header += self.keys.header_mac(header)
         os.pwrite(fd, header + bytes(BLOCK_SIZE - len(header)), 0)
         return desc
 

@@ -1,4 +1,4 @@
-"""Deterministic block sealing for confidential images (format version 1).
+"""Deterministic block sealing and header authentication for confidential images.
 
 An encrypted image must still be byte-reproducible for the same key and tree,
 so no randomness may enter. Each sealed block (inode table, heap, data) is
@@ -15,9 +15,15 @@ seal table; the Merkle tree covers the ciphertext and the seal table, so the
 GCM tag's job is to make forgery impossible for anyone without the key even
 when no digest is pinned. See docs/formats/image.md for the argument.
 
+Sealing binds a block to its position, not to its image: from version 2 on,
+the descriptor (which holds the root hash, hence every block) carries an
+HMAC-SHA256 under its own subkey, so blocks spliced in from other images built
+with the same key, with the tree and header recomputed, never open.
+
 Subkeys come from HKDF-SHA256 over the 16-byte image key, one per purpose,
-with readable ``info`` strings. The key check value lets a wrong key be told
-apart from tampering at open time; it reveals nothing about the other subkeys.
+with readable ``info`` strings that name the format version. The key check
+value lets a wrong key be told apart from tampering at open time; it reveals
+nothing about the other subkeys.
 """
 
 from __future__ import annotations
@@ -27,38 +33,48 @@ import hmac
 import struct
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from occlumfs.merkle.format import SEAL_SIZE
+from occlumfs.keys import hkdf_sha256
+from occlumfs.merkle.format import SEAL_SIZE, VERSION
 
 NONCE_SIZE = 12
 TAG_SIZE = 16
-_SALT = b"occlumfs image v1"
 _BLOCK_AD = struct.Struct("<14sQ")
 _AD_PREFIX = b"occlumfs block"
 _SEAL_PAD = bytes(SEAL_SIZE - NONCE_SIZE - TAG_SIZE)
 
 
-def _subkey(key: bytes, info: str) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=_SALT, info=info.encode()).derive(key)
+def _subkey(key: bytes, version: int, purpose: str) -> bytes:
+    prefix = f"occlumfs image v{version}"
+    return hkdf_sha256(key, prefix.encode(), f"{prefix} {purpose}")
 
 
 class ImageKeys:
-    """The subkeys of one image key and the cipher object built once from them."""
+    """The subkeys of one image key for one format version, and the cipher built once."""
 
-    __slots__ = ("_aead", "_nonce_key", "key_check")
+    __slots__ = ("_aead", "_header_key", "_nonce_key", "key_check")
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, version: int = VERSION) -> None:
         if len(key) != 16:
             raise ValueError("an image key has 16 bytes")
-        self.key_check = _subkey(key, "occlumfs image v1 key check value")
-        self._nonce_key = _subkey(key, "occlumfs image v1 block nonce")
-        self._aead = AESGCM(_subkey(key, "occlumfs image v1 block encryption"))
+        self.key_check = _subkey(key, version, "key check value")
+        self._nonce_key = _subkey(key, version, "block nonce")
+        self._aead = AESGCM(_subkey(key, version, "block encryption"))
+        # Version 1 has no header MAC; nothing in it is authenticated by the key.
+        self._header_key = _subkey(key, version, "header authentication") if version >= 2 else None
 
     def matches(self, key_check: bytes) -> bool:
         return hmac.compare_digest(self.key_check, key_check)
+
+    def header_mac(self, descriptor: bytes) -> bytes:
+        """HMAC-SHA256 of the packed descriptor under the header subkey."""
+        if self._header_key is None:
+            raise ValueError("format version 1 has no header MAC")
+        return hmac.digest(self._header_key, descriptor, "sha256")
+
+    def header_mac_matches(self, descriptor: bytes, mac: bytes) -> bool:
+        return hmac.compare_digest(self.header_mac(descriptor), mac)
 
     def seal(
         self, block_no: int, plaintext: bytes, plain_hash: bytes | None = None

@@ -1,9 +1,9 @@
-"""The image format, version 1, as pure functions: no I/O, no FUSE, no crypto.
+"""The image format (version 2; version 1 is still read) as pure functions: no I/O, no FUSE.
 
 docs/formats/image.md is the specification; this module is its executable
 form. An image is a sequence of 4 KiB blocks::
 
-    block 0            header: the descriptor, then zeros
+    block 0            header: the descriptor, the header MAC (encrypted), then zeros
     inode table        INODE_SIZE bytes per inode, inode n at index n - 1
     metadata heap      directory entries, names, extents, symlink targets, xattrs
     data               unique file contents, each starting on a block boundary
@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import stat
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from occlumfs.errors import FormatError, FSError
 
+# One block size for the contract and the format (the goldens pin it at 4096).
+from occlumfs.fs import BLOCK_SIZE
+
 MAGIC = b"OCCLUMIM"
-VERSION = 1
-BLOCK_SIZE = 4096
+VERSION = 2  # what the builder writes
+READABLE_VERSIONS = (1, 2)  # 1: no header MAC (an unpinned encrypted v1 image is refused)
 HASH_SIZE = 32
 HASHES_PER_BLOCK = BLOCK_SIZE // HASH_SIZE  # 128
 SEAL_SIZE = 32  # nonce (12) + tag (16) + 4 zero bytes
@@ -55,7 +59,45 @@ class MalformedImageError(FormatError, FSError):
         FSError.__init__(self, errno.EIO, message)
 
     def __str__(self) -> str:
-        return self.strerror
+        return f"malformed image: {self.strerror}"
+
+
+# -- layers: overlayfs' conventions, served through the filesystem contract ---------
+#
+# An image is a layer of a union: a *whiteout* (a name deleted from the layers
+# below) is a character device 0/0, and an *opaque* directory (whose entries
+# in the layers below are hidden) carries this xattr with this value. A tar
+# source is read as an OCI layer, whose archive spells them as entry names.
+WHITEOUT_RDEV = 0
+OPAQUE_XATTR = b"trusted.overlay.opaque"
+OPAQUE_VALUE = b"y"
+OCI_WHITEOUT_PREFIX = b".wh."
+OCI_OPAQUE_MARKER = b".wh..wh..opq"
+
+
+def is_whiteout(mode: int, rdev: int) -> bool:
+    """Whether an entry of this mode and device number is a whiteout."""
+    return stat.S_ISCHR(mode) and rdev == WHITEOUT_RDEV
+
+
+def name_problem(name: bytes) -> str | None:
+    """Why ``name`` cannot be a directory entry (None when it can).
+
+    A name is 1..NAME_MAX bytes without ``/`` or NUL and is not ``.`` or ``..``:
+    anything else would be cut short or reinterpreted by the kernel (a NUL ends
+    a name in every system call), so two entries could look like one.
+    """
+    if not name:
+        return "empty"
+    if len(name) > NAME_MAX:
+        return f"longer than {NAME_MAX} bytes"
+    if b"\0" in name:
+        return "contains a NUL byte"
+    if b"/" in name:
+        return "contains '/'"
+    if name in (b".", b".."):
+        return f"is {name.decode()!r}"
+    return None
 
 
 def blocks_for(nbytes: int) -> int:
@@ -67,6 +109,11 @@ def blocks_for(nbytes: int) -> int:
 
 _DESCRIPTOR = struct.Struct("<8sIIIIQQQQQQQQI32s32s")
 DESCRIPTOR_SIZE = _DESCRIPTOR.size
+# Version 2, encrypted: HMAC-SHA256 of the descriptor under a subkey of the
+# image key, right after the descriptor. It is not part of the digest (it is a
+# function of the descriptor and the key), so it adds nothing to a pin; it is
+# what authenticates an encrypted image nobody pinned.
+HEADER_MAC_SIZE = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,8 +187,11 @@ class Descriptor:
         ) = _DESCRIPTOR.unpack_from(raw)
         if magic != MAGIC:
             raise FormatError("header: not an occlumfs image (bad magic)")
-        if version != VERSION:
-            raise FormatError(f"header: format version {version} is not supported (need {VERSION})")
+        if version not in READABLE_VERSIONS:
+            raise FormatError(
+                f"header: format version {version} is not supported "
+                f"(this reader knows {', '.join(map(str, READABLE_VERSIONS))})"
+            )
         if flags & ~KNOWN_FLAGS:
             raise FormatError(f"header: unknown flags {flags:#x}")
         if block_size != BLOCK_SIZE or hash_alg != HASH_SHA256:
@@ -183,6 +233,16 @@ class Descriptor:
         if layout.image_blocks != image_blocks:
             raise FormatError("header: regions do not add up to the image size")
         return desc
+
+
+def header_mac_span(desc: Descriptor) -> tuple[int, int]:
+    """Where the header MAC lies in block 0: (start, end); empty when the image has none.
+
+    Every header byte from ``end`` on must be zero.
+    """
+    if desc.encrypted and desc.version >= 2:
+        return DESCRIPTOR_SIZE, DESCRIPTOR_SIZE + HEADER_MAC_SIZE
+    return DESCRIPTOR_SIZE, DESCRIPTOR_SIZE
 
 
 def digest_of(descriptor_bytes: bytes) -> str:

@@ -1,12 +1,9 @@
-"""Open an image and serve it as a read-only :class:`Filesystem`, verifying lazily.
+"""Serve an image as a read-only :class:`Filesystem`, verifying lazily.
 
-Opening reads the header only: its cost does not depend on the image size.
-Every later read fetches the blocks it needs with one ``pread`` per contiguous
-run, hashes each 4 KiB block and compares it with its level-0 hash; tree blocks
-are verified up to the root once and then kept in a bounded cache (the set of
-verified tree nodes). Metadata blocks (inode table, heap, seal table) go
-through the same tree and are kept, verified and decrypted, in a bounded cache;
-nothing is decoded ahead of use, so memory stays flat for any number of files.
+Blocks come verified from :class:`~occlumfs.merkle.blocks.ImageReader`; this
+module decodes records, directories, extents and xattrs from them, checking
+every rule of docs/formats/image.md *Validation* as it goes. Nothing is
+decoded ahead of use, so memory stays flat for any number of files.
 
 File data is never cached here: the kernel page cache keeps it (the image is
 immutable), and a block read again from the host is verified again.
@@ -14,66 +11,45 @@ immutable), and a block read again from the host is verified again.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import logging
 import os
 import stat
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterator
-from hashlib import sha256
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from occlumfs.errors import (
-    FormatError,
-    FSError,
-    IntegrityError,
-    NotFoundError,
-    OcclumfsError,
-    WrongKeyError,
-)
+from occlumfs.errors import FSError
 from occlumfs.fs import ROOT_INO, Attr, DirEntry, Filesystem, FsInfo, StatFs
+from occlumfs.merkle.blocks import ImageReader
 from occlumfs.merkle.format import (
     BLOCK_SIZE,
-    DESCRIPTOR_SIZE,
     DIRENT,
     DIRENT_SIZE,
     EXTENT,
     EXTENT_SIZE,
-    HASH_SIZE,
-    HASHES_PER_BLOCK,
-    INODE,
-    INODE_SIZE,
-    INODES_PER_BLOCK,
     NAME_MAX,
-    SEAL_SIZE,
-    SEALS_PER_BLOCK,
     SYMLINK_MAX,
     XATTR_HEAD,
     XATTR_LIST_MAX,
     XATTR_VALUE_MAX,
-    Descriptor,
     InodeRecord,
-    Layout,
     MalformedImageError,
     blocks_for,
-    digest_of,
-    parse_digest,
+    name_problem,
     unpack_xattrs,
 )
-from occlumfs.merkle.tree import hash_blocks
 
-if TYPE_CHECKING:
-    from occlumfs.merkle.crypto import ImageKeys
-
-log = logging.getLogger("occlumfs.merkle")
-
-TREE_CACHE_BLOCKS = 2048  # 8 MiB of verified tree nodes
-META_CACHE_BLOCKS = 8192  # 32 MiB of verified, decrypted metadata blocks
 NAME_CACHE = 65536  # inode -> (parent, name), only to name paths in error messages
+# A directory of up to SMALL_DIR entries is decoded and checked whole on first
+# use and kept, up to LISTED_NAMES names over all directories; lookups in it are
+# a bisect. Larger ones are searched in place, O(log n) blocks per lookup.
+SMALL_DIR = 1024
+LISTED_NAMES = 65536
 CACHE_TIMEOUT = 24 * 3600.0
-READAHEAD_KB = 4096  # kernel read-ahead asked for on our own mount (default: 128)
+# Kernel read-ahead wanted on a mount of an image (FUSE's default: 128 KiB). The
+# image never changes, so reading far ahead has no coherence cost.
+READAHEAD_KB = 4096
 _KINDS = frozenset(
     {
         stat.S_IFDIR,
@@ -86,238 +62,6 @@ _KINDS = frozenset(
     }
 )
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
-
-
-def open_image_file(image: Path) -> int:
-    """A read-only descriptor of ``image``; NotFoundError/FormatError when it cannot be one."""
-    try:
-        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NotFoundError(f"{image} does not exist") from None
-    except PermissionError:
-        raise OcclumfsError(f"{image}: permission denied") from None
-    if stat.S_ISDIR(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise FormatError(f"{image} is a directory, not an image")
-    return fd
-
-
-def read_header(image: Path, fd: int | None = None) -> tuple[bytes, int]:
-    """The header block and the file size; NotFoundError/FormatError if not an image."""
-    own = fd is None
-    if own:
-        fd = open_image_file(image)
-    try:
-        header = os.pread(fd, BLOCK_SIZE, 0)
-        size = os.fstat(fd).st_size
-    finally:
-        if own:
-            os.close(fd)
-    if len(header) < DESCRIPTOR_SIZE:
-        raise FormatError(f"{image}: too short to be an occlumfs image")
-    return header, size
-
-
-class ImageReader:
-    """Verified access to the blocks of one image file."""
-
-    def __init__(self, image: Path, *, digest: str | None, key: bytes | None) -> None:
-        self.path = Path(image)
-        # One descriptor for the header and every later read: what was checked
-        # is what gets served, even if the path is replaced meanwhile.
-        self.fd = open_image_file(self.path)
-        try:
-            self._check_header(digest, key)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        # Evicted oldest first (an OrderedDict pops its first item in O(1);
-        # a dict's first item gets slower to find the more were deleted).
-        self._tree: OrderedDict[int, bytes] = OrderedDict()
-        self._meta: OrderedDict[int, bytes] = OrderedDict()
-        self.heap_base = self.layout.heap_start * BLOCK_SIZE
-        self.heap_bytes = self.desc.heap_bytes
-        # Data, tree and metadata are read as three sequential streams; each
-        # gets its own open file (same inode, reopened through /proc) so the
-        # kernel's read-ahead follows each instead of seeing random access.
-        self._tree_fd = self._reopen()
-        self._meta_fd = self._reopen()
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-
-    def _reopen(self) -> int:
-        try:
-            return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return os.dup(self.fd)
-
-    def _check_header(self, digest: str | None, key: bytes | None) -> None:
-        image = self.path
-        header, size = read_header(image, self.fd)
-        raw = header[:DESCRIPTOR_SIZE]
-        self.digest = digest_of(raw)
-        # A pinned digest is checked before anything else is believed.
-        if digest is not None and parse_digest(digest) != self.digest:
-            pinned = parse_digest(digest)
-            raise IntegrityError(
-                f"{image}: digest mismatch: expected {pinned}, image has {self.digest}"
-            )
-        try:
-            self.desc = Descriptor.parse(raw)
-        except FormatError as exc:
-            raise FormatError(f"{image}: {exc}") from None
-        if any(header[DESCRIPTOR_SIZE:]):
-            raise IntegrityError(f"{image}: header: non-zero bytes after the descriptor")
-        self.layout = Layout.of(self.desc)
-        if size != self.desc.image_blocks * BLOCK_SIZE:
-            raise IntegrityError(
-                f"{image}: size is {size} bytes, the header says "
-                f"{self.desc.image_blocks * BLOCK_SIZE}: truncated or extended"
-            )
-        self.keys: ImageKeys | None = None
-        if self.desc.encrypted:
-            from occlumfs.merkle.crypto import ImageKeys  # only encrypted images pay for it
-
-            if key is None:
-                raise WrongKeyError(f"{image} is encrypted: give its key with --key-file")
-            keys = ImageKeys(key)
-            if not keys.matches(self.desc.key_check):
-                raise WrongKeyError(f"wrong key for {image}")
-            self.keys = keys
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            for fd in (self.fd, self._tree_fd, self._meta_fd):
-                os.close(fd)
-            self.fd = -1
-
-    def _pread(self, length: int, offset: int, fd: int | None = None) -> bytes:
-        data = os.pread(self.fd if fd is None else fd, length, offset)
-        if len(data) != length:
-            raise IntegrityError(f"{self.path}: short read at offset {offset}: image truncated")
-        return data
-
-    # -- the tree --------------------------------------------------------------------------
-    def tree_block(self, level: int, index: int) -> bytes:
-        """Tree block (level, index), verified up to the root."""
-        block_no = self.layout.tree_block(level, index)
-        cached = self._tree.get(block_no)
-        if cached is not None:
-            return cached
-        raw = self._pread(BLOCK_SIZE, block_no * BLOCK_SIZE, self._tree_fd)
-        parent = self.layout.tree.parent(level, index)
-        if parent is None:
-            expected = self.desc.root_hash
-        else:
-            p_level, p_index, off = parent
-            expected = self.tree_block(p_level, p_index)[off : off + HASH_SIZE]
-        if sha256(raw).digest() != expected:
-            raise IntegrityError(
-                f"{self.path}: merkle tree level {level} block {index} "
-                f"(image offset {block_no * BLOCK_SIZE}) failed verification"
-            )
-        if len(self._tree) >= TREE_CACHE_BLOCKS:
-            self._tree.popitem(last=False)
-        self._tree[block_no] = raw
-        return raw
-
-    def expected_hashes(self, first_block: int, count: int) -> bytes:
-        """Level-0 hashes of absolute blocks first_block .. first_block + count - 1."""
-        covered = first_block - 1
-        parts = []
-        while count > 0:
-            index, off = divmod(covered, HASHES_PER_BLOCK)
-            take = min(count, HASHES_PER_BLOCK - off)
-            parts.append(self.tree_block(0, index)[off * HASH_SIZE : (off + take) * HASH_SIZE])
-            covered += take
-            count -= take
-        return b"".join(parts) if len(parts) != 1 else parts[0]
-
-    def read_verified(self, first_block: int, count: int, what, fd: int | None = None) -> bytes:
-        """``count`` covered blocks from ``first_block``, each checked against the tree.
-
-        ``what(block_no)`` describes a block for the error message.
-        """
-        if first_block < 1 or first_block + count > self.layout.tree_start:
-            raise MalformedImageError(f"{self.path}: reference beyond the covered blocks")
-        buf = self._pread(count * BLOCK_SIZE, first_block * BLOCK_SIZE, fd)
-        # One thread: the per-block Python work holds the GIL, and handing it
-        # to a helper every 4 KiB measured slower than hashing here alone.
-        got = hash_blocks(buf)
-        expected = self.expected_hashes(first_block, count)
-        if got != expected:
-            for i in range(count):
-                if (
-                    got[i * HASH_SIZE : (i + 1) * HASH_SIZE]
-                    != expected[i * HASH_SIZE : (i + 1) * HASH_SIZE]
-                ):
-                    raise IntegrityError(
-                        f"{self.path}: {what(first_block + i)} failed verification"
-                    )
-        return buf
-
-    # -- metadata blocks ---------------------------------------------------------------------
-    def _seal(self, block_no: int) -> bytes:
-        seal_block = self.layout.seal_start + (block_no - 1) // SEALS_PER_BLOCK
-        raw = self.meta_block(seal_block)
-        off = (block_no - 1) % SEALS_PER_BLOCK * SEAL_SIZE
-        return raw[off : off + SEAL_SIZE]
-
-    def open_sealed(self, block_no: int, ciphertext, what) -> bytes:
-        plain = self.keys.open(block_no, ciphertext, self._seal(block_no))
-        if plain is None:
-            raise IntegrityError(f"{self.path}: {what(block_no)}: seal does not verify")
-        return plain
-
-    def _describe_meta(self, block_no: int) -> str:
-        return (
-            f"{self.layout.region_of(block_no)} block {block_no} "
-            f"(image offset {block_no * BLOCK_SIZE})"
-        )
-
-    def meta_block(self, block_no: int) -> bytes:
-        """A verified (and decrypted) inode-table, heap or seal-table block."""
-        cached = self._meta.get(block_no)
-        if cached is not None:
-            return cached
-        raw = self.read_verified(block_no, 1, self._describe_meta, self._meta_fd)
-        if self.keys is not None and block_no < self.layout.seal_start:
-            raw = self.open_sealed(block_no, raw, self._describe_meta)
-        if len(self._meta) >= META_CACHE_BLOCKS:
-            self._meta.popitem(last=False)
-        self._meta[block_no] = raw
-        return raw
-
-    def meta_bytes(self, offset: int, length: int) -> bytes:
-        """``length`` bytes at absolute byte ``offset`` of the metadata regions."""
-        block_no, off = divmod(offset, BLOCK_SIZE)
-        if off + length <= BLOCK_SIZE:
-            return self.meta_block(block_no)[off : off + length]
-        parts = []
-        while length > 0:
-            take = min(length, BLOCK_SIZE - off)
-            parts.append(self.meta_block(block_no)[off : off + take])
-            length -= take
-            block_no += 1
-            off = 0
-        return b"".join(parts)
-
-    def heap(self, ref: int, length: int) -> bytes:
-        if ref < 0 or length < 0 or ref + length > self.heap_bytes:
-            raise MalformedImageError(f"{self.path}: metadata reference beyond the heap")
-        return self.meta_bytes(self.heap_base + ref, length)
-
-    def inode(self, ino: int) -> InodeRecord:
-        if not 1 <= ino <= self.desc.inode_count:
-            raise FSError(errno.ENOENT)
-        block, slot = divmod(ino - 1, INODES_PER_BLOCK)
-        # Records never straddle blocks: one cached block, one C-level unpack.
-        raw = self.meta_block(self.layout.inode_start + block)
-        return _make_record(INODE.unpack_from(raw, slot * INODE_SIZE))
-
-
-def _make_record(fields: tuple) -> InodeRecord:
-    return tuple.__new__(InodeRecord, fields)
 
 
 def _attr(ino: int, rec: InodeRecord) -> Attr:
@@ -354,45 +98,39 @@ class ImageFS(Filesystem):
             read_only=True,
             immutable=True,
             cache_timeout=CACHE_TIMEOUT,
-            extra={"digest": reader.digest},
+            has_xattrs=reader.desc.has_xattrs,
+            readahead_kb=READAHEAD_KB,
         )
         self._names: dict[int, tuple[int, bytes]] = {}
-        self._raise_readahead = False
-        self._serving = False
         self._last_extent: dict[int, tuple[int, int, int]] = {}
+        self._listings: OrderedDict[int, tuple[list[bytes], list[int]]] = OrderedDict()
+        self._listed = 0
 
     @property
     def digest(self) -> str:
         return self.reader.digest
 
-    def started_serving(self) -> None:
-        # The mount is in place but FUSE_INIT is not answered yet; the tuning
-        # waits for the first request (see _tune_mount).
-        self._raise_readahead = True
-
-    def _tune_mount(self) -> None:
-        # The kernel reads ahead only 128 KiB on a FUSE mount, so a sequential
-        # read arrives as 128 KiB requests, each paying the per-request cost
-        # (~60 us of Python) on top of 32 block hashes. The image never
-        # changes, so reading ahead further is free of coherence concerns.
-        # Done on the first request: FUSE_INIT, answered before it, resets it.
-        # The FUSE-only shortcuts (ENOSYS for getxattr on an xattr-less image
-        # and for flush) apply only when this image is the mount itself, not a
-        # layer of another filesystem that forwarded started_serving.
-        self._raise_readahead = False
-        bdis = _own_mount_bdis(self.info.name, f"fuse.{self.info.subtype}")
-        self._serving = bool(bdis)
-        for bdi in bdis:
-            try:
-                Path(f"/sys/class/bdi/{bdi}/read_ahead_kb").write_text(f"{READAHEAD_KB}\n")
-            except OSError as exc:
-                log.info("cannot raise read-ahead of %s: %s", bdi, exc)
+    def unpinned_warning(self) -> str | None:
+        """What to tell a user who opened this image without pinning its digest."""
+        reader = self.reader
+        if reader.pinned:
+            return None
+        if reader.keys is None:
+            return (
+                f"no digest pinned: {reader.path} is a plain image, authenticated by nothing; "
+                "whoever can write it can change everything it serves"
+            )
+        return (
+            f"no digest pinned: {reader.path} is authenticated by its key, but any other "
+            "image built with the same key (an older one too) would be accepted in its place"
+        )
 
     def close(self) -> None:
         self.reader.close()
 
     # -- records -------------------------------------------------------------------------------
-    def _record(self, ino: int) -> InodeRecord:
+    def record(self, ino: int) -> InodeRecord:
+        """The stored record of ``ino``, checked for a known type and a link count."""
         rec = self.reader.inode(ino)
         if stat.S_IFMT(rec.mode) not in _KINDS or rec.nlink < 1:
             raise MalformedImageError(
@@ -401,7 +139,7 @@ class ImageFS(Filesystem):
         return rec
 
     def _dir_record(self, ino: int) -> InodeRecord:
-        rec = self._record(ino)
+        rec = self.record(ino)
         if not stat.S_ISDIR(rec.mode):
             raise FSError(errno.ENOTDIR)
         return rec
@@ -436,8 +174,73 @@ class ImageFS(Filesystem):
             raise MalformedImageError(f"{self.reader.path}: directory entry with a bad name length")
         return self.reader.heap(name_off, name_len)
 
+    def _entry(self, rec: InodeRecord, index: int) -> tuple[int, bytes]:
+        ((child, name_len, name_off),) = self._entries(rec, index, 1)
+        return child, self._name(name_len, name_off)
+
+    def _check_name(self, parent: int, name: bytes, previous: bytes | None) -> None:
+        """Malformed unless ``name`` is a valid name sorting strictly after ``previous``.
+
+        Names are stored sorted and unique; a NUL, a '/', '.', '..' or a
+        duplicate would let the kernel see two different entries as one name.
+        """
+        problem = name_problem(name)
+        if problem is not None:
+            raise MalformedImageError(
+                f"{self.reader.path}: directory {parent} holds a name that {problem}"
+            )
+        if previous is not None and name <= previous:
+            raise MalformedImageError(
+                f"{self.reader.path}: directory {parent}: names out of order or duplicated"
+            )
+
+    def _check_neighbours(self, parent: int, rec: InodeRecord, index: int) -> None:
+        """A lookup's match must be a valid name, strictly between its neighbours."""
+        first = max(0, index - 1)
+        batch = self._entries(rec, first, min(rec.count, index + 2) - first)
+        previous = None
+        for name in self._batch_names(batch):
+            self._check_name(parent, name, previous)
+            previous = name
+
+    def _listing(self, ino: int, rec: InodeRecord) -> tuple[list[bytes], list[int]] | None:
+        """Names and inode numbers of a small directory, checked once and kept (bounded)."""
+        listing = self._listings.get(ino)
+        if listing is not None or rec.count > SMALL_DIR:
+            return listing
+        batch = self._entries(rec, 0, rec.count) if rec.count else []
+        names = self._batch_names(batch) if batch else []
+        previous = None
+        for name in names:
+            self._check_name(ino, name, previous)
+            previous = name
+        while self._listings and self._listed + len(names) > LISTED_NAMES:
+            self._listed -= len(self._listings.popitem(last=False)[1][0])
+        listing = self._listings[ino] = (names, [e[0] for e in batch])
+        self._listed += len(names)
+        return listing
+
+    def _batch_names(self, batch: list[tuple[int, int, int]]) -> list[bytes]:
+        """The names of consecutive entries; a builder puts them side by side: one fetch."""
+        lo = min(e[2] for e in batch)
+        hi = max(e[2] + e[1] for e in batch)
+        if hi - lo > len(batch) * NAME_MAX:
+            return [self._name(name_len, name_off) for _, name_len, name_off in batch]
+        blob = self.reader.heap(lo, hi - lo)
+        return [
+            blob[name_off - lo : name_off - lo + name_len]
+            if 1 <= name_len <= NAME_MAX
+            else self._name(name_len, name_off)
+            for _, name_len, name_off in batch
+        ]
+
     def _child_attr(self, parent: int, child: int) -> Attr:
-        rec = self._record(child)
+        if not 1 <= child <= self.reader.desc.inode_count:
+            raise MalformedImageError(
+                f"{self.reader.path}: directory {parent} names inode {child}, "
+                "beyond the inode table"
+            )
+        rec = self.record(child)
         # Directories form a tree numbered in pre-order: a subdirectory has a
         # larger inode number than its parent and names it. This rules out cycles.
         if stat.S_ISDIR(rec.mode) and (child <= parent or rec.aux != parent):
@@ -448,13 +251,9 @@ class ImageFS(Filesystem):
 
     # -- read side -----------------------------------------------------------------------------
     def getattr(self, ino: int) -> Attr:
-        if self._raise_readahead:
-            self._tune_mount()
-        return _attr(ino, self._record(ino))
+        return _attr(ino, self.record(ino))
 
     def lookup(self, parent: int, name: bytes) -> Attr:
-        if self._raise_readahead:
-            self._tune_mount()
         rec = self._dir_record(parent)
         if name == b".":
             return _attr(parent, rec)
@@ -467,14 +266,22 @@ class ImageFS(Filesystem):
             return self.getattr(up)
         if len(name) > NAME_MAX:
             raise FSError(errno.ENAMETOOLONG)
-        lo, hi = 0, rec.count
         if rec.count * DIRENT_SIZE > self.reader.heap_bytes:
             raise MalformedImageError(f"{self.reader.path}: directory {parent} overruns the heap")
+        listing = self._listing(parent, rec)
+        if listing is not None:
+            names, inos = listing
+            i = bisect_left(names, name)
+            if i == len(names) or names[i] != name:
+                raise FSError(errno.ENOENT)
+            self._remember(inos[i], parent, name)
+            return self._child_attr(parent, inos[i])
+        lo, hi = 0, rec.count
         while lo < hi:
             mid = (lo + hi) // 2
-            ((child, name_len, name_off),) = self._entries(rec, mid, 1)
-            here = self._name(name_len, name_off)
+            child, here = self._entry(rec, mid)
             if here == name:
+                self._check_neighbours(parent, rec, mid)
                 self._remember(child, parent, name)
                 return self._child_attr(parent, child)
             if here < name:
@@ -491,26 +298,30 @@ class ImageFS(Filesystem):
         rec = self._dir_record(fh)
         if rec.count * DIRENT_SIZE > self.reader.heap_bytes:
             raise MalformedImageError(f"{self.reader.path}: directory {fh} overruns the heap")
-        index = max(0, offset)
-        heap = self.reader.heap
+        for index, child, name in self._children(fh, rec, max(0, offset)):
+            attr = self._child_attr(fh, child)
+            self._remember(child, fh, name)
+            yield DirEntry(name, attr, index + 1)
+
+    def _children(self, ino: int, rec: InodeRecord, index: int) -> Iterator[tuple[int, int, bytes]]:
+        """(index, inode, name) of the entries of a directory from ``index`` on, names checked."""
+        listing = self._listing(ino, rec)
+        if listing is not None:
+            names, inos = listing
+            for i in range(index, len(names)):
+                yield i, inos[i], names[i]
+            return
+        previous = self._entry(rec, index - 1)[1] if 0 < index <= rec.count else None
         while index < rec.count:
             batch = self._entries(rec, index, min(256, rec.count - index))
-            # A builder puts a directory's names side by side: fetch them at once.
-            lo = min(e[2] for e in batch)
-            hi = max(e[2] + e[1] for e in batch)
-            blob = heap(lo, hi - lo) if hi - lo <= len(batch) * NAME_MAX else None
-            for child, name_len, name_off in batch:
-                if blob is None or not 1 <= name_len <= NAME_MAX:
-                    name = self._name(name_len, name_off)
-                else:
-                    name = blob[name_off - lo : name_off - lo + name_len]
-                attr = self._child_attr(fh, child)
-                self._remember(child, fh, name)
+            for (child, _, _), name in zip(batch, self._batch_names(batch), strict=True):
+                self._check_name(ino, name, previous)
+                previous = name
+                yield index, child, name
                 index += 1
-                yield DirEntry(name, attr, index)
 
     def readlink(self, ino: int) -> bytes:
-        rec = self._record(ino)
+        rec = self.record(ino)
         if not stat.S_ISLNK(rec.mode):
             raise FSError(errno.EINVAL)
         if rec.count != rec.size or rec.count > SYMLINK_MAX:
@@ -518,7 +329,7 @@ class ImageFS(Filesystem):
         return self.reader.heap(rec.ref, rec.count)
 
     def open(self, ino: int, flags: int) -> int:
-        rec = self._record(ino)
+        rec = self.record(ino)
         if flags & _WRITE_FLAGS:
             raise FSError(errno.EROFS)
         if stat.S_ISDIR(rec.mode):
@@ -527,16 +338,15 @@ class ImageFS(Filesystem):
             raise FSError(errno.EINVAL)
         return ino
 
-    def flush(self, fh: int) -> None:
-        # Nothing to flush. Through a mount, ENOSYS makes the kernel stop
-        # sending FLUSH on every close (it then succeeds without asking).
-        if self._raise_readahead:
-            self._tune_mount()
-        if self._serving:
-            raise FSError(errno.ENOSYS)
-
     def _extent(self, rec: InodeRecord, index: int) -> tuple[int, int, int]:
         return EXTENT.unpack(self.reader.heap(rec.ref + index * EXTENT_SIZE, EXTENT_SIZE))
+
+    def extents(self, rec: InodeRecord) -> Iterator[tuple[int, int, int]]:
+        """(file block, data block, count) of each extent of a regular file, as stored."""
+        if rec.count * EXTENT_SIZE > self.reader.heap_bytes:
+            raise MalformedImageError(f"{self.reader.path}: extent list overruns the heap")
+        raw = self.reader.heap(rec.ref, rec.count * EXTENT_SIZE)
+        return EXTENT.iter_unpack(raw)
 
     def _first_extent(self, ino: int, rec: InodeRecord, block: int) -> int:
         """Index of the last extent starting at or before file block ``block`` (or 0)."""
@@ -556,7 +366,7 @@ class ImageFS(Filesystem):
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         ino = fh
-        rec = self._record(ino)
+        rec = self.record(ino)
         if not stat.S_ISREG(rec.mode):
             raise FSError(errno.EINVAL)
         if offset < 0:
@@ -589,7 +399,7 @@ class ImageFS(Filesystem):
             if a < b:
                 self._last_extent[ino] = (i, e_first, e_count)
                 pieces.append(
-                    (a, self._read_blocks(ino, data_start + e_data + (a - e_first), a, b - a))
+                    (a, self.read_data(ino, data_start + e_data + (a - e_first), a, b - a))
                 )
             i += 1
         if len(self._last_extent) > 1024:
@@ -607,7 +417,10 @@ class ImageFS(Filesystem):
             out[at : at + len(data)] = data
         return bytes(out[lo : lo + end - offset])
 
-    def _read_blocks(self, ino: int, block_no: int, file_block: int, count: int) -> bytes:
+    def read_data(self, ino: int, block_no: int, file_block: int, count: int) -> bytes:
+        """``count`` data blocks from absolute block ``block_no`` (file block ``file_block``
+        of ``ino``), verified and, for an encrypted image, opened."""
+
         def what(bad: int) -> str:
             off = (file_block + bad - block_no) * BLOCK_SIZE
             return f"{self.path_of(ino)}: data at offset {off} (image block {bad})"
@@ -630,7 +443,7 @@ class ImageFS(Filesystem):
         return StatFs(blocks=desc.image_blocks, bfree=0, bavail=0, files=desc.inode_count, ffree=0)
 
     def _xattrs(self, ino: int) -> list[tuple[bytes, bytes]]:
-        rec = self._record(ino)
+        rec = self.record(ino)
         if rec.xattr_count == 0 or not self.reader.desc.has_xattrs:
             return []
         if rec.xattr_count > XATTR_LIST_MAX // 2:
@@ -657,13 +470,9 @@ class ImageFS(Filesystem):
                 want = min(limit, want * 4)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        if self._raise_readahead:
-            self._tune_mount()
         if not self.reader.desc.has_xattrs:
-            self._record(ino)
-            # Through a mount, ENOSYS makes the kernel stop asking (it answers
-            # EOPNOTSUPP itself): without it `ls -l` costs two requests per file.
-            raise FSError(errno.ENOSYS if self._serving else errno.ENODATA)
+            self.record(ino)
+            raise FSError(errno.ENODATA)
         for n, v in self._xattrs(ino):
             if n == name:
                 return v
@@ -671,34 +480,6 @@ class ImageFS(Filesystem):
 
     def listxattr(self, ino: int) -> list[bytes]:
         return [n for n, _ in self._xattrs(ino)]
-
-
-def _unescape_mountinfo(field: str) -> str:
-    for code in ("\\040", "\\011", "\\012", "\\134"):
-        field = field.replace(code, chr(int(code[1:], 8)))
-    return field
-
-
-def _own_mount_bdis(fsname: str, fstype: str) -> list[str]:
-    """The ``major:minor`` of every mount of this image (by fsname and type)."""
-    found = []
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        fields, tail = left.split(" "), right.split(" ")
-        if (
-            sep
-            and len(fields) > 2
-            and len(tail) > 1
-            and tail[0] == fstype
-            and _unescape_mountinfo(tail[1]) == fsname
-        ):
-            found.append(fields[2])
-    return found
 
 
 def open_image_fs(image: Path, *, digest: str | None, key: bytes | None) -> ImageFS:

@@ -11,18 +11,25 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
 from occlumfs.merkle.format import (
     BLOCK_SIZE,
-    NAME_MAX,
+    OCI_OPAQUE_MARKER,
+    OCI_WHITEOUT_PREFIX,
+    OPAQUE_VALUE,
+    OPAQUE_XATTR,
     SYMLINK_MAX,
+    WHITEOUT_RDEV,
     XATTR_LIST_MAX,
     XATTR_NAME_MAX,
     XATTR_VALUE_MAX,
     ZERO_BLOCK,
+    is_whiteout,
+    name_problem,
 )
 
 
@@ -68,6 +75,8 @@ def _check_xattrs(xattrs: list[tuple[bytes, bytes]], where: str) -> list[tuple[b
     for name, value in xattrs:
         if not name or len(name) > XATTR_NAME_MAX or len(value) > XATTR_VALUE_MAX:
             raise FormatError(f"{where}: xattr {name[:40]!r} is too large to store")
+        if b"\0" in name:
+            raise FormatError(f"{where}: xattr name {name[:40]!r} contains a NUL byte")
         total += len(name) + 1
     if total > XATTR_LIST_MAX:
         raise FormatError(f"{where}: too many xattrs")
@@ -161,8 +170,9 @@ def _member_parts(name: str, what: str) -> list[bytes]:
     if b".." in parts:
         raise FormatError(f"tar {what} {name!r} contains '..'; refusing it")
     for part in parts:
-        if len(part) > NAME_MAX:
-            raise FormatError(f"tar {what} {name!r}: a name is longer than {NAME_MAX} bytes")
+        problem = name_problem(part)
+        if problem is not None:
+            raise FormatError(f"tar {what} {name!r}: a name {problem}; refusing it")
     return parts
 
 
@@ -232,6 +242,54 @@ def _spool(src, spool, size: int) -> int:
     return start
 
 
+def _is_whiteout_node(node: SourceNode | None) -> bool:
+    return node is not None and is_whiteout(node.mode, node.rdev)
+
+
+def _is_opaque(node: SourceNode) -> bool:
+    return (OPAQUE_XATTR, OPAQUE_VALUE) in node.xattrs
+
+
+def _mark_opaque(node: SourceNode) -> None:
+    kept = [(n, v) for n, v in node.xattrs if n != OPAQUE_XATTR]
+    node.xattrs = sorted([*kept, (OPAQUE_XATTR, OPAQUE_VALUE)])
+
+
+def _add_oci_marker(parent: SourceNode, name: bytes, member) -> None:
+    """An OCI layer's ``.wh.NAME`` (whiteout of NAME) or ``.wh..wh..opq`` (opaque parent).
+
+    A whiteout hides NAME in the layers below only: an entry NAME of this same
+    layer wins, whichever comes first in the archive. When that entry is a
+    directory it becomes opaque (it replaces the lower NAME, not merges with
+    it), as overlayfs makes a directory created over a whiteout.
+    """
+    if member.isdir():
+        raise FormatError(f"tar member {member.name!r}: a whiteout cannot be a directory")
+    if name == OCI_OPAQUE_MARKER:
+        _mark_opaque(parent)
+        return
+    target = name[len(OCI_WHITEOUT_PREFIX) :]
+    if target.startswith(OCI_WHITEOUT_PREFIX):
+        raise FormatError(f"tar member {member.name!r}: unsupported whiteout metadata")
+    problem = name_problem(target)
+    if problem is not None:
+        raise FormatError(f"tar member {member.name!r}: the name it whites out {problem}")
+    _check_ranges(member)
+    existing = parent.children.get(target)
+    if existing is not None and existing.is_dir:
+        _mark_opaque(existing)
+        return
+    if existing is not None and not _is_whiteout_node(existing):
+        return
+    parent.children[target] = SourceNode(
+        mode=stat.S_IFCHR,  # no permission bits: a whiteout is never opened
+        uid=member.uid,
+        gid=member.gid,
+        mtime_ns=_pax_mtime_ns(member),
+        rdev=WHITEOUT_RDEV,
+    )
+
+
 def scan_tar(archive: Path, spool_path: Path) -> SourceNode:
     """The tree in tar ``archive``; regular files' bytes are copied to ``spool_path``."""
     import tarfile  # only tar sources pay for it
@@ -244,8 +302,8 @@ def scan_tar(archive: Path, spool_path: Path) -> SourceNode:
         )
     except FileNotFoundError:
         raise NotFoundError(f"{archive} does not exist") from None
-    except tarfile.TarError as exc:
-        raise FormatError(f"{archive}: not a readable tar archive ({exc})") from None
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise _unreadable(archive, exc) from None
     with tf, open(spool_path, "w+b") as spool:
         try:
             for member in tf:
@@ -255,12 +313,34 @@ def scan_tar(archive: Path, spool_path: Path) -> SourceNode:
         except OSError as exc:
             if exc.filename is not None:  # the spool or the disk, not the archive
                 raise
-            raise FormatError(f"{archive}: broken tar archive ({exc})") from None
+            raise FormatError(f"{archive}: broken tar archive ({_one_line(exc)})") from None
         except Exception as exc:
             # The decompressors raise their own types (zlib.error, LZMAError,
             # EOFError...) for a damaged archive: all mean the same to the user.
-            raise FormatError(f"{archive}: broken tar archive ({exc})") from None
+            raise FormatError(f"{archive}: broken tar archive ({_one_line(exc)})") from None
     return tree
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
+
+
+def _unreadable(archive: Path, exc: BaseException) -> FormatError:
+    """One line saying why ``archive`` does not open (tarfile lists every method it tried)."""
+    try:
+        with open(archive, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        head = b""
+    if not head:
+        return FormatError(f"{archive}: empty file, not a readable tar archive")
+    for magic, kind in _COMPRESSED.items():
+        if head.startswith(magic):
+            return FormatError(f"{archive}: damaged {kind} data, not a readable tar archive")
+    return FormatError(f"{archive}: not a readable tar archive (nor gzip, bzip2 or xz)")
 
 
 def _add_member(tree, tf, member, spool, spool_name) -> None:
@@ -269,14 +349,20 @@ def _add_member(tree, tf, member, spool, spool_name) -> None:
     parent = tree
     for part in parts[:-1]:
         child = parent.children.get(part)
-        if child is None:
+        if child is None or _is_whiteout_node(child):
+            replaces_whiteout = child is not None
             child = parent.children[part] = _implicit_dir()
+            if replaces_whiteout:
+                _mark_opaque(child)
         elif not child.is_dir:
             raise FormatError(
                 f"tar member {member.name!r} goes through {os.fsdecode(part)!r}, "
                 "which is not a directory; refusing it"
             )
         parent = child
+    if parts and parts[-1].startswith(OCI_WHITEOUT_PREFIX):
+        _add_oci_marker(parent, parts[-1], member)
+        return
     if member.islnk():
         target_parts = _member_parts(member.linkname, "hard link target")
         target = tree
@@ -304,6 +390,9 @@ def _add_member(tree, tf, member, spool, spool_name) -> None:
         node.mode |= stat.S_IFDIR
         existing = tree if not parts else parent.children.get(parts[-1])
         node.children = existing.children if existing is not None and existing.is_dir else {}
+        if _is_whiteout_node(existing) or (existing is not None and _is_opaque(existing)):
+            # Whited out or marked opaque earlier in the archive: it stays so.
+            _mark_opaque(node)
         if not parts:  # the archive's own "./": attributes of the root
             tree.mode, tree.uid, tree.gid = node.mode, node.uid, node.gid
             tree.mtime_ns, tree.xattrs = node.mtime_ns, node.xattrs
@@ -316,8 +405,8 @@ def _add_member(tree, tf, member, spool, spool_name) -> None:
     elif member.issym():
         node.mode |= stat.S_IFLNK
         node.target = os.fsencode(member.linkname)
-        if not node.target or len(node.target) > SYMLINK_MAX:
-            raise FormatError(f"tar symlink {member.name!r}: empty or too long target")
+        if not node.target or len(node.target) > SYMLINK_MAX or b"\0" in node.target:
+            raise FormatError(f"tar symlink {member.name!r}: empty, too long or NUL in target")
     elif member.ischr() or member.isblk():
         node.mode |= stat.S_IFCHR if member.ischr() else stat.S_IFBLK
         node.rdev = os.makedev(member.devmajor, member.devminor)

@@ -15,6 +15,19 @@ def hash_blocks(buf: bytes | bytearray | memoryview) -> bytes:
     )
 
 
+def first_mismatch(got: bytes, want: bytes) -> int | None:
+    """Index of the first hash that differs between two runs of hashes (None: equal).
+
+    ``got`` and ``want`` are concatenated 32-byte hashes of the same length.
+    """
+    if got == want:
+        return None
+    for i, at in enumerate(range(0, len(got), HASH_SIZE)):
+        if got[at : at + HASH_SIZE] != want[at : at + HASH_SIZE]:
+            return i
+    return len(got) // HASH_SIZE  # want is longer: its next hash is missing
+
+
 def pad_block(data: bytes) -> bytes:
     rest = -len(data) % BLOCK_SIZE
     return data + bytes(rest) if rest else data

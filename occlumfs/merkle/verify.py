@@ -11,16 +11,16 @@ from pathlib import Path
 
 from occlumfs.errors import IntegrityError
 from occlumfs.fs import ROOT_INO
+from occlumfs.merkle.blocks import ImageReader
 from occlumfs.merkle.format import (
     BLOCK_SIZE,
     DIRENT_SIZE,
-    EXTENT_SIZE,
     HASH_SIZE,
     MalformedImageError,
     blocks_for,
 )
-from occlumfs.merkle.reader import ImageFS, ImageReader
-from occlumfs.merkle.tree import hash_blocks
+from occlumfs.merkle.reader import ImageFS
+from occlumfs.merkle.tree import first_mismatch, hash_blocks
 
 CHUNK_BLOCKS = 256  # 1 MiB per hashing task
 
@@ -60,16 +60,12 @@ def _verify_tree(reader: ImageReader) -> bytes:
         if len(level_bytes) != count * BLOCK_SIZE:
             raise IntegrityError(f"{reader.path}: merkle tree level {level} is truncated")
         got = hash_blocks(level_bytes)
-        if got != expected[: len(got)]:
-            for i in range(count):
-                if (
-                    got[i * HASH_SIZE : (i + 1) * HASH_SIZE]
-                    != expected[i * HASH_SIZE : (i + 1) * HASH_SIZE]
-                ):
-                    raise IntegrityError(
-                        f"{reader.path}: merkle tree level {level} block {i} "
-                        f"(image offset {(start + i) * BLOCK_SIZE}) failed verification"
-                    )
+        bad = first_mismatch(got, expected[: len(got)])
+        if bad is not None:
+            raise IntegrityError(
+                f"{reader.path}: merkle tree level {level} block {bad} "
+                f"(image offset {(start + bad) * BLOCK_SIZE}) failed verification"
+            )
         expected = level_bytes
     return level_bytes
 
@@ -84,17 +80,9 @@ def _first_bad_block(reader: ImageReader, level0: bytes, progress, jobs: int) ->
         buf = os.pread(fd, n * BLOCK_SIZE, first * BLOCK_SIZE)
         if len(buf) != n * BLOCK_SIZE:
             return first + len(buf) // BLOCK_SIZE
-        got = hash_blocks(buf)
         want = level0[(first - 1) * HASH_SIZE : (first - 1 + n) * HASH_SIZE]
-        if got == want:
-            return None
-        for i in range(n):
-            if (
-                got[i * HASH_SIZE : (i + 1) * HASH_SIZE]
-                != want[i * HASH_SIZE : (i + 1) * HASH_SIZE]
-            ):
-                return first + i
-        return None  # pragma: no cover - the joined hashes differed somewhere
+        bad = first_mismatch(hash_blocks(buf), want)
+        return None if bad is None else first + bad
 
     with ThreadPoolExecutor(jobs, thread_name_prefix="verify") as pool:
         for first, bad in zip(chunks, pool.map(check, chunks), strict=True):
@@ -117,8 +105,7 @@ def _describe_block(fs: ImageFS, block_no: int) -> str:
         for path, _ino, rec in _iter_tree(fs):
             if not stat.S_ISREG(rec.mode):
                 continue
-            for i in range(rec.count):
-                first, data, count = fs._extent(rec, i)
+            for first, data, count in fs.extents(rec):
                 if data <= rel < data + count:
                     return f"{path} at offset {(first + rel - data) * BLOCK_SIZE} ({where})"
     except (IntegrityError, MalformedImageError):
@@ -128,7 +115,9 @@ def _describe_block(fs: ImageFS, block_no: int) -> str:
 
 def _iter_tree(fs: ImageFS):
     """(path, ino, record) of every inode reachable from the root, breadth first."""
-    root = fs._dir_record(ROOT_INO)
+    root = fs.record(ROOT_INO)
+    if not stat.S_ISDIR(root.mode):
+        raise MalformedImageError(f"{fs.reader.path}: the root is not a directory")
     yield "/", ROOT_INO, root
     pending = deque([(b"", ROOT_INO)])
     seen_dirs = {ROOT_INO}
@@ -136,7 +125,7 @@ def _iter_tree(fs: ImageFS):
         prefix, ino = pending.popleft()
         for entry in fs.readdir(ino, 0):
             path = prefix + b"/" + entry.name
-            rec = fs._record(entry.attr.ino)
+            rec = fs.record(entry.attr.ino)
             yield os.fsdecode(path), entry.attr.ino, rec
             if entry.attr.is_dir:
                 if entry.attr.ino in seen_dirs:
@@ -167,11 +156,9 @@ def _walk(fs: ImageFS) -> None:
 
 def _check_extents(fs: ImageFS, path: str, ino: int, rec) -> None:
     reader = fs.reader
-    reader.heap(rec.ref, rec.count * EXTENT_SIZE)
     end = 0
     stored = 0
-    for i in range(rec.count):
-        first, data, count = fs._extent(rec, i)
+    for first, data, count in fs.extents(rec):
         if first < end or count == 0 or first + count > blocks_for(rec.size):
             raise MalformedImageError(
                 f"{reader.path}: {path}: extents out of order or beyond the file"
@@ -181,7 +168,7 @@ def _check_extents(fs: ImageFS, path: str, ino: int, rec) -> None:
         end = first + count
         stored += count
         if reader.keys is not None:
-            fs._read_blocks(ino, reader.layout.data_start + data, first, count)
+            fs.read_data(ino, reader.layout.data_start + data, first, count)
     if stored != rec.aux:
         raise MalformedImageError(
             f"{reader.path}: {path}: stored block count disagrees with extents"

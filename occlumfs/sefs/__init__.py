@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
 from pathlib import Path
 
-from occlumfs.errors import FormatError, NotFoundError, OcclumfsError, UsageError
+from occlumfs.errors import FormatError, NotFoundError, UsageError
 from occlumfs.sefs import format as fmt
 from occlumfs.sefs.fs import SefsFS
 from occlumfs.sefs.keys import (
+    CONFIG_MAX,
     Credential,
     Keys,
     dump_config,
@@ -26,7 +26,7 @@ from occlumfs.sefs.keys import (
     unwrap_master,
     wrap_master,
 )
-from occlumfs.sefs.state import DirLock, TrustedState, default_state_dir
+from occlumfs.sefs.state import DirLock, TrustedState, pin_store, prepare_state_dir
 from occlumfs.sefs.storage import DiskStorage, Storage
 
 __all__ = [
@@ -42,7 +42,8 @@ __all__ = [
 
 
 def is_sefs_dir(path: Path) -> bool:
-    return (Path(path) / fmt.CONFIG_NAME).is_file()
+    """Whether ``path`` looks like a SEFS directory (whatever its config turns out to be)."""
+    return os.path.isdir(path) and os.path.lexists(Path(path) / fmt.CONFIG_NAME)
 
 
 def credential(
@@ -63,9 +64,10 @@ def credential(
     return Credential(key=key, passphrase=passphrase)
 
 
-def _read_config(storage: Storage, where: Path | str) -> dict:
+def _read_config(storage: DiskStorage) -> dict:
+    where = storage.root
     try:
-        raw = storage.read(fmt.CONFIG_NAME)
+        raw = storage.dir.read_file(fmt.CONFIG_NAME, CONFIG_MAX + 1)
     except FileNotFoundError:
         raise NotFoundError(f"{where}: not a SEFS directory (no {fmt.CONFIG_NAME})") from None
     return parse_config(raw, f"{where}/{fmt.CONFIG_NAME}")
@@ -104,6 +106,7 @@ def create_sefs(
         raise UsageError(f"{path}: exists and is not an empty directory")
     if not path.parent.is_dir():
         raise NotFoundError(f"{path.parent}: no such directory")
+    state_dir = prepare_state_dir(state_dir, path)
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     try:
         tmp.mkdir(mode=0o700)
@@ -111,9 +114,7 @@ def create_sefs(
         (tmp / fmt.DATA_DIR).mkdir()
         storage = DiskStorage(tmp)
         try:
-            config = format_storage(
-                storage, cred, trusted_state_dir=state_dir or default_state_dir(), scrypt=scrypt
-            )
+            config = format_storage(storage, cred, trusted_state_dir=state_dir, scrypt=scrypt)
         finally:
             storage.close()
         if path.exists():
@@ -127,6 +128,7 @@ def create_sefs(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    pin_store(state_dir, path, bytes.fromhex(config["fs_id"]), accept_new=True)
     return config
 
 
@@ -139,36 +141,38 @@ def open_sefs_fs(
     read_only: bool = False,
     state_dir: Path | None = None,
     tolerant: bool = False,
+    accept_new_store: bool = False,
 ) -> SefsFS:
-    """Open the SEFS at ``path`` for exclusive use (the lock is held until ``close``)."""
+    """Open the SEFS at ``path`` for exclusive use (the lock is held until ``close``).
+
+    ``accept_new_store`` trusts a store whose fs id differs from the one this
+    machine last saw at ``path`` (the trusted state pins one per path).
+    """
     path = Path(os.path.abspath(path))
-    if not path.is_dir():
-        raise NotFoundError(f"{path}: no such directory")
     storage = DiskStorage(path)
-    config = _read_config(storage, path)
-    cred = credential(key, passphrase_file, passphrase)
+    lock = None
     try:
+        config = _read_config(storage)
+        state_dir = prepare_state_dir(state_dir, path)
+        cred = credential(key, passphrase_file, passphrase)
         master = unwrap_master(config, cred, str(path))
-    except BaseException:
-        storage.close()
-        raise
-    keys = Keys(master, bytes.fromhex(config["fs_id"]))
-    lock = DirLock(path)
-    lock.acquire()
-    try:
-        state = TrustedState(state_dir or default_state_dir(), keys.fs_id, keys.state_mac)
+        keys = Keys(master, bytes.fromhex(config["fs_id"]))
+        pin_store(state_dir, path, keys.fs_id, accept_new=accept_new_store)
+        lock = DirLock(storage.dir)
+        lock.acquire()
         return SefsFS(
             storage,
             keys,
             name=f"sefs:{path}",
             read_only=read_only,
-            trusted_state=state,
+            trusted_state=TrustedState(state_dir, keys.fs_id, keys.state_mac),
             lock=lock,
             tolerant=tolerant,
         )
     except BaseException:
         storage.close()
-        lock.release()
+        if lock is not None:
+            lock.release()
         raise
 
 
@@ -176,55 +180,52 @@ def change_credential(path: Path, old: Credential, new: Credential, scrypt: dict
     """Re-wrap the master key under ``new``; no data is touched."""
     path = Path(os.path.abspath(path))
     storage = DiskStorage(path)
-    config = _read_config(storage, path)
-    master = unwrap_master(config, old, str(path))
-    lock = DirLock(path)
-    lock.acquire()
+    lock = DirLock(storage.dir)
     try:
-        config["wrap"] = wrap_master(master, bytes.fromhex(config["fs_id"]), new, scrypt)
-        tmp = f"{fmt.CONFIG_NAME}.tmp"
-        storage.write_file(tmp, dump_config(config))
-        storage.fsync(tmp)
-        storage.rename(tmp, fmt.CONFIG_NAME)
-        storage.fsync_dir("")
+        config = _read_config(storage)
+        master = unwrap_master(config, old, str(path))
+        lock.acquire()
+        config["wrap"] = wrap_master(master, config, new, scrypt)
+        storage.replace(fmt.CONFIG_NAME, dump_config(config), f"{fmt.CONFIG_NAME}.tmp")
     finally:
         storage.close()
         lock.release()
 
 
 def describe_sefs(path: Path) -> dict:
-    """The public facts about a SEFS directory, readable without a key (never secrets)."""
+    """The public facts about a SEFS directory, readable without a key (never secrets).
+
+    The config is checked field by field but not authenticated (that needs the key).
+    """
     path = Path(os.path.abspath(path))
     storage = DiskStorage(path)
-    config = _read_config(storage, path)
-    wrap = config["wrap"]
-    out: dict = {
-        "path": str(path),
-        "format": config["format"],
-        "version": config["version"],
-        "fs_id": config["fs_id"],
-        "block_size": config["block_size"],
-        "cipher": config.get("cipher", "AES-256-GCM"),
-        "key_kind": wrap["kind"],
-    }
-    if wrap["kind"] == "passphrase":
-        out["scrypt"] = wrap["scrypt"]
     try:
-        raw = storage.read(fmt.HEAD_NAME)
-        if len(raw) != fmt.HEAD_SIZE:
-            raise FormatError("head: wrong size")
-        counter, pack, _offset, length = struct.unpack_from(">QQQI", raw, 24)
-        out["commit_counter"] = counter
-        out["root"] = f"{fmt.pack_name(pack)} ({length} bytes), tag {raw[52:68].hex()}"
-    except (OSError, OcclumfsError) as exc:
-        out["head"] = f"unreadable: {exc}"
-    packs = [p for p in storage.listdir(fmt.META_DIR) if p.endswith(".pack")]
-    out["metadata_packs"] = len(packs)
-    out["metadata_bytes"] = sum((path / fmt.META_DIR / p).stat().st_size for p in packs)
-    data = storage.listdir(fmt.DATA_DIR)
-    out["data_files"] = len(data)
-    out["data_bytes_allocated"] = sum(
-        (path / fmt.DATA_DIR / d).stat().st_blocks * 512 for d in data
-    )
-    storage.close()
+        config = _read_config(storage)
+        wrap = config["wrap"]
+        out: dict = {
+            "path": str(path),
+            "format": config["format"],
+            "version": config["version"],
+            "fs_id": config["fs_id"],
+            "block_size": config["block_size"],
+            "cipher": config["cipher"],
+            "key_kind": wrap["kind"],
+        }
+        if wrap["kind"] == "passphrase":
+            out["scrypt"] = wrap["scrypt"]
+        try:
+            head = fmt.unpack_head(storage.read(fmt.HEAD_NAME))
+            out["commit_counter"] = head.counter
+            ref = head.root
+            out["root"] = f"{fmt.pack_name(ref.pack)} ({ref.length} bytes), tag {ref.tag.hex()}"
+        except (FileNotFoundError, FormatError) as exc:
+            out["head"] = f"unreadable: {exc}"
+        packs = [st for name, st in storage.entries(fmt.META_DIR) if name.endswith(".pack")]
+        out["metadata_packs"] = len(packs)
+        out["metadata_bytes"] = sum(st.st_size for st in packs)
+        data = [st for _name, st in storage.entries(fmt.DATA_DIR)]
+        out["data_files"] = len(data)
+        out["data_bytes_allocated"] = sum(st.st_blocks * 512 for st in data)
+    finally:
+        storage.close()
     return out

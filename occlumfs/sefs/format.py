@@ -8,13 +8,17 @@ import struct
 from dataclasses import dataclass, field
 
 from occlumfs.errors import FormatError, IntegrityError
+from occlumfs.fs import BLOCK_SIZE
 
 VERSION = 1
-BLOCK_SIZE = 4096
-CHUNK_BLOCKS = 256  # block-map entries per map record (1 MiB of data)
-ENTRY_SIZE = 29  # slot (1) || nonce (12) || tag (16)
+CHUNK_SHIFT = 8
+CHUNK_BLOCKS = 1 << CHUNK_SHIFT  # block-map entries per map record (1 MiB of data)
+CHUNK_MASK = CHUNK_BLOCKS - 1  # block & CHUNK_MASK: the block's index in its chunk
 NONCE_SIZE = 12
 TAG_SIZE = 16
+ENTRY_SIZE = 1 + NONCE_SIZE + TAG_SIZE  # slot (1) || nonce (12) || tag (16)
+ENTRY_NONCE = 1  # where the nonce starts in a map entry
+ENTRY_TAG = ENTRY_NONCE + NONCE_SIZE  # ...and where the tag starts
 FS_ID_SIZE = 16
 PAGE_MAX = 64 * 1024  # a page whose plaintext outgrows this is split
 PAGE_SPLIT = 32 * 1024  # ...into pages of about this size
@@ -40,6 +44,7 @@ _ROOT_HEAD = struct.Struct(">8sQI")
 _INODE = struct.Struct(">IIIIQQqqqQQQ")
 _U64 = struct.Struct(">Q")
 _ENTRY_VALUE = struct.Struct(">QQ")
+DATA_AD_BLOCK = struct.Struct(">QQ")  # (ino, block): a data block's AD after data_ad_prefix
 _RECORD_HEAD = struct.Struct(">HI")
 
 
@@ -78,7 +83,8 @@ def data_ad_prefix(fs_id: bytes) -> bytes:
 
 
 def data_ad(prefix: bytes, ino: int, block: int) -> bytes:
-    return prefix + _ENTRY_VALUE.pack(ino, block)
+    """The associated data of ``ino``'s block ``block`` (hot loops inline it: DATA_AD_BLOCK)."""
+    return prefix + DATA_AD_BLOCK.pack(ino, block)
 
 
 def page_ad(fs_id: bytes, pack: int, first_key: bytes) -> bytes:
@@ -102,7 +108,7 @@ def block_span(offset: int, size: int) -> tuple[int, int]:
 
 def chunk_of(block: int) -> tuple[int, int]:
     """(map chunk number, byte offset of the block's entry in that chunk)."""
-    return block // CHUNK_BLOCKS, (block % CHUNK_BLOCKS) * ENTRY_SIZE
+    return block >> CHUNK_SHIFT, (block & CHUNK_MASK) * ENTRY_SIZE
 
 
 def trim_chunk(chunk: bytes | bytearray) -> bytes:
@@ -153,6 +159,14 @@ def parse_head(raw: bytes, fs_id: bytes, mac_key: bytes) -> Head:
     if got_id != fs_id:
         raise IntegrityError("head: belongs to another filesystem")
     return Head(got_id, counter, ObjectRef(pack, offset, length, tag))
+
+
+def unpack_head(raw: bytes) -> Head:
+    """The head's fields, its MAC not checked: for tools that hold no key (``sefs info``)."""
+    if len(raw) != HEAD_SIZE or not raw.startswith(HEAD_MAGIC):
+        raise FormatError(f"head: {len(raw)} bytes, not a version {VERSION} commit record")
+    _, fs_id, counter, pack, offset, length, tag = _HEAD.unpack_from(raw)
+    return Head(fs_id, counter, ObjectRef(pack, offset, length, tag))
 
 
 # -- root --------------------------------------------------------------------------------

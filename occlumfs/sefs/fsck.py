@@ -15,7 +15,7 @@ from occlumfs.sefs.fs import SefsFS
 
 def check_fs(fs: SefsFS) -> Iterator[str]:
     """Every problem of an opened (tolerant) filesystem, one line each."""
-    inodes = fs.inodes()
+    inodes = fs.recorded()
     paths: dict[int, str] = {ROOT_INO: "/"}
     links: dict[int, int] = {}
     subdirs: dict[int, int] = {}
@@ -24,7 +24,7 @@ def check_fs(fs: SefsFS) -> Iterator[str]:
         dir_ino = queue.popleft()
         directory = inodes[dir_ino]
         prefix = "" if dir_ino == ROOT_INO else paths[dir_ino]
-        for name, (child_ino, _cookie) in directory.entries.items():
+        for name, child_ino in directory.entries:
             path = f"{prefix}/{os.fsdecode(name)}"
             child = inodes.get(child_ino)
             if child is None:
@@ -67,6 +67,7 @@ def fsck(
     passphrase_file: Path | None = None,
     passphrase: bytes | None = None,
     state_dir: Path | None = None,
+    accept_new_store: bool = False,
 ) -> list[str]:
     """All problems of the SEFS at ``path`` (empty: clean). Wrong keys and locks raise."""
     from occlumfs.sefs import open_sefs_fs
@@ -80,6 +81,7 @@ def fsck(
             read_only=True,
             state_dir=state_dir,
             tolerant=True,
+            accept_new_store=accept_new_store,
         )
     except IntegrityError as exc:
         return [f"/: cannot verify the filesystem root: {exc}"]

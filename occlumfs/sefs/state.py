@@ -3,16 +3,22 @@
 * :class:`TrustedState`: the last committed counter and root tag, MAC'd, in a
   trusted place (not inside the SEFS directory), so rolling the whole directory
   back to an older snapshot is caught.
+* :func:`pin_store`: which store (fs id) lives at which path, so a store
+  replaced wholesale by another one is refused unless the user accepts it.
 * :class:`DirLock`: an ``flock`` on ``DIR/lock`` held for as long as the
   filesystem is open. The lock belongs to the open file description, so it
   survives the mount's fork into the background and vanishes when the server
   dies; a lock file left by a crash is then just a file, recovered silently.
+
+Every file here is opened through :mod:`occlumfs.hostio`: a symlink, fifo,
+directory or hard link at one of these names is refused, never followed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import hmac
 import json
 import logging
@@ -20,12 +26,14 @@ import os
 import struct
 from pathlib import Path
 
-from occlumfs.errors import IntegrityError, InUseError
+from occlumfs.errors import IntegrityError, InUseError, NotFoundError, UsageError
+from occlumfs.hostio import HostDir
 from occlumfs.sefs.format import LOCK_NAME
 
 log = logging.getLogger("occlumfs.sefs")
 
 STATE_ENV = "OCCLUMFS_STATE_DIR"
+_STATE_MAX = 4096  # bytes; a state file is a few hundred
 
 
 def default_state_dir() -> Path:
@@ -36,11 +44,55 @@ def default_state_dir() -> Path:
     return Path(base) / "occlumfs" / "sefs"
 
 
+def prepare_state_dir(state_dir: Path | None, store: Path) -> Path:
+    """The trusted state directory for ``store``, made (mode 0700) when missing.
+
+    It must lie outside the store, and the store outside it. A directory the
+    user named (argument or $OCCLUMFS_STATE_DIR) is created without parents, so
+    a typo cannot make a tree appear; only the built-in default gets its parents.
+    """
+    named = state_dir is not None or bool(os.environ.get(STATE_ENV))
+    path = Path(os.path.abspath(state_dir or default_state_dir()))
+    real, real_store = Path(os.path.realpath(path)), Path(os.path.realpath(store))
+    if real.is_relative_to(real_store) or real_store.is_relative_to(real):
+        raise UsageError(
+            f"trusted state directory {path}: overlaps the SEFS directory {store}; "
+            "keep it outside the store, on trusted storage"
+        )
+    if not os.path.lexists(path):
+        if named and not path.parent.is_dir():
+            raise NotFoundError(f"trusted state directory {path}: {path.parent} does not exist")
+        path.mkdir(mode=0o700, parents=not named, exist_ok=True)
+    return path
+
+
+def _read_doc(where: HostDir, name: str) -> dict | None:
+    """A small JSON state file, None when absent; anything odd is an integrity error."""
+    try:
+        doc = json.loads(where.read_file(name, _STATE_MAX + 1))
+    except FileNotFoundError:
+        return None
+    except (ValueError, RecursionError):
+        raise IntegrityError(f"trusted state {where.path}/{name} is unreadable") from None
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"trusted state {where.path}/{name} is unreadable")
+    return doc
+
+
+def _write_doc(state_dir: Path, name: str, doc: dict) -> None:
+    with HostDir.open(state_dir, follow=True) as where:
+        where.replace_file(
+            name, (json.dumps(doc) + "\n").encode(), tmp=f".{name}.{os.getpid()}.tmp"
+        )
+
+
 class TrustedState:
     """``<state dir>/<fs id>.json``: the newest (counter, root tag) this machine committed."""
 
     def __init__(self, state_dir: Path, fs_id: bytes, mac_key: bytes) -> None:
-        self.path = Path(state_dir) / f"{fs_id.hex()}.json"
+        self.dir = Path(state_dir)
+        self.name = f"{fs_id.hex()}.json"
+        self.path = self.dir / self.name
         self._fs_id = fs_id
         self._key = mac_key
 
@@ -50,15 +102,17 @@ class TrustedState:
 
     def load(self) -> tuple[int, bytes] | None:
         """The pinned (counter, root tag), None when there is no state; tampering raises."""
-        try:
-            doc = json.loads(self.path.read_text())
-            counter, tag = int(doc["counter"]), bytes.fromhex(doc["root_tag"])
-            mac = doc["mac"]
-        except FileNotFoundError:
+        with HostDir.open(self.dir, follow=True) as where:
+            doc = _read_doc(where, self.name)
+        if doc is None:
             return None
-        except (ValueError, KeyError, TypeError, OSError) as exc:
-            raise IntegrityError(f"trusted state {self.path} is unreadable: {exc}") from None
-        if not hmac.compare_digest(mac, self._mac(counter, tag)):
+        try:
+            counter, tag, mac = doc["counter"], bytes.fromhex(doc["root_tag"]), doc["mac"]
+            if type(counter) is not int or not 0 <= counter < 1 << 64 or not isinstance(mac, str):
+                raise TypeError("field types")
+        except (ValueError, KeyError, TypeError):
+            raise IntegrityError(f"trusted state {self.path} is unreadable") from None
+        if not hmac.compare_digest(mac.encode(errors="replace"), self._mac(counter, tag).encode()):
             raise IntegrityError(f"trusted state {self.path}: MAC check failed")
         return counter, tag
 
@@ -76,39 +130,64 @@ class TrustedState:
         return True
 
     def update(self, counter: int, root_tag: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         doc = {
             "fs_id": self._fs_id.hex(),
             "counter": counter,
             "root_tag": root_tag.hex(),
             "mac": self._mac(counter, root_tag),
         }
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(doc) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        _write_doc(self.dir, self.name, doc)
+
+
+def pin_name(store: Path) -> str:
+    """The state file that pins which store lives at ``store`` (by its real path)."""
+    real = os.fsencode(os.path.realpath(store))
+    return f"store-{hashlib.sha256(real).hexdigest()[:32]}.pin"
+
+
+def pin_store(state_dir: Path, store: Path, fs_id: bytes, *, accept_new: bool = False) -> None:
+    """Remember that ``store`` holds filesystem ``fs_id``; refuse another one there.
+
+    ``<state dir>/store-<sha256 of the real path>.pin`` holds ``{"path", "fs_id"}``.
+    The first use of a path pins what it finds (as the commit state does);
+    ``accept_new`` re-pins a path whose store was replaced on purpose.
+    """
+    real = os.path.realpath(store)
+    name = pin_name(store)
+    with HostDir.open(state_dir, follow=True) as where:
+        doc = _read_doc(where, name)
+    if doc is not None and not accept_new:
+        pinned = doc.get("fs_id")
+        if not isinstance(pinned, str) or doc.get("path") != real:
+            raise IntegrityError(f"trusted state {state_dir}/{name} is unreadable")
+        if pinned == fs_id.hex():
+            return
+        raise IntegrityError(
+            f"{store}: holds SEFS {fs_id.hex()}, but SEFS {pinned} was here before "
+            "(replaced?); accept the new store explicitly (--accept-new-store) to use it"
+        )
+    _write_doc(state_dir, name, {"path": real, "fs_id": fs_id.hex()})
 
 
 class DirLock:
     """Exclusive use of one SEFS directory by one process (and its forked server)."""
 
-    def __init__(self, directory: Path) -> None:
-        self.path = Path(directory) / LOCK_NAME
+    def __init__(self, directory: HostDir) -> None:
+        self._dir = directory
+        self.path = Path(directory.path) / LOCK_NAME
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = self._dir.open_file(LOCK_NAME, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            holder = _pid_in(fd) or "unknown"
             os.close(fd)
             raise InUseError(
                 f"{self.path.parent} is in use by pid {holder} (mounted or being checked)"
             ) from None
-        old = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        old = _pid_in(fd)
         if old and old != str(os.getpid()):
             log.info("recovered a stale lock of %s left by pid %s", self.path.parent, old)
         self._fd = fd
@@ -125,3 +204,9 @@ class DirLock:
                 os.ftruncate(self._fd, 0)
             os.close(self._fd)
             self._fd = None
+
+
+def _pid_in(fd: int) -> str:
+    """The pid a lock file names, as printable text (the file is the host's to forge)."""
+    words = os.pread(fd, 32, 0).decode(errors="replace").split()
+    return "".join(c for c in words[0] if c.isprintable())[:20] if words else ""

@@ -1,9 +1,16 @@
-"""Host storage that SEFS writes through: real files, or a power-loss simulator for tests.
+"""Host storage that SEFS writes through.
 
 Names are ``/``-separated paths relative to the SEFS directory (``head``,
-``m/0000000000000001.pack``, ``d/0000000000000002``). The filesystem only uses
-the operations below, so a crash can be simulated by a storage that keeps
-what was made durable (by ``fsync``/``fsync_dir``) apart from what was not.
+``m/0000000000000001.pack``, ``d/0000000000000002``), at most one directory
+deep. The filesystem only uses the operations below, so a crash can be
+simulated by a storage that keeps what was made durable (by
+``fsync``/``fsync_dir``) apart from what was not (the tests' power-loss
+storage does).
+
+:class:`DiskStorage` resolves every name through directory descriptors with
+``O_NOFOLLOW`` (:mod:`occlumfs.hostio`): a symlink, fifo, device, directory or
+hard link planted in the store is an integrity error naming it, and nothing
+outside the store is ever opened, written or removed.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from occlumfs.hostio import HostDir
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -26,9 +34,6 @@ class Storage:
     """The contract; every method may raise OSError like the host would."""
 
     def read(self, name: str) -> bytes:
-        raise NotImplementedError
-
-    def pread(self, name: str, offset: int, size: int) -> bytes:
         raise NotImplementedError
 
     def preadv(self, name: str, offset: int, buffers: Sequence[memoryview]) -> int:
@@ -42,6 +47,13 @@ class Storage:
     def write_file(self, name: str, data: bytes) -> None:
         """Create (or replace the contents of) ``name`` with ``data``."""
         raise NotImplementedError
+
+    def replace(self, name: str, data: bytes, tmp: str) -> None:
+        """Atomically make ``name`` hold ``data`` by way of ``tmp`` (same directory)."""
+        self.write_file(tmp, data)
+        self.fsync(tmp)
+        self.rename(tmp, name)
+        self.fsync_dir(name.rpartition("/")[0])
 
     def fsync(self, name: str) -> None:
         raise NotImplementedError
@@ -85,6 +97,8 @@ class Storage:
 class DiskStorage(Storage):
     """Files under a host directory, with a bounded cache of open descriptors.
 
+    The directory is opened once (``O_NOFOLLOW``), ``m/`` and ``d/`` relative
+    to it; every file below goes through :class:`~occlumfs.hostio.HostDir`.
     Many files are made durable with one ``syncfs`` rather than an fsync each,
     and discarded files are unlinked by a background thread: on a journaling
     host an unlink costs about a millisecond, which ``rm -rf`` would otherwise
@@ -94,26 +108,36 @@ class DiskStorage(Storage):
     MAX_FDS = 64
     SYNCFS_ABOVE = 8  # files; beyond this one syncfs is cheaper than an fsync each
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Path | HostDir) -> None:
+        self.dir = root if isinstance(root, HostDir) else HostDir.open(root)
+        self.root = Path(self.dir.path)
+        self._dirs: dict[str, HostDir] = {"": self.dir}
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._reaper: threading.Thread | None = None
         self._reaper_pid = 0
         self._doomed: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
-    def _path(self, name: str) -> str:
-        return os.path.join(self.root, name)
+    def _subdir(self, name: str) -> HostDir:
+        found = self._dirs.get(name)
+        if found is None:
+            found = self._dirs[name] = self.dir.subdir(name)
+        return found
+
+    def _at(self, name: str) -> tuple[HostDir, str]:
+        """The open directory holding ``name`` and its last component."""
+        parent, _, base = name.rpartition("/")
+        return self._subdir(parent), base
 
     def _fd(self, name: str, create: bool) -> int:
         fd = self._fds.get(name)
         if fd is not None:
             self._fds.move_to_end(name)
             return fd
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        where, base = self._at(name)
         try:
-            fd = os.open(self._path(name), flags, 0o600)
+            fd = where.open_file(base, os.O_RDWR | (os.O_CREAT if create else 0))
         except PermissionError:
-            fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
+            fd = where.open_file(base, os.O_RDONLY)
         self._fds[name] = fd
         while len(self._fds) > self.MAX_FDS:
             _, old = self._fds.popitem(last=False)
@@ -126,11 +150,8 @@ class DiskStorage(Storage):
             os.close(fd)
 
     def read(self, name: str) -> bytes:
-        with open(self._path(name), "rb") as f:
-            return f.read()
-
-    def pread(self, name: str, offset: int, size: int) -> bytes:
-        return os.pread(self._fd(name, False), size, offset)
+        where, base = self._at(name)
+        return where.read_file(base)
 
     def preadv(self, name: str, offset: int, buffers: Sequence[memoryview]) -> int:
         fd = self._fds.get(name)
@@ -161,61 +182,68 @@ class DiskStorage(Storage):
 
     def write_file(self, name: str, data: bytes) -> None:
         self._forget(name)
-        fd = os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
+        where, base = self._at(name)
+        where.write_file(base, data)
+
+    def replace(self, name: str, data: bytes, tmp: str) -> None:
+        self._forget(name)
+        self._forget(tmp)
+        where, base = self._at(name)
+        where.replace_file(base, data, tmp=tmp.rpartition("/")[2])
 
     def fsync(self, name: str) -> None:
         fd = self._fds.get(name)
         if fd is not None:
             os.fsync(fd)
             return
-        fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        where, base = self._at(name)
+        where.fsync_file(base)
 
     def fsync_dir(self, name: str) -> None:
-        fd = os.open(self._path(name) if name else self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self._subdir(name).fsync()
 
     def rename(self, src: str, dst: str) -> None:
         self._forget(src)
         self._forget(dst)
-        os.rename(self._path(src), self._path(dst))
+        src_dir, src_base = self._at(src)
+        dst_dir, dst_base = self._at(dst)
+        if src_dir is not dst_dir:
+            raise ValueError("SEFS renames only within one directory")
+        src_dir.rename(src_base, dst_base)
 
     def unlink(self, name: str) -> None:
         self._forget(name)
-        os.unlink(self._path(name))
+        where, base = self._at(name)
+        where.unlink(base)
 
     def listdir(self, name: str) -> list[str]:
-        return os.listdir(self._path(name) if name else self.root)
+        return self._subdir(name).listdir()
 
     def exists(self, name: str) -> bool:
-        return os.path.exists(self._path(name))
+        where, base = self._at(name)
+        return where.lstat(base) is not None
+
+    def entries(self, name: str) -> list[tuple[str, os.stat_result]]:
+        """Each file in directory ``name`` with its status; anything but a regular file refuses."""
+        where = self._subdir(name)
+        out = []
+        for entry in where.listdir():
+            where.check_file(entry)
+            st = where.lstat(entry)
+            if st is not None:
+                out.append((entry, st))
+        return out
 
     def statvfs(self) -> os.statvfs_result:
-        return os.statvfs(self.root)
+        return os.fstatvfs(self.dir.fd)
 
     def sync(self, names: Sequence[str]) -> None:
         if len(names) <= self.SYNCFS_ABOVE:
             super().sync(names)
             return
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            if _libc.syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err), str(self.root))
-        finally:
-            os.close(fd)
+        if _libc.syncfs(self.dir.fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(self.root))
 
     def discard(self, names: Sequence[str]) -> None:
         if not names:
@@ -233,8 +261,11 @@ class DiskStorage(Storage):
 
     def _reap(self) -> None:
         while (name := self._doomed.get()) is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path(name))
+            # Unlinking through the directory descriptor removes only the entry,
+            # whatever was planted there; nothing outside the store is reached.
+            where, base = self._at(name)
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(base, dir_fd=where.fd)
 
     def close(self) -> None:
         if self._reaper is not None and self._reaper_pid == os.getpid():
@@ -244,6 +275,9 @@ class DiskStorage(Storage):
         while self._fds:
             _, fd = self._fds.popitem()
             os.close(fd)
+        for opened in self._dirs.values():
+            opened.close()
+        self._dirs.clear()
 
 
 def _skip(buffers: Sequence[memoryview], done: int) -> list[memoryview]:
@@ -256,132 +290,3 @@ def _skip(buffers: Sequence[memoryview], done: int) -> list[memoryview]:
         out.append(buf[done:])
         done = 0
     return out
-
-
-@dataclass
-class _SimFile:
-    data: bytearray = field(default_factory=bytearray)
-    durable: bytes = b""
-
-
-class PowerCut(Exception):
-    """The simulated machine lost power in the middle of an operation."""
-
-
-class PowerLossStorage(Storage):
-    """In memory, with a power switch: ``power_loss()`` forgets every write and every
-    directory change that was not fsync'd, as a disk losing its write cache would.
-
-    ``cut_power_after(n)`` lets ``n`` more changing operations through and fails
-    every one after, so a crash can be placed anywhere, mid-commit included.
-    """
-
-    def __init__(self) -> None:
-        self._names: dict[str, dict[str, _SimFile]] = {"": {}}
-        self._durable_names: dict[str, dict[str, _SimFile]] = {"": {}}
-        self.fsyncs = 0
-        self.changes = 0  # changing operations so far
-        self._budget: int | None = None
-
-    def cut_power_after(self, n: int | None) -> None:
-        self._budget = n
-
-    def _change(self) -> None:
-        if self._budget is not None:
-            if self._budget <= 0:
-                raise PowerCut("power cut")
-            self._budget -= 1
-        self.changes += 1
-
-    @staticmethod
-    def _split(name: str) -> tuple[str, str]:
-        parent, _, base = name.rpartition("/")
-        return parent, base
-
-    def _file(self, name: str) -> _SimFile:
-        parent, base = self._split(name)
-        try:
-            return self._names[parent][base]
-        except KeyError:
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name) from None
-
-    def mkdir(self, name: str) -> None:
-        self._names.setdefault(name, {})
-        self._durable_names.setdefault(name, {})
-
-    def read(self, name: str) -> bytes:
-        return bytes(self._file(name).data)
-
-    def pread(self, name: str, offset: int, size: int) -> bytes:
-        return bytes(self._file(name).data[offset : offset + size])
-
-    def preadv(self, name: str, offset: int, buffers: Sequence[memoryview]) -> int:
-        data = self._file(name).data
-        total = 0
-        for buf in buffers:
-            piece = data[offset + total : offset + total + len(buf)]
-            buf[: len(piece)] = piece
-            total += len(piece)
-            if len(piece) < len(buf):
-                break
-        return total
-
-    def pwritev(self, name: str, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
-        self._change()
-        parent, base = self._split(name)
-        f = self._names[parent].setdefault(base, _SimFile())
-        data = b"".join(bytes(b) for b in buffers)
-        if len(f.data) < offset:
-            f.data.extend(bytes(offset - len(f.data)))
-        f.data[offset : offset + len(data)] = data
-
-    def write_file(self, name: str, data: bytes) -> None:
-        self._change()
-        parent, base = self._split(name)
-        f = self._names[parent].setdefault(base, _SimFile())
-        f.data[:] = data
-
-    def fsync(self, name: str) -> None:
-        self._change()
-        f = self._file(name)
-        f.durable = bytes(f.data)
-        self.fsyncs += 1
-
-    def fsync_dir(self, name: str) -> None:
-        self._change()
-        self._durable_names[name] = dict(self._names[name])
-        self.fsyncs += 1
-
-    def rename(self, src: str, dst: str) -> None:
-        self._change()
-        sp, sb = self._split(src)
-        dp, db = self._split(dst)
-        self._names[dp][db] = self._names[sp].pop(sb)
-
-    def unlink(self, name: str) -> None:
-        self._change()
-        parent, base = self._split(name)
-        self._file(name)
-        del self._names[parent][base]
-
-    def listdir(self, name: str) -> list[str]:
-        return list(self._names[name])
-
-    def exists(self, name: str) -> bool:
-        parent, base = self._split(name)
-        return base in self._names.get(parent, {})
-
-    def power_loss(self) -> None:
-        self._budget = None
-        self._names = {d: dict(names) for d, names in self._durable_names.items()}
-        for names in self._names.values():
-            for f in names.values():
-                f.data = bytearray(f.durable)
-
-    def files(self) -> dict[str, bytes]:
-        """Every file's current contents, by name (for tests that tamper)."""
-        return {
-            (f"{d}/{n}" if d else n): bytes(f.data)
-            for d, names in self._names.items()
-            for n, f in names.items()
-        }

@@ -140,9 +140,64 @@ def prepare_sefs(scratch: Path, tree: Path | None) -> Prepared:
     )
 
 
+# -- union: an image layer under a SEFS upper ---------------------------------------
+
+
+def prepare_union(scratch: Path, tree: Path | None) -> Prepared:
+    # The tree, when given, is the lower layer: the read tests read it through
+    # the union, the write tests change it (copy-up, whiteouts, redirects).
+    # Without one, the lower still holds a few entries so the root is merged.
+    from occlumfs.keys import write_key_file
+    from occlumfs.merkle import build_image
+    from occlumfs.sefs import Credential, create_sefs
+    from occlumfs.unionfs import Lower, open_union
+
+    if tree is None:
+        tree = scratch / "lower-tree"
+        (tree / "lower-dir").mkdir(parents=True)
+        (tree / "lower-file").write_bytes(b"from the lower layer\n")
+    image = scratch / "layer.img"
+    digest = build_image(tree, image)
+    key_file = scratch / "upper.key"
+    key = write_key_file(key_file)
+    stores = {}
+    for way in ("object", "fuse"):
+        stores[way] = (scratch / f"upper-{way}", scratch / f"state-{way}")
+        create_sefs(stores[way][0], Credential(key=key), state_dir=stores[way][1])
+
+    def check() -> list[str]:
+        from occlumfs.sefs.fsck import fsck
+
+        return [
+            f"{way} upper: {problem}"
+            for way, (store, state) in stores.items()
+            for problem in fsck(store, key=key, state_dir=state)
+        ]
+
+    upper, state = stores["object"]
+    return Prepared(
+        lambda: open_union([Lower(image, digest)], upper, key=key, state_dir=state),
+        [
+            str(stores["fuse"][0]),
+            "--type",
+            "union",
+            "--lower",
+            str(image),
+            "--digest",
+            digest,
+            "--key-file",
+            str(key_file),
+            "--state-dir",
+            str(stores["fuse"][1]),
+        ],
+        check,
+    )
+
+
 SUBJECTS: list[Subject] = [
     Subject("memfs", writable=True, prepare=prepare_memfs),
     Subject("sefs", writable=True, prepare=prepare_sefs),
     Subject("image", writable=False, prepare=prepare_image),
     Subject("image-encrypted", writable=False, prepare=prepare_encrypted_image),
+    Subject("union", writable=True, prepare=prepare_union),
 ]

@@ -156,7 +156,8 @@ def test_descriptor_round_trips(encrypted):
     ("offset", "fmt", "value", "message"),
     [
         (0, "8s", b"NOTANIMG", "bad magic"),
-        (8, "I", 2, "version 2"),
+        (8, "I", 3, "version 3"),
+        (8, "I", 0, "version 0"),
         (12, "I", 4, "unknown flags"),
         (16, "I", 512, "block size"),
         (20, "I", 2, "hash algorithm"),

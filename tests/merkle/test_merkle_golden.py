@@ -1,9 +1,10 @@
-"""Golden images of format version 1: a format change cannot slip in silently.
+"""Golden images per format version: a format change cannot slip in silently.
 
 The trees are made in code (git keeps no mtimes, owners, xattrs or devices);
-building them must give exactly the committed bytes and digests, and the
-committed images must still read back. To accept a deliberate format change,
-bump the version in docs/formats/image.md and regenerate with
+building them must give exactly the committed bytes and digests of the
+current version (2), and the committed images of every version must still
+read back. To accept a deliberate format change, bump the version in
+docs/formats/image.md, keep the old goldens, and write the new ones with
 ``OCCLUMFS_REGEN_GOLDEN=1 pytest tests/merkle/test_merkle_golden.py``.
 """
 
@@ -22,9 +23,11 @@ GOLDEN = Path(__file__).resolve().parent.parent / "fixtures" / "golden"
 KEY = bytes(range(16))  # the example key of docs/formats/image.md; a test key only
 REGEN = os.environ.get("OCCLUMFS_REGEN_GOLDEN") == "1"
 
-# The worked example of docs/formats/image.md.
-EXAMPLE_DIGEST = "sha256:c857c65db1df6a159bbebfdde0a89e016cd8dc39b0d2d0d2899e68ec412d1be6"
-EXAMPLE_ENCRYPTED_DIGEST = "sha256:67530b00a5c3ecb48ff18868b2064e1a0a7dc4755497f0b79139f0f55600aa67"
+# The worked example of docs/formats/image.md (format version 2).
+EXAMPLE_DIGEST = "sha256:286a752c5bb29dec3b554bce8728c6e58d8b4661ef4df0ec3bd6d2cbea0e7e8e"
+EXAMPLE_ENCRYPTED_DIGEST = "sha256:7e4627a03174e36465351f7c6d32e4e92a4d60b5ea1ddf7620592800b414bf55"
+CURRENT = [("image-v2", None), ("image-v2-encrypted", KEY)]
+EVERY_VERSION = [("image-v1", None), ("image-v1-encrypted", KEY), *CURRENT]
 
 
 def _check_or_write(built: Path, name: str, digest: str) -> None:
@@ -37,14 +40,14 @@ def _check_or_write(built: Path, name: str, digest: str) -> None:
     assert built.read_bytes() == image.read_bytes(), f"{name}: the image bytes changed"
 
 
-@pytest.mark.parametrize(("name", "key"), [("image-v1", None), ("image-v1-encrypted", KEY)])
+@pytest.mark.parametrize(("name", "key"), CURRENT)
 def test_golden_tree_builds_the_committed_image(tmp_path, name, key):
     src = make_golden_tree(tmp_path / "src")
     digest = build_image(src, tmp_path / "built.img", key=key)
     _check_or_write(tmp_path / "built.img", name, digest)
 
 
-@pytest.mark.parametrize(("name", "key"), [("image-v1", None), ("image-v1-encrypted", KEY)])
+@pytest.mark.parametrize(("name", "key"), EVERY_VERSION)
 def test_committed_golden_images_still_read_back(name, key):
     image = GOLDEN / f"{name}.img"
     digest = (GOLDEN / f"{name}.digest").read_text().strip()

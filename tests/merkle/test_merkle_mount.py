@@ -64,7 +64,7 @@ def _data_block_of(image: Path, digest: str, path: str, file_block: int) -> int:
     try:
         from occlumfs.fs import lookup_path
 
-        rec = fs._record(lookup_path(fs, path).ino)
+        rec = fs.record(lookup_path(fs, path).ino)
         first, data, _ = EXTENT.unpack(fs.reader.heap(rec.ref, EXTENT.size))
         return fs.reader.layout.data_start + data + file_block - first
     finally:

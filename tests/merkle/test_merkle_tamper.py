@@ -121,7 +121,7 @@ def test_verify_names_the_file_and_offset_of_a_bad_data_block(images, tmp_path):
     image, digest, _ = images["plain"]
     fs = open_image_fs(image, digest=digest, key=None)
     layout = fs.reader.layout
-    rec = fs._record(lookup_path(fs, "blocks.bin").ino)
+    rec = fs.record(lookup_path(fs, "blocks.bin").ino)
     _file_block, data_block, _count = EXTENT.unpack(fs.reader.heap(rec.ref, EXTENT.size))
     fs.close()
     bad = (layout.data_start + data_block + 2) * BLOCK_SIZE + 5  # third block of the file

@@ -86,7 +86,9 @@ def reseal(image: Path, mutate_plain=None) -> str:
 
     This is what an attacker who does not care about the digest can do: it
     yields an image whose tree is consistent, so only structural validation
-    stands between a crafted record and the reader. Returns the new digest.
+    stands between a crafted record and the reader (and, for an encrypted image,
+    the header MAC, which the attacker cannot recompute: the old one is kept).
+    Returns the new digest.
     """
     raw = bytearray(image.read_bytes())
     desc = Descriptor.parse(bytes(raw[:DESCRIPTOR_SIZE]))
@@ -106,6 +108,7 @@ def reseal(image: Path, mutate_plain=None) -> str:
         sealed_blocks=desc.sealed_blocks,
         root_hash=root,
         key_check=desc.key_check,
+        version=desc.version,
     )
     raw[:DESCRIPTOR_SIZE] = new.pack()
     image.write_bytes(bytes(raw))

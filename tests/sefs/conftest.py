@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sefs.helpers import SimVolume, Volume, make_volume
+from occlumfs.mount import mounted_paths
+from sefs.helpers import SimVolume, Volume, force_unmount, make_volume
 
 
 @pytest.fixture(autouse=True)
@@ -20,3 +21,13 @@ def volume(tmp_path) -> Volume:
 @pytest.fixture
 def sim() -> SimVolume:
     return SimVolume()
+
+
+@pytest.fixture
+def spare_mnt(tmp_path):
+    """A mountpoint for mounts meant to fail: whatever got mounted is detached afterwards."""
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    if path.resolve() in mounted_paths():
+        force_unmount(path)

@@ -13,7 +13,7 @@ from occlumfs.keys import write_key_file
 from occlumfs.sefs import Credential, SefsFS, create_sefs, format_storage, open_sefs_fs
 from occlumfs.sefs.fsck import check_fs
 from occlumfs.sefs.keys import Keys, parse_config, unwrap_master
-from occlumfs.sefs.storage import PowerLossStorage
+from sefs.powerloss import PowerLossStorage
 
 ROOT = Caller()
 

@@ -19,9 +19,9 @@ import pytest
 from conftest import run_cli
 
 from occlumfs.mount import mounted_paths
-from occlumfs.sefs.storage import PowerCut
 from sefs.crashload import Workload, snapshot
 from sefs.helpers import force_unmount, fsck_problems, server_pid
+from sefs.powerloss import PowerCut
 
 
 def run_until_power_cut(sim, seed: int, cut_after: int) -> Workload:

@@ -127,7 +127,8 @@ def test_pages_split_as_metadata_grows_and_stay_consistent(sim):
         write_file(fs, ROOT_INO, b"file-%05d-" % i + b"x" * 200, b"%d" % i)
     fs.close()
     fs = sim.open()
-    assert len(fs._members) > 10  # pages split as they grew; the table came back from the root
+    # pages split as they grew; the table came back from the root
+    assert len(fs._pages.members) > 10
     assert read_path(fs, "file-04999-" + "x" * 200) == b"4999"
     fs.close()
     assert fsck_problems(sim.open) == []
@@ -154,7 +155,8 @@ def test_statfs_reports_the_host_in_4k_blocks(volume):
 def test_slot_runs_match_the_block_by_block_answer():
     import random
 
-    from occlumfs.sefs.fs import SefsFS, _Inode
+    from occlumfs.sefs.blocks import slot_run
+    from occlumfs.sefs.inode import Inode as _Inode
 
     rng = random.Random(5)
     for _ in range(200):
@@ -175,7 +177,7 @@ def test_slot_runs_match_the_block_by_block_answer():
         expected = block
         while expected < last and node.slot(expected + 1) == slot:
             expected += 1
-        assert SefsFS._slot_run(node, block, last, slot) == expected
+        assert slot_run(node, block, last, slot) == expected
 
 
 def test_one_read_larger_than_iov_max_blocks(volume):

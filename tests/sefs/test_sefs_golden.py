@@ -1,6 +1,7 @@
-"""Golden SEFS version 1 directory, committed: today's code must read it exactly.
+"""Golden SEFS directories, one per format version, committed: today's code must read each exactly.
 
-Regenerate only with a format version bump: ``cd tests && python -m sefs.test_sefs_golden``.
+Add one only with a format version bump: ``cd tests && python -m sefs.test_sefs_golden``
+writes ``golden/v<current version>``; never regenerate an older one.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ import shutil
 import stat
 from pathlib import Path
 
+import pytest
 from conftest import run_cli
 
 from occlumfs.fs import ROOT_INO, AttrChanges, lookup_path
 from occlumfs.sefs import format as fmt
+from occlumfs.sefs.keys import CONFIG_VERSION
 
-GOLDEN = Path(__file__).parent / "golden" / "v1"
+GOLDEN_DIR = Path(__file__).parent / "golden"
+GOLDEN = GOLDEN_DIR / "v1"
 BIG = bytes(i % 251 for i in range(5000))
 FAR = (1 << 20) + 4096  # in the second block-map chunk, everything before it a hole
 
@@ -48,16 +52,29 @@ def build_golden(where: Path) -> None:
 def test_golden_v1_reads_back_exactly(tmp_path):
     vol = tmp_path / "fs"
     shutil.copytree(GOLDEN / "fs", vol)
+    config = json.loads((vol / "sefs.json").read_text())
+    assert config["version"] == fmt.VERSION == 1
+    assert (vol / "head").stat().st_size == fmt.HEAD_SIZE
+    _check_reads_back(vol, GOLDEN / "key", tmp_path / "state")
+
+
+def test_golden_v2_reads_back_exactly(tmp_path):
+    """Version 2 binds the whole sefs.json into the key wrap; everything else is v1's."""
+    golden = GOLDEN_DIR / "v2"
+    vol = tmp_path / "fs"
+    shutil.copytree(golden / "fs", vol)
+    config = json.loads((vol / "sefs.json").read_text())
+    assert config["version"] == CONFIG_VERSION == 2
+    assert (vol / "head").stat().st_size == fmt.HEAD_SIZE
+    _check_reads_back(vol, golden / "key", tmp_path / "state")
+
+
+def _check_reads_back(vol: Path, key_file: Path, state: Path) -> None:
     from occlumfs.keys import load_key_file
     from occlumfs.sefs import open_sefs_fs
     from sefs.helpers import read_path
 
-    config = json.loads((vol / "sefs.json").read_text())
-    assert config["version"] == fmt.VERSION == 1
-    assert (vol / "head").stat().st_size == fmt.HEAD_SIZE
-    fs = open_sefs_fs(
-        vol, key=load_key_file(GOLDEN / "key"), state_dir=tmp_path / "state", read_only=True
-    )
+    fs = open_sefs_fs(vol, key=load_key_file(key_file), state_dir=state, read_only=True)
     try:
         assert read_path(fs, "empty") == b""
         assert read_path(fs, "one") == b"x"
@@ -74,23 +91,25 @@ def test_golden_v1_reads_back_exactly(tmp_path):
         fs.release(fh)
     finally:
         fs.close()
-    done = run_cli("fsck", vol, "--key-file", GOLDEN / "key", "--state-dir", tmp_path / "state")
+    done = run_cli("fsck", vol, "--key-file", key_file, "--state-dir", state)
     assert done.returncode == 0
 
 
-def test_golden_v1_host_layout_is_the_documented_one():
-    names = sorted(str(p.relative_to(GOLDEN / "fs")) for p in (GOLDEN / "fs").rglob("*"))
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_golden_host_layout_is_the_documented_one(version):
+    root = GOLDEN_DIR / version / "fs"
+    names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
     assert "head" in names and "sefs.json" in names
     assert [n for n in names if n.startswith("m/")] == ["m/0000000000000002.pack"]
     # Non-empty regular files have a data file named by inode; the empty one has none.
     data = [n for n in names if n.startswith("d/")]
     assert data == ["d/0000000000000003", "d/0000000000000004", "d/0000000000000007"]
-    assert (GOLDEN / "fs" / "d" / "0000000000000003").stat().st_size == 4096  # "x"
-    assert (GOLDEN / "fs" / "d" / "0000000000000004").stat().st_size == 8192  # 5000 bytes
+    assert (root / "d" / "0000000000000003").stat().st_size == 4096  # "x"
+    assert (root / "d" / "0000000000000004").stat().st_size == 8192  # 5000 bytes
 
 
 if __name__ == "__main__":
-    target = GOLDEN
+    target = GOLDEN_DIR / f"v{CONFIG_VERSION}"
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)

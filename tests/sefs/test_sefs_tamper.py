@@ -344,7 +344,7 @@ def test_fsck_names_the_paths_a_damaged_metadata_page_takes_with_it(tmp_path):
             write_file(fs, parent, b"file-%04d-" % i + b"n" * 60, b"%d" % i)
     fs.close()
     fs = volume.open(read_only=True)
-    pages = list(fs._table)
+    pages = list(fs._pages.table)
     fs.close()
     assert len(pages) > 4
     # Damage a page in the middle of the key space (directory entries or inodes).

@@ -1,0 +1,3 @@
+from libos.cli import main
+
+main()

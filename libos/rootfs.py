@@ -1,0 +1,148 @@
+"""The instance's ``/``: mounted over FUSE by a server outside the sandbox.
+
+:func:`mount_rootfs` opens the filesystem in the foreground (a wrong key or
+digest fails here, in one line), then forks the FUSE server as *our* child,
+in its own session (Ctrl-C on the terminal is for the program, not the
+server), so that :func:`unmount_rootfs` learns from its exit status whether
+the final commit succeeded.
+
+The rootfs is the union (:func:`occlumfs.unionfs.open_union`) of the build's
+image layers, pinned to the digests in the signed manifest, under the SEFS
+store in ``run/`` keyed by the image key or the autokey; the SEFS trusted
+state (its rollback pin) lives in the machine state directory, outside the
+instance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from libos.build import VerifiedBuild
+from occlumfs.errors import OcclumfsError
+
+
+@dataclass
+class RootfsHandle:
+    mountpoint: Path
+    server_pid: int
+    log_file: Path
+    writable_tmpfs: list[str] = field(default_factory=list)
+
+
+def _open_rootfs(build: VerifiedBuild, read_only: bool):
+    """The filesystem object for ``/`` and the directories bwrap must cover with tmpfs."""
+    from occlumfs.unionfs import LayerMismatchError, Lower, open_union
+
+    lowers = [Lower(path, digest, key) for path, digest, key in build.layers]
+    upper = build.instance.upper
+    upper.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fs = open_union(
+            lowers,
+            upper,
+            key=build.fs_key,
+            state_dir=sefs_state_dir(),
+            read_only=read_only,
+            create=not read_only,
+        )
+    except LayerMismatchError:
+        raise LayerMismatchError(
+            f"{upper}: the writable layer was made over another build of the image; "
+            "rebase it onto this build (occlumfs union rebase) or move it away"
+        ) from None
+    return fs, []
+
+
+def sefs_state_dir() -> Path:
+    """Where the SEFS stores' trusted state (rollback pins) lives: beside the machine secret."""
+    from libos.machine import state_dir
+
+    return state_dir() / "sefs-state"
+
+
+def _runtime_dir(build: VerifiedBuild) -> Path:
+    from occlumfs.mount import runtime_dir
+
+    tag = hashlib.sha256(os.fsencode(build.instance.root)).hexdigest()[:16]
+    path = runtime_dir() / "occlum" / tag
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def _clear_stale(mountpoint: Path) -> None:
+    """A mount left by a crashed run (we hold the instance lock: nobody uses it)."""
+    from occlumfs.mount import mounted_paths
+
+    with contextlib.suppress(OSError):
+        if mountpoint.resolve() in mounted_paths():
+            subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
+
+
+def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHandle:
+    from occlumfs.mount import serve
+
+    base = _runtime_dir(build)
+    mountpoint = base / "root"
+    mountpoint.mkdir(exist_ok=True)
+    _clear_stale(mountpoint)
+    log_file = base / "server.log"
+    fs, tmpfs = _open_rootfs(build, read_only)
+    ready_r, ready_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the server
+        status = 1
+        try:
+            os.close(ready_r)
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDWR)
+            log = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            for fd, target in ((devnull, 0), (devnull, 1), (log, 2)):
+                os.dup2(fd, target)
+            started = fs.started_serving
+
+            def announce() -> None:
+                started()
+                os.write(ready_w, b"1")
+                os.close(ready_w)
+
+            fs.started_serving = announce
+            serve(fs, mountpoint, foreground=True, log_file=log_file)
+            status = 0
+        except BaseException as exc:  # reported through the exit status and the log
+            with contextlib.suppress(Exception):
+                os.write(2, f"rootfs server: {exc}\n".encode())
+        finally:
+            os._exit(status)
+    os.close(ready_w)
+    with os.fdopen(ready_r, "rb") as ready_pipe:
+        ready = ready_pipe.read(1)  # empty: the server exited before serving
+    if not ready:
+        os.waitpid(pid, 0)
+        raise OcclumfsError(f"the rootfs server failed to start; see {log_file}")
+    return RootfsHandle(mountpoint, pid, log_file, tmpfs)
+
+
+def unmount_rootfs(handle: RootfsHandle) -> None:
+    """Unmount and wait for the server; raise when it failed to commit."""
+    from occlumfs.errors import NotSavedError
+    from occlumfs.mount import umount
+
+    try:
+        umount(handle.mountpoint)
+    except NotSavedError:
+        pass  # the server's exit status says so too: reported below, in this command's words
+    finally:
+        _pid, status = os.waitpid(handle.server_pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise OcclumfsError(
+            f"committing the instance's writable layer FAILED: data written in this run "
+            f"may be lost; see {handle.log_file}"
+        )

@@ -1,0 +1,170 @@
+"""``occlum run``: verify the build, mount ``/``, run one program in the sandbox.
+
+Run reads only ``build/`` (manifest, signature, layers) and ``run/`` (the
+writable store): never ``Occlum.json``. One run at a time per instance: the
+lock file in ``run/`` is held for the whole run, and a second run refuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import posixpath
+import signal
+import sys
+from pathlib import Path
+
+from libos.build import VerifiedBuild, rootfs_layers, verify_build
+from libos.config import Config
+from libos.instance import Instance
+from libos.rootfs import mount_rootfs, unmount_rootfs
+from libos.sandbox import Limits, Sandbox, apply_limits, release_limits
+from occlumfs.errors import InUseError, NotFoundError, UsageError
+
+FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def check_entry_point(path: str, entry_points: list[str]) -> None:
+    """Occlum's rule: an absolute path, no '..', under an entry point component-wise."""
+    if not path.startswith("/"):
+        raise UsageError(f"{path}: the program must be an absolute path inside the instance")
+    parts = [p for p in path.split("/") if p]
+    if ".." in parts or "." in parts:
+        raise UsageError(f"{path}: '.' and '..' are not allowed in the program path")
+    for entry in entry_points:
+        prefix = [p for p in entry.split("/") if p]
+        if parts[: len(prefix)] == prefix:
+            return
+    allowed = ", ".join(entry_points) or "(none)"
+    raise UsageError(f"{path}: not under an entry point of this instance ({allowed})")
+
+
+def program_env(config: Config, host: dict[str, str] | None = None) -> dict[str, str]:
+    """env.default, then the host variables named in env.untrusted (they override)."""
+    host = os.environ if host is None else host
+    env: dict[str, str] = {}
+    for item in config.env_default:
+        name, _, value = item.partition("=")
+        env[name] = value
+    for name in config.env_untrusted:
+        if name in host:
+            env[name] = host[name]
+    return env
+
+
+def sandbox_for(build: VerifiedBuild, root: Path, tmpfs: list[str]) -> Sandbox:
+    """The sandbox the config describes, with ``root`` as ``/``."""
+    config = build.config
+    rootfs_layers(config)
+    binds: list[tuple[Path, str]] = []
+    proc = dev = False
+    for mount in config.mounts():
+        kind, target = mount["type"], mount["target"]
+        if kind == "hostfs":
+            source = Path(mount.get("source", "."))
+            host = (build.instance.root / source).resolve()
+            if not host.is_dir():
+                raise NotFoundError(f"hostfs {target}: {host} is not a directory")
+            binds.append((host, target))
+        elif kind == "procfs":
+            proc = True
+        elif kind == "devfs":
+            dev = True
+    limits = Limits(
+        memory=config.size("resource_limits", "user_space_size"),
+        tasks=config.get("resource_limits", "max_num_of_threads"),
+        stack=config.size("process", "default_stack_size"),
+    )
+    return Sandbox(
+        root=root, binds=binds, proc=proc, dev=dev, tmpfs=["/tmp", *tmpfs], limits=limits
+    )
+
+
+@contextlib.contextmanager
+def instance_lock(instance: Instance):
+    """Hold ``run/occlum.lock`` (one run, or one started instance, at a time)."""
+    instance.run.mkdir(exist_ok=True)
+    fd = os.open(instance.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise InUseError(
+                f"{instance.root}: the instance is in use (pid {holder}); its store is locked"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def run(instance: Instance, program: str, args: list[str], image_key: Path | None = None) -> int:
+    """Run ``program`` in ``instance``; its exit status (128 + signal when killed)."""
+    with instance_lock(instance):
+        build = verify_build(instance, image_key)
+        check_entry_point(program, build.config.entry_points)
+        handle = mount_rootfs(build)
+        status = None
+        try:
+            inside = handle.mountpoint / posixpath.relpath(program, "/")
+            if not os.path.lexists(inside):
+                raise NotFoundError(f"{program}: no such program in the instance")
+            sandbox = sandbox_for(build, handle.mountpoint, handle.writable_tmpfs)
+            apply_limits(sandbox.limits, f"occlum-{os.getpid()}")
+            print(f"occlum: {sandbox.limits.describe()}", file=sys.stderr, flush=True)
+            try:
+                status = _run_program(sandbox, [program, *args], program_env(build.config))
+            finally:
+                release_limits(sandbox.limits)
+        finally:
+            unmount_rootfs(handle)
+        return status
+
+
+def _run_program(sandbox: Sandbox, command: list[str], env: dict[str, str]) -> int:
+    # The terminal's Ctrl-C (SIGINT, SIGQUIT) reaches the program directly: it
+    # is in our process group. We wait for its status instead of dying (a
+    # handler, not SIG_IGN, which the program would inherit); other signals
+    # sent to us are forwarded to it.
+    saved = {s: signal.signal(s, _note) for s in (signal.SIGINT, signal.SIGQUIT)}
+    proc = None
+
+    def forward(signum, _frame):
+        if proc is not None:
+            proc.signal(signum)
+
+    saved.update({s: signal.signal(s, forward) for s in FORWARDED})
+    try:
+        proc = sandbox.spawn(command, env)
+        return proc.wait()
+    finally:
+        if proc is not None and proc.proc.poll() is None:
+            proc.kill()
+            proc.proc.wait()
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def _note(signum, frame) -> None:
+    return None
+
+
+def running_pid(instance: Instance) -> int | None:
+    """The pid holding the instance lock, or None when nobody runs it."""
+    try:
+        fd = os.open(instance.lock, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

@@ -1,0 +1,302 @@
+"""The simulated enclave: a bubblewrap sandbox whose ``/`` is a mounted rootfs.
+
+The sandbox has its own mount, pid, ipc and uts namespaces, the given
+directory (the union served over FUSE by a server outside it) as ``/``,
+``/proc``, a minimal ``/dev`` (null, zero, full, random, urandom, tty, pts,
+shm), a tmpfs ``/tmp``, and the hostfs directories bound where the config
+says; nothing else of the host is visible. All capabilities are dropped and
+bubblewrap sets no_new_privs. The network namespace is the host's, as
+Occlum's is.
+
+Resource limits go to a cgroup (v2 if the host has a unified hierarchy with
+the controllers delegated, else v1's memory and pids controllers) created
+for this sandbox, else to rlimits on its processes; :attr:`Limits.how` says
+which. The host's root can still read the sandbox's memory: see
+docs/threat-model.md.
+
+:class:`Sandbox` is the reusable part: ``spawn`` starts one program (stdio
+inherited unless other fds are given) and returns a :class:`SandboxProcess`
+to signal and wait for; ``occlum run`` spawns once, ``occlum start``/``exec``
+(issue 10) can keep a sandbox per instance and spawn many.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from occlumfs.errors import NotFoundError, OcclumfsError
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+HIDDEN = ".occlum"  # instance secrets, hidden when the instance dir is bound as /host
+
+
+@dataclass
+class Limits:
+    """Limits for the whole sandbox: bytes of memory and number of tasks."""
+
+    memory: int | None = None
+    tasks: int | None = None
+    stack: int | None = None
+    how: str = "none"
+    cgroups: list[Path] = field(default_factory=list)
+
+    def describe(self) -> str:
+        parts = []
+        if self.memory:
+            parts.append(f"memory {self.memory >> 20}MB")
+        if self.tasks:
+            parts.append(f"{self.tasks} tasks")
+        return f"resource limits via {self.how}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _own_cgroup(controller: str) -> Path | None:
+    """This process's cgroup directory for ``controller`` ('' = the v2 unified one)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _num, names, path = line.split(":", 2)
+        if (controller == "" and names == "") or controller in names.split(","):
+            base = CGROUP_ROOT / controller if controller else _unified_root()
+            return base / path.lstrip("/") if base else None
+    return None
+
+
+def _unified_root() -> Path | None:
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        return CGROUP_ROOT
+    if (CGROUP_ROOT / "unified" / "cgroup.controllers").exists():
+        return CGROUP_ROOT / "unified"
+    return None
+
+
+def _make_cgroup(parent: Path | None, name: str, files: dict[str, str]) -> Path | None:
+    if parent is None or not parent.is_dir():
+        return None
+    path = parent / name
+    try:
+        path.mkdir()
+    except OSError:
+        return None
+    try:
+        for key, value in files.items():
+            (path / key).write_text(value)
+    except OSError:
+        with contextlib.suppress(OSError):
+            path.rmdir()
+        return None
+    return path
+
+
+def apply_limits(limits: Limits, name: str) -> Limits:
+    """Create cgroups for ``limits`` (v2, else v1), else fall back to rlimits."""
+    if not limits.memory and not limits.tasks:
+        limits.how = "none"
+        return limits
+    v2 = _own_cgroup("")
+    if v2 is not None and _unified_root() is not None:
+        try:
+            delegated = set((v2 / "cgroup.subtree_control").read_text().split())
+        except OSError:
+            delegated = set()
+        if {"memory", "pids"} <= delegated:
+            files = {}
+            if limits.memory:
+                files["memory.max"] = str(limits.memory)
+            if limits.tasks:
+                files["pids.max"] = str(limits.tasks)
+            path = _make_cgroup(v2, name, files)
+            if path is not None:
+                limits.how, limits.cgroups = "cgroup v2", [path]
+                return limits
+    made = []
+    if limits.memory:
+        mem = _make_cgroup(
+            _own_cgroup("memory"), name, {"memory.limit_in_bytes": str(limits.memory)}
+        )
+        made.append(mem)
+    if limits.tasks:
+        made.append(_make_cgroup(_own_cgroup("pids"), name, {"pids.max": str(limits.tasks)}))
+    if made and all(made):
+        limits.how, limits.cgroups = "cgroup v1", made
+        return limits
+    for path in made:
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+    limits.how = "rlimits"
+    return limits
+
+
+def release_limits(limits: Limits) -> None:
+    for path in limits.cgroups:
+        with contextlib.suppress(OSError):
+            path.rmdir()
+    limits.cgroups = []
+
+
+def _enter_limits(limits: Limits) -> None:
+    """In the child, before exec: join the cgroups, or set rlimits."""
+    for path in limits.cgroups:
+        (path / "cgroup.procs").write_text(str(os.getpid()))
+    if limits.how == "rlimits":
+        if limits.memory:
+            resource.setrlimit(resource.RLIMIT_AS, (limits.memory, limits.memory))
+        if limits.tasks:
+            resource.setrlimit(resource.RLIMIT_NPROC, (limits.tasks, limits.tasks))
+    if limits.stack:
+        _soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+        want = limits.stack if hard == resource.RLIM_INFINITY else min(limits.stack, hard)
+        resource.setrlimit(resource.RLIMIT_STACK, (want, hard))
+
+
+@dataclass
+class Sandbox:
+    """What a sandbox looks like; the same for every program spawned in it."""
+
+    root: Path
+    binds: list[tuple[Path, str]] = field(default_factory=list)  # (host dir, inside)
+    proc: bool = True
+    dev: bool = True
+    tmpfs: list[str] = field(default_factory=lambda: ["/tmp"])
+    hostname: str = "occlum"
+    limits: Limits = field(default_factory=Limits)
+
+    def argv(self, command: list[str], cwd: str = "/", status_fd: int | None = None) -> list[str]:
+        bwrap = shutil.which("bwrap")
+        if bwrap is None:
+            raise NotFoundError("bwrap not found (Debian package: bubblewrap)")
+        args = [
+            bwrap,
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--hostname",
+            self.hostname,
+            "--die-with-parent",
+            "--cap-drop",
+            "ALL",
+            "--bind",
+            str(self.root),
+            "/",
+        ]
+        if self.proc:
+            args += ["--proc", "/proc"]
+        if self.dev:
+            args += ["--dev", "/dev"]
+        for path in self.tmpfs:
+            args += ["--tmpfs", path]
+        for host, inside in self.binds:
+            args += ["--bind", str(host), inside]
+            if (host / HIDDEN).is_dir():
+                args += ["--tmpfs", f"{inside.rstrip('/')}/{HIDDEN}"]
+        if status_fd is not None:
+            args += ["--json-status-fd", str(status_fd)]
+        args += ["--chdir", cwd, "--", *command]
+        return args
+
+    def spawn(
+        self,
+        command: list[str],
+        env: dict[str, str],
+        *,
+        cwd: str = "/",
+        stdin: int | None = None,
+        stdout: int | None = None,
+        stderr: int | None = None,
+    ) -> SandboxProcess:
+        """Start ``command`` in the sandbox; stdio is inherited unless fds are given."""
+        status_r, status_w = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                self.argv(command, cwd, status_w),
+                env=env,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                pass_fds=(status_w,),
+                preexec_fn=lambda: _enter_limits(self.limits),
+            )
+        except BaseException:
+            os.close(status_r)
+            raise
+        finally:
+            os.close(status_w)
+        return SandboxProcess(proc, status_r)
+
+
+class SandboxProcess:
+    """A program running in a sandbox: its bubblewrap monitor and the sandbox's init."""
+
+    def __init__(self, proc: subprocess.Popen, status_fd: int) -> None:
+        self.proc = proc
+        self._status = os.fdopen(status_fd, "rb")
+        self.init_pid: int | None = None
+        line = self._status.readline()  # {"child-pid": N}, written once the sandbox exists
+        with contextlib.suppress(ValueError, TypeError):
+            self.init_pid = int(json.loads(line)["child-pid"])
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def pids(self) -> list[int]:
+        """Every process in the sandbox (the init and its descendants), outermost first."""
+        if self.init_pid is None:
+            return []
+        children: dict[int, list[int]] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+        out, todo = [], [self.init_pid]
+        while todo:
+            pid = todo.pop(0)
+            out.append(pid)
+            todo += children.get(pid, [])
+        return out
+
+    def signal(self, signum: int) -> None:
+        """Deliver ``signum`` to the programs (the init, pid 1 inside, ignores it)."""
+        for pid in self.pids()[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL the sandbox's init: the kernel then kills everything in the sandbox."""
+        if self.init_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.init_pid, signal.SIGKILL)
+
+    def wait(self) -> int:
+        """The program's status as a shell reports it: its code, or 128 + signal."""
+        code = self.proc.wait()
+        exit_code = None
+        with contextlib.suppress(ValueError, TypeError, OSError):
+            for line in self._status:
+                data = json.loads(line)
+                if "exit-code" in data:
+                    exit_code = int(data["exit-code"])
+        self._status.close()
+        if exit_code is not None:
+            return exit_code
+        if code < 0:
+            return 128 - code
+        if code != 0 and self.init_pid is None:
+            raise OcclumfsError("the sandbox could not be set up (see bwrap's message above)")
+        return code

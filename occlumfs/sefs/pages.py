@@ -1,0 +1,208 @@
+"""The SEFS page table: which records live in which sealed page, and the commit.
+
+All metadata is records (docs/formats/sefs.md): an inode, a directory entry,
+a block-map chunk. Pages partition the sorted key space: page ``i`` holds the
+keys in ``[starts[i], starts[i + 1])``; ``members[i]`` are its keys and
+``table[i]`` where its sealed object lives. ``dirty`` names every record whose
+value changed since the last commit; a commit re-seals exactly the pages
+holding them, writes one new pack and then the head that points at it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from occlumfs.errors import IntegrityError
+from occlumfs.sefs import format as fmt
+from occlumfs.sefs.inode import Inode
+from occlumfs.sefs.storage import Storage
+
+
+class PageTable:
+    def __init__(
+        self,
+        storage: Storage,
+        cipher: AESGCM,
+        head_mac: bytes,
+        fs_id: bytes,
+        inodes: dict[int, Inode],
+    ) -> None:
+        self.storage = storage
+        self._cipher = cipher
+        self._head_mac = head_mac
+        self._fs_id = fs_id
+        self._inodes = inodes  # the filesystem's: records are read from it at commit
+        self.starts: list[bytes] = [b""]
+        self.members: list[set[bytes]] = [set()]
+        self.table: list[fmt.ObjectRef | None] = [None]
+        self.pack_sizes: dict[int, int] = {}
+        self.counter = 0
+        self.root_tag = b""
+        self.dirty: set[bytes] = set()  # keys of records changed since the last commit
+
+    def page_of(self, key: bytes) -> int:
+        return bisect.bisect_right(self.starts, key) - 1
+
+    # == reading ===========================================================================
+    def open_object(self, packs: dict[int, bytes], ref: fmt.ObjectRef, ad: bytes, what: str):
+        """The plaintext of the sealed object at ``ref``; ``packs`` caches pack contents."""
+        data = packs.get(ref.pack)
+        if data is None:
+            name = fmt.pack_name(ref.pack)
+            try:
+                data = packs[ref.pack] = self.storage.read(name)
+            except FileNotFoundError:
+                raise IntegrityError(f"{what}: metadata pack {name} is missing") from None
+            self.pack_sizes[ref.pack] = len(data)
+        obj = data[ref.offset : ref.offset + ref.length]
+        if len(obj) != ref.length or ref.length < fmt.NONCE_SIZE + fmt.TAG_SIZE:
+            raise IntegrityError(f"{what}: metadata pack {fmt.pack_name(ref.pack)} is truncated")
+        if obj[-fmt.TAG_SIZE :] != ref.tag:
+            raise IntegrityError(
+                f"{what}: does not match its recorded tag (replaced or rolled back)"
+            )
+        try:
+            return self._cipher.decrypt(obj[: fmt.NONCE_SIZE], obj[fmt.NONCE_SIZE :], ad)
+        except InvalidTag:
+            raise IntegrityError(f"{what}: authentication failed (tampered or moved)") from None
+
+    def use_root(self, counter: int, root_tag: bytes, root: fmt.Root) -> None:
+        """Take the page table of a root just read (its pages' members come as they load)."""
+        self.counter = counter
+        self.root_tag = root_tag
+        self.starts = list(root.first_keys)
+        self.members = [set() for _ in root.pages]
+        self.table = list(root.pages)
+
+    # == committing ========================================================================
+    def record(self, key: bytes) -> bytes | None:
+        """The current value of record ``key``, or None when it no longer exists."""
+        kind, ino, rest = fmt.split_key(key)
+        node = self._inodes.get(ino)
+        if node is None or node.nlink == 0:
+            return None
+        if kind == b"i":
+            return fmt.pack_inode(
+                fmt.InodeRecord(
+                    node.mode,
+                    node.nlink,
+                    node.uid,
+                    node.gid,
+                    node.rdev,
+                    node.size,
+                    node.atime_ns,
+                    node.mtime_ns,
+                    node.ctime_ns,
+                    node.parent,
+                    node.next_cookie if node.is_dir else 0,
+                    len(node.entries) if node.is_dir else 0,
+                    node.target,
+                    node.xattrs,
+                )
+            )
+        if kind == b"e":
+            entry = node.entries.get(rest) if node.is_dir else None
+            return None if entry is None else fmt.pack_entry(*entry)
+        chunk = node.chunks.get(int.from_bytes(rest, "big"))
+        if chunk is None:
+            return None
+        trimmed = fmt.trim_chunk(chunk)
+        return trimmed or None
+
+    def _seal(self, plain: bytes, ad: bytes) -> bytes:
+        nonce = os.urandom(fmt.NONCE_SIZE)
+        return nonce + self._cipher.encrypt(nonce, plain, ad)
+
+    @staticmethod
+    def _split(records: list[tuple[bytes, bytes]]) -> list[list[tuple[bytes, bytes]]]:
+        """One page's records, cut into pages of about PAGE_SPLIT bytes if too big."""
+        total = sum(len(k) + len(v) + 6 for k, v in records)
+        if total <= fmt.PAGE_MAX:
+            return [records]
+        pieces: list[list[tuple[bytes, bytes]]] = [[]]
+        size = 0
+        for key, value in records:
+            grown = len(key) + len(value) + 6
+            if pieces[-1] and size + grown > fmt.PAGE_SPLIT:
+                pieces.append([])
+                size = 0
+            pieces[-1].append((key, value))
+            size += grown
+        return pieces
+
+    def commit(self, next_ino: int) -> None:
+        """Seal the dirty pages and a new root into one pack, then switch the head to it.
+
+        The data blocks the new records point at must be durable already.
+        """
+        dirty_pages = set()
+        for key in self.dirty:
+            page = self.page_of(key)
+            if self.record(key) is None:
+                self.members[page].discard(key)
+            else:
+                self.members[page].add(key)
+            dirty_pages.add(page)
+        dirty_pages.update(p for p, ref in enumerate(self.table) if ref is None)
+        live = sum(ref.length for ref in self.table if ref is not None)
+        if sum(self.pack_sizes.values()) > 2 * live + (1 << 20):
+            dirty_pages = set(range(len(self.table)))  # compact: rewrite all, drop old packs
+        counter = self.counter + 1
+        starts, members, table = list(self.starts), list(self.members), list(self.table)
+        pack = bytearray()
+        # From the last page down, so that splitting or dropping a page does not
+        # move the pages still to be done.
+        for page in sorted(dirty_pages, reverse=True):
+            records = []
+            for key in sorted(members[page]):
+                value = self.record(key)
+                if value is not None:
+                    records.append((key, value))
+            if not records and page:
+                del starts[page], members[page], table[page]  # its range joins the previous
+                continue
+            pieces = self._split(records)
+            firsts = [starts[page]] + [piece[0][0] for piece in pieces[1:]]
+            refs = []
+            for piece, first in zip(pieces, firsts, strict=True):
+                obj = self._seal(fmt.pack_page(piece), fmt.page_ad(self._fs_id, counter, first))
+                refs.append(fmt.ObjectRef(counter, len(pack), len(obj), obj[-fmt.TAG_SIZE :]))
+                pack += obj
+            starts[page : page + 1] = firsts
+            members[page : page + 1] = [{k for k, _ in piece} for piece in pieces]
+            table[page : page + 1] = refs
+        root_obj = self._seal(
+            fmt.pack_root(fmt.Root(next_ino, starts, table)), fmt.root_ad(self._fs_id, counter)
+        )
+        root_ref = fmt.ObjectRef(counter, len(pack), len(root_obj), root_obj[-fmt.TAG_SIZE :])
+        pack += root_obj
+        name = fmt.pack_name(counter)
+        self.storage.write_file(name, pack)
+        self.storage.fsync(name)
+        self.storage.fsync_dir(fmt.META_DIR)
+        head = fmt.pack_head(fmt.Head(self._fs_id, counter, root_ref), self._head_mac)
+        self.storage.write_file(fmt.HEAD_TMP_NAME, head)
+        self.storage.fsync(fmt.HEAD_TMP_NAME)
+        self.storage.rename(fmt.HEAD_TMP_NAME, fmt.HEAD_NAME)
+        self.storage.fsync_dir("")
+        # -- committed: the new root is the filesystem from here on --
+        self.counter = counter
+        self.root_tag = root_ref.tag
+        self.starts, self.members, self.table = starts, members, table
+        self.pack_sizes[counter] = len(pack)
+        self.dirty.clear()
+
+    def discard_dead_packs(self) -> None:
+        """Delete the packs no page of the committed root points into any more."""
+        live = {ref.pack for ref in self.table if ref is not None} | {self.counter}
+        dead = [n for n in self.pack_sizes if n not in live]
+        for number in dead:
+            del self.pack_sizes[number]
+        self.storage.discard([fmt.pack_name(n) for n in dead])
+
+    def live_packs(self) -> set[int]:
+        return {ref.pack for ref in self.table if ref is not None}

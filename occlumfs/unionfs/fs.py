@@ -1,0 +1,451 @@
+"""UnionFS: ordered read-only lower layers under one writable upper, as one filesystem.
+
+Every layer is a contract object (:class:`occlumfs.fs.Filesystem`). The union
+keeps a table of the inodes it has shown (:class:`Node`): where each lives in
+the upper, which lower entry it shows or reads its data from, and, for a
+directory, which lower directories merge into it. The rules (docs/unionfs.md):
+
+* lookup goes top-down: the upper, then the lowers top first; a whiteout ends
+  the search, an opaque directory ends the merging;
+* an entry never moves down: changes go to the upper after a copy-up
+  (:mod:`occlumfs.unionfs.copyup`), deletions of lower names leave whiteouts
+  (:mod:`occlumfs.unionfs.changes`);
+* inode numbers are stable: a lower entry's derives from (layer, lower inode),
+  and a copy keeps its origin's number in a private xattr.
+
+This module holds the node table and the read side.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator, Sequence
+
+from occlumfs.errors import FSError, IntegrityError
+from occlumfs.fs import ROOT_INO, Attr, DirEntry, Filesystem, FsInfo, StatFs
+from occlumfs.unionfs import layers as L
+from occlumfs.unionfs.changes import UnionChanges
+from occlumfs.unionfs.copyup import CopyUp
+from occlumfs.unionfs.nodes import DirHandle, FileHandle, Node
+
+
+class UnionFS(UnionChanges, CopyUp, Filesystem):
+    """Read-only ``lowers`` (bottom first) under a writable ``upper``."""
+
+    def __init__(
+        self,
+        lowers: Sequence[Filesystem],
+        upper: Filesystem,
+        *,
+        digests: Sequence[str] | None = None,
+        name: str = "union",
+        read_only: bool = False,
+    ) -> None:
+        if not lowers:
+            raise ValueError("a union needs at least one lower layer")
+        if len(lowers) >= L.MAX_LAYERS:
+            raise ValueError(f"a union takes at most {L.MAX_LAYERS - 1} lower layers")
+        self.lowers = list(lowers)
+        self.upper = upper
+        if digests is None:
+            # An image layer knows its digest; any other lower must be named.
+            digests = [getattr(lower, "digest", None) for lower in lowers]
+            if None in digests:
+                raise ValueError("a lower without a digest: pass digests=")
+        self.digests = list(digests)
+        self._layer_of_digest = {d: i for i, d in enumerate(self.digests)}
+        self.read_only = read_only or upper.info.read_only
+        # Lower data is best read in the runs its layers ask for.
+        readahead = max((lower.info.readahead_kb or 0 for lower in self.lowers), default=0)
+        self.info = FsInfo(
+            name=name,
+            subtype="occlumfs-union",
+            read_only=self.read_only,
+            readahead_kb=readahead or None,
+        )
+        self._handles: dict[int, FileHandle | DirHandle] = {}
+        self._next_fh = 1
+        self._tmp_counter = 0
+        root = Node(ROOT_INO, True, ROOT_INO, b"", upper=ROOT_INO)
+        root.stack = self._merge_below([(i, ROOT_INO) for i in reversed(range(len(lowers)))])
+        self._nodes: dict[int, Node] = {ROOT_INO: root}
+        self._bind_lowers()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def started_serving(self) -> None:
+        self.upper.started_serving()
+        for lower in self.lowers:
+            lower.started_serving()
+
+    def close(self) -> None:
+        try:
+            self.upper.close()
+        finally:
+            for lower in self.lowers:
+                lower.close()
+
+    # -- resolving names ----------------------------------------------------------------
+    def _node(self, ino: int) -> Node:
+        node = self._nodes.get(ino)
+        if node is None:
+            raise FSError(errno.ENOENT)
+        return node
+
+    def _dir_node(self, ino: int) -> Node:
+        node = self._node(ino)
+        if not node.is_dir:
+            raise FSError(errno.ENOTDIR)
+        return node
+
+    def _lower_lookup(self, layer: int, parent: int, name: bytes) -> Attr | None:
+        try:
+            return self.lowers[layer].lookup(parent, name)
+        except FSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            raise
+
+    def _upper_lookup(self, parent: int | None, name: bytes) -> Attr | None:
+        if parent is None:
+            return None
+        try:
+            return self.upper.lookup(parent, name)
+        except FSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+
+    def _is_opaque(self, fs: Filesystem, ino: int) -> bool:
+        try:
+            return fs.getxattr(ino, L.OPAQUE_XATTR) == b"y"
+        except FSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.ENOSYS):
+                return False
+            raise
+
+    def _merge_below(self, dirs: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+        """``dirs`` (top first) up to and including the first opaque one."""
+        for n, (layer, ino) in enumerate(dirs):
+            if self._is_opaque(self.lowers[layer], ino):
+                return tuple(dirs[: n + 1])
+        return tuple(dirs)
+
+    def _lower_child(
+        self, stack: Sequence[tuple[int, int]], name: bytes
+    ) -> tuple[list[tuple[int, Attr]], bool]:
+        """What the lowers in ``stack`` show at ``name``: the entries, top first
+        (a non-directory alone, or the directories merged), and whether a whiteout
+        or a non-directory hides anything found further down."""
+        found: list[tuple[int, Attr]] = []
+        for layer, parent in stack:
+            attr = self._lower_lookup(layer, parent, name)
+            if attr is None:
+                continue
+            if L.is_whiteout(attr):
+                return found, True
+            if found and not attr.is_dir:
+                return found, True
+            found.append((layer, attr))
+            if not attr.is_dir or self._is_opaque(self.lowers[layer], attr.ino):
+                return found, True
+        return found, False
+
+    def _lower_stack_at(self, path: bytes) -> tuple[tuple[int, int], ...]:
+        """The lower directories merged at absolute lower ``path`` (a redirect)."""
+        stack = self._nodes[ROOT_INO].stack
+        for part in path.split(b"/"):
+            if not part:
+                continue
+            found, _ = self._lower_child(stack, part)
+            if not found or not found[0][1].is_dir:
+                return ()
+            stack = tuple((layer, attr.ino) for layer, attr in found)
+        return stack
+
+    def _private_xattrs(self, ino: int) -> dict[bytes, bytes]:
+        names = [n for n in self.upper.listxattr(ino) if L.is_private_xattr(n)]
+        return {n: self.upper.getxattr(ino, n) for n in names}
+
+    def _resolve(self, pnode: Node, name: bytes) -> Node:
+        """The entry ``name`` of directory ``pnode`` as the union shows it, remembered."""
+        if pnode.ino == ROOT_INO and name == L.PRIVATE_DIR:
+            raise FSError(errno.ENOENT)
+        up = self._upper_lookup(pnode.upper, name)
+        if up is not None:
+            if L.is_whiteout(up):
+                raise FSError(errno.ENOENT)
+            return self._remember(self._upper_node(pnode, name, up))
+        found, _ = self._lower_child(pnode.stack, name)
+        if not found:
+            raise FSError(errno.ENAMETOOLONG if len(name) > 255 else errno.ENOENT)
+        layer, top = found[0]
+        node = Node(L.lower_ino(layer, top.ino), top.is_dir, pnode.ino, name)
+        if top.is_dir:
+            node.stack = tuple((layer, attr.ino) for layer, attr in found)
+            node.lower_path = pnode.lower_path + b"/" + name
+            return self._remember(node)
+        node.lower = (layer, top.ino)
+        copy = self._index_lookup(node.ino) if top.nlink > 1 else None
+        if copy is not None:  # another name of it was copied up: show that copy
+            self._apply_marks(node, copy.ino, self._private_xattrs(copy.ino), name)
+        return self._remember(node)
+
+    def _upper_node(self, pnode: Node, name: bytes, up: Attr) -> Node:
+        marks = self._private_xattrs(up.ino) if self.upper.listxattr(up.ino) else {}
+        origin = marks.get(L.ORIGIN_XATTR)
+        ino = L.unpack_origin(origin) if origin is not None else up.ino
+        node = Node(ino, up.is_dir, pnode.ino, name)
+        if up.is_dir:
+            node.upper = up.ino
+            redirect = marks.get(L.REDIRECT_XATTR)
+            if redirect is not None:
+                node.lower_path = redirect
+                node.stack = self._lower_stack_at(redirect)
+            else:
+                node.lower_path = pnode.lower_path + b"/" + name
+                if marks.get(L.OPAQUE_XATTR) != b"y":
+                    found, _ = self._lower_child(pnode.stack, name)
+                    if found and found[0][1].is_dir:
+                        node.stack = tuple((layer, attr.ino) for layer, attr in found)
+        else:
+            self._apply_marks(node, up.ino, marks, name)
+        return node
+
+    def _apply_marks(self, node: Node, upper_ino: int, marks: dict, name: bytes) -> None:
+        """Make ``node`` the upper non-directory ``upper_ino`` carrying private ``marks``."""
+        node.upper = upper_ino
+        node.indexed = L.GONE_XATTR in marks
+        node.lower = None
+        meta = marks.get(L.METACOPY_XATTR)
+        if meta is not None:
+            digest, lino = L.unpack_metacopy(meta)
+            layer = self._layer_of_digest.get(digest)
+            if layer is None:
+                raise IntegrityError(
+                    f"union: {name!r} refers to data in lower {digest}, not mounted"
+                )
+            node.lower = (layer, lino)
+
+    def _remember(self, fresh: Node) -> Node:
+        node = self._nodes.get(fresh.ino)
+        if node is None:
+            self._nodes[fresh.ino] = fresh
+            return fresh
+        # Open handles hold the node: update it in place.
+        for slot in Node.__slots__:
+            setattr(node, slot, getattr(fresh, slot))
+        return node
+
+    # -- read side ----------------------------------------------------------------------
+    def _attr(self, node: Node) -> Attr:
+        if node.upper is None:
+            layer, lino = node.lower if node.lower is not None else node.stack[0]
+            attr = self.lowers[layer].getattr(lino)
+            if node.is_dir and len(node.stack) > 1:
+                return L.shown_as(attr, node.ino, 1, attr.blocks)
+            return L.shown_as(attr, node.ino, attr.nlink, attr.blocks)
+        attr = self.upper.getattr(node.upper)
+        if node.is_dir:
+            return L.shown_as(attr, node.ino, self._dir_nlink(node, attr), attr.blocks)
+        nlink = self._indexed_nlink(node, attr) if node.indexed else attr.nlink
+        blocks = attr.blocks
+        if node.lower is not None:  # a metadata-only copy: the data is below
+            layer, lino = node.lower
+            blocks = self.lowers[layer].getattr(lino).blocks
+        return L.shown_as(attr, node.ino, nlink, blocks)
+
+    def _indexed_nlink(self, node: Node, attr: Attr) -> int:
+        # The lower names still showing it, plus its upper names but the index's.
+        layer, lino = L.split_lower_ino(node.ino)
+        gone = int(self.upper.getxattr(node.upper, L.GONE_XATTR))
+        return self.lowers[layer].getattr(lino).nlink - gone + attr.nlink - 1
+
+    def _dir_nlink(self, node: Node, attr: Attr) -> int:
+        # Counting a merged directory's subdirectories would take a listing:
+        # like overlayfs, report 1 ("unknown", which find(1) understands).
+        if node.stack:
+            return 1
+        if node.ino == ROOT_INO and self._upper_lookup(ROOT_INO, L.PRIVATE_DIR) is not None:
+            return attr.nlink - 1
+        return attr.nlink
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        pnode = self._dir_node(parent)
+        if name == b".":
+            return self._attr(pnode)
+        if name == b"..":
+            return self._attr(self._node(pnode.parent))
+        return self._attr(self._resolve(pnode, name))
+
+    def getattr(self, ino: int) -> Attr:
+        return self._attr(self._node(ino))
+
+    def readlink(self, ino: int) -> bytes:
+        node = self._node(ino)
+        if node.upper is not None:
+            return self.upper.readlink(node.upper)
+        layer, lino = node.lower if node.lower is not None else node.stack[0]
+        return self.lowers[layer].readlink(lino)
+
+    def _new_handle(self, handle: FileHandle | DirHandle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    def _handle(self, fh: int, kind: type) -> FileHandle | DirHandle:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, kind):
+            raise FSError(errno.EBADF)
+        return handle
+
+    def opendir(self, ino: int) -> int:
+        return self._new_handle(DirHandle(self._dir_node(ino)))
+
+    def _layer_dir_fh(self, handle: DirHandle, layer: int, ino: int) -> int:
+        fh = handle.layer_fhs.get(layer)
+        if fh is None:
+            fs = self.upper if layer < 0 else self.lowers[layer]
+            fh = handle.layer_fhs[layer] = fs.opendir(ino)
+        return fh
+
+    def _listed_below(self, node: Node, name: bytes) -> bool:
+        """Whether the lower phase of a listing shows ``name`` (see readdir)."""
+        found, _ = self._lower_child(node.stack, name)
+        return bool(found)
+
+    def readdir(self, fh: int, offset: int) -> Iterator[DirEntry]:
+        """Merged listing: each lower, top first, then the upper; see docs/unionfs.md.
+
+        A name is listed in the phase of the topmost lower holding it (with the
+        attributes the union shows, wherever the entry lives now), or in the
+        upper's phase when no lower shows it. Each phase resumes from the
+        layer's own cookie, so cookies survive additions and removals.
+        """
+        handle = self._handle(fh, DirHandle)
+        node = handle.node
+        phase, cookie = L.unpack_cookie(offset)
+        n = len(self.lowers)
+        is_root = node.ino == ROOT_INO
+        stack = node.stack
+        # A directory only one lower holds: each entry is what the union shows.
+        alone = node.upper is None and len(stack) == 1
+        for depth, (layer, ldir) in enumerate(stack):
+            here = n - layer
+            if here < phase:
+                continue
+            lfs = self.lowers[layer]
+            above = stack[:depth]
+            start = cookie if here == phase else 0
+            for entry in lfs.readdir(self._layer_dir_fh(handle, layer, ldir), start):
+                name = entry.name
+                if L.is_whiteout(entry.attr) or (is_root and name == L.PRIVATE_DIR):
+                    continue
+                if any(self._lower_lookup(al, ad, name) is not None for al, ad in above):
+                    continue
+                if alone and (entry.attr.nlink == 1 or entry.attr.is_dir):
+                    attr = self._attr_alone(node, layer, name, entry.attr)
+                    yield DirEntry(name, attr, L.pack_cookie(here, entry.next_offset))
+                    continue
+                try:
+                    attr = self._attr(self._resolve(node, name))
+                except FSError as exc:
+                    if exc.errno == errno.ENOENT:
+                        continue
+                    raise
+                yield DirEntry(name, attr, L.pack_cookie(here, entry.next_offset))
+        if node.upper is None:
+            return
+        last = n + 1
+        start = cookie if phase == last else 0
+        for entry in self.upper.readdir(self._layer_dir_fh(handle, -1, node.upper), start):
+            name = entry.name
+            if L.is_whiteout(entry.attr) or (is_root and name == L.PRIVATE_DIR):
+                continue
+            if stack and self._listed_below(node, name):
+                continue
+            attr = self._attr(self._remember(self._upper_node(node, name, entry.attr)))
+            yield DirEntry(name, attr, L.pack_cookie(last, entry.next_offset))
+
+    def _attr_alone(self, pnode: Node, layer: int, name: bytes, attr: Attr) -> Attr:
+        """What the union shows of entry ``attr`` of the one lower under ``pnode``
+        (not hard-linked): :meth:`_resolve` without looking it up again."""
+        node = Node(L.lower_ino(layer, attr.ino), attr.is_dir, pnode.ino, name)
+        if attr.is_dir:
+            node.stack = ((layer, attr.ino),)
+            node.lower_path = pnode.lower_path + b"/" + name
+        else:
+            node.lower = (layer, attr.ino)
+        self._remember(node)
+        return L.shown_as(attr, node.ino, attr.nlink, attr.blocks)
+
+    def releasedir(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if isinstance(handle, DirHandle):
+            for layer, lfh in handle.layer_fhs.items():
+                (self.upper if layer < 0 else self.lowers[layer]).releasedir(lfh)
+
+    def open(self, ino: int, flags: int) -> int:
+        node = self._node(ino)
+        if node.is_dir:
+            raise FSError(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            self._writable()
+            self.copy_up_data(node, limit=0 if flags & os.O_TRUNC else None)
+            return self._new_handle(FileHandle(node, -1, self.upper.open(node.upper, flags)))
+        return self._new_handle(self._read_handle(node, flags))
+
+    def _read_handle(self, node: Node, flags: int) -> FileHandle:
+        if node.lower is not None:
+            layer, lino = node.lower
+            return FileHandle(node, layer, self.lowers[layer].open(lino, flags & ~os.O_TRUNC))
+        return FileHandle(node, -1, self.upper.open(node.upper, flags))
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self._handle(fh, FileHandle)
+        if handle.layer >= 0 and handle.node.lower is None and handle.node.upper is not None:
+            # Copied up since it was opened: read what the union shows now.
+            self.lowers[handle.layer].release(handle.fh)
+            fresh = self._read_handle(handle.node, os.O_RDONLY)
+            handle.layer, handle.fh = fresh.layer, fresh.fh
+        if handle.layer < 0:
+            return self.upper.read(handle.fh, offset, size)
+        if handle.node.upper is not None:
+            # A metadata-only copy: its size is the upper's (a truncate that
+            # was cut short by a crash must not show the lower's tail).
+            size = max(0, min(size, self.upper.getattr(handle.node.upper).size - offset))
+        return self.lowers[handle.layer].read(handle.fh, offset, size)
+
+    def _file_fs(self, handle: FileHandle) -> Filesystem:
+        return self.upper if handle.layer < 0 else self.lowers[handle.layer]
+
+    def flush(self, fh: int) -> None:
+        handle = self._handle(fh, FileHandle)
+        self._file_fs(handle).flush(handle.fh)
+
+    def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if not isinstance(handle, FileHandle):
+            raise FSError(errno.EBADF)
+        self._file_fs(handle).release(handle.fh)
+
+    def statfs(self) -> StatFs:
+        return self.upper.statfs()
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        if L.is_private_xattr(name):
+            raise FSError(errno.ENODATA)
+        fs, lino = self._meta_source(self._node(ino))
+        return fs.getxattr(lino, name)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        fs, lino = self._meta_source(self._node(ino))
+        return [n for n in fs.listxattr(lino) if not L.is_private_xattr(n)]
+
+    def _meta_source(self, node: Node) -> tuple[Filesystem, int]:
+        """The layer and inode holding ``node``'s attributes and xattrs."""
+        if node.upper is not None:
+            return self.upper, node.upper
+        layer, lino = node.lower if node.lower is not None else node.stack[0]
+        return self.lowers[layer], lino

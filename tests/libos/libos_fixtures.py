@@ -1,0 +1,83 @@
+"""Fixtures for the ``occlum`` tests (imported by each test module: a conftest.py here
+would shadow the top-level one). Real command, binaries, bwrap and FUSE."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from occlumfs.mount import mounted_paths
+
+__all__ = ["_machine_state", "built", "hello_world", "occlum", "run_occlum"]
+
+
+@pytest.fixture(autouse=True)
+def _machine_state(tmp_path_factory, monkeypatch):
+    """Machine secret and image keys in a per-session directory, not /var/lib."""
+    monkeypatch.setenv("OCCLUM_STATE_DIR", str(tmp_path_factory.getbasetemp() / "occlum-state"))
+
+
+def run_occlum(
+    *args: str | os.PathLike,
+    cwd: Path | None = None,
+    check: bool = True,
+    input: bytes | None = None,
+    env: dict | None = None,
+    module: str = "libos",
+    timeout: float = 180,
+) -> subprocess.CompletedProcess:
+    """Run ``occlum ARGS`` (or another libos entry point) as a user would."""
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    done = subprocess.run(
+        cmd,
+        cwd=cwd,
+        capture_output=True,
+        input=input,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    out = subprocess.CompletedProcess(
+        done.args, done.returncode, done.stdout.decode(errors="replace"), done.stderr.decode()
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {out.returncode}:\n{out.stderr}")
+    return out
+
+
+@pytest.fixture
+def occlum():
+    """``occlum(*args, cwd=..., check=..., input=..., env=..., module=...)``."""
+    return run_occlum
+
+
+def assert_no_leftover_mounts(instance: Path) -> None:
+    leftover = [p for p in mounted_paths() if "occlum" in str(p) and str(instance) in str(p)]
+    assert not leftover, leftover
+
+
+@pytest.fixture(scope="session")
+def hello_world(tmp_path_factory) -> Path:
+    """The seed's program, built with occlum-gcc (musl)."""
+    d = tmp_path_factory.mktemp("hello")
+    (d / "hello_world.c").write_text(
+        '#include <stdio.h>\nint main(void) { printf("Hello World!\\n"); return 0; }\n'
+    )
+    run_occlum("gcc", d / "hello_world.c", "-o", d / "hello_world", module="libos.toolchain")
+    return d / "hello_world"
+
+
+@pytest.fixture
+def built(tmp_path, hello_world, occlum) -> Path:
+    """A new instance with hello_world and busybox in image/bin, built."""
+    occlum("new", "inst", cwd=tmp_path)
+    inst = tmp_path / "inst"
+    (inst / "image/bin/hello_world").write_bytes(hello_world.read_bytes())
+    (inst / "image/bin/hello_world").chmod(0o755)
+    (inst / "image/bin/busybox").write_bytes(Path("/bin/busybox").read_bytes())
+    (inst / "image/bin/busybox").chmod(0o755)
+    occlum("build", cwd=inst)
+    return inst

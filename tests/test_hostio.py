@@ -1,0 +1,97 @@
+"""occlumfs.hostio: directories by descriptor, regular files only, atomic replace."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from occlumfs.errors import IntegrityError, NotFoundError
+from occlumfs.hostio import HostDir
+from occlumfs.keys import load_key_file, write_key_file
+
+
+@pytest.fixture
+def victim(tmp_path):
+    path = tmp_path / "victim"
+    path.write_bytes(b"important\n")
+    return path
+
+
+def _plant(path, kind, victim):
+    {
+        "symlink": lambda: path.symlink_to(victim),
+        "hardlink": lambda: os.link(victim, path),
+        "fifo": lambda: os.mkfifo(path),
+        "dir": path.mkdir,
+        "device": lambda: os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3)),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "fifo", "dir", "device"])
+def test_every_way_in_refuses_an_entry_that_is_not_a_lone_regular_file(tmp_path, victim, kind):
+    store = tmp_path / "store"
+    store.mkdir()
+    _plant(store / "x", kind, victim)
+    with HostDir.open(store) as d:
+        for attempt in (
+            lambda: d.read_file("x"),
+            lambda: d.write_file("x", b"evil"),
+            lambda: d.replace_file("x", b"evil"),
+            lambda: d.open_file("x", os.O_RDWR | os.O_CREAT),
+            lambda: d.rename("x", "y"),
+            lambda: d.unlink("x"),
+            lambda: d.fsync_file("x"),
+            lambda: d.replace_file("y", b"evil", tmp="x"),
+        ):
+            with pytest.raises(IntegrityError, match=f"{store}/x: "):
+                attempt()
+    assert victim.read_bytes() == b"important\n"
+    assert os.path.lexists(store / "x") and not (store / "y").exists()
+
+
+def test_a_directory_through_a_symlink_is_refused_unless_followed(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(IntegrityError, match="is a symlink, not a directory"):
+        HostDir.open(tmp_path / "link")
+    with HostDir.open(tmp_path / "link", follow=True) as d:
+        d.mkdir("m")
+    (tmp_path / "real" / "sub").symlink_to(tmp_path / "real" / "m")
+    with HostDir.open(tmp_path / "real") as d:
+        with d.subdir("m") as m:
+            assert m.listdir() == []
+        with pytest.raises(IntegrityError, match="sub: is a symlink"):
+            d.subdir("sub")
+        with pytest.raises(NotFoundError):
+            d.subdir("missing")
+        with pytest.raises(ValueError):
+            d.open_file("m/x")
+        with pytest.raises(ValueError):
+            d.open_file("x", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+
+
+def test_replacing_is_all_or_nothing(tmp_path):
+    with HostDir.open(tmp_path) as d:
+        d.replace_file("f", b"old")
+        with pytest.raises(RuntimeError), d.replacing("f") as fd:
+            os.write(fd, b"half")
+            raise RuntimeError("interrupted")
+        assert (tmp_path / "f").read_bytes() == b"old"
+        assert sorted(os.listdir(tmp_path)) == ["f"]  # no temporary file left
+        with d.replacing("f", mode=0o644, durable=False) as fd:
+            os.write(fd, b"new")
+        assert d.read_file("f") == b"new" and d.read_file("f", 2) == b"ne"
+        assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o644  # the new file's mode
+    assert sorted(os.listdir(tmp_path)) == ["f"]
+
+
+def test_key_file_write_never_follows_a_planted_link(tmp_path, victim):
+    (tmp_path / "k").symlink_to(victim)
+    with pytest.raises(IntegrityError):
+        write_key_file(tmp_path / "k", overwrite=True)
+    assert victim.read_bytes() == b"important\n"
+    key = write_key_file(tmp_path / "k2")
+    assert load_key_file(tmp_path / "k2") == key
+    assert stat.S_IMODE((tmp_path / "k2").stat().st_mode) == 0o600
