@@ -39,10 +39,14 @@ $(VENV_MIN)/.installed: pyproject.toml scripts/dependency-floors | sysdeps
 
 venv-min: $(VENV_MIN)/.installed
 
-# The whole suite, then the whole suite again at the dependency floors.
+# The whole suite; then, at the dependency floors, the in-process tier and the
+# FUSE tests that drive pyfuse3, the mount lifecycle and the CLI end to end
+# (CI's budget holds one whole run; `make test-floors` runs it all at the floors).
+FLOOR_FUSE_TESTS := tests/test_mount_lifecycle.py tests/sefs/test_sefs_fuse.py tests/test_adapter.py
 test: sysdeps venv venv-min
 	$(BIN)/pytest
-	$(MIN_BIN)/pytest -p no:cacheprovider
+	$(MIN_BIN)/pytest -p no:cacheprovider -m "not fuse"
+	$(MIN_BIN)/pytest -p no:cacheprovider -m fuse $(FLOOR_FUSE_TESTS)
 
 # The in-process tier: no FUSE mount (tests marked `fuse` drive one).
 test-fast: venv
