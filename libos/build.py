@@ -23,7 +23,7 @@ from pathlib import Path
 
 from libos import __version__, machine
 from libos.config import Config, check_config, load_config
-from libos.instance import Instance
+from libos.instance import Instance, write_atomic
 from libos.signing import (
     Signature,
     generate_dev_key,
@@ -113,16 +113,6 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def canonical(obj: dict) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
@@ -169,6 +159,9 @@ def build(
             digest = None
     layer_built = digest is None
     if layer_built:
+        from libos.rebase import discard_previous_if_bound_to, keep_previous_layer
+
+        keep_previous_layer(instance, state.get("inputs", {}).get("image_key"))
         epoch = inputs["source_date_epoch"]
         digest = build_image(
             instance.image,
@@ -177,6 +170,7 @@ def build(
             source_date_epoch=int(epoch) if epoch and epoch.isdigit() else None,
             progress=progress,
         )
+        discard_previous_if_bound_to(instance, digest)
 
     manifest = canonical(
         {
@@ -200,9 +194,9 @@ def build(
         or not instance.signature.exists()
     )
     if signed:
-        _write_atomic(instance.manifest, manifest)
-        _write_atomic(instance.signature, sign_manifest(key, manifest))
-    _write_atomic(
+        write_atomic(instance.manifest, manifest)
+        write_atomic(instance.signature, sign_manifest(key, manifest))
+    write_atomic(
         instance.build_state,
         json.dumps(
             {

@@ -6,6 +6,7 @@ through :class:`Instance`, so the layout is stated once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -128,9 +129,7 @@ def _write_skeleton(instance: Instance) -> None:
     for sub in (instance.build, instance.run):
         sub.mkdir(exist_ok=True)
     instance.private.mkdir(mode=0o700, exist_ok=True)
-    tmp = instance.config_path.with_name(".Occlum.json.tmp")
-    tmp.write_text(dump_config(DEFAULT_CONFIG))
-    os.replace(tmp, instance.config_path)
+    write_atomic(instance.config_path, dump_config(DEFAULT_CONFIG).encode())
 
 
 def _host_localtime() -> Path | None:
@@ -138,3 +137,20 @@ def _host_localtime() -> Path | None:
         if candidate.exists():
             return candidate.resolve()
     return None
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` whole (a temporary file, fsync, rename).
+
+    The temporary name is created exclusively and never through a symlink, so
+    a link planted in the instance cannot redirect the write.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -18,13 +18,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from libos.build import VerifiedBuild
 from occlumfs.errors import OcclumfsError
+
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -32,16 +35,25 @@ class RootfsHandle:
     mountpoint: Path
     server_pid: int
     log_file: Path
-    writable_tmpfs: list[str] = field(default_factory=list)
 
 
 def _open_rootfs(build: VerifiedBuild, read_only: bool):
-    """The filesystem object for ``/`` and the directories bwrap must cover with tmpfs."""
+    """The filesystem object for ``/``."""
+    from libos.rebase import record_store_digests, store_digests
     from occlumfs.unionfs import LayerMismatchError, Lower, open_union
 
     lowers = [Lower(path, digest, key) for path, digest, key in build.layers]
     upper = build.instance.upper
     upper.parent.mkdir(parents=True, exist_ok=True)
+    digests = [digest for _path, digest, _key in build.layers]
+    mismatch = LayerMismatchError(
+        f"{upper}: the writable layer was made over another build of the image; "
+        "its previous build is gone, so it cannot be moved onto this one: "
+        "restore that build, or move the store away"
+    )
+    bound = store_digests(upper)
+    if bound is not None and bound != digests:
+        raise mismatch
     try:
         fs = open_union(
             lowers,
@@ -52,11 +64,10 @@ def _open_rootfs(build: VerifiedBuild, read_only: bool):
             create=not read_only,
         )
     except LayerMismatchError:
-        raise LayerMismatchError(
-            f"{upper}: the writable layer was made over another build of the image; "
-            "rebase it onto this build (occlumfs union rebase) or move it away"
-        ) from None
-    return fs, []
+        raise mismatch from None
+    if not read_only:
+        record_store_digests(upper, digests)
+    return fs
 
 
 def sefs_state_dir() -> Path:
@@ -92,8 +103,9 @@ def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHand
     mountpoint.mkdir(exist_ok=True)
     _clear_stale(mountpoint)
     log_file = base / "server.log"
-    fs, tmpfs = _open_rootfs(build, read_only)
+    fs = _open_rootfs(build, read_only)
     ready_r, ready_w = os.pipe()
+    parent = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -102,6 +114,7 @@ def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHand
         try:
             os.close(ready_r)
             os.setsid()
+            _end_with_parent(parent)
             devnull = os.open(os.devnull, os.O_RDWR)
             log = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             for fd, target in ((devnull, 0), (devnull, 1), (log, 2)):
@@ -127,22 +140,40 @@ def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHand
     if not ready:
         os.waitpid(pid, 0)
         raise OcclumfsError(f"the rootfs server failed to start; see {log_file}")
-    return RootfsHandle(mountpoint, pid, log_file, tmpfs)
+    return RootfsHandle(mountpoint, pid, log_file)
+
+
+def _end_with_parent(parent: int) -> None:
+    """SIGTERM this server when occlum run dies (even by SIGKILL): it then
+    unmounts, commits and exits, instead of serving a mount nobody will end."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def unmount_rootfs(handle: RootfsHandle) -> None:
-    """Unmount and wait for the server; raise when it failed to commit."""
-    from occlumfs.errors import NotSavedError
+    """Unmount and wait for the server; raise when it failed to commit.
+
+    A server that died leaves a dead mount: it is detached (lazily) so the next
+    run can mount again, and the run fails all the same.
+    """
     from occlumfs.mount import umount
 
+    problem = None
     try:
         umount(handle.mountpoint)
-    except NotSavedError:
-        pass  # the server's exit status says so too: reported below, in this command's words
-    finally:
-        _pid, status = os.waitpid(handle.server_pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    except OcclumfsError as exc:
+        problem = str(exc)
+        subprocess.run(["fusermount3", "-uz", str(handle.mountpoint)], capture_output=True)
+    _pid, status = os.waitpid(handle.server_pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0 or problem:
+        why = problem or (f"server killed by signal {-code}" if code < 0 else "see the log")
         raise OcclumfsError(
-            f"committing the instance's writable layer FAILED: data written in this run "
-            f"may be lost; see {handle.log_file}"
+            f"committing the instance's writable layer FAILED ({why}): data written in "
+            f"this run may be lost; see {handle.log_file}"
         )

@@ -18,11 +18,23 @@ from pathlib import Path
 from libos.build import VerifiedBuild, rootfs_layers, verify_build
 from libos.config import Config
 from libos.instance import Instance
-from libos.rootfs import mount_rootfs, unmount_rootfs
+from libos.rebase import rebase_store
+from libos.rootfs import mount_rootfs, sefs_state_dir, unmount_rootfs
 from libos.sandbox import Limits, Sandbox, apply_limits, release_limits
 from occlumfs.errors import InUseError, NotFoundError, UsageError
 
-FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+# What occlum run passes on to the sandbox's programs: the terminal's Ctrl-C
+# and Ctrl-\ and window changes reach occlum run's process group, not the
+# sandbox (its own session), and kill/SIGTERM/hang-up are for the program.
+FORWARDED = (
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGWINCH,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
 
 
 def check_entry_point(path: str, entry_points: list[str]) -> None:
@@ -53,7 +65,7 @@ def program_env(config: Config, host: dict[str, str] | None = None) -> dict[str,
     return env
 
 
-def sandbox_for(build: VerifiedBuild, root: Path, tmpfs: list[str]) -> Sandbox:
+def sandbox_for(build: VerifiedBuild, root: Path) -> Sandbox:
     """The sandbox the config describes, with ``root`` as ``/``."""
     config = build.config
     rootfs_layers(config)
@@ -76,9 +88,7 @@ def sandbox_for(build: VerifiedBuild, root: Path, tmpfs: list[str]) -> Sandbox:
         tasks=config.get("resource_limits", "max_num_of_threads"),
         stack=config.size("process", "default_stack_size"),
     )
-    return Sandbox(
-        root=root, binds=binds, proc=proc, dev=dev, tmpfs=["/tmp", *tmpfs], limits=limits
-    )
+    return Sandbox(root=root, binds=binds, proc=proc, dev=dev, tmpfs=["/tmp"], limits=limits)
 
 
 @contextlib.contextmanager
@@ -101,57 +111,6 @@ def instance_lock(instance: Instance):
         os.close(fd)
 
 
-def run(instance: Instance, program: str, args: list[str], image_key: Path | None = None) -> int:
-    """Run ``program`` in ``instance``; its exit status (128 + signal when killed)."""
-    with instance_lock(instance):
-        build = verify_build(instance, image_key)
-        check_entry_point(program, build.config.entry_points)
-        handle = mount_rootfs(build)
-        status = None
-        try:
-            inside = handle.mountpoint / posixpath.relpath(program, "/")
-            if not os.path.lexists(inside):
-                raise NotFoundError(f"{program}: no such program in the instance")
-            sandbox = sandbox_for(build, handle.mountpoint, handle.writable_tmpfs)
-            apply_limits(sandbox.limits, f"occlum-{os.getpid()}")
-            print(f"occlum: {sandbox.limits.describe()}", file=sys.stderr, flush=True)
-            try:
-                status = _run_program(sandbox, [program, *args], program_env(build.config))
-            finally:
-                release_limits(sandbox.limits)
-        finally:
-            unmount_rootfs(handle)
-        return status
-
-
-def _run_program(sandbox: Sandbox, command: list[str], env: dict[str, str]) -> int:
-    # The terminal's Ctrl-C (SIGINT, SIGQUIT) reaches the program directly: it
-    # is in our process group. We wait for its status instead of dying (a
-    # handler, not SIG_IGN, which the program would inherit); other signals
-    # sent to us are forwarded to it.
-    saved = {s: signal.signal(s, _note) for s in (signal.SIGINT, signal.SIGQUIT)}
-    proc = None
-
-    def forward(signum, _frame):
-        if proc is not None:
-            proc.signal(signum)
-
-    saved.update({s: signal.signal(s, forward) for s in FORWARDED})
-    try:
-        proc = sandbox.spawn(command, env)
-        return proc.wait()
-    finally:
-        if proc is not None and proc.proc.poll() is None:
-            proc.kill()
-            proc.proc.wait()
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
-
-
-def _note(signum, frame) -> None:
-    return None
-
-
 def running_pid(instance: Instance) -> int | None:
     """The pid holding the instance lock, or None when nobody runs it."""
     try:
@@ -168,3 +127,54 @@ def running_pid(instance: Instance) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def run(instance: Instance, program: str, args: list[str], image_key: Path | None = None) -> int:
+    """Run ``program`` in ``instance``; its exit status (128 + signal when killed)."""
+    with instance_lock(instance):
+        build = verify_build(instance, image_key)
+        check_entry_point(program, build.config.entry_points)
+        moved = rebase_store(build, sefs_state_dir())
+        if moved is not None:
+            print(
+                "occlum: moved the writable layer onto this build "
+                f"({moved['data_copied']} file(s) copied in from the previous image)",
+                file=sys.stderr,
+                flush=True,
+            )
+        handle = mount_rootfs(build)
+        status = None
+        try:
+            inside = handle.mountpoint / posixpath.relpath(program, "/")
+            if not os.path.lexists(inside):
+                raise NotFoundError(f"{program}: no such program in the instance")
+            sandbox = sandbox_for(build, handle.mountpoint)
+            apply_limits(sandbox.limits, f"occlum-{os.getpid()}")
+            print(f"occlum: {sandbox.limits.describe()}", file=sys.stderr, flush=True)
+            try:
+                status = _run_program(sandbox, [program, *args], program_env(build.config))
+            finally:
+                release_limits(sandbox.limits)
+        finally:
+            unmount_rootfs(handle)
+        return status
+
+
+def _run_program(sandbox: Sandbox, command: list[str], env: dict[str, str]) -> int:
+    """Run ``command`` to its end, forwarding signals to it; its status."""
+    proc = None
+
+    def forward(signum, _frame):
+        if proc is not None:
+            proc.signal(signum)
+
+    saved = {s: signal.signal(s, forward) for s in FORWARDED}
+    try:
+        proc = sandbox.spawn(command, env)
+        return proc.wait()
+    finally:
+        if proc is not None and proc.proc.poll() is None:
+            proc.kill()
+            proc.proc.wait()
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)

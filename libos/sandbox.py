@@ -29,7 +29,7 @@ import resource
 import shutil
 import signal
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from occlumfs.errors import NotFoundError, OcclumfsError
@@ -98,9 +98,16 @@ def _make_cgroup(parent: Path | None, name: str, files: dict[str, str]) -> Path 
 
 
 def apply_limits(limits: Limits, name: str) -> Limits:
-    """Create cgroups for ``limits`` (v2, else v1), else fall back to rlimits."""
+    """Create cgroups for ``limits`` (v2, else v1), else fall back to rlimits.
+
+    ``$OCCLUM_LIMITS=rlimits`` skips the cgroups (a host whose cgroups are
+    managed by something else, and the tests of the fallback).
+    """
     if not limits.memory and not limits.tasks:
         limits.how = "none"
+        return limits
+    if os.environ.get("OCCLUM_LIMITS") == "rlimits":
+        limits.how = "rlimits"
         return limits
     v2 = _own_cgroup("")
     if v2 is not None and _unified_root() is not None:
@@ -144,8 +151,19 @@ def release_limits(limits: Limits) -> None:
     limits.cgroups = []
 
 
+def _enter_child(limits: Limits) -> None:
+    """In bubblewrap's process, before exec: its own process group, and the limits.
+
+    Its own group: the terminal's Ctrl-C goes to the caller's group only, not
+    to bubblewrap's monitor (which dies of SIGINT and takes the sandbox with
+    it); the caller forwards the signal to the programs instead.
+    """
+    os.setpgid(0, 0)
+    _enter_limits(limits)
+
+
 def _enter_limits(limits: Limits) -> None:
-    """In the child, before exec: join the cgroups, or set rlimits."""
+    """Join the cgroups, or set rlimits."""
     for path in limits.cgroups:
         (path / "cgroup.procs").write_text(str(os.getpid()))
     if limits.how == "rlimits":
@@ -170,20 +188,33 @@ class Sandbox:
     tmpfs: list[str] = field(default_factory=lambda: ["/tmp"])
     hostname: str = "occlum"
     limits: Limits = field(default_factory=Limits)
+    pidns_fd: int | None = None  # join this pid namespace instead of making one
+
+    def joined(self, first: SandboxProcess) -> Sandbox:
+        """The same sandbox for another program, in ``first``'s pid namespace.
+
+        ``occlum exec`` runs each program this way: the same root, binds and
+        limits, and one pid namespace, so programs see and can signal each
+        other. The caller closes ``pidns_fd`` when done.
+        """
+        fd = os.open(f"/proc/{first.init_pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        return replace(self, pidns_fd=fd)
 
     def argv(self, command: list[str], cwd: str = "/", status_fd: int | None = None) -> list[str]:
         bwrap = shutil.which("bwrap")
         if bwrap is None:
             raise NotFoundError("bwrap not found (Debian package: bubblewrap)")
+        pid = ["--unshare-pid"] if self.pidns_fd is None else ["--pidns", str(self.pidns_fd)]
         args = [
             bwrap,
-            "--unshare-pid",
+            *pid,
             "--unshare-ipc",
             "--unshare-uts",
             "--unshare-cgroup-try",
             "--hostname",
             self.hostname,
             "--die-with-parent",
+            "--new-session",
             "--cap-drop",
             "ALL",
             "--bind",
@@ -224,8 +255,8 @@ class Sandbox:
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
-                pass_fds=(status_w,),
-                preexec_fn=lambda: _enter_limits(self.limits),
+                pass_fds=(status_w,) if self.pidns_fd is None else (status_w, self.pidns_fd),
+                preexec_fn=lambda: _enter_child(self.limits),
             )
         except BaseException:
             os.close(status_r)

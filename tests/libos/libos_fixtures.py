@@ -4,6 +4,7 @@ would shadow the top-level one). Real command, binaries, bwrap and FUSE."""
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,15 @@ import pytest
 
 from occlumfs.mount import mounted_paths
 
-__all__ = ["_machine_state", "built", "hello_world", "occlum", "run_occlum"]
+__all__ = [
+    "_machine_state",
+    "built",
+    "hello_world",
+    "occlum",
+    "pty_expect",
+    "pty_read",
+    "run_occlum",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -81,3 +90,28 @@ def built(tmp_path, hello_world, occlum) -> Path:
     (inst / "image/bin/busybox").chmod(0o755)
     occlum("build", cwd=inst)
     return inst
+
+
+CURSOR_QUERY = b"\x1b[6n"  # busybox's line editor asks where the cursor is
+
+
+def pty_read(fd: int, seen: bytearray, timeout: float) -> bool:
+    """Read what the terminal shows (answering cursor queries as a terminal does)."""
+    ready, _, _ = select.select([fd], [], [], timeout)
+    if not ready:
+        return False
+    try:
+        chunk = os.read(fd, 4096)
+    except OSError:
+        chunk = b""
+    assert chunk, f"terminal closed; got {bytes(seen)[-300:]!r}"
+    for _ in range(chunk.count(CURSOR_QUERY)):
+        os.write(fd, b"\x1b[1;1R")
+    seen += chunk.replace(CURSOR_QUERY, b"")
+    return True
+
+
+def pty_expect(fd: int, want: bytes, seen: bytearray, timeout: float = 20.0) -> None:
+    while want not in seen:
+        assert pty_read(fd, seen, timeout), f"timed out waiting for {want!r}; got {bytes(seen)!r}"
+    del seen[: seen.index(want) + len(want)]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from libos_fixtures import *  # noqa: F403 (the fixtures of tests/libos)
+from libos_fixtures import pty_expect
 
-# Every program runs on the instance's union rootfs, served over FUSE.
-pytestmark = pytest.mark.fuse
+pytestmark = pytest.mark.fuse  # occlum run serves the rootfs over FUSE
 
 # The host's (Debian's) python3 and its standard library, e.g. /usr/lib/python3.11.
 HOST_PY = Path("/usr/lib") / Path("/usr/bin/python3").resolve().name
@@ -118,11 +118,141 @@ def test_data_written_by_busybox_persists_and_a_failed_commit_is_loud(built, occ
     assert "FAILED" in failed.stderr and "Traceback" not in failed.stderr
 
 
-def test_an_image_rebuild_under_an_old_store_refuses_in_one_line(built, occlum):
+def test_user_data_survives_an_image_rebuild(built, occlum):
+    script = (
+        "echo mine > /root/x; echo 10.0.0.1 extra >> /etc/hosts; rm /etc/resolv.conf; "
+        "mkdir -p /root/d && echo deep > /root/d/f"
+    )
+    occlum("run", "/bin/busybox", "sh", "-c", script, cwd=built)
+    (built / "image/bin/added").write_text("new file\n")
+    (built / "image/etc/hosts").write_text("127.0.0.1 rebuilt\n")
+    occlum("build", cwd=built)
+    assert any((built / "build/mount/__ROOT/previous").iterdir())  # kept for the move
+    show = "cat /root/x /root/d/f /bin/added /etc/hosts; ls /etc/resolv.conf || echo gone"
+    done = occlum("run", "/bin/busybox", "sh", "-c", show, cwd=built)
+    assert "moved the writable layer onto this build" in done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:3] == ["mine", "deep", "new file"]
+    # The user's copy of /etc/hosts is theirs (copied up before the rebuild).
+    assert "10.0.0.1 extra" in lines and "127.0.0.1 rebuilt" not in lines
+    assert lines[-1] == "gone"  # a deletion stays a deletion
+    assert not (built / "build/mount/__ROOT/previous").exists()
+    again = occlum("run", "/bin/busybox", "cat", "/root/x", cwd=built)
+    assert again.stdout == "mine\n" and "moved" not in again.stderr
+
+
+def test_a_store_whose_build_is_gone_refuses_in_one_line(built, occlum):
+    import shutil
+
     occlum("run", "/bin/busybox", "sh", "-c", "echo x > /root/x", cwd=built)
     (built / "image/bin/added").write_text("new file\n")
     occlum("build", cwd=built)
+    shutil.rmtree(built / "build/mount/__ROOT/previous")
     done = occlum("run", "/bin/busybox", "cat", "/root/x", cwd=built, check=False)
     assert done.returncode == 13, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "another build of the image" in lines[0]
+
+
+def test_a_killed_server_fails_the_run_loudly_and_the_next_run_recovers(built, occlum):
+    import signal
+    import subprocess
+    import sys
+
+    occlum("run", "/bin/busybox", "sh", "-c", "echo committed > /root/kept", cwd=built)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "libos", "run", "/bin/busybox", "sh", "-c",
+         "echo up; read x; echo lost > /root/lost; echo after"],
+        cwd=built, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline() == b"up\n"
+        # The FUSE server is occlum run's child that is not bubblewrap.
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        server = [
+            int(c) for c in children if b"bwrap" not in Path(f"/proc/{c}/cmdline").read_bytes()
+        ]
+        assert len(server) == 1, children
+        os.kill(server[0], signal.SIGKILL)
+        _out, err = proc.communicate(b"\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1
+    assert "FAILED" in err.decode() and "Traceback" not in err.decode()
+    # The dead mount was cleared and the last commit is intact.
+    done = occlum("run", "/bin/busybox", "cat", "/root/kept", cwd=built)
+    assert done.stdout == "committed\n"
+
+
+def test_the_python3_repl_on_a_terminal(tmp_path, occlum):
+    import pty
+    import sys
+
+    occlum("new", "inst", cwd=tmp_path)
+    inst = tmp_path / "inst"
+    (tmp_path / "python.yaml").write_text(PYTHON_BOM)
+    occlum("copy-bom", "-f", tmp_path / "python.yaml", "--root", inst / "image", cwd=tmp_path)
+    occlum("build", cwd=inst)
+    pid, fd = pty.fork()
+    if pid == 0:
+        try:
+            os.chdir(inst)
+            argv = [sys.executable, "-m", "libos", "run", "/bin/python3", "-q"]
+            os.execve(sys.executable, argv, dict(os.environ))
+        finally:
+            os._exit(127)
+    seen = bytearray()
+    try:
+        pty_expect(fd, b">>> ", seen)
+        os.write(fd, b"import ssl, os; print('tty', os.isatty(0), ssl.OPENSSL_VERSION[:7])\n")
+        pty_expect(fd, b"tty True OpenSSL", seen)
+        os.write(fd, b"input('waiting> ')\n")
+        pty_expect(fd, b"waiting> ", seen)
+        os.write(fd, b"\x03")  # Ctrl-C reaches the REPL, not occlum run or bubblewrap
+        pty_expect(fd, b"KeyboardInterrupt", seen)
+        pty_expect(fd, b">>> ", seen)
+        os.write(fd, b"raise SystemExit(7)\n")
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.waitstatus_to_exitcode(status) == 7
+    finally:
+        os.close(fd)
+        if pid:
+            os.waitpid(pid, 0)
+
+
+def test_when_occlum_run_is_killed_the_server_still_commits(built, occlum):
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "libos", "run", "/bin/busybox", "sh", "-c",
+         "echo saved > /root/a; echo up; read x"],
+        cwd=built, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline() == b"up\n"
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        server = [
+            int(c) for c in children if b"bwrap" not in Path(f"/proc/{c}/cmdline").read_bytes()
+        ]
+        assert len(server) == 1
+        pidfd = os.pidfd_open(server[0])
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ready, _, _ = select.select([pidfd], [], [], 60)  # the server ends on its own
+        os.close(pidfd)
+        assert ready, "the server outlived occlum run"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+        proc.stderr.close()
+    done = occlum("run", "/bin/busybox", "cat", "/root/a", cwd=built)
+    assert done.stdout == "saved\n"

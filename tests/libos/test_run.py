@@ -11,8 +11,9 @@ from libos_fixtures import *  # noqa: F403 (the fixtures of tests/libos)
 
 from occlumfs.mount import mounted_paths
 
+pytestmark = pytest.mark.fuse  # occlum run serves the rootfs over FUSE
 
-@pytest.mark.fuse
+
 def test_seed_flow_prints_hello_world(tmp_path, hello_world, occlum):
     # occlum-gcc hello_world.c -o hello_world; occlum new; cp; occlum build; occlum run
     assert b"ld-musl" in hello_world.read_bytes()  # a musl program, as occlum-gcc makes
@@ -72,7 +73,6 @@ ls /host/.occlum | wc -l
 """
 
 
-@pytest.mark.fuse
 def test_busybox_script_with_pipes_subshells_and_jobs(built, occlum):
     (built / "script.sh").write_text(BUSYBOX_SCRIPT)
     done = occlum("run", "/bin/busybox", "sh", "/host/script.sh", cwd=built)
@@ -93,7 +93,6 @@ def test_busybox_script_with_pipes_subshells_and_jobs(built, occlum):
     assert int(pid_line) < 10
 
 
-@pytest.mark.fuse
 def test_exit_status_and_signal_status_propagate(built, occlum):
     assert (
         occlum("run", "/bin/busybox", "sh", "-c", "exit 42", cwd=built, check=False).returncode
@@ -103,7 +102,6 @@ def test_exit_status_and_signal_status_propagate(built, occlum):
     assert killed.returncode == 128 + 9
 
 
-@pytest.mark.fuse
 def test_env_default_and_untrusted(built, occlum):
     config = json.loads((built / "Occlum.json").read_text())
     config["env"] = {"default": ["OCCLUM=yes", "FOO=trusted"], "untrusted": ["FOO", "BAR"]}
@@ -117,7 +115,6 @@ def test_env_default_and_untrusted(built, occlum):
     assert "FOO=host-wins" in over.stdout.splitlines()
 
 
-@pytest.mark.fuse
 def test_entry_points_are_enforced(built, occlum):
     for bad in ("bin/hello_world", "/bin/../bin/hello_world", "/binx/hello_world", "/etc/hosts"):
         done = occlum("run", bad, cwd=built, check=False)
@@ -127,7 +124,6 @@ def test_entry_points_are_enforced(built, occlum):
     assert missing.returncode == 14 and "no such program" in missing.stderr
 
 
-@pytest.mark.fuse
 def test_run_reads_the_build_not_the_config(built, occlum):
     config = json.loads((built / "Occlum.json").read_text())
     config["entry_points"] = ["/sbin"]
@@ -187,7 +183,6 @@ def test_refuses_a_swapped_layer(built, occlum, tmp_path):
     _one_line(occlum("run", "/bin/hello_world", cwd=built, check=False), 13, "digest mismatch")
 
 
-@pytest.mark.fuse
 def test_a_tampered_program_byte_never_runs(built, occlum, hello_world):
     layer = built / "build/mount/__ROOT/image.layer"
     data = bytearray(layer.read_bytes())
@@ -217,11 +212,11 @@ def test_malformed_config_names_key_and_line(built, occlum):
     assert done.returncode == 15 and "Occlum.json:" in done.stderr
 
 
-@pytest.mark.fuse
-def test_a_second_run_refuses_while_one_runs(built, occlum):
+def test_a_second_run_refuses_while_one_runs_and_status_shows_it(built, occlum):
     import subprocess
     import sys
 
+    assert occlum("status", cwd=built).stdout == "built\n"
     first = subprocess.Popen(
         [sys.executable, "-m", "libos", "run", "/bin/busybox", "sh", "-c", "echo up; read x"],
         cwd=built,
@@ -233,15 +228,17 @@ def test_a_second_run_refuses_while_one_runs(built, occlum):
         assert first.stdout.readline() == b"up\n"  # the first run holds the instance now
         second = occlum("run", "/bin/hello_world", cwd=built, check=False)
         _one_line(second, 16, "in use")
+        shown = occlum("status", cwd=built).stdout.splitlines()
+        assert shown[0] == "built" and shown[1] == f"running (pid {first.pid})"
     finally:
         first.stdin.write(b"\n")
         first.stdin.close()
         assert first.wait(timeout=60) == 0
         first.stdout.close()
         first.stderr.close()
+    assert occlum("status", cwd=built).stdout == "built\n"
 
 
-@pytest.mark.fuse
 def test_sign_with_rsa_3072_and_ed25519_keys(built, occlum, tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -283,7 +280,6 @@ def test_sign_with_rsa_3072_and_ed25519_keys(built, occlum, tmp_path):
     )
 
 
-@pytest.mark.fuse
 def test_image_key_encrypts_the_layer(built, occlum, tmp_path):
     key = tmp_path / "image.key"
     key.write_text("-".join(["a5"] * 16) + "\n")
@@ -298,7 +294,6 @@ def test_image_key_encrypts_the_layer(built, occlum, tmp_path):
     )
 
 
-@pytest.mark.fuse
 def test_occlum_gxx_programs_run_inside(built, occlum, tmp_path):
     src = tmp_path / "hi.cc"
     src.write_text('#include <iostream>\nint main() { std::cout << "hi C++" << std::endl; }\n')
@@ -315,7 +310,6 @@ def test_new_refuses_an_existing_directory(tmp_path, occlum):
     assert Path(tmp_path / "x/Occlum.json").is_file()
 
 
-@pytest.mark.fuse
 def test_sigterm_to_occlum_run_reaches_the_program(built):
     import signal
     import subprocess
@@ -346,7 +340,6 @@ def _set_limits(inst: Path, **limits) -> None:
     (inst / "Occlum.json").write_text(json.dumps(config, indent=4))
 
 
-@pytest.mark.fuse
 def test_resource_limits_are_enforced(built, occlum):
     _set_limits(built, user_space_size="24MB", max_num_of_threads=8)
     occlum("build", cwd=built)
@@ -379,3 +372,17 @@ def test_resource_limits_are_enforced(built, occlum):
     many = occlum("run", "/bin/busybox", "sh", "-c", forks, cwd=built, check=False)
     if "cgroup" in many.stderr:
         assert "can't fork" in many.stderr or "Resource temporarily" in many.stderr, many.stderr
+
+
+def test_without_cgroups_the_limits_become_rlimits(built, occlum):
+    _set_limits(built, user_space_size="24MB", max_num_of_threads=8)
+    occlum("build", cwd=built)
+    env = {"OCCLUM_LIMITS": "rlimits"}
+    big = occlum(
+        "run", "/bin/busybox", "dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1",
+        cwd=built, check=False, env=env,
+    )  # fmt: skip
+    assert "resource limits via rlimits (memory 24MB, 8 tasks)" in big.stderr
+    assert big.returncode != 0 and "memory" in big.stderr.lower()
+    limits = occlum("run", "/bin/busybox", "sh", "-c", "ulimit -v; ulimit -s", cwd=built, env=env)
+    assert limits.stdout.split() == [str(24 * 1024), str(4 * 1024)]  # KiB: AS, stack
