@@ -51,6 +51,7 @@ def test_an_unpinned_image_is_reported_through_warn_and_a_pinned_one_is_not(imag
     fs = open_filesystem(None, path, warn=said.append)
     fs.close()
     assert len(said) == 1 and "no digest pinned" in said[0] and str(path) in said[0]
+    assert "authenticated by nothing" in said[0]  # a plain image: say what that means
     said.clear()
     fs = open_filesystem("image", path, digest=digest, warn=said.append)
     try:
