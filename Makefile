@@ -10,7 +10,7 @@ MIN_BIN  := $(VENV_MIN)/bin
 # What the library and its tests need on the host.
 APT_PKGS       := fuse3 libfuse3-dev pkg-config gcc python3-dev bubblewrap attr musl-tools busybox-static sqlite3
 # The peers the benchmarks measure against, in the same run.
-BENCH_APT_PKGS := fuse-overlayfs gocryptfs securefs fio
+BENCH_APT_PKGS := fuse-overlayfs gocryptfs securefs fio openssl git
 
 .PHONY: all sysdeps bench-sysdeps venv venv-min test test-fast test-floors demo bench lint format clean
 
@@ -58,8 +58,10 @@ test-floors: sysdeps venv-min
 demo: sysdeps venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo
 
+# The filesystems' suites (image, sefs, union, soak), then the occlum command's.
 bench: bench-sysdeps venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m libos.bench
 
 lint: venv
 	$(BIN)/ruff check .
