@@ -65,6 +65,11 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
             readahead_kb=readahead or None,
         )
         self._handles: dict[int, FileHandle | DirHandle] = {}
+        # The kernel's references to each inode shown (lookups, listed entries,
+        # new entries) and the open file handles on it: a non-directory with
+        # neither is dropped from the node table (see forget).
+        self._lookups: dict[int, int] = {}
+        self._opens: dict[int, int] = {}
         self._next_fh = 1
         self._tmp_counter = 0
         root = Node(ROOT_INO, True, ROOT_INO, b"", upper=ROOT_INO)
@@ -73,6 +78,10 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
         self._bind_lowers()
 
     # -- lifecycle ----------------------------------------------------------------------
+    def kernel_keeps_file_times(self) -> None:
+        # Every regular file the kernel writes lives in the upper (after a copy-up).
+        self.upper.kernel_keeps_file_times()
+
     def started_serving(self) -> None:
         self.upper.started_serving()
         for lower in self.lowers:
@@ -273,10 +282,35 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
     def lookup(self, parent: int, name: bytes) -> Attr:
         pnode = self._dir_node(parent)
         if name == b".":
-            return self._attr(pnode)
+            return self._counted(self._attr(pnode))
         if name == b"..":
-            return self._attr(self._node(pnode.parent))
-        return self._attr(self._resolve(pnode, name))
+            return self._counted(self._attr(self._node(pnode.parent)))
+        return self._counted(self._attr(self._resolve(pnode, name)))
+
+    def _counted(self, attr: Attr) -> Attr:
+        """``attr`` as an entry handed out: the kernel holds one more reference to it."""
+        self._lookups[attr.ino] = self._lookups.get(attr.ino, 0) + 1
+        return attr
+
+    def forget(self, ino: int, nlookup: int) -> None:
+        """Drop a non-directory the kernel no longer references and nobody has open.
+
+        Nothing is lost: the next lookup resolves it again from the layers, as
+        after a remount. Directories stay: their nodes hold the lower stacks
+        and are the parents copy-ups walk up through.
+        """
+        left = self._lookups.get(ino, 0) - nlookup
+        if left > 0:
+            self._lookups[ino] = left
+            return
+        self._lookups.pop(ino, None)
+        self._drop_if_unused(ino)
+
+    def _drop_if_unused(self, ino: int) -> None:
+        node = self._nodes.get(ino)
+        unused = ino not in self._lookups and ino not in self._opens
+        if node is not None and not node.is_dir and unused:
+            del self._nodes[ino]
 
     def getattr(self, ino: int) -> Attr:
         return self._attr(self._node(ino))
@@ -289,6 +323,9 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
         return self.lowers[layer].readlink(lino)
 
     def _new_handle(self, handle: FileHandle | DirHandle) -> int:
+        if isinstance(handle, FileHandle):
+            ino = handle.node.ino
+            self._opens[ino] = self._opens.get(ino, 0) + 1
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = handle
@@ -345,11 +382,11 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
                 if any(self._lower_lookup(al, ad, name) is not None for al, ad in above):
                     continue
                 if alone and (entry.attr.nlink == 1 or entry.attr.is_dir):
-                    attr = self._attr_alone(node, layer, name, entry.attr)
+                    attr = self._counted(self._attr_alone(node, layer, name, entry.attr))
                     yield DirEntry(name, attr, L.pack_cookie(here, entry.next_offset))
                     continue
                 try:
-                    attr = self._attr(self._resolve(node, name))
+                    attr = self._counted(self._attr(self._resolve(node, name)))
                 except FSError as exc:
                     if exc.errno == errno.ENOENT:
                         continue
@@ -365,7 +402,9 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
                 continue
             if stack and self._listed_below(node, name):
                 continue
-            attr = self._attr(self._remember(self._upper_node(node, name, entry.attr)))
+            attr = self._counted(
+                self._attr(self._remember(self._upper_node(node, name, entry.attr)))
+            )
             yield DirEntry(name, attr, L.pack_cookie(last, entry.next_offset))
 
     def _attr_alone(self, pnode: Node, layer: int, name: bytes, attr: Attr) -> Attr:
@@ -428,6 +467,12 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
         handle = self._handles.pop(fh, None)
         if not isinstance(handle, FileHandle):
             raise FSError(errno.EBADF)
+        ino = handle.node.ino
+        left = self._opens.pop(ino) - 1
+        if left:
+            self._opens[ino] = left
+        else:
+            self._drop_if_unused(ino)
         self._file_fs(handle).release(handle.fh)
 
     def statfs(self) -> StatFs:
