@@ -58,10 +58,17 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
         self.read_only = read_only or upper.info.read_only
         # Lower data is best read in the runs its layers ask for.
         readahead = max((lower.info.readahead_kb or 0 for lower in self.lowers), default=0)
+        # Nothing changes behind the kernel's back: the lowers are immutable and
+        # the upper's store is locked to this union. What the kernel caches of
+        # names and attributes stays true as long as the lowers say theirs does.
+        timeout = upper.info.cache_timeout
+        if all(lower.info.immutable for lower in self.lowers):
+            timeout = max(timeout, min(lower.info.cache_timeout for lower in self.lowers))
         self.info = FsInfo(
             name=name,
             subtype="occlumfs-union",
             read_only=self.read_only,
+            cache_timeout=timeout,
             readahead_kb=readahead or None,
         )
         self._handles: dict[int, FileHandle | DirHandle] = {}
@@ -366,8 +373,9 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
         n = len(self.lowers)
         is_root = node.ino == ROOT_INO
         stack = node.stack
-        # A directory only one lower holds: each entry is what the union shows.
-        alone = node.upper is None and len(stack) == 1
+        # Over one lower directory, an entry whose name the upper does not hold is
+        # what that lower shows: no need to look it up in every layer again.
+        upper_names = self._upper_names(handle) if len(stack) == 1 else None
         for depth, (layer, ldir) in enumerate(stack):
             here = n - layer
             if here < phase:
@@ -381,7 +389,11 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
                     continue
                 if any(self._lower_lookup(al, ad, name) is not None for al, ad in above):
                     continue
-                if alone and (entry.attr.nlink == 1 or entry.attr.is_dir):
+                if (
+                    upper_names is not None
+                    and name not in upper_names
+                    and (entry.attr.nlink == 1 or entry.attr.is_dir)
+                ):
                     attr = self._counted(self._attr_alone(node, layer, name, entry.attr))
                     yield DirEntry(name, attr, L.pack_cookie(here, entry.next_offset))
                     continue
@@ -406,6 +418,14 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
                 self._attr(self._remember(self._upper_node(node, name, entry.attr)))
             )
             yield DirEntry(name, attr, L.pack_cookie(last, entry.next_offset))
+
+    def _upper_names(self, handle: DirHandle) -> frozenset[bytes]:
+        """The names in the upper directory of a listing (whiteouts included)."""
+        upper = handle.node.upper
+        if upper is None:
+            return frozenset()
+        fh = self._layer_dir_fh(handle, -1, upper)
+        return frozenset(entry.name for entry in self.upper.readdir(fh, 0))
 
     def _attr_alone(self, pnode: Node, layer: int, name: bytes, attr: Attr) -> Attr:
         """What the union shows of entry ``attr`` of the one lower under ``pnode``
@@ -482,6 +502,8 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
         if L.is_private_xattr(name):
             raise FSError(errno.ENODATA)
         fs, lino = self._meta_source(self._node(ino))
+        if not fs.info.has_xattrs:  # `ls -l` asks this of every file it lists
+            raise FSError(errno.ENODATA)
         return fs.getxattr(lino, name)
 
     def listxattr(self, ino: int) -> list[bytes]:
