@@ -4,13 +4,18 @@ kernel keeps (writeback cache) survive a remount."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
 from conftest import mounted
 
+from occlumfs.errors import FSError
 from occlumfs.fs import ROOT_INO, AttrChanges, Caller, iter_dir, lookup_path
+from occlumfs.keys import write_key_file
+from occlumfs.merkle import build_image
+from occlumfs.unionfs import Lower, open_union
 from unionfs.helpers import Stack, read
 
 ROOT = Caller()
@@ -142,3 +147,28 @@ def test_what_the_kernel_forgets_it_finds_again_unchanged(layers, tmp_path):
     fields = ("st_ino", "st_mode", "st_nlink", "st_size", "st_mtime_ns", "st_ctime_ns")
     for n in names:
         assert [getattr(after[n], f) for f in fields] == [getattr(before[n], f) for f in fields], n
+
+
+def test_facts_the_union_states_from_its_layers(stack, tmp_path):
+    # Names and attributes stay true as long as the (immutable) lowers say.
+    assert stack.fs.info.cache_timeout == min(lo.info.cache_timeout for lo in stack.fs.lowers)
+    assert stack.fs.info.cache_timeout > stack.fs.upper.info.cache_timeout
+    # Over a lower without xattrs: none to show, until one is set through the union.
+    tree = tmp_path / "plain"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"plain\n")
+    image = tmp_path / "plain.img"
+    digest = build_image(tree, image)
+    key = write_key_file(tmp_path / "k")
+    fs = open_union([Lower(image, digest)], tmp_path / "up", key=key, create=True)
+    try:
+        assert not fs.lowers[0].info.has_xattrs
+        ino = fs.lookup(ROOT_INO, b"f").ino
+        with pytest.raises(FSError) as caught:
+            fs.getxattr(ino, b"security.selinux")
+        assert caught.value.errno == errno.ENODATA
+        fs.setxattr(ino, b"user.k", b"v")
+        assert fs.getxattr(ino, b"user.k") == b"v"
+        assert read(fs, "f") == b"plain\n"
+    finally:
+        fs.close()
