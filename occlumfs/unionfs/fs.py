@@ -424,8 +424,15 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
         upper = handle.node.upper
         if upper is None:
             return frozenset()
-        fh = self._layer_dir_fh(handle, -1, upper)
-        return frozenset(entry.name for entry in self.upper.readdir(fh, 0))
+        # A large listing takes many readdir calls: read the names again only
+        # when the directory changed (any change moves its ctime).
+        attr = self.upper.getattr(upper)
+        stamp = (attr.mtime_ns, attr.ctime_ns)
+        if handle.upper_stamp != stamp:
+            fh = self._layer_dir_fh(handle, -1, upper)
+            handle.upper_names = frozenset(e.name for e in self.upper.readdir(fh, 0))
+            handle.upper_stamp = stamp
+        return handle.upper_names
 
     def _attr_alone(self, pnode: Node, layer: int, name: bytes, attr: Attr) -> Attr:
         """What the union shows of entry ``attr`` of the one lower under ``pnode``

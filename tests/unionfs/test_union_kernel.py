@@ -172,3 +172,21 @@ def test_facts_the_union_states_from_its_layers(stack, tmp_path):
         assert read(fs, "f") == b"plain\n"
     finally:
         fs.close()
+
+
+def test_a_listing_in_progress_shows_entries_copied_up_meanwhile(stack):
+    fs = stack.fs
+    tree = lookup_path(fs, "tree").ino
+    fs.release(fs.create(tree, b"new", 0o644, os.O_WRONLY, ROOT)[0])  # tree is in the upper now
+    fh = fs.opendir(tree)
+    try:
+        first = {e.name: e.attr.size for e in fs.readdir(fh, 0)}
+        assert first[b"top"] == len(b"bottom: tree/top\n")
+        wfh = fs.open(lookup_path(fs, "tree/top").ino, os.O_WRONLY | os.O_TRUNC)
+        fs.write(wfh, 0, b"now longer than it was below\n")
+        fs.release(wfh)
+        again = {e.name: e.attr.size for e in fs.readdir(fh, 0)}
+    finally:
+        fs.releasedir(fh)
+    assert again[b"top"] == len(b"now longer than it was below\n")
+    assert set(again) == set(first)
