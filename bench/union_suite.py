@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from bench import datasets
-from bench.image_suite import mkimage
-from bench.measure import Settings, mark_unavailable, measure, new_row, read_file
+from bench import measure as bm
+from bench.image_suite import build_untimed
 from bench.report import Row, SuiteReport
 from bench.stats import (
     MEGABYTES,
@@ -28,7 +28,6 @@ from bench.stats import (
     THROUGHPUT,
     Target,
     format_bytes,
-    throughput,
 )
 from bench.subjects import (
     OcclumfsSubject,
@@ -42,6 +41,7 @@ from bench.subjects import (
 from bench.system import CommandFailed, Unavailable, log, run, shell, timed
 
 TREE = "stdlib"
+NOWHERE = Path("/nonexistent")  # the image of a build that failed: mounting it fails
 
 
 class OcclumUnion(OcclumfsSubject):
@@ -121,7 +121,7 @@ def edit_tree(top: Path) -> int:
 
 
 class UnionSuite:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: bm.Settings) -> None:
         self.s = settings
         self.root = settings.scratch / "union"
         self.key = self.root / "union.key"
@@ -130,7 +130,7 @@ class UnionSuite:
     def union(self, tag: str, image: Path | None, digest: str) -> OcclumUnion:
         (self.root / "uppers").mkdir(exist_ok=True)
         subject = OcclumUnion(
-            image or Path("/nonexistent"),
+            image or NOWHERE,
             digest,
             self.root / "uppers" / tag,
             self.key,
@@ -140,19 +140,18 @@ class UnionSuite:
         self.mounts.append(subject)
         return subject
 
+    def peer(self, name: str, subject: Subject) -> Subject:
+        subject.name = name
+        self.mounts.append(subject)
+        return subject
+
     def overlay(self, tag: str, lower: Path) -> OverlayRW:
         subject = OverlayRW(lower, self.root / "overlay" / tag, self.root / "mnt" / f"ovl-{tag}")
         self.mounts.append(subject)
         return subject
 
     def image(self, src: Path, name: str) -> tuple[Path | None, str]:
-        image = self.root / "images" / name
-        log(f"building {name} (untimed)")
-        try:
-            return image, mkimage(src, image)
-        except Exception as exc:
-            log(f"building {name} FAILED: {exc}")
-            return None, ""
+        return build_untimed(src, self.root / "images" / name)
 
     def run(self) -> SuiteReport:
         report = SuiteReport("union", "Union of image layers and SEFS (issue 8)")
@@ -165,16 +164,7 @@ class UnionSuite:
             self._run(report)
         finally:
             teardown_all(self.mounts)
-        for subject in self.mounts:
-            if isinstance(subject, OcclumfsSubject):
-                problems = subject.log_problems()
-                if problems:
-                    report.notes.append(
-                        f"server log {subject.log_file.name}: {len(problems)} error line(s), "
-                        f"first: {problems[0][:200]}"
-                    )
-        if self.s.quick:
-            report.notes.append("--quick: toy sizes; these ratios do not judge the targets")
+        bm.note_server_logs(report, self.mounts, self.s.quick)
         return report
 
     def _run(self, report: SuiteReport) -> None:
@@ -195,7 +185,7 @@ class UnionSuite:
 
     def chmod_row(self, seq: Path, image: Path | None, digest: str) -> Row:
         ours, peer = self.union("chmod", image, digest), self.overlay("chmod", seq)
-        row = new_row(
+        row = bm.new_row(
             "union.chmod",
             f"chmod of a {format_bytes(self.s.size)} lower file (new upper each time)",
             SECONDS,
@@ -218,7 +208,7 @@ class UnionSuite:
             grew[subject.name] = max(grew.get(subject.name, 0), subject.upper_bytes() - before)
             return elapsed
 
-        measure([(row, sample)], [ours, peer], self.s.reps)
+        bm.measure([(row, sample)], [ours, peer], self.s.reps)
         row.notes.append(
             "the upper grew by at most: "
             + ", ".join(f"{name} {format_bytes(n)}" for name, n in grew.items())
@@ -228,15 +218,9 @@ class UnionSuite:
     def seq_read_row(self, seq: Path, image: Path | None, digest: str) -> Row:
         size = self.s.size
         ours = self.union("seq", image, digest)
-        peer = OcclumImage(
-            image or Path("/nonexistent"),
-            digest,
-            self.root / "mnt" / "image-seq",
-            self.s.log_dir / "union-image-seq.log",
-        )
-        peer.name = "image mount alone"
-        self.mounts.append(peer)
-        row = new_row(
+        mnt, log_file = self.root / "mnt" / "image-seq", self.s.log_dir / "union-image-seq.log"
+        peer = self.peer("image mount alone", OcclumImage(image or NOWHERE, digest, mnt, log_file))
+        row = bm.new_row(
             "union.read.seq",
             f"cold sequential read, {format_bytes(size)} lower file",
             THROUGHPUT,
@@ -244,32 +228,21 @@ class UnionSuite:
             [peer],
             Target("ratio_min", 0.9),
         )
-
-        def sample(subject: Subject) -> float:
-            with subject.mounted(self.s.drop_caches) as m:
-                n, seconds = read_file(m / "big.bin")
-            if n != size:
-                raise CommandFailed(f"read {n} bytes, expected {size}")
-            return throughput(n, seconds)
-
+        sample = bm.cold_read_sample("big.bin", size, self.s.drop_caches)
         if not digest:
-            mark_unavailable([row], peer, "failed: building the image failed")
-        measure([(row, sample)], [ours, peer], self.s.reps)
+            bm.mark_unavailable([row], peer, "failed: building the image failed")
+        bm.measure([(row, sample)], [ours, peer], self.s.reps)
         return row
 
     def untar_row(self, stdlib: Path, image: Path | None, digest: str, files: int) -> Row:
         tarball = self.root / "stdlib.tar"
         datasets.make_tarball(stdlib / TREE, tarball)
         ours = self.union("untar", image, digest)
-        peer = OcclumSefs(
-            self.root / "sefs-store",
-            self.key,
-            self.root / "mnt" / "sefs",
-            self.s.log_dir / "union-sefs.log",
+        mnt, log_file = self.root / "mnt" / "sefs", self.s.log_dir / "union-sefs.log"
+        peer = self.peer(
+            "SEFS alone", OcclumSefs(self.root / "sefs-store", self.key, mnt, log_file)
         )
-        peer.name = "SEFS alone"
-        self.mounts.append(peer)
-        row = new_row(
+        row = bm.new_row(
             "union.untar",
             f"untar stdlib ({files:,} files) into a new directory",
             SECONDS,
@@ -288,7 +261,7 @@ class UnionSuite:
                 return timed(["tar", "-xf", str(tarball), "-C", str(m / "untarred")])
 
         ours.setup()  # the key file, which SEFS alone shares
-        measure([(row, sample)], [ours, peer], self.s.reps)
+        bm.measure([(row, sample)], [ours, peer], self.s.reps)
         return row
 
     def tree_rows(
@@ -296,7 +269,7 @@ class UnionSuite:
     ) -> list[Row]:
         ours, peer = self.union("tree", image, digest), self.overlay("tree", stdlib)
         target = Target("ratio_max", 1.0)
-        ls_row = new_row(
+        ls_row = bm.new_row(
             "union.ls",
             f"cold ls -lR, stdlib ({files:,} files) + edits",
             SECONDS,
@@ -304,7 +277,7 @@ class UnionSuite:
             [peer],
             target,
         )
-        cat_row = new_row(
+        cat_row = bm.new_row(
             "union.readall",
             f"cold read of every file, stdlib ({format_bytes(nbytes)}) + edits",
             SECONDS,
@@ -319,19 +292,10 @@ class UnionSuite:
                     edits = edit_tree(m / TREE)
             except Exception as exc:
                 reason = exc.args[0] if isinstance(exc, Unavailable) else f"failed: {exc}"
-                mark_unavailable([ls_row, cat_row], subject, reason)
+                bm.mark_unavailable([ls_row, cat_row], subject, reason)
 
-        def ls_lr(subject: Subject) -> float:
-            with subject.mounted(self.s.drop_caches) as m:
-                return timed(shell(f"ls -lR '{m / TREE}' > /dev/null"))
-
-        def read_all(subject: Subject) -> float:
-            with subject.mounted(self.s.drop_caches) as m:
-                return timed(
-                    shell(f"cd '{m / TREE}' && find . -type f -print0 | xargs -0 cat > /dev/null")
-                )
-
-        measure([(ls_row, ls_lr), (cat_row, read_all)], [ours, peer], self.s.reps)
+        ls_lr, read_all = bm.tree_samples(TREE, self.s.drop_caches)
+        bm.measure([(ls_row, ls_lr), (cat_row, read_all)], [ours, peer], self.s.reps)
         for row in (ls_row, cat_row):
             row.notes.append(f"{edits} edits made through each mount first (untimed)")
         return [ls_row, cat_row]
@@ -342,7 +306,7 @@ class UnionSuite:
         datasets.many_files_tree(src / "many" / "tree", nfiles)
         image, digest = self.image(src / "many", "many.img")
         ours, peer = self.union("rss", image, digest), self.overlay("rss", src / "many")
-        row = new_row(
+        row = bm.new_row(
             "union.rss",
             f"server peak RSS: ls -lR and stat of a {nfiles:,}-file lower",
             MEGABYTES,
@@ -359,10 +323,10 @@ class UnionSuite:
                 raise CommandFailed("could not read the server's VmHWM")
             return subject.peak_rss_mb
 
-        measure([(row, sample)], [ours, peer], 1)
+        bm.measure([(row, sample)], [ours, peer], 1)
         row.notes.append("VmHWM of the server process over one mount (one pass)")
         return row
 
 
-def run_union_suite(settings: Settings) -> SuiteReport:
+def run_union_suite(settings: bm.Settings) -> SuiteReport:
     return UnionSuite(settings).run()
