@@ -295,7 +295,12 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
         return self._counted(self._attr(self._resolve(pnode, name)))
 
     def _counted(self, attr: Attr) -> Attr:
-        """``attr`` as an entry handed out: the kernel holds one more reference to it."""
+        """``attr`` as an entry handed out: the kernel holds one more reference to it.
+
+        An entry listed but not taken (the kernel's buffer was full) is counted
+        too: a count too high only keeps a node longer, one too low would drop
+        a node the kernel still uses.
+        """
         self._lookups[attr.ino] = self._lookups.get(attr.ino, 0) + 1
         return attr
 
