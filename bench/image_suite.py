@@ -16,7 +16,15 @@ import time
 from pathlib import Path
 
 from bench import datasets
-from bench.measure import Settings, mark_unavailable, measure, new_row, read_file
+from bench.measure import (
+    Settings,
+    cold_read_sample,
+    mark_unavailable,
+    measure,
+    new_row,
+    note_server_logs,
+    tree_samples,
+)
 from bench.report import OURS, Result, Row, SuiteReport
 from bench.stats import (
     MEGABYTES,
@@ -27,13 +35,11 @@ from bench.stats import (
     format_bytes,
     format_seconds,
     median,
-    throughput,
 )
 from bench.subjects import (
     Contender,
     FuseOverlay,
     MemStandIn,
-    OcclumfsSubject,
     OcclumImage,
     Subject,
     occlumfs_cmd,
@@ -66,6 +72,16 @@ def mkimage(src: Path, image: Path) -> str:
     return lines[-1].strip()
 
 
+def build_untimed(src: Path, image: Path) -> tuple[Path | None, str]:
+    """(image, digest) of ``src``, or (None, "") when building failed (logged)."""
+    log(f"building {image.name} (untimed)")
+    try:
+        return image, mkimage(src, image)
+    except Exception as exc:
+        log(f"building {image.name} FAILED: {exc}")
+        return None, ""
+
+
 class ImageSuite:
     def __init__(self, settings: Settings) -> None:
         self.s = settings
@@ -86,13 +102,7 @@ class ImageSuite:
         """An image of ``src`` for the read workloads (untimed), or (None, "") when we can't."""
         if not self.have_mkimage:
             return None, ""
-        image = self.images / name
-        log(f"building {name} (untimed)")
-        try:
-            return image, mkimage(src, image)
-        except Exception as exc:
-            log(f"building {name} FAILED: {exc}")
-            return None, ""
+        return build_untimed(src, self.images / name)
 
     def ours(self, tag: str, image: Path | None, digest: str, seed: Path) -> Subject:
         mnt = self.root / "mnt" / f"ours-{tag}"
@@ -133,16 +143,7 @@ class ImageSuite:
             self._run(report, self.root / "src")
         finally:
             teardown_all(self.mounts)
-        for subject in self.mounts:
-            if isinstance(subject, OcclumfsSubject):
-                problems = subject.log_problems()
-                if problems:
-                    report.notes.append(
-                        f"server log {subject.log_file.name}: {len(problems)} error line(s), "
-                        f"first: {problems[0][:200]}"
-                    )
-        if self.s.quick:
-            report.notes.append("--quick: toy sizes; these ratios do not judge the targets")
+        note_server_logs(report, self.mounts, self.s.quick)
         return report
 
     def _run(self, report: SuiteReport, src: Path) -> None:
@@ -236,14 +237,7 @@ class ImageSuite:
             [peer],
             Target("ratio_min", 1.0),
         )
-
-        def sample(subject: Subject) -> float:
-            with subject.mounted(self.s.drop_caches) as m:
-                n, seconds = read_file(m / "big.bin")
-            if n != size:
-                raise CommandFailed(f"read {n} bytes, expected {size}")
-            return throughput(n, seconds)
-
+        sample = cold_read_sample("big.bin", size, self.s.drop_caches)
         self.measure_all([(row, sample)], ours, [peer], self.s.reps)
         return row
 
@@ -269,16 +263,7 @@ class ImageSuite:
             target,
         )
 
-        def ls_lr(subject: Subject) -> float:
-            with subject.mounted(self.s.drop_caches) as m:
-                return timed(shell(f"ls -lR '{m}' > /dev/null"))
-
-        def read_all(subject: Subject) -> float:
-            with subject.mounted(self.s.drop_caches) as m:
-                return timed(
-                    shell(f"cd '{m}' && find . -type f -print0 | xargs -0 cat > /dev/null")
-                )
-
+        ls_lr, read_all = tree_samples(".", self.s.drop_caches)
         self.measure_all([(ls_row, ls_lr), (cat_row, read_all)], ours, [peer], self.s.reps)
         return [ls_row, cat_row]
 
