@@ -4,12 +4,15 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# The same project with every dependency at the floor pyproject.toml declares.
+VENV_MIN := .venv-min
+MIN_BIN  := $(VENV_MIN)/bin
 # What the library and its tests need on the host.
 APT_PKGS       := fuse3 libfuse3-dev pkg-config gcc python3-dev bubblewrap attr musl-tools busybox-static sqlite3
 # The peers the benchmarks measure against, in the same run.
-BENCH_APT_PKGS := fuse-overlayfs gocryptfs securefs fio
+BENCH_APT_PKGS := fuse-overlayfs gocryptfs securefs fio openssl git
 
-.PHONY: all sysdeps bench-sysdeps venv test demo bench lint format clean
+.PHONY: all sysdeps bench-sysdeps venv venv-min test test-fast test-floors demo bench lint format clean
 
 all: test
 
@@ -27,14 +30,38 @@ $(VENV)/.installed: pyproject.toml | sysdeps
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-test: sysdeps venv
+$(VENV_MIN)/.installed: pyproject.toml scripts/dependency-floors | sysdeps
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(MIN_BIN)/pip install --quiet --upgrade pip
+	$(PYTHON) scripts/dependency-floors pyproject.toml > $(VENV_MIN)/floors.txt
+	$(MIN_BIN)/pip install --quiet -c $(VENV_MIN)/floors.txt -e '.[dev]'
+	touch $@
+
+venv-min: $(VENV_MIN)/.installed
+
+# The whole suite; then, at the dependency floors, the in-process tier and the
+# FUSE tests that drive pyfuse3, the mount lifecycle and the CLI end to end
+# (CI's budget holds one whole run; `make test-floors` runs it all at the floors).
+FLOOR_FUSE_TESTS := tests/test_mount_lifecycle.py tests/sefs/test_sefs_fuse.py tests/test_adapter.py
+test: sysdeps venv venv-min
 	$(BIN)/pytest
+	$(MIN_BIN)/pytest -p no:cacheprovider -m "not fuse"
+	$(MIN_BIN)/pytest -p no:cacheprovider -m fuse $(FLOOR_FUSE_TESTS)
+
+# The in-process tier: no FUSE mount (tests marked `fuse` drive one).
+test-fast: venv
+	$(BIN)/pytest -m "not fuse"
+
+test-floors: sysdeps venv-min
+	$(MIN_BIN)/pytest -p no:cacheprovider
 
 demo: sysdeps venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo
 
+# The filesystems' suites (image, sefs, union, soak), then the occlum command's.
 bench: bench-sysdeps venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m libos.bench
 
 lint: venv
 	$(BIN)/ruff check .
@@ -45,4 +72,4 @@ format: venv
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VENV_MIN) .pytest_cache .ruff_cache .hypothesis

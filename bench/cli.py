@@ -34,7 +34,7 @@ from bench.system import (
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-SUITES = ("image", "sefs", "soak")
+SUITES = ("image", "sefs", "union", "soak")
 PEER_PACKAGES = ("fuse-overlayfs", "gocryptfs", "securefs", "fio")
 
 
@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.measure import Settings
     from bench.sefs_suite import run_sefs_suite
     from bench.soak_suite import run_soak_suite
+    from bench.union_suite import run_union_suite
 
     scratch = Path(tempfile.mkdtemp(prefix="occlumfs-bench-", dir=scratch_base(args.scratch)))
     # Mount records and server logs of our mounts stay with the run.
@@ -197,7 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     run_id = started.strftime("%Y%m%dT%H%M%SZ")
     log(f"scratch {scratch}; large size {format_bytes(args.size)}; {args.reps} repetitions")
 
-    runners = {"image": run_image_suite, "sefs": run_sefs_suite, "soak": run_soak_suite}
+    runners = {
+        "image": run_image_suite,
+        "sefs": run_sefs_suite,
+        "union": run_union_suite,
+        "soak": run_soak_suite,
+    }
     reports: list[SuiteReport] = []
     ours_failed = False
     try:

@@ -3,7 +3,9 @@
 The peer for reads is fuse-overlayfs with only a lower directory: the same
 files on the same ext4, served read-only by a C FUSE server with no checking.
 The peer for builds is the floor any builder pays: read the tree once and
-hash it (``tar -c SRC | sha256sum``).
+hash it (``tar -c SRC | openssl dgst -sha256``: OpenSSL uses the CPU's SHA
+extensions, as hashlib does; coreutils ``sha256sum`` does not, so it made a
+soft floor and is now only shown for scale).
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ import time
 from pathlib import Path
 
 from bench import datasets
-from bench.measure import Settings, mark_unavailable, measure, new_row, read_file
+from bench.measure import (
+    Settings,
+    cold_read_sample,
+    mark_unavailable,
+    measure,
+    new_row,
+    note_server_logs,
+    tree_samples,
+)
 from bench.report import OURS, Result, Row, SuiteReport
 from bench.stats import (
     MEGABYTES,
@@ -25,13 +35,11 @@ from bench.stats import (
     format_bytes,
     format_seconds,
     median,
-    throughput,
 )
 from bench.subjects import (
     Contender,
     FuseOverlay,
     MemStandIn,
-    OcclumfsSubject,
     OcclumImage,
     Subject,
     occlumfs_cmd,
@@ -40,7 +48,7 @@ from bench.subjects import (
 )
 from bench.system import CommandFailed, Unavailable, log, run, shell, timed
 
-TAR_FLOOR = "tar -c | sha256sum"
+TAR_FLOOR = "tar -c | openssl dgst -sha256"
 # Run in a fresh interpreter: import first (untimed), then time opening the image.
 OPEN_TIMER = """
 import sys, time
@@ -64,6 +72,16 @@ def mkimage(src: Path, image: Path) -> str:
     return lines[-1].strip()
 
 
+def build_untimed(src: Path, image: Path) -> tuple[Path | None, str]:
+    """(image, digest) of ``src``, or (None, "") when building failed (logged)."""
+    log(f"building {image.name} (untimed)")
+    try:
+        return image, mkimage(src, image)
+    except Exception as exc:
+        log(f"building {image.name} FAILED: {exc}")
+        return None, ""
+
+
 class ImageSuite:
     def __init__(self, settings: Settings) -> None:
         self.s = settings
@@ -84,13 +102,7 @@ class ImageSuite:
         """An image of ``src`` for the read workloads (untimed), or (None, "") when we can't."""
         if not self.have_mkimage:
             return None, ""
-        image = self.images / name
-        log(f"building {name} (untimed)")
-        try:
-            return image, mkimage(src, image)
-        except Exception as exc:
-            log(f"building {name} FAILED: {exc}")
-            return None, ""
+        return build_untimed(src, self.images / name)
 
     def ours(self, tag: str, image: Path | None, digest: str, seed: Path) -> Subject:
         mnt = self.root / "mnt" / f"ours-{tag}"
@@ -131,16 +143,7 @@ class ImageSuite:
             self._run(report, self.root / "src")
         finally:
             teardown_all(self.mounts)
-        for subject in self.mounts:
-            if isinstance(subject, OcclumfsSubject):
-                problems = subject.log_problems()
-                if problems:
-                    report.notes.append(
-                        f"server log {subject.log_file.name}: {len(problems)} error line(s), "
-                        f"first: {problems[0][:200]}"
-                    )
-        if self.s.quick:
-            report.notes.append("--quick: toy sizes; these ratios do not judge the targets")
+        note_server_logs(report, self.mounts, self.s.quick)
         return report
 
     def _run(self, report: SuiteReport, src: Path) -> None:
@@ -193,18 +196,16 @@ class ImageSuite:
         # write cost of building, not the disk.
         run(shell(f"tar -cf - -C '{src}' . | cat > /dev/null"))
 
-        # coreutils sha256sum neither threads nor uses the CPU's SHA extensions,
-        # so on large files the issue's floor is soft; OpenSSL's hash is shown
-        # beside it for scale (not judged).
-        openssl: list[float] = []
+        # The floor hashes with OpenSSL (SHA extensions, like hashlib); coreutils
+        # sha256sum, the floor of earlier runs, uses neither and is shown for scale.
+        sha256sum: list[float] = []
 
         def sample(subject: Subject) -> float:
             if subject is floor:
-                if shutil.which("openssl"):
-                    openssl.append(
-                        timed(shell(f"tar -cf - -C '{src}' . | openssl dgst -sha256 > /dev/null"))
-                    )
-                return timed(shell(f"tar -cf - -C '{src}' . | sha256sum > /dev/null"))
+                if not shutil.which("openssl"):
+                    raise Unavailable("unavailable: no openssl command")
+                sha256sum.append(timed(shell(f"tar -cf - -C '{src}' . | sha256sum > /dev/null")))
+                return timed(shell(f"tar -cf - -C '{src}' . | openssl dgst -sha256 > /dev/null"))
             if not self.have_mkimage:
                 raise Unavailable(self.missing)
             image.unlink(missing_ok=True)
@@ -214,10 +215,10 @@ class ImageSuite:
             return time.perf_counter() - start
 
         measure([(row, sample)], [ours, floor], self.s.reps)
-        if openssl:
+        if sha256sum:
             row.notes.append(
-                f"for scale, not judged: tar -c | openssl dgst -sha256 took "
-                f"{format_seconds(median(openssl))} (median)"
+                f"for scale, not judged: tar -c | sha256sum (the floor of earlier runs) took "
+                f"{format_seconds(median(sha256sum))} (median)"
             )
         if len(digests) > 1:
             row.notes.append(f"NOT reproducible: {len(digests)} different digests in one run")
@@ -236,14 +237,7 @@ class ImageSuite:
             [peer],
             Target("ratio_min", 1.0),
         )
-
-        def sample(subject: Subject) -> float:
-            with subject.mounted(self.s.drop_caches) as m:
-                n, seconds = read_file(m / "big.bin")
-            if n != size:
-                raise CommandFailed(f"read {n} bytes, expected {size}")
-            return throughput(n, seconds)
-
+        sample = cold_read_sample("big.bin", size, self.s.drop_caches)
         self.measure_all([(row, sample)], ours, [peer], self.s.reps)
         return row
 
@@ -269,16 +263,7 @@ class ImageSuite:
             target,
         )
 
-        def ls_lr(subject: Subject) -> float:
-            with subject.mounted(self.s.drop_caches) as m:
-                return timed(shell(f"ls -lR '{m}' > /dev/null"))
-
-        def read_all(subject: Subject) -> float:
-            with subject.mounted(self.s.drop_caches) as m:
-                return timed(
-                    shell(f"cd '{m}' && find . -type f -print0 | xargs -0 cat > /dev/null")
-                )
-
+        ls_lr, read_all = tree_samples(".", self.s.drop_caches)
         self.measure_all([(ls_row, ls_lr), (cat_row, read_all)], ours, [peer], self.s.reps)
         return [ls_row, cat_row]
 

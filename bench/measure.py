@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.report import Result, Row
-from bench.stats import MiB, Unit
+from bench.stats import MiB, Unit, throughput
 from bench.subjects import Subject
-from bench.system import CacheDropper, Unavailable, log, run
+from bench.system import CacheDropper, CommandFailed, Unavailable, log, run, shell, timed
 
 Sample = Callable[[Subject], float]
 
@@ -78,6 +78,22 @@ def mark_unavailable(rows: Sequence[Row], subject: Subject, reason: str) -> None
             result.error = reason
 
 
+def note_server_logs(report, subjects: Sequence[Subject], quick: bool) -> None:
+    """The closing notes of a suite: our servers' error lines, and what --quick means."""
+    from bench.subjects import OcclumfsSubject
+
+    for subject in subjects:
+        if isinstance(subject, OcclumfsSubject):
+            problems = subject.log_problems()
+            if problems:
+                report.notes.append(
+                    f"server log {subject.log_file.name}: {len(problems)} error line(s), "
+                    f"first: {problems[0][:200]}"
+                )
+    if quick:
+        report.notes.append("--quick: toy sizes; these ratios do not judge the targets")
+
+
 # Workload primitives, the same for every subject -----------------------------------
 
 
@@ -123,6 +139,35 @@ def read_file(path: Path) -> tuple[int, float]:
         while n := f.readinto(buf):
             total += n
     return total, time.perf_counter() - start
+
+
+def cold_read_sample(name: str, size: int, drop_caches: Callable[[], None]) -> Sample:
+    """MB/s of reading file ``name`` (``size`` bytes) of a subject just mounted cold."""
+
+    def sample(subject: Subject) -> float:
+        with subject.mounted(drop_caches) as m:
+            n, seconds = read_file(m / name)
+        if n != size:
+            raise CommandFailed(f"read {n} bytes, expected {size}")
+        return throughput(n, seconds)
+
+    return sample
+
+
+def tree_samples(top: str, drop_caches: Callable[[], None]) -> tuple[Sample, Sample]:
+    """Seconds of a cold ``ls -lR``, and of a cold read of every file, of ``top`` in a mount."""
+
+    def ls_lr(subject: Subject) -> float:
+        with subject.mounted(drop_caches) as m:
+            return timed(shell(f"ls -lR '{m / top}' > /dev/null"))
+
+    def read_all(subject: Subject) -> float:
+        with subject.mounted(drop_caches) as m:
+            return timed(
+                shell(f"cd '{m / top}' && find . -type f -print0 | xargs -0 cat > /dev/null")
+            )
+
+    return ls_lr, read_all
 
 
 def fio_iops(path: Path, rw: str, size: int, runtime: int) -> float:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from bench.stats import GiB
+from occlumfs.mount import process_alive, wait_for_exit  # noqa: F401 (bench.subjects uses it)
 
 
 class Unavailable(Exception):
@@ -96,24 +97,6 @@ def force_unmount(path: Path) -> None:
     subprocess.run([fusermount, "-uz", str(path)], capture_output=True, check=False)
     if is_mounted(path):
         subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in (b"Z", b"X")
-
-
-def wait_for_exit(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while process_alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def pid_serving(mountpoint: Path, program: str) -> int | None:

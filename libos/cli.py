@@ -180,10 +180,14 @@ def status() -> None:
     from libos.build import build_status
     from libos.control import describe
     from libos.instance import Instance
+    from libos.run import running_pid
 
     instance = Instance.find()
     click.echo(build_status(instance))
-    running = describe(instance)
+    running = describe(instance)  # a started instance
+    if running is None:
+        pid = running_pid(instance)  # occlum run, occlum mount
+        running = None if pid is None else f"running (pid {pid})"
     if running is not None:
         click.echo(running)
 

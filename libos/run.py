@@ -126,6 +126,24 @@ def rebase_and_say(build: VerifiedBuild) -> None:
         )
 
 
+def running_pid(instance: Instance) -> int | None:
+    """The pid holding the instance lock, or None when nobody runs it."""
+    try:
+        fd = os.open(instance.lock, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def run(instance: Instance, program: str, args: list[str], image_key: Path | None = None) -> int:
     """Run ``program`` in ``instance``; its exit status (128 + signal when killed)."""
     from libos.control import connect

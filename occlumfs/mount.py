@@ -44,6 +44,7 @@ from occlumfs.errors import (
     OcclumfsError,
 )
 from occlumfs.fs import Filesystem
+from occlumfs.requestloop import STOP_SIGNALS, RequestLoop
 
 log = logging.getLogger("occlumfs.mount")
 
@@ -86,7 +87,7 @@ def _result_path(mountpoint: Path) -> Path:
 def mount_record(mountpoint: Path) -> dict | None:
     """What the server serving ``mountpoint`` recorded (``pid``, ``mountpoint``,
     ``fsname``), or None when there is no readable record."""
-    path = Path(os.path.abspath(mountpoint)).resolve()
+    path = _mounted_path(mountpoint) or Path(os.path.abspath(mountpoint)).resolve()
     try:
         return json.loads(_record_path(path).read_text())
     except (OSError, ValueError):
@@ -128,6 +129,20 @@ def set_readahead(mountpoint: Path, kb: int) -> None:
         log.info("cannot set the read-ahead of %s: %s", mountpoint, exc)
 
 
+def _mounted_path(mountpoint: Path) -> Path | None:
+    """The mount table's name for ``mountpoint``, or None when nothing is mounted there.
+
+    Only the parent is resolved first: looking up a mountpoint itself asks its
+    server, which may be stopped (the lookup hangs) or gone.
+    """
+    path = Path(os.path.abspath(mountpoint))
+    mounted = mounted_paths()
+    path = path.parent.resolve() / path.name
+    if path not in mounted:
+        path = path.resolve()  # a symlink to a mountpoint
+    return path if path in mounted else None
+
+
 def check_mountpoint(mountpoint: Path, *, nonempty: bool = False) -> Path:
     """The absolute mountpoint, or a MountpointError saying what is wrong with it.
 
@@ -147,7 +162,7 @@ def check_mountpoint(mountpoint: Path, *, nonempty: bool = False) -> Path:
         raise MountpointError(f"mountpoint {mountpoint} is not a directory")
     if path.resolve() in mounted_paths():
         record = mount_record(path)
-        if record is not None and not _process_alive(int(record.get("pid", 0))):
+        if record is not None and not process_alive(int(record.get("pid", 0))):
             raise _dead_mount(mountpoint)
         raise MountpointError(f"mountpoint {mountpoint} is already mounted")
     if not nonempty:
@@ -170,12 +185,12 @@ def _dead_mount(mountpoint: Path) -> MountpointError:
     )
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie does not)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except (FileNotFoundError, IndexError):
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
 
 
@@ -224,147 +239,6 @@ def _detach(log_file: Path | None) -> tuple[int, int | None]:
     return 0, ready_w
 
 
-_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
-
-
-class _RequestLoop:
-    """What pyfuse3 needs of trio, for handlers that never wait: a request loop.
-
-    Why: through trio, each request cost ~75 µs of server CPU on top of the
-    handler (a lock hand-off between two worker tasks, an epoll
-    re-registration, two passes of the scheduler), about three times what
-    libfuse and our handlers take together. The adapter's handlers never
-    await (the filesystem objects are synchronous), so there is nothing to
-    schedule: this loop waits for /dev/fuse with one ``poll`` and runs each
-    request to completion before reading the next, as a single-threaded C
-    server does. pyfuse3 finds its event loop in the module attribute
-    ``pyfuse3.trio`` (the way ``pyfuse3.asyncio`` swaps in asyncio) and uses
-    only the names defined here.
-
-    SIGINT and SIGTERM reach the loop through ``signal.set_wakeup_fd``: the
-    signal number is written to a pipe that ``poll`` watches beside
-    /dev/fuse, so a signal is seen whenever it arrives, even between the last
-    check and the wait (a flag set by a Python-level handler could be missed
-    there until the next request).
-    """
-
-    class ClosedResourceError(Exception):
-        """Raised by ``wait_readable`` to end pyfuse3's session loop."""
-
-    class Lock:
-        # One task reads requests: there is never anyone to exclude.
-        async def __aenter__(self) -> None:
-            return None
-
-        async def __aexit__(self, *exc: object) -> None:
-            return None
-
-    class _Task:
-        name = "fuse-requests"
-
-    class _Nursery:
-        """Runs each started task to completion, in order, at the end of the block."""
-
-        async def __aenter__(self) -> _RequestLoop._Nursery:
-            self._tasks: list = []
-            return self
-
-        def start_soon(self, fn, *args, name=None) -> None:
-            self._tasks.append(fn(*args))
-
-        async def __aexit__(self, *exc: object) -> None:
-            while self._tasks:
-                _RequestLoop.run(self._tasks.pop(0))
-
-    def __init__(self) -> None:
-        self.lowlevel = self
-        self.stop_signal: signal.Signals | None = None
-        self._closing = False
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._poll = select.poll()
-        self._poll.register(self._wake_r, select.POLLIN)
-        self._fuse_fd: int | None = None
-        # A callable run once the first request (always FUSE_INIT) has been answered.
-        self.after_init = None
-
-    def close(self) -> None:
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-
-    @staticmethod
-    def run(coro):
-        """Run ``coro``, which must finish without suspending; its result."""
-        try:
-            coro.send(None)
-        except StopIteration as done:
-            return done.value
-        coro.close()
-        raise RuntimeError("a FUSE request handler suspended; the request loop cannot resume it")
-
-    # -- the part of trio's API pyfuse3 calls -------------------------------------
-    def current_trio_token(self) -> None:
-        return None
-
-    def current_task(self) -> _RequestLoop._Task:
-        return self._Task()
-
-    def open_nursery(self) -> _RequestLoop._Nursery:
-        return self._Nursery()
-
-    def notify_closing(self, fd: int) -> None:
-        self._closing = True
-
-    async def wait_readable(self, fd: int) -> None:
-        if self._fuse_fd != fd:
-            self._poll.register(fd, select.POLLIN)
-            self._fuse_fd = fd
-        elif self.after_init is not None:
-            # pyfuse3 waits once per request: this second wait follows the
-            # answer to FUSE_INIT, which reset what the mount may tune.
-            hook, self.after_init = self.after_init, None
-            hook()
-        while not self._closing:
-            for got, _ in self._poll.poll():
-                if got == self._wake_r:
-                    self._take_signals()
-                    break
-            else:
-                return
-        raise self.ClosedResourceError
-
-    def _take_signals(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            for signum in os.read(self._wake_r, 512):
-                if signum in _STOP_SIGNALS and self.stop_signal is None:
-                    self.stop_signal = signal.Signals(signum)
-                    log.info("received %s, unmounting", self.stop_signal.name)
-                    pyfuse3.terminate()  # sets the session's exit flag, then notify_closing
-
-    def serve(self, unblocked_mask: set[signal.Signals]) -> None:
-        """Serve requests until the filesystem is unmounted or a stop signal arrives."""
-        saved = {signum: signal.signal(signum, _ignore_signal) for signum in _STOP_SIGNALS}
-        saved_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        saved_loop = pyfuse3.trio
-        pyfuse3.trio = self
-        try:
-            # SIGINT/SIGTERM were blocked from before the mount existed: one
-            # sent since then is pending, lands in the wakeup pipe now, and
-            # ends the first wait.
-            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked_mask)
-            self.run(pyfuse3.main(1, 1))
-        finally:
-            pyfuse3.trio = saved_loop
-            signal.set_wakeup_fd(saved_wakeup)
-            for signum, handler in saved.items():
-                signal.signal(signum, handler)
-
-
-def _ignore_signal(signum: int, frame: object) -> None:
-    # The wakeup fd carries the signal to the request loop; a handler must be
-    # installed for it to be written, and must not raise.
-    return None
-
-
 def serve(
     fs: Filesystem,
     mountpoint: Path,
@@ -402,7 +276,7 @@ def serve(
     if allow_other:
         options.add("allow_other")
     ops = FuseOperations(fs)
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         try:
             pyfuse3.init(ops, str(target), options)
@@ -468,7 +342,7 @@ def _serve_mounted(
         if ready is not None:
             os.write(ready, b"1")
             os.close(ready)
-        loop = _RequestLoop()
+        loop = RequestLoop()
         readahead_kb = fs.info.readahead_kb
         if readahead_kb:
             loop.after_init = lambda: set_readahead(target, readahead_kb)
@@ -529,7 +403,8 @@ def _read_result(target: Path, pid: int) -> dict | None:
     return outcome
 
 
-def _wait_for_exit(pid: int, timeout: float) -> bool:
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``pid`` (any process, not only a child) to exit."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -557,13 +432,13 @@ def umount(
     the server exited without confirming it. A mount whose server had died
     before this call is cleared, with a word to ``warn``.
     """
-    path = Path(os.path.abspath(mountpoint)).resolve()
-    if path not in mounted_paths():
+    path = _mounted_path(mountpoint)
+    if path is None:
         raise MountpointError(f"{mountpoint} is not mounted")
     pid = None
     with contextlib.suppress(TypeError, ValueError, KeyError):
         pid = int(mount_record(path)["pid"])
-    served = pid is not None and _process_alive(pid)
+    served = pid is not None and process_alive(pid)
     fusermount = shutil.which("fusermount3") or "fusermount3"
     cmd = [fusermount, "-u"] + (["-z"] if lazy else []) + [str(path)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -574,7 +449,7 @@ def umount(
         raise MountpointError(f"cannot unmount {mountpoint}: {reason}")
     if lazy:
         return
-    if served and not _wait_for_exit(pid, timeout):
+    if served and not wait_for_exit(pid, timeout):
         raise OcclumfsError(f"server pid {pid} for {mountpoint} did not exit in {timeout:.0f}s")
     # A server that exits removes its record; one that died left it behind.
     with contextlib.suppress(FileNotFoundError):

@@ -60,12 +60,11 @@ def _open_image(req: OpenRequest) -> Filesystem:
 
     if req.passphrase is not None:
         raise UsageError(f"{req.source}: an image is opened with a key file, not a passphrase")
-    if req.digest is None:
-        req.warn(
-            f"no digest pinned: {req.source} is verified against the digest it carries, "
-            "so nothing pins which image this is"
-        )
-    return open_image_fs(req.source, digest=req.digest, key=req.key)
+    fs = open_image_fs(req.source, digest=req.digest, key=req.key)
+    warning = fs.unpinned_warning()  # None when pinned; says what an unpinned image risks
+    if warning is not None:
+        req.warn(warning)
+    return fs
 
 
 def _open_sefs(req: OpenRequest) -> Filesystem:

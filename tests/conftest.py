@@ -1,4 +1,9 @@
-"""Shared fixtures: run the real CLI, mount real FUSE filesystems, always clean up."""
+"""Shared fixtures: run the real CLI, mount real FUSE filesystems, always clean up.
+
+Two tiers (README): a test that mounts is marked ``fuse``; ``pytest -m "not fuse"``
+runs the rest, in-process and fast. A test that mounts without the marker fails
+(see pytest_runtest_setup).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,14 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from occlumfs.mount import mount_record, mounted_paths
+from occlumfs.mount import mount_record, mounted_paths, process_alive
 
 
 def _require_fuse() -> None:
@@ -21,6 +27,68 @@ def _require_fuse() -> None:
     # failure of the machine, never a reason to skip.
     assert os.path.exists("/dev/fuse"), "/dev/fuse is missing: FUSE tests cannot run"
     assert shutil.which("fusermount3"), "fusermount3 is missing (apt-get install fuse3)"
+
+
+def pytest_sessionstart(session):
+    # Mount records and default server logs go to a per-session directory, set
+    # before any fixture mounts anything, so that mounts shared by many tests
+    # and the CLI processes see the same one.
+    os.environ[_RUNTIME_ENV] = tempfile.mkdtemp(prefix="occlumfs-run-")
+
+
+def pytest_sessionfinish(session):
+    shutil.rmtree(os.environ.pop(_RUNTIME_ENV, ""), ignore_errors=True)
+
+
+_mounts_allowed = True  # whether the test being set up, run or torn down is marked fuse
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    # A hook, not a fixture: it runs before any fixture of the test, so a
+    # session-scoped fixture that mounts for this test is checked too.
+    global _mounts_allowed
+    _mounts_allowed = item.get_closest_marker("fuse") is not None
+    if not _mounts_allowed:
+        # Every occlumfs server, in this process or any child, creates its
+        # runtime directory once it serves: a fresh, absent one per unmarked
+        # test shows whether the test mounted, however it did.
+        item.stash[_UNMARKED_RUNTIME] = (os.environ.get(_RUNTIME_ENV), _fresh_runtime_dir())
+        os.environ[_RUNTIME_ENV] = str(item.stash[_UNMARKED_RUNTIME][1])
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    # Before any fixture is torn down: the last test's teardown also closes
+    # the session's shared mounts, which were recorded in the session's dir.
+    saved = item.stash.get(_UNMARKED_RUNTIME, None)
+    if saved is None:
+        return (yield)
+    previous, runtime = saved
+    if previous is None:
+        os.environ.pop(_RUNTIME_ENV, None)
+    else:
+        os.environ[_RUNTIME_ENV] = previous
+    served = runtime.exists()
+    shutil.rmtree(runtime.parent, ignore_errors=True)
+    result = yield
+    if served:
+        pytest.fail(f"{item.nodeid} mounts a FUSE filesystem: mark it pytest.mark.fuse")
+    return result
+
+
+_RUNTIME_ENV = "OCCLUMFS_RUNTIME_DIR"
+_UNMARKED_RUNTIME = pytest.StashKey[tuple]()
+
+
+def _fresh_runtime_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="occlumfs-unmarked-")) / "run"
+
+
+def _require_fuse_marker() -> None:
+    if not _mounts_allowed:
+        pytest.fail("this test mounts a FUSE filesystem: mark it with pytest.mark.fuse")
 
 
 def run_cli(
@@ -46,25 +114,9 @@ def run_cli(
     return out
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _runtime_dir(tmp_path_factory):
-    """Mount records and default server logs go to a per-session directory.
-
-    Session-wide (and set before any other session fixture mounts anything), so
-    that mounts shared by many tests and the CLI processes see the same one.
-    """
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OCCLUMFS_RUNTIME_DIR", str(tmp_path_factory.getbasetemp() / "run"))
-        yield
-
-
 def process_exited(pid: int) -> bool:
     """True once ``pid`` is gone or a zombie (a background server is not our child)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
-    except FileNotFoundError:
-        return True
+    return not process_alive(pid)
 
 
 def _force_unmount(mnt: Path) -> None:
@@ -89,6 +141,7 @@ def mounted(
     server log must hold no WARNING, ERROR or traceback unless ``allow_log_errors``.
     """
     _require_fuse()
+    _require_fuse_marker()
     mnt.mkdir(parents=True, exist_ok=True)
     log_file = log_file or mnt.with_name(mnt.name + ".log")
     run_cli("mount", source, mnt, *options, "--log-file", log_file)

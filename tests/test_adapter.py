@@ -89,6 +89,7 @@ def _still_serving(mnt: Path) -> None:
     assert (mnt / "alive").read_bytes() == b"still serving"
 
 
+@pytest.mark.fuse
 def test_a_bug_answers_eio_keeps_the_mount_and_is_logged(faulty_mount):
     mnt, log, server = faulty_mount
     assert _errno(os.lstat, mnt / "bug-in-lookup") == errno.EIO
@@ -114,6 +115,7 @@ def test_a_bug_answers_eio_keeps_the_mount_and_is_logged(faulty_mount):
     assert text.count("ERROR") >= 3
 
 
+@pytest.mark.fuse
 def test_filesystem_errors_pass_through_and_integrity_errors_are_logged(faulty_mount):
     mnt, log, _ = faulty_mount
     assert _errno(os.lstat, mnt / "errno-eacces") == errno.EACCES
@@ -125,6 +127,7 @@ def test_filesystem_errors_pass_through_and_integrity_errors_are_logged(faulty_m
     assert "errno-eacces" not in text  # an ordinary errno is an answer, not an error
 
 
+@pytest.mark.fuse
 def test_a_failing_forget_is_logged_and_the_mount_lives_on(faulty_mount):
     mnt, log, server = faulty_mount
     (mnt / "short-lived").write_bytes(b"")

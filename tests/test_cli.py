@@ -81,3 +81,20 @@ def test_unforeseen_host_errors_are_one_line_too():
     result = CliRunner().invoke(tool, ["denied"])
     assert result.exit_code == ExitCode.ERROR
     assert result.output == "occlumfs: error: /root/x: Permission denied\n"
+
+
+def test_unforeseen_bugs_are_one_line_too():
+    @click.group(cls=Group)
+    def tool() -> None:
+        """A group like occlumfs."""
+
+    @tool.command()
+    def broken() -> None:
+        """Fails on a bug."""
+        raise ValueError("nonce must be 12 bytes")
+
+    result = CliRunner().invoke(tool, ["broken"])
+    assert result.exit_code == ExitCode.ERROR
+    assert result.output == (
+        "occlumfs: error: internal error: ValueError: nonce must be 12 bytes (-v shows where)\n"
+    )

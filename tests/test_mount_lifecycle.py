@@ -8,6 +8,7 @@ asserts on every round that the server is still alive (foreground).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import signal
@@ -22,12 +23,15 @@ from conftest import process_exited, run_cli
 from occlumfs.errors import ExitCode
 from occlumfs.mount import mount_record, mounted_paths
 
+pytestmark = pytest.mark.fuse
+
 OCCLUMFS = [sys.executable, "-m", "occlumfs"]
 READY_SECONDS = 30
 
 
 def _is_mounted(mnt: Path) -> bool:
-    return mnt.resolve() in mounted_paths()
+    # No lookup of mnt itself: that would ask its server, which may be stopped.
+    return Path(os.path.abspath(mnt)) in mounted_paths()
 
 
 def _wait_until_mounted(mnt: Path, server: subprocess.Popen) -> None:
@@ -248,6 +252,21 @@ def test_already_mounted_is_a_clear_error(mount):
         assert (mnt / "still").read_bytes() == b"served"
 
 
+def test_a_non_empty_mountpoint_is_refused_unless_nonempty(tmp_path, mnt):
+    (mnt / "kept").write_bytes(b"would be hidden")
+    done = run_cli("mount", "--type", "mem", "x", mnt, check=False)
+    assert done.returncode == ExitCode.MOUNTPOINT
+    line = _one_line(done.stderr)
+    assert "not empty" in line and "'kept'" in line and "--nonempty" in line
+    assert not _is_mounted(mnt)
+    run_cli("mount", "--type", "mem", "x", mnt, "--nonempty", "--log-file", tmp_path / "log")
+    try:
+        assert os.listdir(mnt) == []  # hidden while mounted
+    finally:
+        run_cli("umount", mnt)
+    assert (mnt / "kept").read_bytes() == b"would be hidden"
+
+
 def test_umount_of_unmounted_dir_is_a_clear_error(tmp_path):
     done = run_cli("umount", tmp_path, check=False)
     assert done.returncode == ExitCode.MOUNTPOINT
@@ -298,3 +317,136 @@ def test_a_server_that_fails_to_start_is_an_error_and_leaves_no_mount(mnt, tmp_p
     assert not _is_mounted(mnt)
     assert mount_record(mnt) is None
     assert "RuntimeError: cannot take the lock" in log.read_text()
+
+
+# -- the outcome of the final commit ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _sefs_store(tmp_path: Path, where: Path):
+    """A fresh SEFS at ``where/store`` with its key and state in tmp_path: the mount args."""
+    key, state = tmp_path / "key", tmp_path / "state"
+    run_cli("keygen", key)
+    run_cli("sefs", "create", where / "store", "--key-file", key, "--state-dir", state)
+    yield [where / "store", "--key-file", key, "--state-dir", state]
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str):
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], check=True)
+
+
+def _fill(disk: Path) -> None:
+    """Write to ``disk`` until it is full."""
+    chunk = bytes(1 << 20)
+    with open(disk / "filler", "wb", buffering=0) as f:
+        with pytest.raises(OSError) as full:
+            while True:
+                f.write(chunk)
+        assert full.value.errno == errno.ENOSPC
+
+
+def test_umount_fails_when_the_final_commit_finds_the_disk_full(tmp_path, mnt):
+    with _tmpfs(tmp_path / "disk", "30m") as disk, _sefs_store(tmp_path, disk) as store:
+        log = tmp_path / "server.log"
+        cmd = [*OCCLUMFS, "mount", *map(str, (store[0], mnt, *store[1:])), "-f"]
+        # In the foreground, so that the server's own exit status is seen too.
+        with subprocess.Popen([*cmd, "--log-file", str(log)], stderr=subprocess.PIPE) as server:
+            try:
+                _wait_until_mounted(mnt, server)
+                (mnt / "note").write_bytes(b"written, never synced")
+                _fill(disk)
+                done = run_cli("umount", mnt, check=False)
+                _, server_err = server.communicate(timeout=60)
+            finally:
+                server.kill()
+        assert done.returncode == ExitCode.NOT_SAVED, done.stderr
+        line = _one_line(done.stderr)
+        assert "final commit" in line and "No space left on device" in line
+        assert "not saved" in line
+        assert server.returncode == ExitCode.NOT_SAVED
+        assert "final commit" in _one_line(server_err.decode())
+        assert not _is_mounted(mnt)
+        assert "No space left on device" in log.read_text()
+        # Nothing half-written: with room again, the store mounts with what it had.
+        (disk / "filler").unlink()
+        with _mounted_again_from(store, mnt, tmp_path):
+            assert os.listdir(mnt) == []
+
+
+def test_umount_fails_when_the_server_dies_before_confirming_the_commit(tmp_path, mnt):
+    with _sefs_store(tmp_path, tmp_path) as store:
+        run_cli("mount", store[0], mnt, *store[1:], "--log-file", tmp_path / "server.log")
+        pid = int(mount_record(mnt)["pid"])
+        fd = os.open(mnt / "f", os.O_WRONLY | os.O_CREAT)
+        os.write(fd, b"data")
+        os.fsync(fd)  # no dirty pages: the kernel needs nothing more from the server
+        os.close(fd)
+        os.kill(pid, signal.SIGSTOP)  # a server that has not committed yet, deterministically
+        try:
+            with subprocess.Popen(
+                [*OCCLUMFS, "umount", str(mnt)], stderr=subprocess.PIPE, text=True
+            ) as umount:
+                _wait_until_unmounted(mnt, umount)  # umount now waits for the server
+                os.kill(pid, signal.SIGKILL)
+                _, err = umount.communicate(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert umount.returncode == ExitCode.NOT_SAVED, err
+        assert "without confirming its final commit" in _one_line(err)
+        assert mount_record(mnt) is None
+
+
+def _wait_until_unmounted(mnt: Path, waiter: subprocess.Popen) -> None:
+    """Until ``mnt`` leaves the mount table: woken by the kernel (POLLPRI on mountinfo)."""
+    with open("/proc/self/mountinfo", "rb") as table:
+        watch = select.poll()
+        watch.register(table, select.POLLPRI)
+        deadline = time.monotonic() + READY_SECONDS
+        while _is_mounted(mnt):
+            assert waiter.poll() is None, f"exited {waiter.returncode} with {mnt} still mounted"
+            left = deadline - time.monotonic()
+            assert left > 0, f"{mnt} still mounted after {READY_SECONDS}s"
+            watch.poll(left * 1000)
+            table.seek(0)
+            table.read()
+
+
+@contextlib.contextmanager
+def _mounted_again_from(store: list, mnt: Path, tmp_path: Path):
+    run_cli("mount", store[0], mnt, *store[1:], "--log-file", tmp_path / "again.log")
+    try:
+        yield
+    finally:
+        run_cli("umount", mnt)
+
+
+_SERVE = """
+import sys
+from pathlib import Path
+from occlumfs.memfs import MemFS
+from occlumfs.mount import serve
+
+handle = serve(MemFS(), Path(sys.argv[1]), log_file=Path(sys.argv[2]))
+print(handle.pid, handle.mountpoint, handle.log_file)
+"""
+
+
+def test_serve_returns_a_handle_naming_the_detached_server(mnt, tmp_path):
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-c", _SERVE, str(mnt), str(log)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+    try:
+        pid, mountpoint, log_file = done.stdout.split()
+        assert int(pid) == int(mount_record(mnt)["pid"]) != os.getpid()
+        assert (mountpoint, log_file) == (str(mnt), str(log))
+        assert not process_exited(int(pid))
+    finally:
+        run_cli("umount", mnt)
+    assert process_exited(int(pid))

@@ -52,6 +52,16 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo(f"{self.prog}: interrupted", err=True)
             sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except Exception as exc:
+            # A bug, not a user mistake: still one line; the traceback with -v.
+            logging.getLogger("occlumfs").info("internal error", exc_info=True)
+            reported = ReportedError(
+                OcclumfsError(f"internal error: {type(exc).__name__}: {exc} (-v shows where)")
+            )
+            reported.prog = self.prog
+            raise reported from None
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from occlumfs.cli.options import read_secret, secret_options, state_dir_option
+from occlumfs.cli.options import Secret, read_secret, secret_options, state_dir_option
 from occlumfs.cli.union import union_arguments, union_options
 from occlumfs.errors import MountpointNotEmptyError
 from occlumfs.open import KINDS, needs_secret, open_filesystem, resolve_kind
@@ -98,11 +98,13 @@ def mount(
     )
     digest = None if kind == "union" else (digests[0] if digests else None)
     kind = resolve_kind(kind, source)
+    secret = read_secret(key_file, passphrase_file, ask=False)
     try:  # before asking for a passphrase; serve checks again
         check_mountpoint(mountpoint, nonempty=nonempty)
     except MountpointNotEmptyError as exc:
         raise MountpointNotEmptyError(f"{exc}; give --nonempty to mount over it") from None
-    secret = read_secret(key_file, passphrase_file, ask=needs_secret(kind))
+    if secret == Secret() and needs_secret(kind):
+        secret = read_secret(None, None)
     fs = open_filesystem(
         kind,
         source,
@@ -118,8 +120,18 @@ def mount(
     serve(fs, mountpoint, foreground=foreground, log_file=log_file, debug=debug, nonempty=nonempty)
 
 
+class _Unlooked(click.ParamType):
+    """A path taken as typed: click.Path would stat it, and a stat of a
+    mountpoint asks its server, which may be stopped or gone."""
+
+    name = "path"
+
+    def convert(self, value, param, ctx) -> Path:
+        return Path(value)
+
+
 @click.command("umount")
-@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.argument("mountpoint", type=_Unlooked())
 @click.option(
     "-z",
     "--lazy",

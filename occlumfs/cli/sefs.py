@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from occlumfs.cli.options import read_secret, secret_options, state_dir_option
 from occlumfs.errors import ExitCode
-from occlumfs.sefs import Credential, change_credential, create_sefs, describe_sefs
-from occlumfs.sefs.fsck import fsck as fsck_sefs
+
+if TYPE_CHECKING:
+    from occlumfs.sefs import Credential
+
+# occlumfs.sefs is imported by the commands that use it: every other command
+# (mkimage above all) starts faster without it.
 
 _ACCEPT_HELP = "Trust a SEFS whose id differs from the one last seen at this path (replaced)."
 
@@ -23,6 +28,8 @@ def _credential(
     confirm: bool = False,
     prefix: str = "",
 ) -> Credential:
+    from occlumfs.sefs import Credential
+
     secret = read_secret(key_file, passphrase_file, what=what, confirm=confirm, prefix=prefix)
     return Credential(key=secret.key, passphrase=secret.passphrase)
 
@@ -47,6 +54,8 @@ def create(
     Without --key-file or --passphrase-file, asks for a passphrase twice on a terminal.
     """
     cred = _credential(key_file, passphrase_file, "passphrase", confirm=True)
+    from occlumfs.sefs import create_sefs
+
     config = create_sefs(directory, cred, state_dir=state_dir)
     click.echo(f"created SEFS {directory} (id {config['fs_id']})", err=True)
 
@@ -56,6 +65,8 @@ def create(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(directory: Path, as_json: bool) -> None:
     """Show DIRECTORY's public facts: version, sizes, root, commit counter. Needs no key."""
+    from occlumfs.sefs import describe_sefs
+
     facts = describe_sefs(directory)
     if as_json:
         click.echo(json.dumps(facts, indent=2))
@@ -83,6 +94,8 @@ def passwd(
     new = _credential(
         new_key_file, new_passphrase_file, "new passphrase", confirm=True, prefix="new-"
     )
+    from occlumfs.sefs import change_credential
+
     change_credential(directory, old, new)
     click.echo(f"changed the key of {directory}", err=True)
 
@@ -104,6 +117,8 @@ def fsck(
     Prints each problem with its path. Exit 0 when clean, 26 when problems were found.
     """
     cred = _credential(key_file, passphrase_file, "passphrase")
+    from occlumfs.sefs.fsck import fsck as fsck_sefs
+
     problems = fsck_sefs(
         directory,
         key=cred.key,

@@ -12,14 +12,38 @@ The public API:
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from occlumfs.errors import FormatError
-from occlumfs.merkle.blocks import ImageReader, read_header
-from occlumfs.merkle.build import build_image
 from occlumfs.merkle.format import DESCRIPTOR_SIZE, MAGIC, Descriptor, digest_of
-from occlumfs.merkle.reader import ImageFS, open_image_fs
-from occlumfs.merkle.verify import verify_image
+
+if TYPE_CHECKING:
+    from occlumfs.merkle.blocks import ImageReader
+    from occlumfs.merkle.build import build_image
+    from occlumfs.merkle.reader import ImageFS, open_image_fs
+    from occlumfs.merkle.verify import verify_image
+
+# Each public name is imported from its module on first use: `occlumfs mkimage`
+# starts a fresh interpreter and need not load the reader, and a mount need not
+# load the builder (start-up is a visible part of building a small tree).
+_LAZY = {
+    "ImageReader": "occlumfs.merkle.blocks",
+    "build_image": "occlumfs.merkle.build",
+    "ImageFS": "occlumfs.merkle.reader",
+    "open_image_fs": "occlumfs.merkle.reader",
+    "verify_image": "occlumfs.merkle.verify",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
 def is_image_file(path: Path) -> bool:
@@ -33,6 +57,8 @@ def is_image_file(path: Path) -> bool:
 
 def read_digest(image: Path) -> str:
     """The digest the image carries, from its header alone."""
+    from occlumfs.merkle.blocks import read_header
+
     header, _ = read_header(Path(image))
     try:
         Descriptor.parse(header[:DESCRIPTOR_SIZE])

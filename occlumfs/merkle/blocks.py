@@ -36,7 +36,6 @@ from occlumfs.merkle.format import (
     INODE_SIZE,
     INODES_PER_BLOCK,
     SEAL_SIZE,
-    SEALS_PER_BLOCK,
     Descriptor,
     InodeRecord,
     Layout,
@@ -230,15 +229,30 @@ class ImageReader:
             raise IntegrityError(f"{self.path}: {what(first_block + bad)} failed verification")
         return buf
 
+    def read_data(self, first_block: int, count: int, what) -> bytes:
+        """File data: ``count`` covered blocks from ``first_block``, verified and opened.
+
+        All on the calling thread: hashing on helper threads measured slower
+        (docs/performance.md, issue 11): one block's hash is too short for the
+        GIL hand-off it costs. An encrypted run fetches its seals once and
+        opens its blocks in one loop.
+        """
+        buf = self.read_verified(first_block, count, what)
+        if self.keys is None:
+            return buf
+        plain, bad = self.keys.open_run(first_block, buf, self._seal_run(first_block, count))
+        if bad is not None:
+            raise IntegrityError(f"{self.path}: {what(first_block + bad)}: seal does not verify")
+        return plain
+
     # -- metadata blocks ---------------------------------------------------------------------
-    def _seal(self, block_no: int) -> bytes:
-        seal_block = self.layout.seal_start + (block_no - 1) // SEALS_PER_BLOCK
-        raw = self.meta_block(seal_block)
-        off = (block_no - 1) % SEALS_PER_BLOCK * SEAL_SIZE
-        return raw[off : off + SEAL_SIZE]
+    def _seal_run(self, first_block: int, count: int) -> bytes:
+        """The seals of ``count`` consecutive blocks from ``first_block`` (verified)."""
+        start = self.layout.seal_start * BLOCK_SIZE + (first_block - 1) * SEAL_SIZE
+        return self.meta_bytes(start, count * SEAL_SIZE)
 
     def open_sealed(self, block_no: int, ciphertext, what) -> bytes:
-        plain = self.keys.open(block_no, ciphertext, self._seal(block_no))
+        plain = self.keys.open(block_no, ciphertext, self._seal_run(block_no, 1))
         if plain is None:
             raise IntegrityError(f"{self.path}: {what(block_no)}: seal does not verify")
         return plain

@@ -114,46 +114,52 @@ def _read_area() -> bytearray:
     return area
 
 
+def _hash_buffer(buf: bytes | bytearray, got: int, first_block: int, out: list) -> None:
+    """Append (first block, hashes of the run) for each run of non-zero blocks of
+    ``buf[:got]``, whose first block is file block ``first_block``."""
+    mv = memoryview(buf)[:got]
+    run_first = first_block
+    run: list[bytes] = []
+    first_off = 0
+    full = got - got % BLOCK_SIZE
+    if full and buf.find(ZERO_RUN, 0, full) < 0:
+        # No all-zero block can hide in a buffer without 64 zeros in a row:
+        # hash its whole blocks as one run, without copies.
+        run.append(hash_blocks(mv[:full]))
+        first_off = full
+    for off in range(first_off, got, BLOCK_SIZE):
+        n = min(BLOCK_SIZE, got - off)
+        zeros = ZERO_BLOCK if n == BLOCK_SIZE else ZERO_BLOCK[:n]
+        if buf.startswith(zeros, off, off + n):  # an all-zero block becomes a hole
+            if run:
+                out.append((run_first, b"".join(run)))
+                run = []
+            continue
+        if not run:
+            run_first = first_block + off // BLOCK_SIZE
+        h = hashlib.sha256(mv[off : off + n])
+        if n < BLOCK_SIZE:
+            h.update(ZERO_BLOCK[n:])
+        run.append(h.digest())
+    if run:
+        out.append((run_first, b"".join(run)))
+
+
 def _hash_chunk(content: Content, start: int, end: int) -> list[tuple[int, bytes]]:
     """Hash logical bytes [start, end) of a file: [(first block, hashes of the run)]."""
     out: list[tuple[int, bytes]] = []
     base = content.offset
     fd = os.open(content.path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
+        area = _read_area()
         for seg_a, seg_b in _data_segments(fd, base + start, base + end):
             pos = seg_a
-            area = _read_area()
             while pos < seg_b:
                 want = min(READ, seg_b - pos)
                 got = os.preadv(fd, [memoryview(area)[:want]], pos)
                 if got != want and pos + got != base + content.size:
                     raise OcclumfsError(f"{os.fsdecode(content.path)}: changed during the build")
-                buf = memoryview(area)[:got]
-                run_first = None
-                run: list[bytes] = []
-                first_off = 0
-                full = got - got % BLOCK_SIZE
-                if full and area.find(ZERO_RUN, 0, full) < 0:
-                    # No all-zero block can hide in a buffer without 64 zeros in
-                    # a row: hash its whole blocks as one run, without copies.
-                    run_first = (pos - base) // BLOCK_SIZE
-                    run.append(hash_blocks(buf[:full]))
-                    first_off = full
-                for off in range(first_off, got, BLOCK_SIZE):
-                    piece = bytes(buf[off : off + BLOCK_SIZE])
-                    block = (pos - base + off) // BLOCK_SIZE
-                    if piece == ZERO_BLOCK[: len(piece)]:
-                        if run:
-                            out.append((run_first, b"".join(run)))
-                            run = []
-                        continue
-                    if not run:
-                        run_first = block
-                    if len(piece) < BLOCK_SIZE:
-                        piece += bytes(BLOCK_SIZE - len(piece))
-                    run.append(hashlib.sha256(piece).digest())
-                if run:
-                    out.append((run_first, b"".join(run)))
+                _hash_buffer(area, got, (pos - base) // BLOCK_SIZE, out)
                 pos += want
     finally:
         os.close(fd)
@@ -414,7 +420,7 @@ class _Builder:
             at = (layout.seal_start - 1) * HASH_SIZE
             leaves[at : at + layout.seal_blocks * HASH_SIZE] = hash_blocks(seal_bytes)
         else:
-            self._copy_data(fd, layout, placed, leaves)
+            self._copy_data(fd, pool, layout, placed, leaves)
 
         levels, root = build_levels(bytes(leaves), layout.tree)
         os.pwrite(fd, b"".join(levels), layout.tree_start * BLOCK_SIZE)
@@ -451,21 +457,27 @@ class _Builder:
         at = (first_block - 1) * HASH_SIZE
         leaves[at : at + len(data) // BLOCK_SIZE * HASH_SIZE] = hash_blocks(data)
 
-    def _copy_data(self, fd, layout: Layout, placed: list[_Placed], leaves) -> None:
+    def _copy_data(self, fd, pool, layout: Layout, placed: list[_Placed], leaves) -> None:
+        """Copy each placed content file to file, in the pool (copy_file_range drops the GIL)."""
         at = (layout.data_start - 1) * HASH_SIZE
+        batches: list[list[_Placed]] = [[]]
+        batch_bytes = 0
         for p in placed:
             leaves[at : at + len(p.hashes)] = p.hashes
             at += len(p.hashes)
-            src = os.open(p.content.path, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                block = layout.data_start + p.data_block
-                for first, count in p.runs:
-                    src_off = p.content.offset + first * BLOCK_SIZE
-                    length = min(count * BLOCK_SIZE, p.content.size - first * BLOCK_SIZE)
-                    _copy_range(src, fd, src_off, block * BLOCK_SIZE, length)
-                    block += count
-            finally:
-                os.close(src)
+            # Small contents travel in batches: one pool hand-off per few MiB.
+            if batch_bytes >= BATCH_BYTES or len(batches[-1]) >= BATCH_FILES:
+                batches.append([])
+                batch_bytes = 0
+            batches[-1].append(p)
+            batch_bytes += p.content.size
+
+        def copy(batch: list[_Placed]) -> None:
+            for p in batch:
+                _copy_placed(p, fd, layout.data_start + p.data_block)
+
+        for _ in pool.map(copy, batches):
+            pass
 
     def _seal_data(self, fd, pool, layout: Layout, placed, leaves, seals) -> None:
         tasks = []
@@ -481,9 +493,9 @@ class _Builder:
 
         def seal(task) -> None:
             p, first, block, n, hash_at = task
+            want = min(n * BLOCK_SIZE, p.content.size - first * BLOCK_SIZE)
             src = os.open(p.content.path, os.O_RDONLY | os.O_NOFOLLOW)
             try:
-                want = min(n * BLOCK_SIZE, p.content.size - first * BLOCK_SIZE)
                 buf = pad_block(os.pread(src, want, p.content.offset + first * BLOCK_SIZE))
             finally:
                 os.close(src)
@@ -501,6 +513,19 @@ class _Builder:
 
         for _ in pool.map(seal, tasks):
             pass
+
+
+def _copy_placed(p: _Placed, fd: int, block: int) -> None:
+    """Copy the runs of one placed content from its source file to ``block`` on."""
+    src = os.open(p.content.path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        for first, count in p.runs:
+            src_off = p.content.offset + first * BLOCK_SIZE
+            length = min(count * BLOCK_SIZE, p.content.size - first * BLOCK_SIZE)
+            _copy_range(src, fd, src_off, block * BLOCK_SIZE, length)
+            block += count
+    finally:
+        os.close(src)
 
 
 def _copy_range(src: int, dst: int, src_off: int, dst_off: int, length: int) -> None:

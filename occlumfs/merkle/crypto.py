@@ -36,7 +36,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from occlumfs.keys import hkdf_sha256
-from occlumfs.merkle.format import SEAL_SIZE, VERSION
+from occlumfs.merkle.format import BLOCK_SIZE, SEAL_SIZE, VERSION
 
 NONCE_SIZE = 12
 TAG_SIZE = 16
@@ -91,12 +91,34 @@ class ImageKeys:
         self, block_no: int, ciphertext: bytes | memoryview, seal: bytes | memoryview
     ) -> bytes | None:
         """Decrypt one block; None if its tag does not verify."""
-        nonce = bytes(seal[:NONCE_SIZE])
-        try:
-            return self._aead.decrypt(
-                nonce,
-                bytes(ciphertext) + bytes(seal[NONCE_SIZE : NONCE_SIZE + TAG_SIZE]),
-                _BLOCK_AD.pack(_AD_PREFIX, block_no),
-            )
-        except InvalidTag:
-            return None
+        plain, bad = self.open_run(block_no, ciphertext, seal)
+        return None if bad is not None else plain
+
+    def open_run(
+        self, first: int, ciphertext: bytes | memoryview, seals: bytes | memoryview
+    ) -> tuple[bytes, int | None]:
+        """Decrypt consecutive 4 KiB blocks from absolute block ``first`` with their seals.
+
+        (plaintext, None), or (b"", i) when the tag of block ``first + i`` does
+        not verify (nothing of the run is returned then).
+        """
+        ct = memoryview(ciphertext)
+        seals = bytes(seals)
+        decrypt = self._aead.decrypt
+        pack = _BLOCK_AD.pack
+        out = []
+        for i, at in enumerate(range(0, len(ct), BLOCK_SIZE)):
+            seal_at = i * SEAL_SIZE
+            nonce = seals[seal_at : seal_at + NONCE_SIZE]
+            tag = seals[seal_at + NONCE_SIZE : seal_at + NONCE_SIZE + TAG_SIZE]
+            try:
+                out.append(
+                    decrypt(
+                        nonce,
+                        b"".join((ct[at : at + BLOCK_SIZE], tag)),
+                        pack(_AD_PREFIX, first + i),
+                    )
+                )
+            except InvalidTag:
+                return b"", i
+        return (out[0] if len(out) == 1 else b"".join(out)), None

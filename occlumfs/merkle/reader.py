@@ -425,18 +425,7 @@ class ImageFS(Filesystem):
             off = (file_block + bad - block_no) * BLOCK_SIZE
             return f"{self.path_of(ino)}: data at offset {off} (image block {bad})"
 
-        data = self.reader.read_verified(block_no, count, what)
-        if self.reader.keys is None:
-            return data
-        mv = memoryview(data)
-        return b"".join(
-            [
-                self.reader.open_sealed(
-                    block_no + i, mv[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE], what
-                )
-                for i in range(count)
-            ]
-        )
+        return self.reader.read_data(block_no, count, what)
 
     def statfs(self) -> StatFs:
         desc = self.reader.desc

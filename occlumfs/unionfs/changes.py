@@ -154,10 +154,12 @@ class UnionChanges:
     def create(
         self, parent: int, name: bytes, mode: int, flags: int, caller: Caller
     ) -> tuple[int, Attr]:
-        attr = self._make(
-            parent,
-            name,
-            lambda p, n: self.upper.mknod(p, n, stat.S_IFREG | (mode & 0o7777), 0, caller),
+        attr = self._counted(
+            self._make(
+                parent,
+                name,
+                lambda p, n: self.upper.mknod(p, n, stat.S_IFREG | (mode & 0o7777), 0, caller),
+            )
         )
         return self.open(attr.ino, flags & ~(os.O_TRUNC | os.O_EXCL)), attr
 
@@ -165,15 +167,19 @@ class UnionChanges:
         if stat.S_ISCHR(mode) and rdev == 0:
             # That is how the union spells a whiteout; it cannot also be a user's file.
             raise FSError(errno.EPERM, "a 0/0 character device is a whiteout in a union")
-        return self._make(parent, name, lambda p, n: self.upper.mknod(p, n, mode, rdev, caller))
+        return self._counted(
+            self._make(parent, name, lambda p, n: self.upper.mknod(p, n, mode, rdev, caller))
+        )
 
     def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Attr:
-        return self._make(
-            parent, name, lambda p, n: self.upper.mkdir(p, n, mode, caller), is_dir=True
+        return self._counted(
+            self._make(parent, name, lambda p, n: self.upper.mkdir(p, n, mode, caller), is_dir=True)
         )
 
     def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Attr:
-        return self._make(parent, name, lambda p, n: self.upper.symlink(p, n, target, caller))
+        return self._counted(
+            self._make(parent, name, lambda p, n: self.upper.symlink(p, n, target, caller))
+        )
 
     def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
         self._writable()
@@ -182,7 +188,7 @@ class UnionChanges:
             raise FSError(errno.EPERM)
         upper_ino = self.copy_up_meta(node)
         self._make(new_parent, new_name, lambda p, n: self.upper.link(upper_ino, p, n))
-        return self._attr(node)
+        return self._counted(self._attr(node))
 
     # -- removal --------------------------------------------------------------------------
     def unlink(self, parent: int, name: bytes) -> None:

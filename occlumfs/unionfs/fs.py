@@ -58,13 +58,25 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
         self.read_only = read_only or upper.info.read_only
         # Lower data is best read in the runs its layers ask for.
         readahead = max((lower.info.readahead_kb or 0 for lower in self.lowers), default=0)
+        # Nothing changes behind the kernel's back: the lowers are immutable and
+        # the upper's store is locked to this union. What the kernel caches of
+        # names and attributes stays true as long as the lowers say theirs does.
+        timeout = upper.info.cache_timeout
+        if all(lower.info.immutable for lower in self.lowers):
+            timeout = max(timeout, min(lower.info.cache_timeout for lower in self.lowers))
         self.info = FsInfo(
             name=name,
             subtype="occlumfs-union",
             read_only=self.read_only,
+            cache_timeout=timeout,
             readahead_kb=readahead or None,
         )
         self._handles: dict[int, FileHandle | DirHandle] = {}
+        # The kernel's references to each inode shown (lookups, listed entries,
+        # new entries) and the open file handles on it: a non-directory with
+        # neither is dropped from the node table (see forget).
+        self._lookups: dict[int, int] = {}
+        self._opens: dict[int, int] = {}
         self._next_fh = 1
         self._tmp_counter = 0
         root = Node(ROOT_INO, True, ROOT_INO, b"", upper=ROOT_INO)
@@ -73,6 +85,10 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
         self._bind_lowers()
 
     # -- lifecycle ----------------------------------------------------------------------
+    def kernel_keeps_file_times(self) -> None:
+        # Every regular file the kernel writes lives in the upper (after a copy-up).
+        self.upper.kernel_keeps_file_times()
+
     def started_serving(self) -> None:
         self.upper.started_serving()
         for lower in self.lowers:
@@ -273,10 +289,40 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
     def lookup(self, parent: int, name: bytes) -> Attr:
         pnode = self._dir_node(parent)
         if name == b".":
-            return self._attr(pnode)
+            return self._counted(self._attr(pnode))
         if name == b"..":
-            return self._attr(self._node(pnode.parent))
-        return self._attr(self._resolve(pnode, name))
+            return self._counted(self._attr(self._node(pnode.parent)))
+        return self._counted(self._attr(self._resolve(pnode, name)))
+
+    def _counted(self, attr: Attr) -> Attr:
+        """``attr`` as an entry handed out: the kernel holds one more reference to it.
+
+        An entry listed but not taken (the kernel's buffer was full) is counted
+        too: a count too high only keeps a node longer, one too low would drop
+        a node the kernel still uses.
+        """
+        self._lookups[attr.ino] = self._lookups.get(attr.ino, 0) + 1
+        return attr
+
+    def forget(self, ino: int, nlookup: int) -> None:
+        """Drop a non-directory the kernel no longer references and nobody has open.
+
+        Nothing is lost: the next lookup resolves it again from the layers, as
+        after a remount. Directories stay: their nodes hold the lower stacks
+        and are the parents copy-ups walk up through.
+        """
+        left = self._lookups.get(ino, 0) - nlookup
+        if left > 0:
+            self._lookups[ino] = left
+            return
+        self._lookups.pop(ino, None)
+        self._drop_if_unused(ino)
+
+    def _drop_if_unused(self, ino: int) -> None:
+        node = self._nodes.get(ino)
+        unused = ino not in self._lookups and ino not in self._opens
+        if node is not None and not node.is_dir and unused:
+            del self._nodes[ino]
 
     def getattr(self, ino: int) -> Attr:
         return self._attr(self._node(ino))
@@ -289,6 +335,9 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
         return self.lowers[layer].readlink(lino)
 
     def _new_handle(self, handle: FileHandle | DirHandle) -> int:
+        if isinstance(handle, FileHandle):
+            ino = handle.node.ino
+            self._opens[ino] = self._opens.get(ino, 0) + 1
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = handle
@@ -329,8 +378,9 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
         n = len(self.lowers)
         is_root = node.ino == ROOT_INO
         stack = node.stack
-        # A directory only one lower holds: each entry is what the union shows.
-        alone = node.upper is None and len(stack) == 1
+        # Over one lower directory, an entry whose name the upper does not hold is
+        # what that lower shows: no need to look it up in every layer again.
+        upper_names = self._upper_names(handle) if len(stack) == 1 else None
         for depth, (layer, ldir) in enumerate(stack):
             here = n - layer
             if here < phase:
@@ -344,12 +394,16 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
                     continue
                 if any(self._lower_lookup(al, ad, name) is not None for al, ad in above):
                     continue
-                if alone and (entry.attr.nlink == 1 or entry.attr.is_dir):
-                    attr = self._attr_alone(node, layer, name, entry.attr)
+                if (
+                    upper_names is not None
+                    and name not in upper_names
+                    and (entry.attr.nlink == 1 or entry.attr.is_dir)
+                ):
+                    attr = self._counted(self._attr_alone(node, layer, name, entry.attr))
                     yield DirEntry(name, attr, L.pack_cookie(here, entry.next_offset))
                     continue
                 try:
-                    attr = self._attr(self._resolve(node, name))
+                    attr = self._counted(self._attr(self._resolve(node, name)))
                 except FSError as exc:
                     if exc.errno == errno.ENOENT:
                         continue
@@ -365,8 +419,25 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
                 continue
             if stack and self._listed_below(node, name):
                 continue
-            attr = self._attr(self._remember(self._upper_node(node, name, entry.attr)))
+            attr = self._counted(
+                self._attr(self._remember(self._upper_node(node, name, entry.attr)))
+            )
             yield DirEntry(name, attr, L.pack_cookie(last, entry.next_offset))
+
+    def _upper_names(self, handle: DirHandle) -> frozenset[bytes]:
+        """The names in the upper directory of a listing (whiteouts included)."""
+        upper = handle.node.upper
+        if upper is None:
+            return frozenset()
+        # A large listing takes many readdir calls: read the names again only
+        # when the directory changed (any change moves its ctime).
+        attr = self.upper.getattr(upper)
+        stamp = (attr.mtime_ns, attr.ctime_ns)
+        if handle.upper_stamp != stamp:
+            fh = self._layer_dir_fh(handle, -1, upper)
+            handle.upper_names = frozenset(e.name for e in self.upper.readdir(fh, 0))
+            handle.upper_stamp = stamp
+        return handle.upper_names
 
     def _attr_alone(self, pnode: Node, layer: int, name: bytes, attr: Attr) -> Attr:
         """What the union shows of entry ``attr`` of the one lower under ``pnode``
@@ -428,6 +499,12 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
         handle = self._handles.pop(fh, None)
         if not isinstance(handle, FileHandle):
             raise FSError(errno.EBADF)
+        ino = handle.node.ino
+        left = self._opens.pop(ino) - 1
+        if left:
+            self._opens[ino] = left
+        else:
+            self._drop_if_unused(ino)
         self._file_fs(handle).release(handle.fh)
 
     def statfs(self) -> StatFs:
@@ -437,6 +514,8 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
         if L.is_private_xattr(name):
             raise FSError(errno.ENODATA)
         fs, lino = self._meta_source(self._node(ino))
+        if not fs.info.has_xattrs:  # `ls -l` asks this of every file it lists
+            raise FSError(errno.ENODATA)
         return fs.getxattr(lino, name)
 
     def listxattr(self, ino: int) -> list[bytes]:

@@ -36,3 +36,6 @@ class FileHandle:
 class DirHandle:
     node: Node
     layer_fhs: dict[int, int] = field(default_factory=dict)  # layer (-1: upper) -> handle
+    # The upper directory's names, and its (mtime, ctime) when they were read.
+    upper_names: frozenset[bytes] = frozenset()
+    upper_stamp: tuple[int, int] | None = None

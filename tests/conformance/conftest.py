@@ -43,6 +43,14 @@ READ_ONLY_VIEW_IDS = _ids([s for s in SUBJECTS if not s.writable])
 KERNEL_READ_VIEW_IDS = [i for i in READ_VIEW_IDS if i == HOST or i.endswith("-fuse")]
 
 
+def view_params(view_ids: list[str]) -> list:
+    """Fixture params; a view through a FUSE mount carries the ``fuse`` marker."""
+    return [
+        pytest.param(i, id=i, marks=pytest.mark.fuse) if i.endswith("-fuse") else i
+        for i in view_ids
+    ]
+
+
 class ViewPool:
     """Opens each subject's views on demand, once, and closes them all at the end."""
 
@@ -127,7 +135,7 @@ def view_pool(tmp_path_factory, reference_tree):
         yield pool
 
 
-@pytest.fixture(params=READ_VIEW_IDS)
+@pytest.fixture(params=view_params(READ_VIEW_IDS))
 def ro_view(request, view_pool) -> View:
     return view_pool.get(request.param, writable=False)
 
@@ -135,21 +143,21 @@ def ro_view(request, view_pool) -> View:
 _test_dirs = itertools.count()
 
 
-@pytest.fixture(params=WRITE_VIEW_IDS)
+@pytest.fixture(params=view_params(WRITE_VIEW_IDS))
 def rw_view(request, view_pool) -> View:
     return view_pool.get(request.param, writable=True).sub(f"t{next(_test_dirs):04d}")
 
 
-@pytest.fixture(params=KERNEL_WRITE_VIEW_IDS)
+@pytest.fixture(params=view_params(KERNEL_WRITE_VIEW_IDS))
 def kernel_rw_view(request, view_pool) -> View:
     return view_pool.get(request.param, writable=True).sub(f"t{next(_test_dirs):04d}")
 
 
-@pytest.fixture(params=READ_ONLY_VIEW_IDS)
+@pytest.fixture(params=view_params(READ_ONLY_VIEW_IDS))
 def read_only_view(request, view_pool) -> View:
     return view_pool.get(request.param, writable=False)
 
 
-@pytest.fixture(params=KERNEL_READ_VIEW_IDS)
+@pytest.fixture(params=view_params(KERNEL_READ_VIEW_IDS))
 def kernel_ro_view(request, view_pool) -> View:
     return view_pool.get(request.param, writable=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conformance.conftest import WRITE_VIEW_IDS
+from conformance.conftest import WRITE_VIEW_IDS, view_params
 from conformance.helpers import errno_of
 from conformance.reference import GiB, MiB, pattern
 from conformance.views import RENAME_NOREPLACE, View
@@ -496,7 +496,7 @@ def big_tree(tmp_path_factory) -> Iterator[Path]:
         shutil.rmtree(scratch)
 
 
-@pytest.fixture(params=BIG_DIR_VIEW_IDS)
+@pytest.fixture(params=view_params(BIG_DIR_VIEW_IDS))
 def big_dir_view(request, view_pool, big_tree) -> Iterator[View]:
     with view_pool.private(request.param, big_tree) as view:
         yield view

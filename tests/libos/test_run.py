@@ -211,10 +211,11 @@ def test_malformed_config_names_key_and_line(built, occlum):
     assert done.returncode == 15 and "Occlum.json:" in done.stderr
 
 
-def test_a_second_run_refuses_while_one_runs(built, occlum):
+def test_a_second_run_refuses_while_one_runs_and_status_shows_it(built, occlum):
     import subprocess
     import sys
 
+    assert occlum("status", cwd=built).stdout == "built\n"
     first = subprocess.Popen(
         [sys.executable, "-m", "libos", "run", "/bin/busybox", "sh", "-c", "echo up; read x"],
         cwd=built,
@@ -226,12 +227,15 @@ def test_a_second_run_refuses_while_one_runs(built, occlum):
         assert first.stdout.readline() == b"up\n"  # the first run holds the instance now
         second = occlum("run", "/bin/hello_world", cwd=built, check=False)
         _one_line(second, 16, "in use")
+        shown = occlum("status", cwd=built).stdout.splitlines()
+        assert shown[0] == "built" and shown[1] == f"running (pid {first.pid})"
     finally:
         first.stdin.write(b"\n")
         first.stdin.close()
         assert first.wait(timeout=60) == 0
         first.stdout.close()
         first.stderr.close()
+    assert occlum("status", cwd=built).stdout == "built\n"
 
 
 def test_sign_with_rsa_3072_and_ed25519_keys(built, occlum, tmp_path):

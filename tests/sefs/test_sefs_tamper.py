@@ -21,6 +21,9 @@ from conftest import mounted, run_cli
 from occlumfs.errors import ExitCode
 from sefs.helpers import Volume, make_volume
 
+# The pristine volume every test tampers with is written through a mount.
+pytestmark = pytest.mark.fuse
+
 SECRET_V1 = b"TOPSECRET-CONTENT-v1-" * 800
 SECRET_V2 = b"TOPSECRET-CONTENT-v2-" * 800
 SECRET_V3 = b"TOPSECRET-CONTENT-v3-" * 800

@@ -7,6 +7,7 @@ import hashlib
 import os
 import stat
 
+import pytest
 from conftest import run_cli
 
 from occlumfs.fs import AttrChanges, iter_dir, read_all
@@ -15,6 +16,9 @@ from occlumfs.keys import write_key_file
 from occlumfs.merkle import open_image_fs
 from occlumfs.unionfs import Lower, open_union
 from unionfs.helpers import ROOT, create, parent_and_name, rename, write
+
+# A commit reads the upper through a FUSE mount of its layer view.
+pytestmark = pytest.mark.fuse
 
 
 def view_of(fs, ino: int = 1, prefix: bytes = b"") -> dict:

@@ -7,6 +7,7 @@ import errno
 import os
 import stat
 
+import pytest
 from conftest import mounted, run_cli
 
 from occlumfs.merkle import build_image
@@ -25,6 +26,7 @@ def renameat2(old, new, flags: int) -> int:
     return ctypes.get_errno()
 
 
+@pytest.mark.fuse
 def test_mount_creates_the_upper_and_serves_the_union(layers, tmp_path):
     stack = Stack(layers, tmp_path)
     mnt = tmp_path / "mnt"
@@ -133,6 +135,7 @@ def test_bad_union_command_lines_are_one_line_errors(layers, tmp_path):
     assert not os.path.ismount(mnt)
 
 
+@pytest.mark.fuse
 def test_read_only_mount(layers, tmp_path):
     stack = Stack(layers, tmp_path)
     stack.open().close()
@@ -164,6 +167,7 @@ def _tar(path, members: dict[str, bytes | None]) -> None:
                 tf.addfile(info, io.BytesIO(data))
 
 
+@pytest.mark.fuse
 def test_a_stack_of_oci_layers_mounts_as_a_union(tmp_path):
     # OCI spells deletions .wh.NAME and opaque directories .wh..wh..opq;
     # mkimage keeps them as whiteouts and opaque marks, the union obeys them.
