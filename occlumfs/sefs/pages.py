@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import bisect
 import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -20,6 +22,38 @@ from occlumfs.errors import IntegrityError
 from occlumfs.sefs import format as fmt
 from occlumfs.sefs.inode import Inode
 from occlumfs.sefs.storage import Storage
+
+PARALLEL_FSYNC_MAX = 64  # files; a commit writing more syncs them with Storage.sync (syncfs)
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): threads do not survive fork
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(8, thread_name_prefix="sefs-fsync"))
+    return _pool[1]
+
+
+def make_durable(storage: Storage, files: Sequence[str], dirs: Sequence[str]) -> None:
+    """Make ``files`` and the entries of ``dirs`` durable: one barrier, whatever its order.
+
+    The fsyncs run in parallel, so the host's journal commits them together: a
+    commit waits about one host fsync instead of one per file. Many files are
+    left to ``Storage.sync`` (one ``syncfs`` on disk), which covers the dirs too.
+    """
+    jobs: list[Callable[[], None]]
+    if len(files) > PARALLEL_FSYNC_MAX:
+        storage.sync(files)
+        return
+    jobs = [lambda n=n: storage.fsync(n) for n in files]
+    jobs += [lambda d=d: storage.fsync_dir(d) for d in dirs]
+    if len(jobs) == 1:
+        jobs[0]()
+        return
+    futures = [_executor().submit(job) for job in jobs]
+    wait(futures)
+    for future in futures:
+        future.result()  # the first failure, if any, once every fsync has returned
 
 
 class PageTable:
@@ -134,10 +168,12 @@ class PageTable:
             size += grown
         return pieces
 
-    def commit(self, next_ino: int) -> None:
+    def commit(self, next_ino: int, data_files: Sequence[str] = ()) -> None:
         """Seal the dirty pages and a new root into one pack, then switch the head to it.
 
-        The data blocks the new records point at must be durable already.
+        ``data_files`` are the data files written since the last commit: they are
+        made durable together with the pack and the new head's temporary file, in
+        one barrier (:func:`make_durable`), before the rename that commits.
         """
         dirty_pages = set()
         for key in self.dirty:
@@ -182,11 +218,15 @@ class PageTable:
         pack += root_obj
         name = fmt.pack_name(counter)
         self.storage.write_file(name, pack)
-        self.storage.fsync(name)
-        self.storage.fsync_dir(fmt.META_DIR)
         head = fmt.pack_head(fmt.Head(self._fs_id, counter, root_ref), self._head_mac)
         self.storage.write_file(fmt.HEAD_TMP_NAME, head)
-        self.storage.fsync(fmt.HEAD_TMP_NAME)
+        # One barrier for everything the new head depends on (head.tmp is inert
+        # until renamed), then the rename, the commit point, and its directory.
+        make_durable(
+            self.storage,
+            [*data_files, name, fmt.HEAD_TMP_NAME],
+            [fmt.META_DIR] + ([fmt.DATA_DIR] if data_files else []),
+        )
         self.storage.rename(fmt.HEAD_TMP_NAME, fmt.HEAD_NAME)
         self.storage.fsync_dir("")
         # -- committed: the new root is the filesystem from here on --
