@@ -212,14 +212,19 @@ def parse_root(raw: bytes) -> Root:
 
 
 # -- pages -------------------------------------------------------------------------------
+def frame_record(key: bytes, value: bytes) -> bytes:
+    """One record as a page holds it: ``key_len u16 || value_len u32 || key || value``."""
+    return _RECORD_HEAD.pack(len(key), len(value)) + key + value
+
+
+def pack_framed(frames: list[bytes]) -> bytes:
+    """Page plaintext from framed records (:func:`frame_record`), sorted by key."""
+    return struct.pack(">I", len(frames)) + b"".join(frames)
+
+
 def pack_page(records: list[tuple[bytes, bytes]]) -> bytes:
     """Page plaintext from (key, value) pairs, which the caller sorts by key."""
-    parts = [struct.pack(">I", len(records))]
-    for key, value in records:
-        parts.append(_RECORD_HEAD.pack(len(key), len(value)))
-        parts.append(key)
-        parts.append(value)
-    return b"".join(parts)
+    return pack_framed([frame_record(key, value) for key, value in records])
 
 
 def parse_page(raw: bytes) -> list[tuple[bytes, bytes]]:

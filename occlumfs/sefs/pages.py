@@ -23,6 +23,7 @@ from occlumfs.sefs import format as fmt
 from occlumfs.sefs.inode import Inode
 from occlumfs.sefs.storage import Storage
 
+FRAME_CACHE_PAGES = 32  # pages whose records stay serialised between commits (~2 MiB)
 PARALLEL_FSYNC_MAX = 64  # files; a commit writing more syncs them with Storage.sync (syncfs)
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): threads do not survive fork
 
@@ -77,6 +78,9 @@ class PageTable:
         self.counter = 0
         self.root_tag = b""
         self.dirty: set[bytes] = set()  # keys of records changed since the last commit
+        # Page start -> its framed records as last sealed, for the pages sealed
+        # most recently (oldest first): what a commit need not serialise again.
+        self._frame_cache: dict[bytes, dict[bytes, bytes]] = {}
 
     def page_of(self, key: bytes) -> int:
         return bisect.bisect_right(self.starts, key) - 1
@@ -152,21 +156,40 @@ class PageTable:
         return nonce + self._cipher.encrypt(nonce, plain, ad)
 
     @staticmethod
-    def _split(records: list[tuple[bytes, bytes]]) -> list[list[tuple[bytes, bytes]]]:
-        """One page's records, cut into pages of about PAGE_SPLIT bytes if too big."""
-        total = sum(len(k) + len(v) + 6 for k, v in records)
-        if total <= fmt.PAGE_MAX:
-            return [records]
-        pieces: list[list[tuple[bytes, bytes]]] = [[]]
+    def _split(keys: list[bytes], frames: dict[bytes, bytes]) -> list[list[bytes]]:
+        """One page's keys (sorted), cut into pages of about PAGE_SPLIT bytes if too big."""
+        if sum(map(len, frames.values())) <= fmt.PAGE_MAX:
+            return [keys]
+        pieces: list[list[bytes]] = [[]]
         size = 0
-        for key, value in records:
-            grown = len(key) + len(value) + 6
+        for key in keys:
+            grown = len(frames[key])
             if pieces[-1] and size + grown > fmt.PAGE_SPLIT:
                 pieces.append([])
                 size = 0
-            pieces[-1].append((key, value))
+            pieces[-1].append(key)
             size += grown
         return pieces
+
+    def _frames(self, start: bytes, keys: set[bytes], changed: dict[bytes, bytes | None]):
+        """The framed records of the page starting at ``start`` whose keys are ``keys``:
+        the cached frames of its last seal updated with the ``changed`` records, or
+        every record serialised afresh. A fresh dict either way (a commit may fail)."""
+        cached = self._frame_cache.get(start)
+        if cached is None:
+            frames = {}
+            for key in keys:
+                value = changed[key] if key in changed else self.record(key)
+                if value is not None:
+                    frames[key] = fmt.frame_record(key, value)
+            return frames
+        frames = dict(cached)
+        for key, value in changed.items():
+            if value is None:
+                frames.pop(key, None)
+            else:
+                frames[key] = fmt.frame_record(key, value)
+        return frames
 
     def commit(self, next_ino: int, data_files: Sequence[str] = ()) -> None:
         """Seal the dirty pages and a new root into one pack, then switch the head to it.
@@ -175,41 +198,45 @@ class PageTable:
         made durable together with the pack and the new head's temporary file, in
         one barrier (:func:`make_durable`), before the rename that commits.
         """
-        dirty_pages = set()
+        dirty_pages: dict[int, dict[bytes, bytes | None]] = {}  # page -> changed records
         for key in self.dirty:
             page = self.page_of(key)
-            if self.record(key) is None:
+            value = self.record(key)
+            if value is None:
                 self.members[page].discard(key)
             else:
                 self.members[page].add(key)
-            dirty_pages.add(page)
-        dirty_pages.update(p for p, ref in enumerate(self.table) if ref is None)
+            dirty_pages.setdefault(page, {})[key] = value
+        if self.table and self.table[0] is None:  # a new filesystem's first page
+            dirty_pages.setdefault(0, {})
         live = sum(ref.length for ref in self.table if ref is not None)
         if sum(self.pack_sizes.values()) > 2 * live + (1 << 20):
-            dirty_pages = set(range(len(self.table)))  # compact: rewrite all, drop old packs
+            for page in range(len(self.table)):  # compact: rewrite all, drop old packs
+                dirty_pages.setdefault(page, {})
         counter = self.counter + 1
         starts, members, table = list(self.starts), list(self.members), list(self.table)
+        sealed: dict[bytes, dict[bytes, bytes] | None] = {}  # page start -> its frames now
         pack = bytearray()
         # From the last page down, so that splitting or dropping a page does not
         # move the pages still to be done.
         for page in sorted(dirty_pages, reverse=True):
-            records = []
-            for key in sorted(members[page]):
-                value = self.record(key)
-                if value is not None:
-                    records.append((key, value))
-            if not records and page:
+            frames = self._frames(starts[page], members[page], dirty_pages[page])
+            if not frames and page:
+                sealed[starts[page]] = None
                 del starts[page], members[page], table[page]  # its range joins the previous
                 continue
-            pieces = self._split(records)
-            firsts = [starts[page]] + [piece[0][0] for piece in pieces[1:]]
+            pieces = self._split(sorted(frames), frames)
+            firsts = [starts[page]] + [piece[0] for piece in pieces[1:]]
             refs = []
             for piece, first in zip(pieces, firsts, strict=True):
-                obj = self._seal(fmt.pack_page(piece), fmt.page_ad(self._fs_id, counter, first))
+                piece_frames = {key: frames[key] for key in piece}
+                plain = fmt.pack_framed(list(piece_frames.values()))
+                obj = self._seal(plain, fmt.page_ad(self._fs_id, counter, first))
                 refs.append(fmt.ObjectRef(counter, len(pack), len(obj), obj[-fmt.TAG_SIZE :]))
                 pack += obj
+                sealed[first] = piece_frames
             starts[page : page + 1] = firsts
-            members[page : page + 1] = [{k for k, _ in piece} for piece in pieces]
+            members[page : page + 1] = [set(piece) for piece in pieces]
             table[page : page + 1] = refs
         root_obj = self._seal(
             fmt.pack_root(fmt.Root(next_ino, starts, table)), fmt.root_ad(self._fs_id, counter)
@@ -235,6 +262,18 @@ class PageTable:
         self.starts, self.members, self.table = starts, members, table
         self.pack_sizes[counter] = len(pack)
         self.dirty.clear()
+        self._remember(sealed)
+
+    def _remember(self, sealed: dict[bytes, dict[bytes, bytes] | None]) -> None:
+        """Keep the frames of the pages just sealed (the likeliest to change next):
+        a commit then serialises only the records that changed, not whole pages."""
+        cache = self._frame_cache
+        for start, frames in sealed.items():
+            cache.pop(start, None)
+            if frames is not None:
+                cache[start] = frames
+        while len(cache) > FRAME_CACHE_PAGES:
+            del cache[next(iter(cache))]
 
     def discard_dead_packs(self) -> None:
         """Delete the packs no page of the committed root points into any more."""
