@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -23,6 +24,8 @@ from occlumfs.sefs import format as fmt
 from occlumfs.sefs.inode import Inode
 from occlumfs.sefs.storage import Storage
 
+_U64 = struct.Struct(">Q")
+_INODE_KIND, _ENTRY_KIND = b"i"[0], b"e"[0]
 FRAME_CACHE_PAGES = 32  # pages whose records stay serialised between commits (~2 MiB)
 PARALLEL_FSYNC_MAX = 64  # files; a commit writing more syncs them with Storage.sync (syncfs)
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): threads do not survive fork
@@ -118,14 +121,16 @@ class PageTable:
 
     # == committing ========================================================================
     def record(self, key: bytes) -> bytes | None:
-        """The current value of record ``key``, or None when it no longer exists."""
-        kind, ino, rest = fmt.split_key(key)
-        node = self._inodes.get(ino)
+        """The current value of record ``key``, or None when it no longer exists.
+        Called once per changed record at each commit: kept to a few operations."""
+        node = self._inodes.get(_U64.unpack_from(key, 1)[0]) if len(key) >= 9 else None
         if node is None or node.nlink == 0:
             return None
-        if kind == b"i":
-            return fmt.pack_inode(
-                fmt.InodeRecord(
+        kind = key[0]
+        if kind == _INODE_KIND:
+            is_dir = node.entries is not None
+            return fmt.inode_value(
+                (
                     node.mode,
                     node.nlink,
                     node.uid,
@@ -136,16 +141,16 @@ class PageTable:
                     node.mtime_ns,
                     node.ctime_ns,
                     node.parent,
-                    node.next_cookie if node.is_dir else 0,
-                    len(node.entries) if node.is_dir else 0,
-                    node.target,
-                    node.xattrs,
-                )
+                    node.next_cookie if is_dir else 0,
+                    len(node.entries) if is_dir else 0,
+                ),
+                node.target,
+                node.xattrs,
             )
-        if kind == b"e":
-            entry = node.entries.get(rest) if node.is_dir else None
+        if kind == _ENTRY_KIND:
+            entry = node.entries.get(key[9:]) if node.entries is not None else None
             return None if entry is None else fmt.pack_entry(*entry)
-        chunk = node.chunks.get(int.from_bytes(rest, "big"))
+        chunk = node.chunks.get(int.from_bytes(key[9:], "big"))
         if chunk is None:
             return None
         trimmed = fmt.trim_chunk(chunk)
