@@ -2,13 +2,21 @@
 
 The workload of record is the one gocryptfs publishes: sequential write with
 fsync, cold sequential read, untar of a source tree, ``ls -lR``, ``rm -rf``;
-plus 4 KiB random I/O with fio and the server's peak memory. Each subject
-keeps its backing store under the scratch directory on the same disk.
+plus 4 KiB random I/O with fio, two fsync-heavy real programs (the sqlite3
+CLI inserting one autocommit row at a time, and ``git init/add/commit`` of
+the stdlib tree; issue 11) and the server's peak memory. Each subject keeps
+its backing store under the scratch directory on the same disk.
+
+``BENCH_SEFS_ONLY=sqlite,git`` (any of seq, tree, fio, sqlite, git) runs only
+those groups, e.g. to measure one change quickly; the report holds only their
+rows (and the memory row).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -50,6 +58,14 @@ from bench.subjects import (
 from bench.system import CommandFailed, Unavailable, log, run, shell, timed
 
 PASSWORD = "occlumfs-bench-password"
+GROUPS = ("seq", "tree", "fio", "sqlite", "git")
+SQLITE_DB = "bench.db"
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "bench",
+    "GIT_AUTHOR_EMAIL": "bench@example.invalid",
+    "GIT_COMMITTER_NAME": "bench",
+    "GIT_COMMITTER_EMAIL": "bench@example.invalid",
+}
 SEQ_FILE = "seq.bin"
 FIO_FILE = "fio.dat"
 TREE = "stdlib"
@@ -61,6 +77,12 @@ class SefsSuite:
         self.root = settings.scratch / "sefs"
         self.fio_size = 16 * MiB if settings.quick else 256 * MiB
         self.fio_runtime = 1 if settings.quick else 8
+        self.inserts = 200 if settings.quick else 10_000
+        chosen = os.environ.get("BENCH_SEFS_ONLY", "")
+        self.groups = {g for g in chosen.split(",") if g} if chosen else set(GROUPS)
+        unknown = self.groups - set(GROUPS)
+        if unknown:
+            raise ValueError(f"BENCH_SEFS_ONLY: unknown group(s) {sorted(unknown)}; use {GROUPS}")
 
     def subjects(self) -> tuple[Subject, list[Subject]]:
         mnt = self.root / "mnt"
@@ -139,8 +161,21 @@ class SefsSuite:
                 f"{format_bytes(self.fio_size)} file, {self.fio_runtime} s",
                 IOPS,
             ),
+            "sqlite": row(
+                "sqlite",
+                f"sqlite3 CLI, {self.inserts:,} autocommit inserts (one fsync'd transaction each)",
+                SECONDS,
+            ),
+            "git": row("git", "git init + add -A + commit of the stdlib tree", SECONDS),
         }
-        report.rows += rows.values()
+        groups = {
+            "seq": ["write", "read"],
+            "tree": ["untar", "ls", "rm"],
+            "fio": ["randread", "randwrite"],
+            "sqlite": ["sqlite"],
+            "git": ["git"],
+        }
+        report.rows += [rows[k] for group in GROUPS if group in self.groups for k in groups[group]]
 
         for subject in everyone:
             try:
@@ -184,8 +219,9 @@ class SefsSuite:
                 raise CommandFailed(f"read back {n} bytes, expected {size}")
             return throughput(n, seconds)
 
-        measure([(rows["write"], seq_write), (rows["read"], seq_read)], everyone, reps)
-        self.remove_everywhere(everyone, SEQ_FILE)
+        if "seq" in self.groups:
+            measure([(rows["write"], seq_write), (rows["read"], seq_read)], everyone, reps)
+            self.remove_everywhere(everyone, SEQ_FILE)
 
         # Like gocryptfs' benchmark, the untar row stops when tar exits. What a
         # server still holds then is flushed at unmount: that time is noted too.
@@ -217,7 +253,10 @@ class SefsSuite:
                     raise CommandFailed("the tree is still there after rm -rf")
                 return seconds
 
-        measure([(rows["untar"], untar), (rows["ls"], ls_lr), (rows["rm"], rm_rf)], everyone, reps)
+        if "tree" in self.groups:
+            measure(
+                [(rows["untar"], untar), (rows["ls"], ls_lr), (rows["rm"], rm_rf)], everyone, reps
+            )
         if unmount_after_untar:
             rows["untar"].notes.append(
                 "unmount right after tar exits (flush and commit), median: "
@@ -236,7 +275,9 @@ class SefsSuite:
 
             return sample
 
-        if shutil.which("fio") is None:
+        if "fio" not in self.groups:
+            pass
+        elif shutil.which("fio") is None:
             for subject in everyone:
                 mark_unavailable(
                     [rows["randread"], rows["randwrite"]], subject, "unavailable: fio not installed"
@@ -255,7 +296,63 @@ class SefsSuite:
                 reps,
             )
 
+        self.programs(rows, everyone, ensure_tree)
         report.rows.append(self.rss_row(ours, peers))
+
+    def programs(self, rows: dict[str, Row], everyone: list[Subject], ensure_tree) -> None:
+        """The fsync-heavy real programs: sqlite3 autocommit inserts, git on a source tree."""
+        reps = self.s.reps
+        script = self.root / "inserts.sql"
+        script.write_text(
+            "CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT);\n"
+            + "".join(
+                f"INSERT INTO t(v) VALUES ('row {i} of the sqlite benchmark');\n"
+                for i in range(self.inserts)
+            )
+        )
+
+        def sqlite(subject: Subject) -> float:
+            with subject.mounted() as m:
+                for name in (SQLITE_DB, SQLITE_DB + "-journal"):
+                    (m / name).unlink(missing_ok=True)
+                run(["sync"])
+                seconds = timed(shell(f"sqlite3 '{m / SQLITE_DB}' < '{script}'"))
+                rows_in = run(["sqlite3", str(m / SQLITE_DB), "SELECT count(*) FROM t"])
+                if int(rows_in.stdout.decode().strip() or 0) != self.inserts:
+                    raise CommandFailed(f"the table holds {rows_in.stdout!r} rows")
+                (m / SQLITE_DB).unlink()
+            return seconds
+
+        def git(subject: Subject) -> float:
+            with subject.mounted() as m:
+                ensure_tree(m)
+                shutil.rmtree(m / TREE / ".git", ignore_errors=True)
+                run(["sync"])
+                env = {**os.environ, **GIT_ENV}
+                start = time.perf_counter()
+                for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "stdlib"]):
+                    done = subprocess.run(
+                        ["git", "-C", str(m / TREE), *cmd],
+                        env=env,
+                        capture_output=True,
+                        check=False,
+                    )
+                    if done.returncode != 0:
+                        raise CommandFailed(f"git {cmd[0]}: {done.stderr.decode().strip()[-200:]}")
+                return time.perf_counter() - start
+
+        phases = []
+        for key, program, sample in (("sqlite", "sqlite3", sqlite), ("git", "git", git)):
+            if key not in self.groups:
+                continue
+            if shutil.which(program) is None:
+                for subject in everyone:
+                    mark_unavailable([rows[key]], subject, f"unavailable: {program} not installed")
+                continue
+            phases.append((rows[key], sample))
+        measure(phases, everyone, reps)
+        if "git" in self.groups:
+            self.remove_everywhere(everyone, TREE)
 
     def remove_everywhere(self, subjects: list[Subject], name: str) -> None:
         """Free the disk between workloads; a failure here is reported, not fatal."""
@@ -264,7 +361,10 @@ class SefsSuite:
                 continue
             try:
                 with subject.mounted() as m:
-                    (m / name).unlink(missing_ok=True)
+                    if (m / name).is_dir():
+                        run(["rm", "-rf", str(m / name)])
+                    else:
+                        (m / name).unlink(missing_ok=True)
             except Exception as exc:
                 log(f"{subject.name}: removing {name} failed: {exc}")
 

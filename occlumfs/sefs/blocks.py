@@ -298,9 +298,9 @@ class BlockIO:
         self.dirty_blocks -= count
         node.dirty = EMPTY
 
-    def sync_written(self) -> None:
-        """Make the data files written since the last commit durable (before the commit)."""
-        self.storage.sync(sorted(self._written))
+    def written(self) -> list[str]:
+        """The data files written since the last commit: the commit makes them durable."""
+        return sorted(self._written)
 
     def committed(self) -> None:
         """A commit took the block maps: the slots written since are the committed ones."""

@@ -212,14 +212,19 @@ def parse_root(raw: bytes) -> Root:
 
 
 # -- pages -------------------------------------------------------------------------------
+def frame_record(key: bytes, value: bytes) -> bytes:
+    """One record as a page holds it: ``key_len u16 || value_len u32 || key || value``."""
+    return _RECORD_HEAD.pack(len(key), len(value)) + key + value
+
+
+def pack_framed(frames: list[bytes]) -> bytes:
+    """Page plaintext from framed records (:func:`frame_record`), sorted by key."""
+    return struct.pack(">I", len(frames)) + b"".join(frames)
+
+
 def pack_page(records: list[tuple[bytes, bytes]]) -> bytes:
     """Page plaintext from (key, value) pairs, which the caller sorts by key."""
-    parts = [struct.pack(">I", len(records))]
-    for key, value in records:
-        parts.append(_RECORD_HEAD.pack(len(key), len(value)))
-        parts.append(key)
-        parts.append(value)
-    return b"".join(parts)
+    return pack_framed([frame_record(key, value) for key, value in records])
 
 
 def parse_page(raw: bytes) -> list[tuple[bytes, bytes]]:
@@ -292,26 +297,25 @@ class InodeRecord:
 
 
 def pack_inode(r: InodeRecord) -> bytes:
-    parts = [
-        _INODE.pack(
-            r.mode,
-            r.nlink,
-            r.uid,
-            r.gid,
-            r.rdev,
-            r.size,
-            r.atime_ns,
-            r.mtime_ns,
-            r.ctime_ns,
-            r.parent,
-            r.next_cookie,
-            r.entry_count,
-        ),
-        struct.pack(">I", len(r.target)),
+    return inode_value(
+        (r.mode, r.nlink, r.uid, r.gid, r.rdev, r.size, r.atime_ns, r.mtime_ns, r.ctime_ns,
+         r.parent, r.next_cookie, r.entry_count),
         r.target,
-        struct.pack(">I", len(r.xattrs)),
-    ]
-    for name, value in sorted(r.xattrs.items()):
+        r.xattrs,
+    )  # fmt: skip
+
+
+_PLAIN_INODE_TAIL = struct.pack(">II", 0, 0)  # no target, no xattrs
+
+
+def inode_value(fields: tuple[int, ...], target: bytes, xattrs: dict[bytes, bytes]) -> bytes:
+    """An inode record's value from its twelve fixed fields (in _INODE order), its
+    symlink target and its xattrs: what a commit calls once per changed inode."""
+    head = _INODE.pack(*fields)
+    if not target and not xattrs:
+        return head + _PLAIN_INODE_TAIL
+    parts = [head, struct.pack(">I", len(target)), target, struct.pack(">I", len(xattrs))]
+    for name, value in sorted(xattrs.items()):
         parts.append(_RECORD_HEAD.pack(len(name), len(value)))
         parts.append(name)
         parts.append(value)

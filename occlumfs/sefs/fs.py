@@ -23,6 +23,7 @@ import bisect
 import errno
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 
@@ -41,6 +42,71 @@ from occlumfs.sefs.storage import Storage
 
 COMMIT_INTERVAL = 10.0  # seconds a change may wait for a commit unless fsync asks sooner
 RESERVE_BLOCKS = 256  # free blocks kept for the next commit's pack, beyond the live packs' size
+
+
+class StateWriter:
+    """Moves the local trusted state forward after each commit, off the request path.
+
+    The state may lag the head (a crash between a commit and its state write is
+    accepted by design, docs/formats/sefs.md), so an fsync need not wait for its
+    two host fsyncs: a thread writes the newest submitted commit, skipping any
+    that a later one overtook. A failed write is raised by the next ``submit``
+    or by ``drain``, which ``close`` calls to write the last commit's state.
+    """
+
+    def __init__(self, state: TrustedState | None) -> None:
+        self._state = state
+        self._cond = threading.Condition()
+        self._pending: tuple[int, bytes] | None = None
+        self._busy = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def submit(self, counter: int, root_tag: bytes) -> None:
+        with self._cond:
+            self._raise()
+            self._pending = (counter, root_tag)
+            # Threads do not survive the mount's fork: start one in whoever commits.
+            if self._thread is None or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._busy = False
+                self._thread = threading.Thread(target=self._run, name="sefs-state", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def drain(self) -> None:
+        """Wait until every submitted state is written; raise the failure if one failed."""
+        with self._cond:
+            if self._thread is not None and self._pid == os.getpid():
+                self._cond.wait_for(lambda: self._pending is None and not self._busy)
+            elif self._pending is not None:  # no thread of ours: write it here
+                pending, self._pending = self._pending, None
+                self._write(pending)
+            self._raise()
+
+    def _raise(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _write(self, pending: tuple[int, bytes]) -> None:
+        try:
+            if self._state is not None:
+                self._state.update(*pending)
+        except BaseException as exc:  # handed to the request thread, which reports it
+            self._error = exc
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending is not None)
+                pending, self._pending = self._pending, None
+                self._busy = True
+            self._write(pending)  # type: ignore[arg-type]
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
 
 
 class _DirHandle:
@@ -87,6 +153,7 @@ class SefsFS(Namespace):
         self._dir_handles: dict[int, _DirHandle] = {}
         self._next_fh = 1
         self._last_commit = time.monotonic()
+        self._state_writer = StateWriter(trusted_state)
         if _new:
             root = Inode(ROOT_INO, stat.S_IFDIR | 0o755)
             root.nlink = 2
@@ -117,9 +184,12 @@ class SefsFS(Namespace):
             if not self.read_only:
                 self.commit()
         finally:
-            self.storage.close()
-            if self._lock is not None:
-                self._lock.release()
+            try:
+                self._state_writer.drain()  # the last commit's state is written
+            finally:
+                self.storage.close()
+                if self._lock is not None:
+                    self._lock.release()
 
     # == committing =========================================================================
     def commit(self) -> None:
@@ -129,12 +199,11 @@ class SefsFS(Namespace):
         self._io.flush_all()
         if not self._dirty_keys:
             return
-        self._io.sync_written()
-        self._pages.commit(self._next_ino)
+        self._pages.commit(self._next_ino, self._io.written())
         self._io.committed()
         self._last_commit = time.monotonic()
         if self._state is not None:
-            self._state.update(self._pages.counter, self._pages.root_tag)
+            self._state_writer.submit(self._pages.counter, self._pages.root_tag)
         self._pages.discard_dead_packs()
         self._io.discard_doomed()
         self._io.measure()

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import bisect
 import os
+import struct
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -20,6 +23,41 @@ from occlumfs.errors import IntegrityError
 from occlumfs.sefs import format as fmt
 from occlumfs.sefs.inode import Inode
 from occlumfs.sefs.storage import Storage
+
+_U64 = struct.Struct(">Q")
+_INODE_KIND, _ENTRY_KIND = b"i"[0], b"e"[0]
+FRAME_CACHE_PAGES = 32  # pages whose records stay serialised between commits (~2 MiB)
+PARALLEL_FSYNC_MAX = 64  # files; a commit writing more syncs them with Storage.sync (syncfs)
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): threads do not survive fork
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(8, thread_name_prefix="sefs-fsync"))
+    return _pool[1]
+
+
+def make_durable(storage: Storage, files: Sequence[str], dirs: Sequence[str]) -> None:
+    """Make ``files`` and the entries of ``dirs`` durable: one barrier, whatever its order.
+
+    The fsyncs run in parallel, so the host's journal commits them together: a
+    commit waits about one host fsync instead of one per file. Many files are
+    left to ``Storage.sync`` (one ``syncfs`` on disk), which covers the dirs too.
+    """
+    jobs: list[Callable[[], None]]
+    if len(files) > PARALLEL_FSYNC_MAX:
+        storage.sync(files)
+        return
+    jobs = [lambda n=n: storage.fsync(n) for n in files]
+    jobs += [lambda d=d: storage.fsync_dir(d) for d in dirs]
+    if len(jobs) == 1:
+        jobs[0]()
+        return
+    futures = [_executor().submit(job) for job in jobs]
+    wait(futures)
+    for future in futures:
+        future.result()  # the first failure, if any, once every fsync has returned
 
 
 class PageTable:
@@ -43,6 +81,9 @@ class PageTable:
         self.counter = 0
         self.root_tag = b""
         self.dirty: set[bytes] = set()  # keys of records changed since the last commit
+        # Page start -> its framed records as last sealed, for the pages sealed
+        # most recently (oldest first): what a commit need not serialise again.
+        self._frame_cache: dict[bytes, dict[bytes, bytes]] = {}
 
     def page_of(self, key: bytes) -> int:
         return bisect.bisect_right(self.starts, key) - 1
@@ -80,14 +121,16 @@ class PageTable:
 
     # == committing ========================================================================
     def record(self, key: bytes) -> bytes | None:
-        """The current value of record ``key``, or None when it no longer exists."""
-        kind, ino, rest = fmt.split_key(key)
-        node = self._inodes.get(ino)
+        """The current value of record ``key``, or None when it no longer exists.
+        Called once per changed record at each commit: kept to a few operations."""
+        node = self._inodes.get(_U64.unpack_from(key, 1)[0]) if len(key) >= 9 else None
         if node is None or node.nlink == 0:
             return None
-        if kind == b"i":
-            return fmt.pack_inode(
-                fmt.InodeRecord(
+        kind = key[0]
+        if kind == _INODE_KIND:
+            is_dir = node.entries is not None
+            return fmt.inode_value(
+                (
                     node.mode,
                     node.nlink,
                     node.uid,
@@ -98,16 +141,16 @@ class PageTable:
                     node.mtime_ns,
                     node.ctime_ns,
                     node.parent,
-                    node.next_cookie if node.is_dir else 0,
-                    len(node.entries) if node.is_dir else 0,
-                    node.target,
-                    node.xattrs,
-                )
+                    node.next_cookie if is_dir else 0,
+                    len(node.entries) if is_dir else 0,
+                ),
+                node.target,
+                node.xattrs,
             )
-        if kind == b"e":
-            entry = node.entries.get(rest) if node.is_dir else None
+        if kind == _ENTRY_KIND:
+            entry = node.entries.get(key[9:]) if node.entries is not None else None
             return None if entry is None else fmt.pack_entry(*entry)
-        chunk = node.chunks.get(int.from_bytes(rest, "big"))
+        chunk = node.chunks.get(int.from_bytes(key[9:], "big"))
         if chunk is None:
             return None
         trimmed = fmt.trim_chunk(chunk)
@@ -118,62 +161,87 @@ class PageTable:
         return nonce + self._cipher.encrypt(nonce, plain, ad)
 
     @staticmethod
-    def _split(records: list[tuple[bytes, bytes]]) -> list[list[tuple[bytes, bytes]]]:
-        """One page's records, cut into pages of about PAGE_SPLIT bytes if too big."""
-        total = sum(len(k) + len(v) + 6 for k, v in records)
-        if total <= fmt.PAGE_MAX:
-            return [records]
-        pieces: list[list[tuple[bytes, bytes]]] = [[]]
+    def _split(keys: list[bytes], frames: dict[bytes, bytes]) -> list[list[bytes]]:
+        """One page's keys (sorted), cut into pages of about PAGE_SPLIT bytes if too big."""
+        if sum(map(len, frames.values())) <= fmt.PAGE_MAX:
+            return [keys]
+        pieces: list[list[bytes]] = [[]]
         size = 0
-        for key, value in records:
-            grown = len(key) + len(value) + 6
+        for key in keys:
+            grown = len(frames[key])
             if pieces[-1] and size + grown > fmt.PAGE_SPLIT:
                 pieces.append([])
                 size = 0
-            pieces[-1].append((key, value))
+            pieces[-1].append(key)
             size += grown
         return pieces
 
-    def commit(self, next_ino: int) -> None:
+    def _frames(self, start: bytes, keys: set[bytes], changed: dict[bytes, bytes | None]):
+        """The framed records of the page starting at ``start`` whose keys are ``keys``:
+        the cached frames of its last seal updated with the ``changed`` records, or
+        every record serialised afresh. A fresh dict either way (a commit may fail)."""
+        cached = self._frame_cache.get(start)
+        if cached is None:
+            frames = {}
+            for key in keys:
+                value = changed[key] if key in changed else self.record(key)
+                if value is not None:
+                    frames[key] = fmt.frame_record(key, value)
+            return frames
+        frames = dict(cached)
+        for key, value in changed.items():
+            if value is None:
+                frames.pop(key, None)
+            else:
+                frames[key] = fmt.frame_record(key, value)
+        return frames
+
+    def commit(self, next_ino: int, data_files: Sequence[str] = ()) -> None:
         """Seal the dirty pages and a new root into one pack, then switch the head to it.
 
-        The data blocks the new records point at must be durable already.
+        ``data_files`` are the data files written since the last commit: they are
+        made durable together with the pack and the new head's temporary file, in
+        one barrier (:func:`make_durable`), before the rename that commits.
         """
-        dirty_pages = set()
+        dirty_pages: dict[int, dict[bytes, bytes | None]] = {}  # page -> changed records
         for key in self.dirty:
             page = self.page_of(key)
-            if self.record(key) is None:
+            value = self.record(key)
+            if value is None:
                 self.members[page].discard(key)
             else:
                 self.members[page].add(key)
-            dirty_pages.add(page)
-        dirty_pages.update(p for p, ref in enumerate(self.table) if ref is None)
+            dirty_pages.setdefault(page, {})[key] = value
+        if self.table and self.table[0] is None:  # a new filesystem's first page
+            dirty_pages.setdefault(0, {})
         live = sum(ref.length for ref in self.table if ref is not None)
         if sum(self.pack_sizes.values()) > 2 * live + (1 << 20):
-            dirty_pages = set(range(len(self.table)))  # compact: rewrite all, drop old packs
+            for page in range(len(self.table)):  # compact: rewrite all, drop old packs
+                dirty_pages.setdefault(page, {})
         counter = self.counter + 1
         starts, members, table = list(self.starts), list(self.members), list(self.table)
+        sealed: dict[bytes, dict[bytes, bytes] | None] = {}  # page start -> its frames now
         pack = bytearray()
         # From the last page down, so that splitting or dropping a page does not
         # move the pages still to be done.
         for page in sorted(dirty_pages, reverse=True):
-            records = []
-            for key in sorted(members[page]):
-                value = self.record(key)
-                if value is not None:
-                    records.append((key, value))
-            if not records and page:
+            frames = self._frames(starts[page], members[page], dirty_pages[page])
+            if not frames and page:
+                sealed[starts[page]] = None
                 del starts[page], members[page], table[page]  # its range joins the previous
                 continue
-            pieces = self._split(records)
-            firsts = [starts[page]] + [piece[0][0] for piece in pieces[1:]]
+            pieces = self._split(sorted(frames), frames)
+            firsts = [starts[page]] + [piece[0] for piece in pieces[1:]]
             refs = []
             for piece, first in zip(pieces, firsts, strict=True):
-                obj = self._seal(fmt.pack_page(piece), fmt.page_ad(self._fs_id, counter, first))
+                piece_frames = {key: frames[key] for key in piece}
+                plain = fmt.pack_framed(list(piece_frames.values()))
+                obj = self._seal(plain, fmt.page_ad(self._fs_id, counter, first))
                 refs.append(fmt.ObjectRef(counter, len(pack), len(obj), obj[-fmt.TAG_SIZE :]))
                 pack += obj
+                sealed[first] = piece_frames
             starts[page : page + 1] = firsts
-            members[page : page + 1] = [{k for k, _ in piece} for piece in pieces]
+            members[page : page + 1] = [set(piece) for piece in pieces]
             table[page : page + 1] = refs
         root_obj = self._seal(
             fmt.pack_root(fmt.Root(next_ino, starts, table)), fmt.root_ad(self._fs_id, counter)
@@ -182,11 +250,15 @@ class PageTable:
         pack += root_obj
         name = fmt.pack_name(counter)
         self.storage.write_file(name, pack)
-        self.storage.fsync(name)
-        self.storage.fsync_dir(fmt.META_DIR)
         head = fmt.pack_head(fmt.Head(self._fs_id, counter, root_ref), self._head_mac)
         self.storage.write_file(fmt.HEAD_TMP_NAME, head)
-        self.storage.fsync(fmt.HEAD_TMP_NAME)
+        # One barrier for everything the new head depends on (head.tmp is inert
+        # until renamed), then the rename, the commit point, and its directory.
+        make_durable(
+            self.storage,
+            [*data_files, name, fmt.HEAD_TMP_NAME],
+            [fmt.META_DIR] + ([fmt.DATA_DIR] if data_files else []),
+        )
         self.storage.rename(fmt.HEAD_TMP_NAME, fmt.HEAD_NAME)
         self.storage.fsync_dir("")
         # -- committed: the new root is the filesystem from here on --
@@ -195,6 +267,18 @@ class PageTable:
         self.starts, self.members, self.table = starts, members, table
         self.pack_sizes[counter] = len(pack)
         self.dirty.clear()
+        self._remember(sealed)
+
+    def _remember(self, sealed: dict[bytes, dict[bytes, bytes] | None]) -> None:
+        """Keep the frames of the pages just sealed (the likeliest to change next):
+        a commit then serialises only the records that changed, not whole pages."""
+        cache = self._frame_cache
+        for start, frames in sealed.items():
+            cache.pop(start, None)
+            if frames is not None:
+                cache[start] = frames
+        while len(cache) > FRAME_CACHE_PAGES:
+            del cache[next(iter(cache))]
 
     def discard_dead_packs(self) -> None:
         """Delete the packs no page of the committed root points into any more."""
