@@ -40,6 +40,7 @@ import contextlib
 import errno
 import os
 import stat
+import threading
 from collections.abc import Iterator
 
 from occlumfs.errors import IntegrityError, NotFoundError
@@ -209,7 +210,9 @@ class HostDir:
         it; without it a reader still never sees a partial file under ``name``
         but a power cut may lose the replacement.
         """
-        tmp = tmp or f".{name}.{os.getpid()}.tmp"
+        # Unique per process and thread: two threads of one process may replace
+        # the same name at once (a SEFS commit's state write and a create's).
+        tmp = tmp or f".{name}.{os.getpid()}.{threading.get_native_id()}.tmp"
         self.check_file(name)
         fd = self.open_file(tmp, os.O_RDWR | os.O_CREAT, mode)
         try:

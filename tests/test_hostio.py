@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 
 import pytest
 
@@ -95,3 +96,26 @@ def test_key_file_write_never_follows_a_planted_link(tmp_path, victim):
     key = write_key_file(tmp_path / "k2")
     assert load_key_file(tmp_path / "k2") == key
     assert stat.S_IMODE((tmp_path / "k2").stat().st_mode) == 0o600
+
+
+def test_two_threads_replacing_one_name_never_collide(tmp_path):
+    # A SEFS commit's background state write and a create's may replace the same
+    # state file at once in one process: their temporary names must differ.
+    errors: list[BaseException] = []
+
+    def replace_many(data: bytes) -> None:
+        try:
+            with HostDir.open(tmp_path) as where:
+                for _ in range(300):
+                    where.replace_file("state.json", data)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=replace_many, args=(b"%d" % i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert (tmp_path / "state.json").read_bytes() in (b"0", b"1")
+    assert sorted(os.listdir(tmp_path)) == ["state.json"]  # no temporary left behind
