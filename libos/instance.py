@@ -6,7 +6,6 @@ through :class:`Instance`, so the layout is stated once.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from libos.config import DEFAULT_CONFIG, dump_config
 from occlumfs.errors import NotFoundError, OcclumfsError, UsageError
+from occlumfs.hostio import HostDir
 
 IMAGE_DIRS = ("bin", "lib", "lib64", "root", "host", "tmp", "dev", "proc", "etc", "sbin")
 MUSL_LOADER = "lib/ld-musl-x86_64.so.1"
@@ -142,15 +142,8 @@ def _host_localtime() -> Path | None:
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` whole (a temporary file, fsync, rename).
 
-    The temporary name is created exclusively and never through a symlink, so
-    a link planted in the instance cannot redirect the write.
+    Through :class:`~occlumfs.hostio.HostDir`: a link planted in the instance
+    at either name is refused, never followed.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with HostDir.open(path.parent, follow=True) as parent:
+        parent.replace_file(path.name, data, mode=mode)

@@ -17,11 +17,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from occlumfs.errors import NotFoundError, OcclumfsError
-from occlumfs.keys import KEY_BYTES, format_key, parse_key
+from occlumfs.hostio import HostDir
+from occlumfs.keys import KEY_BYTES, format_key, hkdf_sha256, parse_key
 
 SECRET_BYTES = 32
 
@@ -43,7 +41,7 @@ def private_state_dir() -> Path:
 
 
 def _hkdf(ikm: bytes, salt: bytes, info: bytes, length: int = KEY_BYTES) -> bytes:
-    return HKDF(hashes.SHA256(), length, salt, info).derive(ikm)
+    return hkdf_sha256(ikm, salt, info, length)
 
 
 def machine_secret() -> bytes:
@@ -84,11 +82,8 @@ def remember_image_key(key: bytes) -> str:
     keys.mkdir(mode=0o700, exist_ok=True)
     path = keys / fingerprint
     if not path.exists():
-        tmp = keys / f".{fingerprint}.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(format_key(key) + "\n")
-        os.replace(tmp, path)
+        with HostDir.open(keys, follow=True) as where:
+            where.replace_file(fingerprint, (format_key(key) + "\n").encode(), mode=0o600)
     return fingerprint
 
 

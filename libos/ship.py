@@ -22,7 +22,7 @@ import stat
 import tarfile
 from pathlib import Path
 
-from libos.instance import Instance
+from libos.instance import Instance, write_atomic
 from occlumfs.errors import NotFoundError, OcclumfsError, UsageError
 
 
@@ -96,14 +96,8 @@ def package(instance: Instance, output: Path | None, *, with_run: bool = False) 
     finally:
         if lock_fd is not None:
             os.close(lock_fd)
-    tmp = output.with_name(f".{output.name}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
+        write_atomic(output, buf.getvalue())
     except OSError as exc:
         raise OcclumfsError(f"{output}: {exc.strerror}") from None
     return output
