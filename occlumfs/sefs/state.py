@@ -81,9 +81,9 @@ def _read_doc(where: HostDir, name: str) -> dict | None:
 
 def _write_doc(state_dir: Path, name: str, doc: dict) -> None:
     with HostDir.open(state_dir, follow=True) as where:
-        where.replace_file(
-            name, (json.dumps(doc) + "\n").encode(), tmp=f".{name}.{os.getpid()}.tmp"
-        )
+        # The default temporary name is unique per process and thread: the
+        # commit's state writer thread and an open may write one file at once.
+        where.replace_file(name, (json.dumps(doc) + "\n").encode())
 
 
 class TrustedState:
