@@ -63,6 +63,13 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+def _ours(st: os.stat_result) -> bool:
+    """A regular file no other name shares. A link count of 0 is a file another
+    writer just renamed a replacement over (we hold the old one): not a link
+    to anything outside, so not refused."""
+    return stat.S_ISREG(st.st_mode) and st.st_nlink <= 1
+
+
 class HostDir:
     """A directory held open by descriptor; every name given to it is one path component."""
 
@@ -132,7 +139,7 @@ class HostDir:
         st = self.lstat(name)
         if st is None:
             return False
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        if not _ours(st):
             raise self._refuse(name, st)
         return True
 
@@ -156,7 +163,7 @@ class HostDir:
             raise self._refuse(name, st) from None
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            if not _ours(st):
                 raise self._refuse(name, st)
         except BaseException:
             os.close(fd)
