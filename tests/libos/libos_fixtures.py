@@ -17,6 +17,7 @@ from occlumfs.mount import mounted_paths
 __all__ = [
     "_machine_state",
     "built",
+    "fuse_server_of",
     "hello_world",
     "occlum",
     "pty_expect",
@@ -62,6 +63,14 @@ def run_occlum(
 def occlum():
     """``occlum(*args, cwd=..., check=..., input=..., env=..., module=...)``."""
     return run_occlum
+
+
+def fuse_server_of(run_pid: int) -> int:
+    """The FUSE server of ``occlum run`` ``run_pid``: its one child that is not bubblewrap."""
+    children = Path(f"/proc/{run_pid}/task/{run_pid}/children").read_text().split()
+    server = [int(c) for c in children if b"bwrap" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(server) == 1, children
+    return server[0]
 
 
 def assert_no_leftover_mounts(instance: Path) -> None:

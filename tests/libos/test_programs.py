@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from libos_fixtures import *  # noqa: F403 (the fixtures of tests/libos)
-from libos_fixtures import pty_expect
+from libos_fixtures import fuse_server_of, pty_expect
 
 pytestmark = pytest.mark.fuse  # occlum run serves the rootfs over FUSE
 
@@ -167,13 +167,7 @@ def test_a_killed_server_fails_the_run_loudly_and_the_next_run_recovers(built, o
     )  # fmt: skip
     try:
         assert proc.stdout.readline() == b"up\n"
-        # The FUSE server is occlum run's child that is not bubblewrap.
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        server = [
-            int(c) for c in children if b"bwrap" not in Path(f"/proc/{c}/cmdline").read_bytes()
-        ]
-        assert len(server) == 1, children
-        os.kill(server[0], signal.SIGKILL)
+        os.kill(fuse_server_of(proc.pid), signal.SIGKILL)
         _out, err = proc.communicate(b"\n", timeout=60)
     finally:
         if proc.poll() is None:
@@ -236,12 +230,7 @@ def test_when_occlum_run_is_killed_the_server_still_commits(built, occlum):
     )  # fmt: skip
     try:
         assert proc.stdout.readline() == b"up\n"
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        server = [
-            int(c) for c in children if b"bwrap" not in Path(f"/proc/{c}/cmdline").read_bytes()
-        ]
-        assert len(server) == 1
-        pidfd = os.pidfd_open(server[0])
+        pidfd = os.pidfd_open(fuse_server_of(proc.pid))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         ready, _, _ = select.select([pidfd], [], [], 60)  # the server ends on its own
