@@ -28,6 +28,7 @@ from pathlib import Path
 
 from libos import elfdeps
 from occlumfs.errors import FormatError, IntegrityError, NotFoundError, OcclumfsError, UsageError
+from occlumfs.hostio import read_named_file
 
 log = logging.getLogger("libos.bom")
 
@@ -47,10 +48,7 @@ class _Plan:
 def _load_yaml(path: Path) -> dict:
     import yaml
 
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise NotFoundError(f"{path}: BOM file not found") from None
+    text = read_named_file(path, "BOM file").decode(errors="replace")
     try:
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:

@@ -22,7 +22,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from occlumfs.errors import FormatError, IntegrityError, NotFoundError, OcclumfsError
+from occlumfs.errors import FormatError, IntegrityError
+from occlumfs.hostio import read_named_file
 
 SIGNED_CONTEXT = b"occlum manifest signature v1\0"
 RSA_BITS = 3072
@@ -30,12 +31,7 @@ RSA_BITS = 3072
 
 def load_sign_key(path: Path):
     """The private key in ``path``: Ed25519 or RSA-3072, else one line saying why not."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"{path}: signing key not found") from None
-    except OSError as exc:
-        raise OcclumfsError(f"{path}: cannot read the signing key: {exc.strerror}") from None
+    data = read_named_file(path, "signing key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):

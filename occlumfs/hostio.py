@@ -43,7 +43,7 @@ import stat
 import threading
 from collections.abc import Iterator
 
-from occlumfs.errors import IntegrityError, NotFoundError
+from occlumfs.errors import FormatError, IntegrityError, NotFoundError, OcclumfsError
 
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -283,3 +283,21 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         if n == 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         view = view[n:]
+
+
+def read_named_file(path: os.PathLike | str, what: str, limit: int | None = None) -> bytes:
+    """A file the user named (a key, passphrase, signing key or BOM file), or one line.
+
+    The path is the user's, so it is followed as given; what goes wrong is
+    said with ``what`` and the path: missing (NotFoundError), a directory
+    (FormatError), unreadable (OcclumfsError). ``limit`` caps the bytes read.
+    """
+    try:
+        with open(path, "rb") as f:
+            return f.read(-1 if limit is None else limit)
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise FormatError(f"{path}: is a directory, not a {what}") from None
+    except OSError as exc:
+        raise OcclumfsError(f"{path}: cannot read the {what}: {exc.strerror}") from None

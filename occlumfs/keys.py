@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from occlumfs.errors import FormatError, IntegrityError, NotFoundError, OcclumfsError
-from occlumfs.hostio import HostDir
+from occlumfs.hostio import HostDir, read_named_file
 
 KEY_BYTES = 16
 _KEY_RE = re.compile(rf"^[0-9a-fA-F]{{2}}(-[0-9a-fA-F]{{2}}){{{KEY_BYTES - 1}}}$")
@@ -73,13 +73,5 @@ def write_key_file(path: Path, key: bytes | None = None, *, overwrite: bool = Fa
 
 def load_key_file(path: Path) -> bytes:
     path = Path(path)
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            text = f.read(4096)
-    except FileNotFoundError:
-        raise NotFoundError(f"{path}: key file not found") from None
-    except IsADirectoryError:
-        raise FormatError(f"{path}: is a directory, not a key file") from None
-    except PermissionError:
-        raise OcclumfsError(f"{path}: permission denied reading the key file") from None
-    return parse_key(text, str(path))
+    raw = read_named_file(path, "key file", limit=4096)
+    return parse_key(raw.decode("ascii", errors="replace"), str(path))

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from occlumfs.errors import IntegrityError, NotFoundError
-from occlumfs.hostio import HostDir
+from occlumfs.errors import FormatError, IntegrityError, NotFoundError
+from occlumfs.hostio import HostDir, read_named_file
 from occlumfs.keys import load_key_file, write_key_file
 
 
@@ -119,3 +119,12 @@ def test_two_threads_replacing_one_name_never_collide(tmp_path):
     assert not errors
     assert (tmp_path / "state.json").read_bytes() in (b"0", b"1")
     assert sorted(os.listdir(tmp_path)) == ["state.json"]  # no temporary left behind
+
+
+def test_a_named_file_that_cannot_be_read_is_one_line_naming_it(tmp_path):
+    (tmp_path / "f").write_bytes(b"0123456789")
+    assert read_named_file(tmp_path / "f", "key file", limit=4) == b"0123"
+    with pytest.raises(NotFoundError, match=r"missing: BOM file not found$"):
+        read_named_file(tmp_path / "missing", "BOM file")
+    with pytest.raises(FormatError, match=r"is a directory, not a signing key$"):
+        read_named_file(tmp_path, "signing key")

@@ -23,7 +23,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from occlumfs.errors import FormatError, NotFoundError, OcclumfsError, UsageError, WrongKeyError
+from occlumfs.errors import FormatError, UsageError, WrongKeyError
+from occlumfs.hostio import read_named_file
 from occlumfs.keys import hkdf_sha256
 from occlumfs.sefs.format import BLOCK_SIZE, FS_ID_SIZE
 
@@ -59,12 +60,7 @@ class Credential:
 
 
 def read_passphrase_file(path: Path) -> bytes:
-    try:
-        text = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"{path}: passphrase file not found") from None
-    except OSError as exc:
-        raise OcclumfsError(f"{path}: cannot read the passphrase file: {exc.strerror}") from None
+    text = read_named_file(path, "passphrase file")
     line = text.split(b"\n", 1)[0].rstrip(b"\r")
     if not line:
         raise UsageError(f"{path}: the passphrase file's first line is empty")
