@@ -212,7 +212,13 @@ def start(image_key: Path | None) -> None:
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_command(command: tuple[str, ...]) -> None:
     """Run COMMAND (an absolute path inside the instance, and its arguments) in the
-    started instance with this terminal's stdin/stdout/stderr; exit with its status."""
+    started instance with this terminal's stdin/stdout/stderr; exit with its status.
+
+    \b
+    Options, before COMMAND:
+      -w, --cwd DIR          run in DIR (absolute, inside the instance; default /)
+      -e, --env NAME[=VALUE] set NAME (only names in env.untrusted of Occlum.json);
+                             NAME alone passes this shell's value"""
     from libos.instance import Instance
     from libos.protocol import exec_program
 
@@ -286,3 +292,7 @@ def gen_image_key(path: Path, force: bool) -> None:
 
     write_key_file(path, overwrite=force)
     click.echo(f"wrote a new key to {path}", err=True)
+
+
+if __name__ == "__main__":  # python -m libos.cli: the installed command, click included
+    main()

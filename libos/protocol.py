@@ -89,10 +89,53 @@ def _stdio() -> list[int]:
     return fds
 
 
-def exec_program(root: str, argv: list[str]) -> int:
-    """Run ``argv`` in the instance at ``root`` with our stdio; its status."""
+EXEC_USAGE = "occlum exec [-w DIR] [-e NAME[=VALUE]]... [--] /path ARGS..."
+_CWD_FLAGS = ("-w", "--cwd", "--workdir")
+_ENV_FLAGS = ("-e", "--env")
+
+
+def parse_exec_args(args: list[str]) -> tuple[list[str], dict]:
+    """``[-w DIR] [-e NAME[=VALUE]]... [--] PROGRAM ARGS...``: the program's argv, and
+    the request's ``cwd`` and ``set`` (variables given with -e, as Docker's exec
+    takes them; ``-e NAME`` alone passes the caller's own value, if it has one)."""
+    options: dict = {"cwd": None, "set": {}}
+    i = 0
+    while i < len(args) and args[i].startswith("-") and args[i] != "-":
+        flag, value = args[i], None
+        if flag == "--":
+            i += 1
+            break
+        if flag.startswith("--") and "=" in flag:
+            flag, value = flag.split("=", 1)
+        elif not flag.startswith("--") and len(flag) > 2:
+            flag, value = flag[:2], flag[2:]
+        if flag not in _CWD_FLAGS + _ENV_FLAGS:
+            raise UsageError(f"exec: unknown option {flag}; usage: {EXEC_USAGE}")
+        if value is None:
+            i += 1
+            if i == len(args):
+                raise UsageError(f"exec: {flag} needs a value; usage: {EXEC_USAGE}")
+            value = args[i]
+        i += 1
+        if flag in _CWD_FLAGS:
+            options["cwd"] = value
+            continue
+        name, has_value, given = value.partition("=")
+        if not name:
+            raise UsageError(f"exec: {flag} {value!r}: no variable name")
+        if has_value:
+            options["set"][name] = given
+        elif name in os.environ:
+            options["set"][name] = os.environ[name]
+    return args[i:], options
+
+
+def exec_program(root: str, args: list[str]) -> int:
+    """Run ``args`` (options, then the program and its arguments; see
+    :func:`parse_exec_args`) in the instance at ``root`` with our stdio; its status."""
+    argv, options = parse_exec_args(args)
     if not argv:
-        raise UsageError("exec: no program given")
+        raise UsageError(f"exec: no program given; usage: {EXEC_USAGE}")
     run_dir = os.path.join(root, "run")
     sock = try_connect(run_dir) if os.path.isdir(run_dir) else None
     if sock is None:
@@ -102,7 +145,9 @@ def exec_program(root: str, argv: list[str]) -> int:
         recover(Instance.find(root))  # a server that died: say so, clean up
         raise NotFoundError(f"{root}: {NOT_STARTED}")
     with sock:
-        message = json.dumps({"op": "exec", "argv": argv, "env": dict(os.environ)}).encode()
+        message = json.dumps(
+            {"op": "exec", "argv": argv, "env": dict(os.environ), **options}
+        ).encode()
         socket.send_fds(sock, [message + b"\n"], _stdio())
 
         def forward(signum, _frame):
@@ -121,9 +166,8 @@ def exec_program(root: str, argv: list[str]) -> int:
 
 
 def exec_main(args: list[str]) -> None:
-    """``occlum exec [--] CMD ARGS...`` without click: one-line errors, the program's status."""
-    if args and args[0] == "--":
-        args = args[1:]
+    """``occlum exec [OPTIONS] [--] CMD ARGS...`` without click: one-line errors, the
+    program's status."""
     root = os.path.abspath(".")
     try:
         if not os.path.isfile(os.path.join(root, "Occlum.json")):

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import os
 import signal
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -200,3 +201,36 @@ def unmount_rootfs(handle: RootfsHandle) -> None:
             f"committing the instance's writable layer FAILED ({why}): data written in "
             f"this run may be lost; see {handle.log_file}"
         )
+
+
+def is_dir_inside(root: Path, path: str, hops: int = 40) -> bool:
+    """Whether ``path`` names a directory as a program in the sandbox rooted at ``root``
+    sees it: symbolic links are followed inside ``root``, never out to the host."""
+    todo = [p for p in path.split("/") if p]
+    done: list[str] = []
+    while todo:
+        name = todo.pop(0)
+        if name == ".":
+            continue
+        if name == "..":
+            if done:
+                done.pop()
+            continue
+        here = root.joinpath(*done, name)
+        try:
+            st = os.lstat(here)
+        except OSError:
+            return False
+        if stat.S_ISLNK(st.st_mode):
+            hops -= 1
+            if hops < 0:
+                return False
+            target = os.readlink(here)
+            if target.startswith("/"):
+                done = []
+            todo[:0] = [p for p in target.split("/") if p]
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+        done.append(name)
+    return True

@@ -32,7 +32,7 @@ import trio
 
 from libos.build import VerifiedBuild
 from libos.protocol import DEFAULT_STOP_TIMEOUT, SOCKET_NAME
-from libos.rootfs import RootfsHandle, unmount_rootfs
+from libos.rootfs import RootfsHandle, is_dir_inside, unmount_rootfs
 from libos.run import check_entry_point, program_env
 from libos.sandbox import Sandbox, SandboxProcess, release_limits
 from occlumfs.errors import InUseError, NotFoundError, OcclumfsError, UsageError
@@ -211,6 +211,22 @@ class Server:
         check_entry_point(program, self.build.config.entry_points)
         if not os.path.lexists(self.handle.mountpoint / posixpath.relpath(program, "/")):
             raise NotFoundError(f"{program}: no such program in the instance")
+        cwd = request.get("cwd") or "/"
+        if not isinstance(cwd, str) or not cwd.startswith("/"):
+            raise UsageError(f"exec: --cwd {cwd}: not an absolute path inside the instance")
+        if not is_dir_inside(self.handle.mountpoint, cwd):
+            raise NotFoundError(f"exec: --cwd {cwd}: no such directory in the instance")
+        given = request.get("set") or {}
+        if not isinstance(given, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in given.items()
+        ):
+            raise UsageError("exec: malformed -e variables")
+        for name in given:
+            if name not in self.build.config.env_untrusted:
+                raise UsageError(
+                    f"exec: -e {name}: not named in env.untrusted of Occlum.json, "
+                    "so the host may not set it"
+                )
         return argv
 
     async def _exec(self, conn: _Conn, request: dict) -> None:
@@ -223,7 +239,9 @@ class Server:
             await conn.send({"error": str(exc), "code": int(exc.exit_code)})
             return
         host_env = request.get("env")
-        env = program_env(self.build.config, host_env if isinstance(host_env, dict) else {})
+        host_env = host_env if isinstance(host_env, dict) else {}
+        env = program_env(self.build.config, {**host_env, **request.get("set", {})})
+        cwd = request.get("cwd") or "/"
         job = _Exec()
         self.running.add(job)
         if self.idle.is_set():
@@ -233,7 +251,7 @@ class Server:
                 nursery.start_soon(self._forward, conn, job)
                 try:
                     answer = {
-                        "status": await trio.to_thread.run_sync(self._run, job, argv, env, fds)
+                        "status": await trio.to_thread.run_sync(self._run, job, argv, env, cwd, fds)
                     }
                 except OcclumfsError as exc:
                     answer = {"error": str(exc), "code": int(exc.exit_code)}
@@ -244,11 +262,13 @@ class Server:
                 self.idle.set()
         await conn.send(answer)
 
-    def _run(self, job: _Exec, argv: list[str], env: dict[str, str], fds: list[int]) -> int:
+    def _run(
+        self, job: _Exec, argv: list[str], env: dict[str, str], cwd: str, fds: list[int]
+    ) -> int:
         """In a worker thread (it forks bwrap, whose parent-death signal follows this
         thread, so the same thread waits): spawn, then wait."""
         try:
-            proc = self.joined.spawn(argv, env, stdin=fds[0], stdout=fds[1], stderr=fds[2])
+            proc = self.joined.spawn(argv, env, cwd=cwd, stdin=fds[0], stdout=fds[1], stderr=fds[2])
         finally:
             for fd in fds:
                 os.close(fd)

@@ -115,6 +115,41 @@ def test_start_exec_status_stop(built, occlum):
     assert not_started.returncode == 14 and "not started" in not_started.stderr
 
 
+def test_exec_cwd_and_env_options(built, occlum):
+    """Docker's exec habits: -w/--cwd resolved inside the instance, -e for env.untrusted."""
+    occlum("start", cwd=built)
+    try:
+        assert occlum("exec", "-w", "/bin", SH, "pwd", cwd=built).stdout == "/bin\n"
+        assert occlum("exec", "--cwd=/", SH, "pwd", cwd=built).stdout == "/\n"
+        # A link in the instance is followed inside it, never out to the host's tree.
+        occlum("exec", SH, "sh", "-c", "mkdir -p /data && ln -s ../bin /data/up", cwd=built)
+        occlum("exec", SH, "ln", "-s", "/usr/share", "/data/out", cwd=built)
+        assert occlum("exec", "-w", "/data/up", SH, "pwd", cwd=built).stdout == "/bin\n"
+        assert Path("/usr/share").is_dir()
+        assert occlum("exec", SH, "test", "-d", "/usr/share", cwd=built, check=False).returncode
+        out = occlum("exec", "-w", "/data/out", SH, "pwd", cwd=built, check=False)
+        assert out.returncode == 14 and out.stderr.count("\n") == 1, out.stderr
+        assert "no such directory in the instance" in out.stderr
+        relative = occlum("exec", "-w", "bin", SH, "pwd", cwd=built, check=False)
+        assert relative.returncode == 2 and "absolute" in relative.stderr
+
+        # -e sets a variable only if Occlum.json lets the host set it.
+        env = occlum("exec", "-e", "EXAMPLE=from-flag", "--", SH, "env", cwd=built).stdout
+        assert "EXAMPLE=from-flag" in env.splitlines()
+        passed = occlum("exec", "-e", "EXAMPLE", SH, "env", cwd=built, env={"EXAMPLE": "mine"})
+        assert "EXAMPLE=mine" in passed.stdout.splitlines()
+        refused = occlum("exec", "-e", "SECRET=x", SH, "env", cwd=built, check=False)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+        assert "env.untrusted" in refused.stderr and "SECRET=x" not in refused.stdout
+        unknown = occlum("exec", "-x", SH, "true", cwd=built, check=False)
+        assert unknown.returncode == 2 and "unknown option -x" in unknown.stderr
+        # The installed 'occlum' command (click) takes the same options.
+        via_click = occlum("exec", "-w", "/bin", SH, "pwd", cwd=built, module="libos.cli")
+        assert via_click.stdout == "/bin\n"
+    finally:
+        occlum("stop", cwd=built)
+
+
 def test_stop_ends_running_execs_and_commits_what_they_wrote(built, occlum):
     occlum("start", cwd=built)
     polite = exec_popen(built, SH, "sh", "-c", "echo kept > /root/kept; echo ready; exec sleep 100")
