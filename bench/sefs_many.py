@@ -12,7 +12,8 @@
 Each repetition starts every subject from an empty store of its own (not the
 suite's shared one), so the memory row measures a store holding exactly these
 files, and no repetition has to delete the last one's tree through the mount.
-``--quick`` scales the counts down (2,000 and 10,000 files).
+``--quick`` scales the counts down (2,000 and 10,000 files);
+``BENCH_SEFS_MANY_FILES=N`` sets the first count (N/1,000 directories).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from bench.system import CommandFailed, Unavailable, log, peak_rss_mb, run, shel
 FILE_BYTES = 100
 TOP = "many"
 MILLION_ENV = "BENCH_SEFS_MILLION"
+FILES_ENV = "BENCH_SEFS_MANY_FILES"
 MILLION_RSS_MB = 150
 
 
@@ -80,6 +82,11 @@ class ManyFiles:
     def __init__(self, settings: Settings, root: Path, key_file: Path, passfile: Path) -> None:
         self.s = settings
         self.files, self.dirs = (2_000, 20) if settings.quick else (100_000, 100)
+        chosen = os.environ.get(FILES_ENV, "")
+        if chosen:  # another size, 1,000 files a directory as at full size
+            self.files = int(chosen)
+            self.dirs = max(1, self.files // 1000)
+            self.files -= self.files % self.dirs
         self.million = os.environ.get(MILLION_ENV, "") not in ("", "0")
         self.million_files, self.million_dirs = (
             (10_000, 100) if settings.quick else (1_000_000, 1_000)
