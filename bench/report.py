@@ -65,9 +65,25 @@ class Row:
                 best = peer
         return best
 
+    def compared_peer(self) -> Result | None:
+        """The peer the ratio is taken against: the target's named one, else the best."""
+        if self.target is not None and self.target.versus is not None:
+            for peer in self.peers:
+                if peer.subject == self.target.versus:
+                    return peer if peer.value is not None else None
+            return None
+        return self.best_peer()
+
     def ratio(self) -> float | None:
-        best = self.best_peer()
-        return ratio(self.ours.value, best.value if best else None)
+        peer = self.compared_peer()
+        return ratio(self.ours.value, peer.value if peer else None)
+
+    def ratio_cell(self) -> str:
+        if not self.peers:
+            return "—"
+        text = format_ratio(self.ratio())
+        versus = self.target.versus if self.target is not None else None
+        return f"{text} {versus}" if versus and text != "—" else text
 
     def met(self) -> bool | None:
         if self.target is None:
@@ -78,7 +94,7 @@ class Row:
         return self.ours.error is not None or self.ours.value is None
 
     def to_json(self) -> dict:
-        best = self.best_peer()
+        best = self.compared_peer()
         r = self.ratio()
         return {
             "key": self.key,
@@ -129,7 +145,7 @@ class SuiteReport:
             cells = [row.workload, row.ours.cell(row.unit)]
             cells += [by_name[name].cell(row.unit) if name in by_name else "" for name in peers]
             cells += [
-                format_ratio(row.ratio()) if row.peers else "—",
+                row.ratio_cell(),
                 row.target.describe() if row.target else "",
                 verdict_text(row.met()) if row.target else "",
             ]

@@ -124,16 +124,19 @@ class Target:
     kind: str  # "ratio_max" | "ratio_min" | "value_max"
     bound: float
     unit: Unit | None = None  # for value_max, how to print the bound
+    # For a ratio: the peer the issue names, instead of the best peer of the row.
+    versus: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("ratio_max", "ratio_min", "value_max"):
             raise ValueError(f"unknown target kind {self.kind!r}")
 
     def describe(self) -> str:
+        against = f" {self.versus}" if self.versus else ""
         if self.kind == "ratio_max":
-            return f"≤ {self.bound:.2f}x"
+            return f"≤ {self.bound:.2f}x{against}"
         if self.kind == "ratio_min":
-            return f"≥ {self.bound:.2f}x"
+            return f"≥ {self.bound:.2f}x{against}"
         return f"≤ {self.unit.format(self.bound) if self.unit else self.bound}"
 
     def met(self, ratio: float | None, value: float | None) -> bool | None:

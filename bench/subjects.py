@@ -97,6 +97,7 @@ class Subject:
     def __init__(self, mnt: Path) -> None:
         self.mnt = mnt
         self.peak_rss_mb: float | None = None
+        self.last_peak_rss_mb: float | None = None  # of the latest mount alone
         self.mounts = 0
         self._is_set_up = False
 
@@ -109,6 +110,10 @@ class Subject:
 
     def _create(self) -> None:
         """Create the backing store (once per run)."""
+
+    def backing_store(self) -> Path | None:
+        """The directory holding the backing store, for :meth:`recreate`."""
+        return None
 
     def _mount(self) -> None:
         raise NotImplementedError
@@ -126,6 +131,15 @@ class Subject:
             self.check()
             self._create()
             self._is_set_up = True
+
+    def recreate(self) -> None:
+        """Start over from an empty backing store (the subject must be unmounted)."""
+        store = self.backing_store()
+        if store is None:
+            raise CommandFailed(f"{self.name} has no backing store to recreate")
+        shutil.rmtree(store, ignore_errors=True)
+        self._is_set_up = False
+        self.setup()
 
     def mount(self) -> None:
         self.setup()
@@ -155,7 +169,7 @@ class Subject:
             if not quiet:
                 raise
         finally:
-            peak = watcher.stop()
+            peak = self.last_peak_rss_mb = watcher.stop()
             if peak is not None:
                 self.peak_rss_mb = max(self.peak_rss_mb or 0.0, peak)
             if is_mounted(self.mnt):
@@ -259,6 +273,9 @@ class OcclumSefs(OcclumfsSubject):
     def _mount_args(self) -> list[str | Path]:
         return ["-t", "sefs", self.store, "--key-file", self.key_file]
 
+    def backing_store(self) -> Path:
+        return self.store
+
 
 class MemStandIn(OcclumfsSubject):
     """``occlumfs mount -t mem``: exercises the harness before the real subject lands.
@@ -321,6 +338,9 @@ class Gocryptfs(Subject):
     def _mount(self) -> None:
         run(["gocryptfs", "-q", "-passfile", str(self.passfile), str(self.cipher), str(self.mnt)])
 
+    def backing_store(self) -> Path:
+        return self.cipher
+
 
 class Securefs(Subject):
     name = program = "securefs"
@@ -349,6 +369,9 @@ class Securefs(Subject):
 
     def _mount(self) -> None:
         run(["securefs", "mount", "-b", "--pass", self.password, str(self.store), str(self.mnt)])
+
+    def backing_store(self) -> Path:
+        return self.store
 
 
 def teardown_all(subjects: list[Subject]) -> None:

@@ -31,6 +31,12 @@ log = logging.getLogger("occlumfs.fuse")
 # the backing store is an I/O error of the filesystem.
 _PASS_THROUGH_HOST_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
+# POSIX ACLs travel as these xattrs. The mounts never enable ACLs (the kernel
+# would not enforce one, so `ls -l` would show a "+" and getfacl entries that
+# grant or deny nothing): they answer EOPNOTSUPP, as a filesystem without ACL
+# support does. `ls -l` then stops asking for each file once per mount.
+_ACL_XATTRS = frozenset({b"system.posix_acl_access", b"system.posix_acl_default"})
+
 
 def _describe(args: tuple[Any, ...]) -> str:
     """Request arguments fit for a log line: numbers and names, never data."""
@@ -85,7 +91,13 @@ class FuseOperations(pyfuse3.Operations):
         self.fs = fs
         self._has_xattrs = fs.info.has_xattrs
         self._timeout = fs.info.cache_timeout
-        self._keep_cache = fs.info.immutable
+        self._immutable = fs.info.immutable
+        # Pages of a file stay true across opens when nothing but this mount
+        # changes it: a file read again is not read again through the server.
+        self._keep_cache = fs.info.immutable or fs.info.exclusive
+        # The kernel remembers that a name does not exist (a negative entry) as
+        # long as it remembers names, when only this mount can create one.
+        self._negative_timeout = self._timeout if self._keep_cache else 0.0
         # Writeback caching only makes sense where the kernel may write. With it the
         # kernel keeps regular files' c/mtime and sends them with setattr.
         self.enable_writeback_cache = not fs.info.read_only
@@ -118,7 +130,17 @@ class FuseOperations(pyfuse3.Operations):
     def lookup(self, parent, name, ctx):
         if name == b".":
             return self._entry(self.fs.getattr(parent))
-        return self._entry(self.fs.lookup(parent, name))
+        try:
+            return self._entry(self.fs.lookup(parent, name))
+        except FSError as exc:
+            if exc.errno != errno.ENOENT or not self._negative_timeout:
+                raise
+        # Inode 0 answers "no such name" and lets the kernel keep that answer.
+        absent = pyfuse3.EntryAttributes()
+        absent.st_ino = 0
+        absent.entry_timeout = self._negative_timeout
+        absent.attr_timeout = 0
+        return absent
 
     async def forget(self, inode_list):
         # The kernel takes no answer to a forget, and pyfuse3 has nowhere to send
@@ -162,7 +184,7 @@ class FuseOperations(pyfuse3.Operations):
 
     @_handler
     def flush(self, fh):
-        if self._keep_cache:
+        if self._immutable:
             # Nothing of an immutable filesystem is ever dirty. ENOSYS makes the
             # kernel stop sending FLUSH on every close (it then succeeds alone).
             raise pyfuse3.FUSEError(errno.ENOSYS)
@@ -193,11 +215,13 @@ class FuseOperations(pyfuse3.Operations):
             # ENOSYS makes the kernel answer EOPNOTSUPP itself from now on:
             # without it `ls -l` costs two requests per file.
             raise pyfuse3.FUSEError(errno.ENOSYS)
+        if name in _ACL_XATTRS:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         return self.fs.getxattr(inode, name)
 
     @_handler
     def listxattr(self, inode, ctx):
-        return self.fs.listxattr(inode)
+        return [name for name in self.fs.listxattr(inode) if name not in _ACL_XATTRS]
 
     # -- write side ------------------------------------------------------------
     @_handler
@@ -260,8 +284,12 @@ class FuseOperations(pyfuse3.Operations):
 
     @_handler
     def setxattr(self, inode, name, value, ctx):
+        if name in _ACL_XATTRS:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         self.fs.setxattr(inode, name, value)
 
     @_handler
     def removexattr(self, inode, name, ctx):
+        if name in _ACL_XATTRS:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         self.fs.removexattr(inode, name)

@@ -146,10 +146,23 @@ class FsInfo:
     name: str  # shown as the mount's fsname, e.g. "occlumfs:/srv/app.img"
     subtype: str  # shown as fuse.<subtype> in /proc/mounts
     read_only: bool = False
-    # Contents never change under the kernel: keep its page cache across opens
-    # and cache attributes and names for long; nothing is ever dirty to flush.
+    # Contents never change at all: besides what ``exclusive`` allows, nothing
+    # is ever dirty to flush.
     immutable: bool = False
-    cache_timeout: float = 1.0
+    # Every change to the contents goes through this object while it is served:
+    # a SEFS store is locked to its one mount, a memfs lives in its server, an
+    # image never changes, a union's upper is locked to it and its lowers are
+    # images. Then what the kernel was told (names, their absence, attributes,
+    # file pages) stays true until the kernel itself changes it through the
+    # mount, and the kernel updates or drops its own copy when it does. So the
+    # kernel may keep pages across opens and remember names that do not exist.
+    # A filesystem whose contents can change other than through its mount must
+    # say False and set a short cache_timeout.
+    exclusive: bool = True
+    # How long the kernel may trust a name or attributes it was told before it
+    # asks again (seconds). Long by default, for the reason above: an hour, after
+    # which one LOOKUP or GETATTR revalidates what the kernel still holds.
+    cache_timeout: float = 3600.0
     # False when no inode has an xattr and none can get one: the kernel can be
     # told once instead of asking for every file.
     has_xattrs: bool = True

@@ -151,6 +151,18 @@ class HostDir:
         """
         if flags & os.O_TRUNC:
             raise ValueError("O_TRUNC would truncate before the check: ftruncate the result")
+        if flags & os.O_CREAT:
+            # Most creates make a new file (a SEFS data file at a file's first
+            # flush): with O_EXCL the kernel makes it or fails with EEXIST on
+            # anything at the name, a symlink (even a dangling one) included, and
+            # never follows it. What it makes is ours alone: no check needed.
+            # Something already there takes the checked path below.
+            try:
+                return os.open(name, flags | os.O_EXCL | _OPEN_FLAGS, mode, dir_fd=self.fd)
+            except FileExistsError:
+                pass
+            if flags & os.O_EXCL:
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), self._where(name))
         self.check_file(name)
         try:
             fd = os.open(name, flags | _OPEN_FLAGS, mode, dir_fd=self.fd)

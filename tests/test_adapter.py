@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
+import struct
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -53,12 +56,60 @@ serve(FaultyFS("faulty"), Path(sys.argv[1]), foreground=True, log_file=Path(sys.
 """
 
 
+_COUNTING_SERVER = """
+import json, sys
+from collections import Counter
+from pathlib import Path
+from occlumfs import adapter
+from occlumfs.memfs import MemFS
+from occlumfs.mount import serve
+
+class CountingFS(MemFS):
+    # What reached the server, shown as the root's xattr user.counts.
+    counts = Counter()
+
+    def lookup(self, parent, name):
+        self.counts["lookup " + name.decode()] += 1
+        return super().lookup(parent, name)
+
+    def read(self, fh, offset, size):
+        self.counts["read"] += 1
+        return super().read(fh, offset, size)
+
+    def getxattr(self, ino, name):
+        self.counts["getxattr " + name.decode()] += 1
+        if name == b"user.counts":
+            return json.dumps(self.counts).encode()
+        return super().getxattr(ino, name)
+
+# Requests the adapter answers itself never reach the filesystem: count them there too.
+answer_getxattr = adapter.FuseOperations.getxattr
+
+async def getxattr_request(self, inode, name, ctx):
+    CountingFS.counts["request getxattr " + name.decode()] += 1
+    return await answer_getxattr(self, inode, name, ctx)
+
+adapter.FuseOperations.getxattr = getxattr_request
+serve(CountingFS("counting"), Path(sys.argv[1]), foreground=True, log_file=Path(sys.argv[2]))
+"""
+
+
 @pytest.fixture
 def faulty_mount(tmp_path):
+    yield from _served(_FAULTY_SERVER, tmp_path)
+
+
+@pytest.fixture
+def counting_mount(tmp_path):
+    for mnt, _log, _server in _served(_COUNTING_SERVER, tmp_path):
+        yield mnt, lambda m=mnt: Counter(json.loads(os.getxattr(m, b"user.counts")))
+
+
+def _served(script: str, tmp_path: Path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     log = tmp_path / "server.log"
-    cmd = [sys.executable, "-c", _FAULTY_SERVER, str(mnt), str(log)]
+    cmd = [sys.executable, "-c", script, str(mnt), str(log)]
     with subprocess.Popen(cmd) as server:
         try:
             deadline = time.monotonic() + 30
@@ -139,3 +190,59 @@ def test_a_failing_forget_is_logged_and_the_mount_lives_on(faulty_mount):
         os.listdir(mnt)  # requests keep the queue moving; forgets ride along
     _still_serving(mnt)
     assert server.poll() is None
+
+
+@pytest.mark.fuse
+def test_what_only_the_mount_changes_the_kernel_keeps(counting_mount):
+    mnt, counts = counting_mount
+    # A missing name is asked once: the kernel keeps the answer (a negative entry).
+    for _ in range(3):
+        assert _errno(os.lstat, mnt / "absent") == errno.ENOENT
+    assert counts()["lookup absent"] == 1
+    # Creating it through the mount replaces that answer at once.
+    (mnt / "absent").write_bytes(b"here now\n")
+    assert (mnt / "absent").read_bytes() == b"here now\n"
+    # A file read again, through a new open, comes from the kernel's pages.
+    (mnt / "data").write_bytes(b"x" * 10_000)
+    Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    reads = counts().get("read", 0)
+    assert (mnt / "data").read_bytes() == b"x" * 10_000
+    after_one = counts()["read"]
+    assert after_one > reads
+    for _ in range(3):
+        assert (mnt / "data").read_bytes() == b"x" * 10_000
+    assert counts()["read"] == after_one
+    # Changes through the mount show at once.
+    with open(mnt / "data", "r+b") as f:
+        f.write(b"changed")
+    assert (mnt / "data").read_bytes()[:8] == b"changedx"
+
+
+@pytest.mark.fuse
+def test_acls_are_not_supported_and_ls_stops_asking(counting_mount):
+    mnt, counts = counting_mount
+    for i in range(20):
+        (mnt / f"f{i}").write_bytes(b"")
+    os.setxattr(mnt / "f0", b"user.kept", b"v")
+    (mnt / "d").mkdir()
+    # An ACL granting user 1000 read, beside the owner, group, mask and other entries.
+    entries = [(0x01, 6, -1), (0x02, 4, 1000), (0x04, 4, -1), (0x10, 4, -1), (0x20, 4, -1)]
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHi", *e) for e in entries)
+    for path, name in (
+        (mnt / "f0", b"system.posix_acl_access"),
+        (mnt / "d", b"system.posix_acl_default"),
+    ):
+        assert _errno(os.getxattr, path, name) == errno.EOPNOTSUPP
+        assert _errno(os.setxattr, path, name, acl) == errno.EOPNOTSUPP
+        assert _errno(os.removexattr, path, name) == errno.EOPNOTSUPP
+    (mnt / "d").rmdir()
+    assert os.getxattr(mnt / "f0", b"user.kept") == b"v"
+    assert os.listxattr(mnt / "f0") == ["user.kept"]
+    asked = "request getxattr system.posix_acl_access"
+    before = counts()[asked]
+    listing = subprocess.run(["ls", "-l", str(mnt)], capture_output=True, text=True, check=True)
+    modes = [line.split()[0] for line in listing.stdout.splitlines()[1:]]
+    assert len(modes) == 20 and not any(m.endswith("+") for m in modes)  # no ACL claimed
+    # ls learns "not supported" once for the mount instead of asking for every file.
+    assert counts()[asked] - before <= 1
+    assert counts()["request getxattr security.selinux"] >= 20  # still answered per file

@@ -97,3 +97,26 @@ def test_bad_arguments_are_usage_errors(args):
     done = run_bench(*args)
     assert done.returncode == 2
     assert "usage:" in done.stderr
+
+
+def test_target_against_a_named_peer(bench):
+    stats, report = bench.stats, bench.report
+    target = stats.Target("ratio_max", 2.0, stats.MEGABYTES, versus="securefs")
+    # The named peer, not the best one: 60 MB is 1.5x securefs' 40 MB (the best has 30).
+    row = report.Row(
+        "m",
+        "m",
+        stats.MEGABYTES,
+        report.Result("ours", [60.0]),
+        [report.Result("gocryptfs", [30.0]), report.Result("securefs", [40.0])],
+        target,
+    )
+    assert row.ratio() == pytest.approx(1.5)
+    assert row.met() is True
+    assert target.describe() == "≤ 2.00x securefs"
+    assert report.SuiteReport("s", "S", [row]).grid()[1][4] == "1.50x securefs"
+    row.ours.samples = [81.0]
+    assert row.met() is False
+    # Without the named peer's number there is nothing to judge, even with another peer.
+    row.peers[1] = report.Result("securefs", error="failed: boom")
+    assert row.ratio() is None and row.met() is None

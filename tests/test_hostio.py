@@ -128,3 +128,37 @@ def test_a_named_file_that_cannot_be_read_is_one_line_naming_it(tmp_path):
         read_named_file(tmp_path / "missing", "BOM file")
     with pytest.raises(FormatError, match=r"is a directory, not a signing key$"):
         read_named_file(tmp_path, "signing key")
+
+
+def test_a_create_never_follows_a_dangling_symlink_and_keeps_an_existing_file(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    outside = tmp_path / "outside"  # does not exist: O_CREAT through the link would make it
+    (store / "dangling").symlink_to(outside)
+    (store / "kept").write_bytes(b"kept\n")
+    with HostDir.open(store) as d:
+        with pytest.raises(IntegrityError, match=f"{store}/dangling: is a symlink"):
+            d.open_file("dangling", os.O_RDWR | os.O_CREAT)
+        assert not outside.exists()
+        # A new name is made (mode as asked, one link); an existing file is opened as it is.
+        fd = d.open_file("new", os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            st = os.fstat(fd)
+            assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+            assert stat.S_IMODE(st.st_mode) == 0o640 & ~_umask()
+        finally:
+            os.close(fd)
+        fd = d.open_file("kept", os.O_RDWR | os.O_CREAT)
+        try:
+            assert os.read(fd, 100) == b"kept\n"
+        finally:
+            os.close(fd)
+        with pytest.raises(FileExistsError):
+            d.open_file("kept", os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    assert (store / "kept").read_bytes() == b"kept\n"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -68,6 +68,9 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
             name=name,
             subtype="occlumfs-union",
             read_only=self.read_only,
+            # Only this union changes it when each layer changes only through it.
+            exclusive=upper.info.exclusive
+            and all(lower.info.immutable or lower.info.exclusive for lower in self.lowers),
             cache_timeout=timeout,
             readahead_kb=readahead or None,
         )

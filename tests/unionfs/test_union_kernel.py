@@ -4,6 +4,7 @@ kernel keeps (writeback cache) survive a remount."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from pathlib import Path
@@ -14,8 +15,10 @@ from conftest import mounted
 from occlumfs.errors import FSError
 from occlumfs.fs import ROOT_INO, AttrChanges, Caller, iter_dir, lookup_path
 from occlumfs.keys import write_key_file
+from occlumfs.memfs import MemFS
 from occlumfs.merkle import build_image
 from occlumfs.unionfs import Lower, open_union
+from occlumfs.unionfs.fs import UnionFS
 from unionfs.helpers import Stack, read
 
 ROOT = Caller()
@@ -172,6 +175,17 @@ def test_facts_the_union_states_from_its_layers(stack, tmp_path):
         assert read(fs, "f") == b"plain\n"
     finally:
         fs.close()
+
+
+def test_the_union_is_exclusive_only_when_each_layer_is(stack):
+    # Images never change and the upper's store is locked to the union: the
+    # kernel may keep pages and negative entries (see FsInfo.exclusive).
+    assert stack.fs.info.exclusive and stack.fs.upper.info.exclusive
+    shared = MemFS("changed-elsewhere")
+    shared.info = dataclasses.replace(shared.info, exclusive=False)
+    union = UnionFS([shared], MemFS("upper"), digests=["0" * 64])
+    assert not union.info.exclusive
+    assert union.info.cache_timeout == union.upper.info.cache_timeout
 
 
 def test_a_listing_in_progress_shows_entries_copied_up_meanwhile(stack):
