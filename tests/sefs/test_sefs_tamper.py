@@ -57,7 +57,9 @@ def pristine(tmp_path_factory) -> Pristine:
         (mnt / "secret.txt").write_bytes(SECRET_V1)
         _fsync_path(mnt / "secret.txt")
         shutil.copytree(volume.dir, base / "v1", ignore=shutil.ignore_patterns("lock"))
-        shutil.copytree(volume.state, base / "v1-state")
+        # The server's state writer may be between writing and renaming its
+        # temporary file: copy what is committed, never the temporary file.
+        shutil.copytree(volume.state, base / "v1-state", ignore=shutil.ignore_patterns("*.tmp"))
         (mnt / "dir" / "sub" / "added-later").write_bytes(b"later")
         for version in (SECRET_V2, SECRET_V3):
             (mnt / "secret.txt").write_bytes(version)
