@@ -105,7 +105,7 @@ def _source_date_epoch() -> int | None:
 @click.argument("src", type=click.Path(path_type=Path))
 @IMAGE
 @KEY_FILE
-@click.option("-j", "--jobs", type=click.IntRange(min=1), help="Hashing threads (default: CPUs).")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), help="Hashing processes (default: CPUs).")
 @_one_line_errors
 def mkimage(src: Path, image: Path, key_file: Path | None, jobs: int | None) -> None:
     """Build IMAGE from SRC (a directory, .tar or .tar.gz); print its digest last.

@@ -38,6 +38,7 @@ import sys
 from collections import deque
 from pathlib import Path
 
+from occlumfs.errors import FSError
 from occlumfs.merkle.blocks import READ_AHEAD_MIN
 from occlumfs.merkle.format import BLOCK_SIZE, HASH_SIZE
 from occlumfs.merkle.hashworker import ASK, DONE
@@ -93,6 +94,7 @@ class ReadAhead:
         self._last_end = -1
         self._streak = 0
         self.broken = False  # set once a worker is gone; reads then verify in place
+        self.served_blocks = 0  # blocks answered from the workers' windows
 
     # -- the request side ---------------------------------------------------------------------
     def read(self, first: int, count: int, limit: int, expected) -> bytes | None:
@@ -108,15 +110,17 @@ class ReadAhead:
             return None
         if self._area is None and (self._streak < STREAK or not self.workers):
             return None
-        while self._chain and self._chain[0].end <= first:
-            self._release(self._chain.popleft())
-        if self._chain and not self._chain[0].first <= first:
-            self._drop_chain()
-        if not self._chain and not sequential:
-            return None
         try:
+            while self._chain and self._chain[0].end <= first:
+                self._release(self._chain.popleft())
+            if self._chain and not self._chain[0].first <= first:
+                self._drop_chain()
+            if not self._chain and not sequential:
+                return None
             self._top_up(first, limit)
             return self._serve(first, count, expected)
+        except FSError:
+            raise  # from the tree (expected): the image's fault, not the workers'
         except OSError as exc:
             self._break(f"read-ahead workers failed ({exc}); verifying on the request thread")
             return None
@@ -169,6 +173,7 @@ class ReadAhead:
             at = stop
         if at < end:
             return None
+        self.served_blocks += count
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _wait(self, window: _Window) -> None:
@@ -179,14 +184,12 @@ class ReadAhead:
                 raise OSError(f"worker {self._workers[window.worker].pid} exited")
             # Answers are a few bytes, written whole: never split across reads.
             for slot, ok in DONE.iter_unpack(got):
-                done = self._out.pop(slot)
-                done.state = "ok" if ok else "failed"
-                if done not in self._chain:
-                    self._free.append(slot)
+                self._out.pop(slot).state = "ok" if ok else "failed"
 
     def _release(self, window: _Window) -> None:
-        if window.state == "pending":
-            return  # its slot comes free when the worker answers
+        """Give a window's slot back; one still being filled is waited for (a few ms at
+        most), so that every slot is free or in the chain between requests."""
+        self._wait(window)
         self._free.append(window.slot)
 
     def _drop_chain(self) -> None:

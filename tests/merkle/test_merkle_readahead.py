@@ -119,6 +119,68 @@ def test_a_flipped_block_hashed_by_a_worker_fails_exactly_its_read(tree, tmp_pat
         fs.close()
 
 
+def test_jumps_between_sequential_runs_keep_the_workers_serving(tree, tmp_path, caplog):
+    src, data = tree
+    image = tmp_path / "big.img"
+    digest = build_image(src, image)
+    fs = open_image_fs(image, digest=digest, key=None)
+    rng = random.Random(3)
+    try:
+        fh = fs.open(fs.lookup(1, b"big.bin").ino, os.O_RDONLY)
+        with caplog.at_level(logging.WARNING, logger="occlumfs.merkle"):
+            for _ in range(40):
+                start = rng.randrange(0, SIZE - 6 * MiB, BLOCK_SIZE * rng.choice([1, 256]))
+                before = fs.reader.read_ahead.served_blocks if fs.reader.read_ahead else 0
+                for off in range(start, start + 6 * MiB, MiB):
+                    assert fs.read(fh, off, MiB) == data[off : off + MiB], off
+                if fs.reader.read_ahead.pids:
+                    # Every run long enough for a streak is served by the workers:
+                    # no slot was lost to a window left behind by a jump.
+                    assert fs.reader.read_ahead.served_blocks - before >= 2 * 256
+        assert not caplog.records
+        assert len(fs.reader.read_ahead.pids) == _expected_workers()
+    finally:
+        fs.close()
+
+
+def test_a_bad_tree_block_is_the_images_fault_not_the_workers(tree, tmp_path, caplog):
+    src, data = tree
+    image = tmp_path / "big.img"
+    digest = build_image(src, image)
+    fs = open_image_fs(image, digest=digest, key=None)
+    try:
+        rec = fs.record(fs.lookup(1, b"big.bin").ino)
+        ((_, first, _),) = list(fs.extents(rec))
+        first += fs.reader.layout.data_start
+        # The level-0 tree block holding the hash of file block 3000 (128 hashes a
+        # block; hash k is of image block k + 1): every read of a block it covers fails.
+        index = (first + 3000 - 1) // 128
+        tree_block = fs.reader.layout.tree_block(0, index)
+        covered = range(index * 128 + 1 - first, (index + 1) * 128 + 1 - first)
+    finally:
+        fs.close()
+    with open(image, "r+b") as f:
+        f.seek(tree_block * BLOCK_SIZE + 5)
+        byte = f.read(1)
+        f.seek(tree_block * BLOCK_SIZE + 5)
+        f.write(bytes([byte[0] ^ 1]))
+    fs = open_image_fs(image, digest=digest, key=None)
+    try:
+        fh = fs.open(fs.lookup(1, b"big.bin").ino, os.O_RDONLY)
+        failed = []
+        with caplog.at_level(logging.WARNING, logger="occlumfs.merkle"):
+            for off in range(0, SIZE, MiB):
+                try:
+                    assert fs.read(fh, off, MiB) == data[off : off + MiB], off
+                except IntegrityError as exc:
+                    assert "merkle tree level 0" in str(exc)
+                    failed.append(off // MiB)
+        assert failed == sorted({b * BLOCK_SIZE // MiB for b in covered})
+        assert not caplog.records and not fs.reader.read_ahead.broken
+    finally:
+        fs.close()
+
+
 def test_a_killed_worker_means_verifying_in_place(tree, tmp_path, caplog):
     src, data = tree
     image = tmp_path / "big.img"
