@@ -9,11 +9,13 @@ import os
 import random
 import signal
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from conftest import process_exited, run_cli
 
+from merkle.trees import big_file_tree
 from occlumfs.errors import IntegrityError
 from occlumfs.merkle import build_image, open_image_fs
 from occlumfs.merkle.format import BLOCK_SIZE
@@ -28,11 +30,22 @@ KEY = bytes(range(16))
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> tuple[Path, bytes]:
     src = tmp_path_factory.mktemp("workers") / "src"
-    src.mkdir()
-    data = random.Random(5).randbytes(SIZE)
-    (src / "big.bin").write_bytes(data)
-    (src / "small").write_bytes(b"small file")
-    return src, data
+    return src, big_file_tree(src, SIZE, 5, {"small": b"small file"})
+
+
+def _built(src: Path, tmp_path: Path, key: bytes | None = None) -> tuple[Path, str]:
+    image = tmp_path / "big.img"
+    return image, build_image(src, image, key=key)
+
+
+@contextmanager
+def _opened(image: Path, digest: str, key: bytes | None):
+    """(the image's filesystem, a handle of big.bin), closed on leaving."""
+    fs = open_image_fs(image, digest=digest, key=key)
+    try:
+        yield fs, fs.open(fs.lookup(1, b"big.bin").ino, os.O_RDONLY)
+    finally:
+        fs.close()
 
 
 def _flip(image: Path, digest: str, key: bytes | None, file_block: int) -> None:
@@ -74,11 +87,8 @@ def test_worker_count_follows_the_cores():
 @pytest.mark.parametrize("key", [None, KEY], ids=["plain", "encrypted"])
 def test_workers_serve_sequential_reads_and_die_with_the_image(tree, tmp_path, key):
     src, data = tree
-    image = tmp_path / "big.img"
-    digest = build_image(src, image, key=key)
-    fs = open_image_fs(image, digest=digest, key=key)
-    try:
-        fh = fs.open(fs.lookup(1, b"big.bin").ino, os.O_RDONLY)
+    image, digest = _built(src, tmp_path, key)
+    with _opened(image, digest, key) as (fs, fh):
         assert fs.read(fh, 0, MiB) == data[:MiB]
         assert fs.reader.read_ahead.pids == []  # not before a streak of sequential reads
         for off in range(MiB, SIZE, MiB):
@@ -89,8 +99,6 @@ def test_workers_serve_sequential_reads_and_die_with_the_image(tree, tmp_path, k
         # Reading backwards or at random is answered in place, still right.
         for off in (20 * MiB, 3 * MiB + 5, 0):
             assert fs.read(fh, off, MiB) == data[off : off + MiB], off
-    finally:
-        fs.close()
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}"), "a worker outlived close() or was not reaped"
 
@@ -99,12 +107,9 @@ def test_workers_serve_sequential_reads_and_die_with_the_image(tree, tmp_path, k
 @pytest.mark.parametrize("bad_block", [STREAK * 256 + 3, 4096, 6143, 6144])
 def test_a_flipped_block_hashed_by_a_worker_fails_exactly_its_read(tree, tmp_path, key, bad_block):
     src, data = tree
-    image = tmp_path / "big.img"
-    digest = build_image(src, image, key=key)
+    image, digest = _built(src, tmp_path, key)
     _flip(image, digest, key, bad_block)
-    fs = open_image_fs(image, digest=digest, key=key)
-    try:
-        fh = fs.open(fs.lookup(1, b"big.bin").ino, os.O_RDONLY)
+    with _opened(image, digest, key) as (fs, fh):
         for off in range(0, SIZE, MiB):
             touches = off // BLOCK_SIZE <= bad_block < (off + MiB) // BLOCK_SIZE
             if touches:
@@ -115,14 +120,11 @@ def test_a_flipped_block_hashed_by_a_worker_fails_exactly_its_read(tree, tmp_pat
             else:
                 assert fs.read(fh, off, MiB) == data[off : off + MiB], off
         assert len(fs.reader.read_ahead.pids) == _expected_workers()
-    finally:
-        fs.close()
 
 
 def test_jumps_between_sequential_runs_keep_the_workers_serving(tree, tmp_path, caplog):
     src, data = tree
-    image = tmp_path / "big.img"
-    digest = build_image(src, image)
+    image, digest = _built(src, tmp_path)
     fs = open_image_fs(image, digest=digest, key=None)
     rng = random.Random(3)
     try:
@@ -145,8 +147,7 @@ def test_jumps_between_sequential_runs_keep_the_workers_serving(tree, tmp_path, 
 
 def test_a_bad_tree_block_is_the_images_fault_not_the_workers(tree, tmp_path, caplog):
     src, data = tree
-    image = tmp_path / "big.img"
-    digest = build_image(src, image)
+    image, digest = _built(src, tmp_path)
     fs = open_image_fs(image, digest=digest, key=None)
     try:
         rec = fs.record(fs.lookup(1, b"big.bin").ino)
@@ -164,9 +165,7 @@ def test_a_bad_tree_block_is_the_images_fault_not_the_workers(tree, tmp_path, ca
         byte = f.read(1)
         f.seek(tree_block * BLOCK_SIZE + 5)
         f.write(bytes([byte[0] ^ 1]))
-    fs = open_image_fs(image, digest=digest, key=None)
-    try:
-        fh = fs.open(fs.lookup(1, b"big.bin").ino, os.O_RDONLY)
+    with _opened(image, digest, None) as (fs, fh):
         failed = []
         with caplog.at_level(logging.WARNING, logger="occlumfs.merkle"):
             for off in range(0, SIZE, MiB):
@@ -177,17 +176,12 @@ def test_a_bad_tree_block_is_the_images_fault_not_the_workers(tree, tmp_path, ca
                     failed.append(off // MiB)
         assert failed == sorted({b * BLOCK_SIZE // MiB for b in covered})
         assert not caplog.records and not fs.reader.read_ahead.broken
-    finally:
-        fs.close()
 
 
 def test_a_killed_worker_means_verifying_in_place(tree, tmp_path, caplog):
     src, data = tree
-    image = tmp_path / "big.img"
-    digest = build_image(src, image)
-    fs = open_image_fs(image, digest=digest, key=None)
-    try:
-        fh = fs.open(fs.lookup(1, b"big.bin").ino, os.O_RDONLY)
+    image, digest = _built(src, tmp_path)
+    with _opened(image, digest, None) as (fs, fh):
         for off in range(0, 8 * MiB, MiB):
             assert fs.read(fh, off, MiB) == data[off : off + MiB]
         pids = fs.reader.read_ahead.pids
@@ -200,8 +194,6 @@ def test_a_killed_worker_means_verifying_in_place(tree, tmp_path, caplog):
         assert [r.levelname for r in caplog.records] == ["WARNING"]
         assert "verifying on the request thread" in caplog.records[0].getMessage()
         assert fs.reader.read_ahead.pids == []  # the other one was stopped and reaped
-    finally:
-        fs.close()
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}")
 
@@ -232,8 +224,7 @@ def _read_through(path: Path, data: bytes) -> list[int]:
 @pytest.mark.fuse
 def test_a_mount_hashes_in_workers_catches_tampering_and_reaps_them(tree, tmp_path, mount):
     src, data = tree
-    image = tmp_path / "big.img"
-    digest = build_image(src, image)
+    image, digest = _built(src, tmp_path)
     bad_block = 5000
     _flip(image, digest, None, bad_block)
     log = tmp_path / "server.log"
@@ -258,8 +249,7 @@ def test_a_mount_hashes_in_workers_catches_tampering_and_reaps_them(tree, tmp_pa
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
 def test_workers_end_with_their_server(tree, tmp_path, signum):
     src, data = tree
-    image = tmp_path / "big.img"
-    digest = build_image(src, image)
+    image, digest = _built(src, tmp_path)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     log = tmp_path / "server.log"
