@@ -45,8 +45,8 @@ from occlumfs.merkle.hashworker import ASK, DONE
 
 log = logging.getLogger("occlumfs.merkle")
 
-WINDOW_BLOCKS = 256  # 1 MiB: the size of the kernel's read requests
-DEPTH = 8  # windows in flight or ready ahead of the reader (8 MiB)
+WINDOW_BLOCKS = 512  # 2 MiB: two of the kernel's 1 MiB requests per hand-off to a worker
+DEPTH = 8  # windows in flight or ready ahead of the reader (16 MiB)
 MIN_REQUEST_BLOCKS = READ_AHEAD_MIN  # smaller requests are verified in place
 MAX_REQUEST_BLOCKS = 2 * WINDOW_BLOCKS  # and so are larger ones (not a kernel's request)
 STREAK = 3  # sequential requests before the workers start
