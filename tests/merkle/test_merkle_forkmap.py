@@ -1,63 +1,48 @@
 """Hashing a build in forked processes (occlumfs.merkle.forkmap): the same image bytes as
-threads, errors that name what failed, and no worker left behind."""
+threads, errors that name what failed, and no worker left behind. The forking cases
+run in a fresh interpreter (merkle/forkmap_cases.py): this process may have threads."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
+import occlumfs
 from merkle.trees import make_golden_tree
 from occlumfs.errors import OcclumfsError
 from occlumfs.merkle import build, build_image
-from occlumfs.merkle.forkmap import MAX_ITEMS, can_fork, fork_map
+from occlumfs.merkle.forkmap import can_fork, fork_map
+
+CASES = Path(__file__).with_name("forkmap_cases.py")
+TESTS = CASES.parent.parent
+REPO = Path(occlumfs.__file__).resolve().parent.parent
 
 
-def _no_children_left() -> bool:
-    try:
-        os.waitpid(-1, os.WNOHANG)
-    except ChildProcessError:
-        return True
-    return False
+def _fresh(case: str, *args: object) -> str:
+    """Run ``case`` of forkmap_cases.py in a new interpreter; its stdout."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
+    done = subprocess.run(
+        [sys.executable, str(CASES), case, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
-def _square_or_fail(n: int) -> int:
-    if n in (7, 3):
-        raise OcclumfsError(f"item {n} is bad")
-    return n * n
+@pytest.mark.parametrize("case", ["order", "first_error", "dead_worker", "too_many_items"])
+def test_fork_map(case):
+    _fresh(case)
 
 
-def _die_on_five(n: int) -> int:
-    if n == 5:
-        os._exit(3)
-    return n
-
-
-def test_fork_map_keeps_the_order_across_workers():
-    items = list(range(500))
-    got = fork_map(lambda n: (n, os.getpid()), items, 3)
-    assert [n for n, _ in got] == items
-    assert os.getpid() not in {pid for _, pid in got}  # computed in the workers
-    assert _no_children_left()
-
-
-def test_fork_map_raises_the_first_items_error():
-    with pytest.raises(OcclumfsError, match="item 3 is bad"):
-        fork_map(_square_or_fail, list(range(10)), 2)
-    assert _no_children_left()
-
-
-def test_a_worker_that_dies_fails_the_call():
-    with pytest.raises(OcclumfsError, match="died before finishing"):
-        fork_map(_die_on_five, list(range(10)), 2)
-    assert _no_children_left()
-
-
-def test_fork_map_refuses_a_threaded_process_and_too_many_items():
-    assert can_fork()
-    with pytest.raises(ValueError):
-        fork_map(abs, [0] * (MAX_ITEMS + 1), 2)
+def test_fork_map_refuses_a_threaded_process():
     started = threading.Event()
     stop = threading.Event()
     other = threading.Thread(target=lambda: (started.set(), stop.wait()))
@@ -77,30 +62,34 @@ def test_forked_threaded_and_single_hashing_build_the_same_bytes(tmp_path, monke
     (src / "many").mkdir()
     for i in range(600):  # more than one batch of small files
         (src / "many" / f"f{i:03d}").write_bytes(bytes([i % 251]) * (i * 37 % 9000 + 1))
-    calls = []
-    real = build.fork_map
-    monkeypatch.setattr(build, "fork_map", lambda *a: calls.append(1) or real(*a))
-    forked = build_image(src, tmp_path / "forked.img", jobs=2)
-    assert calls  # the forked path ran
+    forked = _fresh("build_forked", src, tmp_path / "forked.img").strip()
     single = build_image(src, tmp_path / "single.img", jobs=1)
     monkeypatch.setattr(build, "can_fork", lambda: False)
     threaded = build_image(src, tmp_path / "threaded.img", jobs=2)
-    assert len(calls) == 1
     assert forked == single == threaded
     data = (tmp_path / "forked.img").read_bytes()
     assert (
         data == (tmp_path / "single.img").read_bytes() == (tmp_path / "threaded.img").read_bytes()
     )
-    assert _no_children_left()
 
 
-@pytest.mark.parametrize("forked", [True, False], ids=["forked", "threads"])
-def test_a_source_file_gone_before_hashing_is_one_clear_error(tmp_path, monkeypatch, forked):
+def _many_files(tmp_path: Path) -> tuple[Path, Path]:
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     for i in range(300):
         (src / "d" / f"f{i}").write_bytes(b"x" * 5000)
-    victim = src / "d" / "f250"
+    return src, src / "d" / "f250"
+
+
+def test_a_source_file_gone_before_forked_hashing_is_one_clear_error(tmp_path):
+    src, victim = _many_files(tmp_path)
+    out = _fresh("build_error", src, tmp_path / "out.img", victim)
+    assert out == f"mkimage: {victim}: No such file or directory\n"
+    assert list(tmp_path.iterdir()) == [src]  # no image, no scratch file
+
+
+def test_the_same_error_from_hashing_threads(tmp_path, monkeypatch):
+    src, victim = _many_files(tmp_path)
     scan = build.scan_directory
 
     def scan_then_delete(root):
@@ -109,10 +98,8 @@ def test_a_source_file_gone_before_hashing_is_one_clear_error(tmp_path, monkeypa
         return tree
 
     monkeypatch.setattr(build, "scan_directory", scan_then_delete)
-    if not forked:
-        monkeypatch.setattr(build, "can_fork", lambda: False)
+    monkeypatch.setattr(build, "can_fork", lambda: False)
     with pytest.raises(OcclumfsError) as raised:
         build_image(src, tmp_path / "out.img", jobs=2)
     assert str(raised.value) == f"mkimage: {victim}: No such file or directory"
-    assert list(tmp_path.iterdir()) == [src]  # no image, no scratch file
-    assert _no_children_left()
+    assert list(tmp_path.iterdir()) == [src]
