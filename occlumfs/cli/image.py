@@ -27,7 +27,6 @@ from occlumfs.errors import (
     UsageError,
 )
 from occlumfs.fs import Attr, iter_dir, lookup_path, read_all
-from occlumfs.keys import load_key_file
 
 KEY_FILE = click.option(
     "--key-file",
@@ -62,7 +61,11 @@ def _one_line_errors(command):
 
 
 def _key(key_file: Path | None) -> bytes | None:
-    return load_key_file(key_file) if key_file else None
+    if not key_file:
+        return None
+    from occlumfs.keys import load_key_file  # cryptography: only when a key is given
+
+    return load_key_file(key_file)
 
 
 @contextlib.contextmanager
@@ -102,7 +105,7 @@ def _source_date_epoch() -> int | None:
 @click.argument("src", type=click.Path(path_type=Path))
 @IMAGE
 @KEY_FILE
-@click.option("-j", "--jobs", type=click.IntRange(min=1), help="Hashing threads (default: CPUs).")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), help="Hashing processes (default: CPUs).")
 @_one_line_errors
 def mkimage(src: Path, image: Path, key_file: Path | None, jobs: int | None) -> None:
     """Build IMAGE from SRC (a directory, .tar or .tar.gz); print its digest last.

@@ -48,9 +48,11 @@ from occlumfs.merkle.tree import first_mismatch, hash_blocks
 
 if TYPE_CHECKING:
     from occlumfs.merkle.crypto import ImageKeys
+    from occlumfs.merkle.hashers import ReadAhead
 
 TREE_CACHE_BLOCKS = 2048  # 8 MiB of verified tree nodes
 META_CACHE_BLOCKS = 8192  # 32 MiB of verified, decrypted metadata blocks
+READ_AHEAD_MIN = 32  # data requests of fewer blocks never involve the read-ahead workers
 
 
 def open_image_file(image: Path) -> int:
@@ -107,6 +109,7 @@ class ImageReader:
         # kernel's read-ahead follows each instead of seeing random access.
         self._tree_fd = self._reopen()
         self._meta_fd = self._reopen()
+        self.read_ahead: ReadAhead | None = None
         with contextlib.suppress(OSError):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
@@ -167,6 +170,9 @@ class ImageReader:
             self.keys = keys
 
     def close(self) -> None:
+        if self.read_ahead is not None:
+            self.read_ahead.close()
+            self.read_ahead = None
         if self.fd >= 0:
             for fd in (self.fd, self._tree_fd, self._meta_fd):
                 os.close(fd)
@@ -229,15 +235,27 @@ class ImageReader:
             raise IntegrityError(f"{self.path}: {what(first_block + bad)} failed verification")
         return buf
 
-    def read_data(self, first_block: int, count: int, what) -> bytes:
+    def read_data(self, first_block: int, count: int, what, limit: int = 0) -> bytes:
         """File data: ``count`` covered blocks from ``first_block``, verified and opened.
 
-        All on the calling thread: hashing on helper threads measured slower
-        (docs/performance.md, issue 11): one block's hash is too short for the
-        GIL hand-off it costs. An encrypted run fetches its seals once and
-        opens its blocks in one loop.
+        ``limit`` is the end of the extent the blocks belong to: how far a
+        sequential reader may be read ahead. Large sequential requests are read
+        ahead and hashed by worker processes (:mod:`occlumfs.merkle.hashers`);
+        the rest, and whatever the workers cannot serve, the calling thread
+        reads and hashes (threads measured slower: one 4 KiB hash is too short
+        for the GIL hand-off it costs; docs/performance.md, issue 11). An
+        encrypted run fetches its seals once and opens its blocks in one loop.
         """
-        buf = self.read_verified(first_block, count, what)
+        buf = None
+        if count >= READ_AHEAD_MIN and first_block + count <= limit <= self.layout.tree_start:
+            ahead = self.read_ahead
+            if ahead is None:
+                from occlumfs.merkle.hashers import ReadAhead
+
+                ahead = self.read_ahead = ReadAhead(self.fd)
+            buf = ahead.read(first_block, count, limit, self.expected_hashes)
+        if buf is None:
+            buf = self.read_verified(first_block, count, what)
         if self.keys is None:
             return buf
         plain, bad = self.keys.open_run(first_block, buf, self._seal_run(first_block, count))

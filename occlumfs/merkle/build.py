@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
+from occlumfs.merkle.forkmap import MAX_ITEMS, can_fork, fork_map
 from occlumfs.merkle.format import (
     BLOCK_SIZE,
     DESCRIPTOR_SIZE,
@@ -275,7 +276,11 @@ class _Builder:
             batches[-1].append(task)
             batch_bytes += task[2] - task[1]
         results: dict[int, _Hashed] = {id(n): _Hashed() for n in files}
-        mapped = pool.map(_hash_batch, batches)
+        if self.jobs > 1 and len(batches) > 1 and len(batches) <= MAX_ITEMS and can_fork():
+            # Processes, not threads: hashing 4 KiB at a time holds the GIL.
+            mapped = fork_map(_hash_batch, batches, self.jobs)
+        else:
+            mapped = pool.map(_hash_batch, batches)
         for batch, batch_runs in zip(batches, mapped, strict=True):
             for (node, start, end), runs in zip(batch, batch_runs, strict=True):
                 hashed = results[id(node)]

@@ -398,9 +398,9 @@ class ImageFS(Filesystem):
             b = min(end_block, e_first + e_count)
             if a < b:
                 self._last_extent[ino] = (i, e_first, e_count)
-                pieces.append(
-                    (a, self.read_data(ino, data_start + e_data + (a - e_first), a, b - a))
-                )
+                block = data_start + e_data + (a - e_first)
+                limit = data_start + e_data + e_count
+                pieces.append((a, self.read_data(ino, block, a, b - a, limit)))
             i += 1
         if len(self._last_extent) > 1024:
             self._last_extent.clear()
@@ -417,15 +417,18 @@ class ImageFS(Filesystem):
             out[at : at + len(data)] = data
         return bytes(out[lo : lo + end - offset])
 
-    def read_data(self, ino: int, block_no: int, file_block: int, count: int) -> bytes:
+    def read_data(
+        self, ino: int, block_no: int, file_block: int, count: int, limit: int = 0
+    ) -> bytes:
         """``count`` data blocks from absolute block ``block_no`` (file block ``file_block``
-        of ``ino``), verified and, for an encrypted image, opened."""
+        of ``ino``), verified and, for an encrypted image, opened; ``limit``: the
+        extent's end (absolute), how far a sequential reader may be read ahead."""
 
         def what(bad: int) -> str:
             off = (file_block + bad - block_no) * BLOCK_SIZE
             return f"{self.path_of(ino)}: data at offset {off} (image block {bad})"
 
-        return self.reader.read_data(block_no, count, what)
+        return self.reader.read_data(block_no, count, what, limit)
 
     def statfs(self) -> StatFs:
         desc = self.reader.desc

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -203,3 +205,38 @@ def test_dir_and_tar_build_agree_through_the_cli(tmp_path):
     two = run_cli("mkimage", tmp_path / "t.tar", tmp_path / "2").stdout.strip()
     assert one == two
     assert Path(tmp_path / "1").read_bytes() == Path(tmp_path / "2").read_bytes()
+
+
+def test_the_command_table_names_every_command_where_it_lives():
+    import importlib
+
+    from occlumfs.cli import COMMAND_MODULES, main
+
+    for name, module in COMMAND_MODULES.items():
+        commands = importlib.import_module(f"occlumfs.cli.{module}").COMMANDS
+        assert name in {c.name for c in commands}, (name, module)
+    assert set(main.commands) == set(COMMAND_MODULES)
+
+
+def test_mkimage_loads_neither_fuse_nor_cryptography(tmp_path):
+    # Start-up is a visible share of building a small tree (docs/performance.md).
+    src = make_golden_tree(tmp_path / "src")
+    script = (
+        "import sys\n"
+        "from occlumfs.cli import main\n"
+        "try:\n"
+        "    main(['mkimage', sys.argv[1], sys.argv[2]], prog_name='occlumfs')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in ('pyfuse3', 'cryptography', 'occlumfs.sefs', 'occlumfs.mount')"
+        " if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(src), str(tmp_path / "img")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("sha256:")
+    assert lines[-1] == "[]"

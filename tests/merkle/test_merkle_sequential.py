@@ -4,11 +4,11 @@ right bytes, plain and encrypted, and only the reads touching a bad block fail."
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 
 import pytest
 
+from merkle.trees import big_file_tree
 from occlumfs.errors import IntegrityError
 from occlumfs.merkle import build_image, open_image_fs
 from occlumfs.merkle.format import BLOCK_SIZE
@@ -22,11 +22,7 @@ SIZE = 10 * MiB + 3 * BLOCK_SIZE + 17
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> tuple[Path, bytes]:
     src = tmp_path_factory.mktemp("readahead") / "src"
-    src.mkdir()
-    data = random.Random(11).randbytes(SIZE)
-    (src / "big.bin").write_bytes(data)
-    (src / "after.bin").write_bytes(b"next file" * 1000)
-    return src, data
+    return src, big_file_tree(src, SIZE, 11, {"after.bin": b"next file" * 1000})
 
 
 def _image(tree, tmp_path: Path, key: bytes | None) -> tuple[Path, str]:

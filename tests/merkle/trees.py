@@ -7,6 +7,7 @@ tree a test builds an image from is created here, deterministically.
 from __future__ import annotations
 
 import os
+import random
 import stat
 from pathlib import Path
 
@@ -113,3 +114,14 @@ def reseal(image: Path, mutate_plain=None) -> str:
     raw[:DESCRIPTOR_SIZE] = new.pack()
     image.write_bytes(bytes(raw))
     return new.digest()
+
+
+def big_file_tree(root: Path, size: int, seed: int, others: dict[str, bytes]) -> bytes:
+    """``root`` with big.bin (``size`` random bytes from ``seed``) and ``others``;
+    returns the bytes of big.bin."""
+    root.mkdir(parents=True)
+    data = random.Random(seed).randbytes(size)
+    (root / "big.bin").write_bytes(data)
+    for name, content in others.items():
+        (root / name).write_bytes(content)
+    return data

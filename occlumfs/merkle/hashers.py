@@ -1,0 +1,263 @@
+"""Worker processes that read and hash windows of an image into shared memory.
+
+Why processes: verifying a sequential read is SHA-256 of every 4 KiB leaf,
+~0.65 ms a MiB on one core, and Python threads hashing 4 KiB buffers reach
+only ~1.2 cores (each hash is too short for the GIL hand-off it releases;
+docs/performance.md, issue 11). A worker process has its own interpreter.
+
+How: the reader (:class:`ReadAhead`) owns a shared mapping (a memfd) cut into
+slots of one window (``WINDOW_BLOCKS`` blocks plus their hashes). It asks a
+worker, over a pipe, for "window at image block B, N blocks, into slot S"; the
+worker ``preadv``\\ s the blocks into the slot, hashes each leaf, writes the
+hashes beside it and answers "slot S done". The server compares those hashes
+with the verified tree and serves the bytes from the same slot, so the bytes
+served are the bytes hashed. While one window is answered the workers fill the
+next ones (up to ``DEPTH`` windows ahead, within the extent being read).
+
+Anything unexpected (a short read, a mismatch, a dead worker) makes the server
+read and verify that request itself, as without workers: errors and their
+messages come from one place, and a worker never decides what is served.
+
+Lifetime: workers are started (fresh interpreters running
+:mod:`occlumfs.merkle.hashworker`, so a threaded caller can start them too)
+once a reader has read ``STREAK`` large requests in a row sequentially, never
+on a one-core machine. They hold only the image, the memfd and their two
+pipes; they exit when their ask pipe reaches end of file (the reader closed it,
+or its process died: no other process holds that end), and
+:meth:`ReadAhead.close` (the image's close, at unmount) kills and reaps them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+from occlumfs.errors import FSError
+from occlumfs.merkle.blocks import READ_AHEAD_MIN
+from occlumfs.merkle.format import BLOCK_SIZE, HASH_SIZE
+from occlumfs.merkle.hashworker import ASK, DONE
+
+log = logging.getLogger("occlumfs.merkle")
+
+WINDOW_BLOCKS = 512  # 2 MiB: two of the kernel's 1 MiB requests per hand-off to a worker
+DEPTH = 8  # windows in flight or ready ahead of the reader (16 MiB)
+MIN_REQUEST_BLOCKS = READ_AHEAD_MIN  # smaller requests are verified in place
+MAX_REQUEST_BLOCKS = 2 * WINDOW_BLOCKS  # and so are larger ones (not a kernel's request)
+STREAK = 3  # sequential requests before the workers start
+_SLOT_BYTES = WINDOW_BLOCKS * BLOCK_SIZE
+_HASHES_BASE = DEPTH * _SLOT_BYTES
+_WORKER_SCRIPT = Path(__file__).with_name("hashworker.py")
+_WILLNEED = os.POSIX_FADV_WILLNEED
+
+
+def _worker_count() -> int:
+    """Workers to start: none on one core, where they could only add hand-offs."""
+    cores = len(os.sched_getaffinity(0))
+    return 0 if cores < 2 else min(4, cores)
+
+
+class _Window:
+    __slots__ = ("count", "first", "slot", "state", "worker")
+
+    def __init__(self, first: int, count: int, slot: int, worker: int) -> None:
+        self.first = first
+        self.count = count
+        self.slot = slot
+        self.worker = worker
+        self.state = "pending"  # then "ok" or "failed"
+
+    @property
+    def end(self) -> int:
+        return self.first + self.count
+
+
+class ReadAhead:
+    """Sequential reads of one image, read ahead and hashed by worker processes."""
+
+    def __init__(self, fd: int, workers: int | None = None) -> None:
+        self.fd = fd
+        self.workers = _worker_count() if workers is None else workers
+        self._area: mmap.mmap | None = None
+        self._workers: list[subprocess.Popen] = []
+        self._asks: list[int] = []
+        self._answers: list[int] = []
+        self._chain: deque[_Window] = deque()  # contiguous, ascending, from the reader's position
+        self._out: dict[int, _Window] = {}  # slot -> window a worker still works on
+        self._free: list[int] = list(range(DEPTH))
+        self._turn = 0
+        self._last_end = -1
+        self._streak = 0
+        self.broken = False  # set once a worker is gone; reads then verify in place
+        self.served_blocks = 0  # blocks answered from the workers' windows
+
+    # -- the request side ---------------------------------------------------------------------
+    def read(self, first: int, count: int, limit: int, expected) -> bytes | None:
+        """Verified bytes of blocks [first, first + count), or None: read them in place.
+
+        ``limit`` is the end of the contiguous run (extent) the blocks belong to;
+        ``expected(first, count)`` gives their level-0 hashes from the verified tree.
+        """
+        sequential = first == self._last_end
+        self._last_end = first + count
+        self._streak = self._streak + 1 if sequential else 0
+        if self.broken or not MIN_REQUEST_BLOCKS <= count <= MAX_REQUEST_BLOCKS:
+            return None
+        if self._area is None and (self._streak < STREAK or not self.workers):
+            return None
+        try:
+            while self._chain and self._chain[0].end <= first:
+                self._release(self._chain.popleft())
+            if self._chain and not self._chain[0].first <= first:
+                self._drop_chain()
+            if not self._chain and not sequential:
+                return None
+            self._top_up(first, limit)
+            return self._serve(first, count, expected)
+        except FSError:
+            raise  # from the tree (expected): the image's fault, not the workers'
+        except OSError as exc:
+            self._break(f"read-ahead workers failed ({exc}); verifying on the request thread")
+            return None
+
+    def _top_up(self, first: int, limit: int) -> None:
+        """Keep up to DEPTH windows asked for, from ``first`` (or the chain's end) to ``limit``."""
+        if self._area is None:
+            self._start()
+        at = self._chain[-1].end if self._chain else first
+        while at < limit and self._free:
+            window = _Window(at, min(WINDOW_BLOCKS, limit - at), self._free.pop(), self._turn)
+            self._turn = (self._turn + 1) % self.workers
+            # Start the disk on it now: a worker's pread would only ask when it gets there.
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(
+                    self.fd, window.first * BLOCK_SIZE, window.count * BLOCK_SIZE, _WILLNEED
+                )
+            os.write(self._asks[window.worker], ASK.pack(window.slot, window.first, window.count))
+            self._out[window.slot] = window
+            self._chain.append(window)
+            at = window.end
+
+    def _serve(self, first: int, count: int, expected) -> bytes | None:
+        end = first + count
+        pieces = []
+        at = first
+        area = self._area
+        for window in self._chain:
+            if at >= end:
+                break
+            if window.first > at:
+                break
+            self._wait(window)
+            if window.state != "ok":
+                self._drop_chain()
+                return None
+            stop = min(end, window.end)
+            base = _HASHES_BASE + window.slot * WINDOW_BLOCKS * HASH_SIZE
+            lo = base + (at - window.first) * HASH_SIZE
+            if area[lo : lo + (stop - at) * HASH_SIZE] != expected(at, stop - at):
+                self._drop_chain()  # the caller re-reads in place and names the bad block
+                return None
+            base = window.slot * _SLOT_BYTES
+            pieces.append(
+                area[
+                    base + (at - window.first) * BLOCK_SIZE : base
+                    + (stop - window.first) * BLOCK_SIZE
+                ]
+            )
+            at = stop
+        if at < end:
+            return None
+        self.served_blocks += count
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _wait(self, window: _Window) -> None:
+        fd = self._answers[window.worker]
+        while window.state == "pending":
+            got = os.read(fd, DONE.size * DEPTH)
+            if not got:
+                raise OSError(f"worker {self._workers[window.worker].pid} exited")
+            # Answers are a few bytes, written whole: never split across reads.
+            for slot, ok in DONE.iter_unpack(got):
+                self._out.pop(slot).state = "ok" if ok else "failed"
+
+    def _release(self, window: _Window) -> None:
+        """Give a window's slot back; one still being filled is waited for (a few ms at
+        most), so that every slot is free or in the chain between requests."""
+        self._wait(window)
+        self._free.append(window.slot)
+
+    def _drop_chain(self) -> None:
+        while self._chain:
+            self._release(self._chain.popleft())
+
+    def _break(self, message: str) -> None:
+        if not self.broken:
+            log.warning("%s", message)
+        self.broken = True
+        self._chain.clear()
+        self._stop()
+
+    # -- the workers ----------------------------------------------------------------------------
+    def _start(self) -> None:
+        size = DEPTH * (_SLOT_BYTES + WINDOW_BLOCKS * HASH_SIZE)
+        area_fd = os.memfd_create("occlumfs-read-ahead", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(area_fd, size)
+            self._area = mmap.mmap(area_fd, size)
+            for _ in range(self.workers):
+                self._spawn(area_fd)
+        finally:
+            os.close(area_fd)
+        log.debug("read-ahead: hashing workers %s", self.pids)
+
+    def _spawn(self, area_fd: int) -> None:
+        ask_r, ask_w = os.pipe2(os.O_CLOEXEC)
+        answer_r, answer_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            # A fresh interpreter (not a fork): safe from a threaded caller, and
+            # it holds only these four descriptors, never /dev/fuse.
+            args = (self.fd, area_fd, ask_r, answer_w, BLOCK_SIZE, _SLOT_BYTES, _HASHES_BASE)
+            worker = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(_WORKER_SCRIPT), *map(str, args)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                pass_fds=(self.fd, area_fd, ask_r, answer_w),
+            )
+        except BaseException:
+            os.close(ask_w)
+            os.close(answer_r)
+            raise
+        finally:
+            os.close(ask_r)
+            os.close(answer_w)
+        self._workers.append(worker)
+        self._asks.append(ask_w)
+        self._answers.append(answer_r)
+
+    def _stop(self) -> None:
+        """Close the pipes (workers exit on their end of file), then reap the workers."""
+        for fd in self._asks + self._answers:
+            os.close(fd)
+        self._asks, self._answers = [], []
+        for worker in self._workers:
+            # A worker may be in the middle of a window: it has nothing to save.
+            worker.kill()
+            worker.wait()
+        self._workers = []
+        self._out.clear()
+
+    def close(self) -> None:
+        self._stop()
+        if self._area is not None:
+            self._area.close()
+            self._area = None
+
+    @property
+    def pids(self) -> list[int]:
+        return [worker.pid for worker in self._workers]

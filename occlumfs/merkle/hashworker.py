@@ -1,0 +1,55 @@
+"""The hashing worker of :mod:`occlumfs.merkle.hashers`, run as a script.
+
+It imports the standard library only and is started as
+``python -I -S hashworker.py IMAGE_FD AREA_FD ASK_FD ANSWER_FD BLOCK SLOT_BYTES HASHES_BASE``,
+with those descriptors inherited: the image, a memfd holding the shared slots,
+and its two pipes. It answers each ask "slot, first block, count" by reading
+the blocks into the slot and writing the SHA-256 of each block at the slot's
+place in the hash area, then "slot, ok". It exits at end of file on its pipe:
+when the server closes it or dies.
+"""
+
+import mmap
+import os
+import signal
+import struct
+import sys
+from hashlib import sha256
+
+ASK = struct.Struct("<IQI")  # slot, first image block, block count
+DONE = struct.Struct("<II")  # slot, 1 if the whole window was read and hashed
+HASH_SIZE = 32
+
+
+def main(argv: list[str]) -> int:
+    image, area_fd, ask, answer, block, slot_bytes, hashes_base = map(int, argv)
+    # Ctrl-C reaches the whole process group: unmounting is the server's job.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    area = memoryview(mmap.mmap(area_fd, 0))
+    os.close(area_fd)
+    window_blocks = slot_bytes // block
+    while True:
+        got = os.read(ask, ASK.size)
+        if len(got) != ASK.size:
+            return 0  # end of file: the server closed the pipe or died
+        slot, first, count = ASK.unpack(got)
+        data = area[slot * slot_bytes : slot * slot_bytes + count * block]
+        try:
+            ok = os.preadv(image, [data], first * block) == len(data)
+        except OSError:
+            ok = False
+        if ok:
+            at = hashes_base + slot * window_blocks * HASH_SIZE
+            for off in range(0, len(data), block):
+                area[at : at + HASH_SIZE] = sha256(data[off : off + block]).digest()
+                at += HASH_SIZE
+        data.release()
+        os.write(answer, DONE.pack(slot, ok))
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except BrokenPipeError:
+        sys.exit(0)  # the server went away between an ask and its answer

@@ -1,0 +1,105 @@
+"""Cases of test_merkle_forkmap.py that must run in a process with one thread.
+
+pytest's own process may have threads left by other tests, where forking is
+(rightly) refused; each case here runs in a fresh interpreter started by the test,
+with its arguments on the command line, and fails by raising.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from occlumfs.errors import OcclumfsError
+from occlumfs.merkle import build, build_image
+from occlumfs.merkle.forkmap import MAX_ITEMS, can_fork, fork_map
+
+
+def no_children_left() -> bool:
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+
+def _square_or_fail(n: int) -> int:
+    if n in (7, 3):
+        raise OcclumfsError(f"item {n} is bad")
+    return n * n
+
+
+def _die_on_five(n: int) -> int:
+    if n == 5:
+        os._exit(3)
+    return n
+
+
+def order() -> None:
+    assert can_fork()
+    items = list(range(500))
+    got = fork_map(lambda n: (n, os.getpid()), items, 3)
+    assert [n for n, _ in got] == items
+    assert os.getpid() not in {pid for _, pid in got}  # computed in the workers
+    assert no_children_left()
+
+
+def first_error() -> None:
+    try:
+        fork_map(_square_or_fail, list(range(10)), 2)
+    except OcclumfsError as exc:
+        assert str(exc) == "item 3 is bad", exc
+    else:
+        raise AssertionError("no error")
+    assert no_children_left()
+
+
+def dead_worker() -> None:
+    try:
+        fork_map(_die_on_five, list(range(10)), 2)
+    except OcclumfsError as exc:
+        assert "died before finishing" in str(exc), exc
+    else:
+        raise AssertionError("no error")
+    assert no_children_left()
+
+
+def too_many_items() -> None:
+    try:
+        fork_map(abs, [0] * (MAX_ITEMS + 1), 2)
+    except ValueError:
+        return
+    raise AssertionError("no error")
+
+
+def build_forked(src: str, image: str) -> None:
+    """Build with forked hashing (checked), print the digest."""
+    calls = []
+    real = build.fork_map
+    build.fork_map = lambda *a: calls.append(1) or real(*a)
+    print(build_image(Path(src), Path(image), jobs=2))
+    assert calls == [1], calls
+    assert no_children_left()
+
+
+def build_error(src: str, image: str, victim: str) -> None:
+    """Delete ``victim`` between the scan and the hashing; print the one-line error."""
+    scan = build.scan_directory
+
+    def scan_then_delete(root):
+        tree = scan(root)
+        os.unlink(victim)
+        return tree
+
+    build.scan_directory = scan_then_delete
+    assert can_fork()
+    try:
+        build_image(Path(src), Path(image), jobs=2)
+    except OcclumfsError as exc:
+        print(exc)
+    assert no_children_left()
+
+
+if __name__ == "__main__":
+    globals()[sys.argv[1]](*sys.argv[2:])

@@ -1,0 +1,273 @@
+"""Sequential reads hashed by worker processes (occlumfs.merkle.hashers): the same bytes
+and the same errors as verifying in place, and no worker outlives its image."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import signal
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import process_exited, run_cli
+
+from merkle.trees import big_file_tree
+from occlumfs.errors import IntegrityError
+from occlumfs.merkle import build_image, open_image_fs
+from occlumfs.merkle.format import BLOCK_SIZE
+from occlumfs.merkle.hashers import STREAK, _worker_count
+from occlumfs.mount import mount_record, mounted_paths, wait_for_exit
+
+MiB = 1 << 20
+SIZE = 24 * MiB + 5 * BLOCK_SIZE + 3
+KEY = bytes(range(16))
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> tuple[Path, bytes]:
+    src = tmp_path_factory.mktemp("workers") / "src"
+    return src, big_file_tree(src, SIZE, 5, {"small": b"small file"})
+
+
+def _built(src: Path, tmp_path: Path, key: bytes | None = None) -> tuple[Path, str]:
+    image = tmp_path / "big.img"
+    return image, build_image(src, image, key=key)
+
+
+@contextmanager
+def _opened(image: Path, digest: str, key: bytes | None):
+    """(the image's filesystem, a handle of big.bin), closed on leaving."""
+    fs = open_image_fs(image, digest=digest, key=key)
+    try:
+        yield fs, fs.open(fs.lookup(1, b"big.bin").ino, os.O_RDONLY)
+    finally:
+        fs.close()
+
+
+def _flip(image: Path, digest: str, key: bytes | None, file_block: int) -> None:
+    fs = open_image_fs(image, digest=digest, key=key)
+    try:
+        rec = fs.record(fs.lookup(1, b"big.bin").ino)
+        ((_, data, _),) = list(fs.extents(rec))
+        at = (fs.reader.layout.data_start + data + file_block) * BLOCK_SIZE + 77
+    finally:
+        fs.close()
+    with open(image, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x08]))
+
+
+def _workers_of(pid: int) -> list[int]:
+    """Children of ``pid`` running the hashing worker."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            for child in f.read().split():
+                with open(f"/proc/{child}/cmdline", "rb") as cmd:
+                    if b"hashworker.py" in cmd.read():
+                        found.append(int(child))
+    return found
+
+
+def _expected_workers() -> int:
+    cores = len(os.sched_getaffinity(0))
+    return 0 if cores < 2 else min(4, cores)
+
+
+def test_worker_count_follows_the_cores():
+    assert _worker_count() == _expected_workers()
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "encrypted"])
+def test_workers_serve_sequential_reads_and_die_with_the_image(tree, tmp_path, key):
+    src, data = tree
+    image, digest = _built(src, tmp_path, key)
+    with _opened(image, digest, key) as (fs, fh):
+        assert fs.read(fh, 0, MiB) == data[:MiB]
+        assert fs.reader.read_ahead.pids == []  # not before a streak of sequential reads
+        for off in range(MiB, SIZE, MiB):
+            assert fs.read(fh, off, MiB) == data[off : off + MiB], off
+        pids = fs.reader.read_ahead.pids
+        assert len(pids) == _expected_workers()
+        assert sorted(_workers_of(os.getpid())) == sorted(pids)
+        # Reading backwards or at random is answered in place, still right.
+        for off in (20 * MiB, 3 * MiB + 5, 0):
+            assert fs.read(fh, off, MiB) == data[off : off + MiB], off
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}"), "a worker outlived close() or was not reaped"
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "encrypted"])
+@pytest.mark.parametrize("bad_block", [STREAK * 256 + 3, 4096, 6143, 6144])
+def test_a_flipped_block_hashed_by_a_worker_fails_exactly_its_read(tree, tmp_path, key, bad_block):
+    src, data = tree
+    image, digest = _built(src, tmp_path, key)
+    _flip(image, digest, key, bad_block)
+    with _opened(image, digest, key) as (fs, fh):
+        for off in range(0, SIZE, MiB):
+            touches = off // BLOCK_SIZE <= bad_block < (off + MiB) // BLOCK_SIZE
+            if touches:
+                with pytest.raises(IntegrityError) as raised:
+                    fs.read(fh, off, MiB)
+                where = f"/big.bin: data at offset {bad_block * BLOCK_SIZE} "
+                assert where in str(raised.value)
+            else:
+                assert fs.read(fh, off, MiB) == data[off : off + MiB], off
+        assert len(fs.reader.read_ahead.pids) == _expected_workers()
+
+
+def test_jumps_between_sequential_runs_keep_the_workers_serving(tree, tmp_path, caplog):
+    src, data = tree
+    image, digest = _built(src, tmp_path)
+    fs = open_image_fs(image, digest=digest, key=None)
+    rng = random.Random(3)
+    try:
+        fh = fs.open(fs.lookup(1, b"big.bin").ino, os.O_RDONLY)
+        with caplog.at_level(logging.WARNING, logger="occlumfs.merkle"):
+            for _ in range(40):
+                start = rng.randrange(0, SIZE - 6 * MiB, BLOCK_SIZE * rng.choice([1, 256]))
+                before = fs.reader.read_ahead.served_blocks if fs.reader.read_ahead else 0
+                for off in range(start, start + 6 * MiB, MiB):
+                    assert fs.read(fh, off, MiB) == data[off : off + MiB], off
+                if fs.reader.read_ahead.pids:
+                    # Every run long enough for a streak is served by the workers:
+                    # no slot was lost to a window left behind by a jump.
+                    assert fs.reader.read_ahead.served_blocks - before >= 2 * 256
+        assert not caplog.records
+        assert len(fs.reader.read_ahead.pids) == _expected_workers()
+    finally:
+        fs.close()
+
+
+def test_a_bad_tree_block_is_the_images_fault_not_the_workers(tree, tmp_path, caplog):
+    src, data = tree
+    image, digest = _built(src, tmp_path)
+    fs = open_image_fs(image, digest=digest, key=None)
+    try:
+        rec = fs.record(fs.lookup(1, b"big.bin").ino)
+        ((_, first, _),) = list(fs.extents(rec))
+        first += fs.reader.layout.data_start
+        # The level-0 tree block holding the hash of file block 3000 (128 hashes a
+        # block; hash k is of image block k + 1): every read of a block it covers fails.
+        index = (first + 3000 - 1) // 128
+        tree_block = fs.reader.layout.tree_block(0, index)
+        covered = range(index * 128 + 1 - first, (index + 1) * 128 + 1 - first)
+    finally:
+        fs.close()
+    with open(image, "r+b") as f:
+        f.seek(tree_block * BLOCK_SIZE + 5)
+        byte = f.read(1)
+        f.seek(tree_block * BLOCK_SIZE + 5)
+        f.write(bytes([byte[0] ^ 1]))
+    with _opened(image, digest, None) as (fs, fh):
+        failed = []
+        with caplog.at_level(logging.WARNING, logger="occlumfs.merkle"):
+            for off in range(0, SIZE, MiB):
+                try:
+                    assert fs.read(fh, off, MiB) == data[off : off + MiB], off
+                except IntegrityError as exc:
+                    assert "merkle tree level 0" in str(exc)
+                    failed.append(off // MiB)
+        assert failed == sorted({b * BLOCK_SIZE // MiB for b in covered})
+        assert not caplog.records and not fs.reader.read_ahead.broken
+
+
+def test_a_killed_worker_means_verifying_in_place(tree, tmp_path, caplog):
+    src, data = tree
+    image, digest = _built(src, tmp_path)
+    with _opened(image, digest, None) as (fs, fh):
+        for off in range(0, 8 * MiB, MiB):
+            assert fs.read(fh, off, MiB) == data[off : off + MiB]
+        pids = fs.reader.read_ahead.pids
+        assert pids
+        os.kill(pids[0], signal.SIGKILL)
+        with caplog.at_level(logging.WARNING, logger="occlumfs.merkle"):
+            for off in range(8 * MiB, SIZE, MiB):
+                assert fs.read(fh, off, MiB) == data[off : off + MiB], off
+        assert fs.reader.read_ahead.broken
+        assert [r.levelname for r in caplog.records] == ["WARNING"]
+        assert "verifying on the request thread" in caplog.records[0].getMessage()
+        assert fs.reader.read_ahead.pids == []  # the other one was stopped and reaped
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}")
+
+
+def _read_through(path: Path, data: bytes) -> list[int]:
+    """Read ``path`` in 1 MiB requests, checking every byte returned against ``data``;
+    the offsets that failed with EIO (reading resumes at the next MiB)."""
+    failed = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        off = 0
+        while True:
+            try:
+                chunk = os.pread(fd, MiB, off)
+            except OSError as exc:
+                assert exc.errno == errno.EIO
+                failed.append(off)
+                off = (off // MiB + 1) * MiB
+                continue
+            if not chunk:
+                return failed
+            assert chunk == data[off : off + len(chunk)], off
+            off += len(chunk)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.fuse
+def test_a_mount_hashes_in_workers_catches_tampering_and_reaps_them(tree, tmp_path, mount):
+    src, data = tree
+    image, digest = _built(src, tmp_path)
+    bad_block = 5000
+    _flip(image, digest, None, bad_block)
+    log = tmp_path / "server.log"
+    with mount(image, "--digest", digest, log_file=log, allow_log_errors=True) as mnt:
+        server = int(mount_record(mnt)["pid"])
+        failed = _read_through(mnt / "big.bin", data)
+        workers = _workers_of(server)
+        assert len(workers) == _expected_workers()
+        assert (mnt / "small").read_bytes() == b"small file"
+    for pid in workers:
+        assert process_exited(pid), "a worker outlived the unmount"
+    # The kernel may return the good bytes before the bad block first (a short
+    # read); what fails is a read starting at most 1 MiB before it, and only that.
+    assert failed and all(0 <= bad_block * BLOCK_SIZE - off < MiB for off in failed), failed
+    text = log.read_text()
+    assert f"/big.bin: data at offset {bad_block * BLOCK_SIZE} " in text
+    assert "failed verification" in text and "Traceback" not in text
+    assert "WARNING" not in text  # the workers did not fail
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_workers_end_with_their_server(tree, tmp_path, signum):
+    src, data = tree
+    image, digest = _built(src, tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "server.log"
+    run_cli("mount", image, mnt, "--digest", digest, "--log-file", log)
+    try:
+        server = int(mount_record(mnt)["pid"])
+        with open(mnt / "big.bin", "rb") as f:
+            assert f.read(8 * MiB) == data[: 8 * MiB]
+        workers = _workers_of(server)  # started, and kept while the image is served
+        assert len(workers) == _expected_workers()
+        os.kill(server, signum)
+        assert wait_for_exit(server, 60)
+        for pid in workers:  # SIGKILL: their pipes reach end of file and they leave
+            assert wait_for_exit(pid, 60), f"worker {pid} outlived its server"
+    finally:
+        if mnt.resolve() in mounted_paths():
+            subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+    if signum == signal.SIGTERM:
+        assert mnt.resolve() not in mounted_paths()
+        text = log.read_text()
+        assert "unmounted" in text and "WARNING" not in text and "Traceback" not in text
