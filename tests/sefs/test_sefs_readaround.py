@@ -58,3 +58,22 @@ def test_small_read_brings_in_its_window_once(tmp_path: Path) -> None:
         assert resident(host) >= WINDOW
     finally:
         storage.close()
+
+
+def test_sequential_reads_keep_the_host_reading_ahead(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    storage = DiskStorage(tmp_path)
+    try:
+        data = os.urandom(8 * 1024 * KiB)
+        storage.pwritev("d/x", 0, [data])
+        host = tmp_path / "d" / "x"
+        evict(host)
+        buf = bytearray(WINDOW)
+        start = 3 * 1024 * KiB
+        assert storage.preadv("d/x", start, [memoryview(buf)]) == WINDOW
+        assert resident(host) < 2 * 1024 * KiB  # one large read alone: no hint
+        assert storage.preadv("d/x", start + WINDOW, [memoryview(buf)]) == WINDOW
+        assert buf == data[start + WINDOW : start + 2 * WINDOW]
+        assert resident(host) >= DiskStorage.READ_AHEAD  # the next 4 MiB are on their way
+    finally:
+        storage.close()
