@@ -1,5 +1,6 @@
-"""DiskStorage's read-around: a small read of a data file brings its 128 KiB window
-into the host's page cache, once per window; page residency is read with fincore."""
+"""Read hints: a small read of a data file brings its 128 KiB window into the host's
+page cache, once per window; a sequential reader keeps the host reading ahead; a mount
+asks the kernel for 1 MiB READs. Page residency is read with fincore."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from occlumfs.sefs.fs import READAHEAD_KB
 from occlumfs.sefs.storage import DiskStorage
 
 KiB = 1024
@@ -77,3 +81,21 @@ def test_sequential_reads_keep_the_host_reading_ahead(tmp_path: Path) -> None:
         assert resident(host) >= DiskStorage.READ_AHEAD  # the next 4 MiB are on their way
     finally:
         storage.close()
+
+
+@pytest.mark.fuse
+def test_a_mount_reads_ahead_1_mib_and_reads_back_every_byte(volume, mount) -> None:
+    data = os.urandom(5 * 1024 * KiB + 123)
+    with mount(*volume.mount_args()) as mnt:
+        (mnt / "big").write_bytes(data)
+        bdi = f"{os.major(os.stat(mnt).st_dev)}:{os.minor(os.stat(mnt).st_dev)}"
+        ra = Path(f"/sys/class/bdi/{bdi}/read_ahead_kb").read_text().strip()
+        assert ra == str(READAHEAD_KB) == "1024"
+    with mount(*volume.mount_args()) as mnt:  # a fresh server: nothing cached
+        with open(mnt / "big", "rb", buffering=0) as f:
+            got = b"".join(iter(lambda: f.read(1024 * KiB), b""))
+        assert got == data
+        with open(mnt / "big", "rb", buffering=0) as f:  # small reads, around the file
+            for at in (4 * 1024 * KiB + 5, 17, 2 * 1024 * KiB - 3, len(data) - 9):
+                f.seek(at)
+                assert f.read(4 * KiB) == data[at : at + 4 * KiB]
