@@ -79,62 +79,50 @@ def slot_run(node: Inode, block: int, last: int, slot: int) -> int:
 
 
 class _RunWriter:
-    """Writes the encrypted runs of a large flush in a thread while the flush encrypts
-    the next ones (``os.pwritev`` releases the GIL; the encryption is Python-bound).
+    """Writes the encrypted runs of one large flush in a thread of its own while the
+    flush encrypts the next ones (``os.pwritev`` releases the GIL; the encryption
+    is Python-bound).
 
-    While a flush has runs out, only this thread touches the storage (DiskStorage's
-    descriptor cache is not shared between threads): the flush calls :meth:`wait`
-    before it returns or raises, which re-raises the first error of a write; the
-    writes after a failed one are skipped.
+    While it runs, only this thread touches the storage (DiskStorage's descriptor
+    cache is not shared between threads): the flush calls :meth:`finish` before it
+    returns, which re-raises the first error of a write (the writes after a failed
+    one are skipped), or :meth:`settle` when it raises itself.
     """
 
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
-        self._jobs: queue.SimpleQueue[list[tuple[str, int, memoryview]]] = queue.SimpleQueue()
-        self._results: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-        self._pending = 0
-        self._failed = False
+        self._jobs: queue.SimpleQueue[list[tuple[str, int, memoryview]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sefs-writer", daemon=True)
+        self._thread.start()
 
     def submit(self, writes: list[tuple[str, int, memoryview]]) -> None:
-        # Threads do not survive the mount's fork: start one in whoever flushes.
-        if self._thread is None or self._pid != os.getpid():
-            self._jobs, self._results = queue.SimpleQueue(), queue.SimpleQueue()
-            self._thread = threading.Thread(target=self._run, name="sefs-writer", daemon=True)
-            self._pid = os.getpid()
-            self._thread.start()
         self._jobs.put(writes)
-        self._pending += 1
 
-    def wait(self) -> None:
-        error = None
-        while self._pending:
-            result = self._results.get()
-            self._pending -= 1
-            if error is None:
-                error = result
-        self._failed = False
-        if error is not None:
-            raise error
+    def finish(self) -> None:
+        """Wait for every write handed over; re-raise the first that failed."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
 
     def settle(self) -> None:
         """Wait for whatever is still out, its errors dropped (the flush already raised)."""
         with contextlib.suppress(BaseException):
-            self.wait()
+            self.finish()
 
     def _run(self) -> None:
-        while True:
-            writes = self._jobs.get()
-            result = None
+        while (writes := self._jobs.get()) is not None:
+            if self._error is not None:
+                continue
             try:
-                if not self._failed:
-                    for name, offset, data in writes:
-                        self._storage.pwritev(name, offset, [data])
-            except BaseException as exc:  # handed to the flushing thread by wait()
-                self._failed = True
-                result = exc
-            self._results.put(result)
+                for name, offset, data in writes:
+                    self._storage.pwritev(name, offset, [data])
+            except BaseException as exc:  # handed to the flushing thread by finish()
+                self._error = exc
 
 
 class BlockIO:
@@ -165,7 +153,6 @@ class BlockIO:
         self._written: set[str] = set()  # data files written since the last commit
         self._doomed: set[str] = set()  # data files to delete once a commit drops them
         self._cipher_buf = bytearray(0)  # reused: fresh memory per flush costs page faults
-        self._writer = _RunWriter(storage)
         self._raw_buf = bytearray(0)
         self._raw_view = memoryview(self._raw_buf)
 
@@ -292,12 +279,14 @@ class BlockIO:
         flush hands the runs already encrypted to a writer thread as it goes, so the
         host writes overlap the encryption; it returns (or raises) once all are done.
         """
+        writer = _RunWriter(self.storage) if len(node.dirty) >= _THREAD_BLOCKS else None
         try:
-            self._flush(node)
+            self._flush(node, writer)
         finally:
-            self._writer.settle()  # a flush that failed half-way leaves no write behind
+            if writer is not None:
+                writer.settle()  # a flush that failed half-way leaves no write behind
 
-    def _flush(self, node: Inode) -> None:
+    def _flush(self, node: Inode, writer: _RunWriter | None) -> None:
         dirty = node.dirty
         if not dirty:
             return
@@ -318,7 +307,6 @@ class BlockIO:
         chunks = node.chunks
         committed = node.committed_slots
         runs: list[tuple[int, int, int, int]] = []  # (slot, first block, first index, count)
-        threaded = count >= _THREAD_BLOCKS
         sent = 0  # runs[:sent] are with the writer thread
         run_slot = run_first = run_j = run_len = 0
         present = node.present
@@ -358,16 +346,16 @@ class BlockIO:
                 if run_len:
                     runs.append((run_slot, run_first, run_j, run_len))
                     # Every block before j is encrypted for good: hand those runs over.
-                    if threaded and (j - runs[sent][2]) * BLOCK_SIZE >= _BATCH_BYTES:
-                        self._writer.submit(self._run_writes(ino, buf, runs[sent:]))
+                    if writer is not None and (j - runs[sent][2]) * BLOCK_SIZE >= _BATCH_BYTES:
+                        writer.submit(self._run_writes(ino, buf, runs[sent:]))
                         sent = len(runs)
                 run_slot, run_first, run_j, run_len = slot, block, j, 1
             at += BLOCK_SIZE
         runs.append((run_slot, run_first, run_j, run_len))
         node.present = present
-        if threaded:
-            self._writer.submit(self._run_writes(ino, buf, runs[sent:]))
-            self._writer.wait()
+        if writer is not None:
+            writer.submit(self._run_writes(ino, buf, runs[sent:]))
+            writer.finish()
         else:
             for name, offset, data in self._run_writes(ino, buf, runs):
                 self.storage.pwritev(name, offset, [data])

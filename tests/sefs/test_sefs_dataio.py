@@ -112,8 +112,20 @@ def test_a_mount_reads_ahead_1_mib_and_reads_back_every_byte(volume, mount) -> N
                 assert f.read(4 * KiB) == data[at : at + 4 * KiB]
 
 
-def test_a_large_flush_reports_a_failed_write_and_writes_nothing_after_it() -> None:
-    storage = PowerLossStorage()
+class _WriterNames(PowerLossStorage):
+    """Power-loss storage that notes which threads wrote to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writers: set[str] = set()
+
+    def pwritev(self, name, offset, buffers) -> None:
+        self.writers.add(threading.current_thread().name)
+        super().pwritev(name, offset, buffers)
+
+
+def test_a_large_flush_writes_in_a_thread_and_reports_a_failed_write() -> None:
+    storage = _WriterNames()
     storage.mkdir("d")
     inodes: dict[int, Inode] = {}
     io = BlockIO(storage, AESGCM(os.urandom(32)), os.urandom(16), inodes, set(), str)
@@ -133,4 +145,10 @@ def test_a_large_flush_reports_a_failed_write_and_writes_nothing_after_it() -> N
     assert not node.dirty
     assert storage.changes - before == 2 + 6
     assert io.read(node, 0, blocks - 1) == data
-    assert "sefs-writer" in {t.name for t in threading.enumerate()}  # it did use the thread
+    assert storage.writers == {"sefs-writer"}  # not the flushing thread
+    assert "sefs-writer" not in {t.name for t in threading.enumerate()}  # nor left behind
+    # A small flush writes from the flushing thread itself.
+    storage.writers.clear()
+    io.write(node, 0, data[: 4 * KiB])
+    io.flush(node)
+    assert storage.writers == {threading.current_thread().name}
