@@ -359,7 +359,7 @@ class BlockIO:
         else:
             for name, offset, data in self._run_writes(ino, buf, runs):
                 self.storage.pwritev(name, offset, [data])
-        self._written.update(fmt.data_name(ino, slot) for slot, _, _, _ in runs)
+        self._written.update(fmt.data_name(ino, slot) for slot in {run[0] for run in runs})
         for c in {b >> shift for b in blocks}:
             self._dirty_keys.add(fmt.map_key(ino, c))
         self._slot_touched.add(ino)
