@@ -23,9 +23,12 @@ free of per-block calls (docs/performance.md).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import os
-from collections.abc import Callable, Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -52,6 +55,8 @@ DIRTY_LIMIT_BLOCKS = 8192  # 32 MiB of plaintext buffered before data is written
 _WRITE_RUN = 512  # blocks per pwritev/preadv (below IOV_MAX)
 _STRIDE = BLOCK_SIZE + fmt.TAG_SIZE  # a ciphertext block and its tag, as AES-GCM reads them
 _SLOT_BYTES = {SLOT_A: bytes((SLOT_A,)), SLOT_B: bytes((SLOT_B,))}
+_THREAD_BLOCKS = 1024  # a flush of this many blocks or more writes in a thread as it encrypts
+_BATCH_BYTES = 1 << 20  # ...handing it encrypted runs this much at a time
 
 
 def slot_run(node: Inode, block: int, last: int, slot: int) -> int:
@@ -71,6 +76,53 @@ def slot_run(node: Inode, block: int, last: int, slot: int) -> int:
         if run < want:
             break
     return end
+
+
+class _RunWriter:
+    """Writes the encrypted runs of one large flush in a thread of its own while the
+    flush encrypts the next ones (``os.pwritev`` releases the GIL; the encryption
+    is Python-bound).
+
+    While it runs, only this thread touches the storage (DiskStorage's descriptor
+    cache is not shared between threads): the flush calls :meth:`finish` before it
+    returns, which re-raises the first error of a write (the writes after a failed
+    one are skipped), or :meth:`settle` when it raises itself.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._jobs: queue.SimpleQueue[list[tuple[str, int, memoryview]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sefs-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, writes: list[tuple[str, int, memoryview]]) -> None:
+        self._jobs.put(writes)
+
+    def finish(self) -> None:
+        """Wait for every write handed over; re-raise the first that failed."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def settle(self) -> None:
+        """Wait for whatever is still out, its errors dropped (the flush already raised)."""
+        with contextlib.suppress(BaseException):
+            self.finish()
+
+    def _run(self) -> None:
+        while (writes := self._jobs.get()) is not None:
+            if self._error is not None:
+                continue
+            try:
+                for name, offset, data in writes:
+                    self._storage.pwritev(name, offset, [data])
+            except BaseException as exc:  # handed to the flushing thread by finish()
+                self._error = exc
 
 
 class BlockIO:
@@ -223,8 +275,18 @@ class BlockIO:
 
         Block ``j`` (in block order) is encrypted into ``buf[4096 j : 4096 j + 4112]``;
         its tag is copied out before block ``j + 1`` overwrites it, which leaves the
-        ciphertexts contiguous, ready to be written without another copy.
+        ciphertexts contiguous, ready to be written without another copy. A large
+        flush hands the runs already encrypted to a writer thread as it goes, so the
+        host writes overlap the encryption; it returns (or raises) once all are done.
         """
+        writer = _RunWriter(self.storage) if len(node.dirty) >= _THREAD_BLOCKS else None
+        try:
+            self._flush(node, writer)
+        finally:
+            if writer is not None:
+                writer.settle()  # a flush that failed half-way leaves no write behind
+
+    def _flush(self, node: Inode, writer: _RunWriter | None) -> None:
         dirty = node.dirty
         if not dirty:
             return
@@ -245,6 +307,7 @@ class BlockIO:
         chunks = node.chunks
         committed = node.committed_slots
         runs: list[tuple[int, int, int, int]] = []  # (slot, first block, first index, count)
+        sent = 0  # runs[:sent] are with the writer thread
         run_slot = run_first = run_j = run_len = 0
         present = node.present
         pack_ad = fmt.DATA_AD_BLOCK.pack
@@ -282,21 +345,40 @@ class BlockIO:
             else:
                 if run_len:
                     runs.append((run_slot, run_first, run_j, run_len))
+                    # Every block before j is encrypted for good: hand those runs over.
+                    if writer is not None and (j - runs[sent][2]) * BLOCK_SIZE >= _BATCH_BYTES:
+                        writer.submit(self._run_writes(ino, buf, runs[sent:]))
+                        sent = len(runs)
                 run_slot, run_first, run_j, run_len = slot, block, j, 1
             at += BLOCK_SIZE
         runs.append((run_slot, run_first, run_j, run_len))
         node.present = present
-        for slot, first, j, n in runs:
-            name = fmt.data_name(ino, slot)
-            self.storage.pwritev(
-                name, first * BLOCK_SIZE, [buf[j * BLOCK_SIZE : (j + n) * BLOCK_SIZE]]
-            )
-            self._written.add(name)
+        if writer is not None:
+            writer.submit(self._run_writes(ino, buf, runs[sent:]))
+            writer.finish()
+        else:
+            for name, offset, data in self._run_writes(ino, buf, runs):
+                self.storage.pwritev(name, offset, [data])
+        self._written.update(fmt.data_name(ino, slot) for slot in {run[0] for run in runs})
         for c in {b >> shift for b in blocks}:
             self._dirty_keys.add(fmt.map_key(ino, c))
         self._slot_touched.add(ino)
         self.dirty_blocks -= count
         node.dirty = EMPTY
+
+    @staticmethod
+    def _run_writes(
+        ino: int, buf: memoryview, runs: Sequence[tuple[int, int, int, int]]
+    ) -> list[tuple[str, int, memoryview]]:
+        """(data file, host offset, ciphertext) of each run encrypted into ``buf``."""
+        return [
+            (
+                fmt.data_name(ino, slot),
+                first * BLOCK_SIZE,
+                buf[j * BLOCK_SIZE : (j + n) * BLOCK_SIZE],
+            )
+            for slot, first, j, n in runs
+        ]
 
     def written(self) -> list[str]:
         """The data files written since the last commit: the commit makes them durable."""
