@@ -193,6 +193,8 @@ class SefsFS(Namespace):
                 self._next_ino = max(self._next_ino, replayed or 0)
             if not read_only and not tolerant:
                 remove_leftovers(self._pages, self._nodes)
+                if self._journal is not None:
+                    self._journal.remove_leftovers()
                 if replayed is not None:
                     self._io.measure()
                     self.commit()  # the log's entries become a commit: the log is stale

@@ -174,6 +174,11 @@ class Journal:
         self.seq += 1
         self.prev = sealed[-TAG_SIZE:]
 
+    def remove_leftovers(self) -> None:
+        """Delete a ``log.tmp`` that a crash left while a new log was being started."""
+        if self.storage.exists(fmt.LOG_TMP_NAME):
+            self.storage.unlink(fmt.LOG_TMP_NAME)
+
     # == replaying ==========================================================================
     def replay(self, state: TrustedState | None, write: Callable[[Inode, int, bytes], None]):
         """Apply the entries that follow the loaded head; the logged next inode number,
