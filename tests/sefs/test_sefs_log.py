@@ -22,9 +22,10 @@ from occlumfs.sefs import SefsFS, journal
 from occlumfs.sefs import format as fmt
 from occlumfs.sefs.keys import Keys, parse_config, unwrap_master
 from occlumfs.sefs.state import TrustedState
-from sefs.crashload import Workload, snapshot
+from sefs.crashload import Workload, run_until_power_cut, snapshot
 from sefs.helpers import ROOT, SimVolume, fsck_problems, read_path, write_file
 from sefs.powerloss import PowerCut
+from sefs.test_sefs_hostile import plant
 
 DATA = bytes(range(256)) * 24  # 6144 bytes: two blocks
 
@@ -139,18 +140,7 @@ def _size(size: int) -> AttrChanges:
 
 # -- power cuts at every write ----------------------------------------------------------------
 def _workload(sim: SimVolume, cut_after: int | None) -> Workload:
-    fs = sim.open(commit_interval=float("inf"))
-    load = Workload(7)
-    load.in_flight = None
-    sim.storage.cut_power_after(cut_after)
-    try:
-        for _ in range(150):
-            load.step(fs)
-        load.fsync(fs)
-    except PowerCut:
-        pass
-    sim.storage.power_loss()
-    return load
+    return run_until_power_cut(sim, 7, cut_after, steps=150)
 
 
 @pytest.mark.parametrize("log_max", [journal.LOG_MAX, 48 * 1024], ids=["one log", "checkpoints"])
@@ -297,26 +287,14 @@ def test_garbage_log_is_refused(sim, tmp_path):
 @pytest.mark.parametrize("kind", ["symlink", "fifo", "hardlink", "dir"])
 @pytest.mark.parametrize("name", [fmt.LOG_NAME, fmt.LOG_TMP_NAME])
 def test_planted_log_entry_is_refused_and_never_followed(volume, tmp_path, name, kind):
-    outside = tmp_path / "victim"
-    outside.write_bytes(b"important\n")
     fs = volume.open()
     write_file(fs, ROOT_INO, b"f", DATA)
     fs.commit()
-    path = volume.dir / name
-    if kind == "symlink":
-        path.symlink_to(outside)
-    elif kind == "hardlink":
-        os.link(outside, path)
-    elif kind == "fifo":
-        os.mkfifo(path)
-    else:
-        path.mkdir()
+    planted = plant(volume, name, kind, tmp_path)
     with pytest.raises(IntegrityError, match=name):
         rewrite(fs, b"f", b"changed")  # the first fsync after a commit starts a log
     fs.close()  # the commit at close does not need the log
-    assert outside.read_bytes() == b"important\n" and outside.stat().st_nlink == (
-        2 if kind == "hardlink" else 1
-    )
+    assert planted.outside_now() == planted.before
     if name == fmt.LOG_NAME:
         with pytest.raises(IntegrityError, match=name):
             volume.open(read_only=True)
@@ -324,7 +302,7 @@ def test_planted_log_entry_is_refused_and_never_followed(volume, tmp_path, name,
         fs = volume.open(read_only=True)
         assert read_path(fs, "/f") == b"changed" + DATA[7:]
         fs.close()
-    assert outside.read_bytes() == b"important\n"
+    assert planted.outside_now() == planted.before
 
 
 def test_power_cut_at_every_write_of_the_replay_keeps_the_fsynced_state():
