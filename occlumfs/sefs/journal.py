@@ -37,6 +37,7 @@ from occlumfs.sefs.storage import Storage
 
 LOG_MAX = 16 << 20  # bytes; an fsync that would grow the log past this commits instead
 ENTRY_MAX_BLOCKS = 1024  # changed blocks (4 MiB); an fsync with more commits instead
+LOG_STEP = 1 << 20  # the log is written ahead with zeros in steps of this many bytes
 _MAP, _INODE, _ENTRY = b"m"[0], b"i"[0], b"e"[0]
 _UNSET = object()
 
@@ -80,6 +81,7 @@ class Journal:
     def reset(self) -> None:
         """A commit took every change: the log on the host is stale from now on."""
         self.size = 0  # bytes of the current log on the host; 0: none follows this head
+        self.allocated = 0  # ...and bytes written so far, the zeros after its entries included
         self.seq = 0  # entries in it
         self.prev = b""  # the tag of its last entry
         self.broken = False  # an append failed: its bytes are unknown, commit instead
@@ -159,15 +161,22 @@ class Journal:
         nonce = os.urandom(NONCE_SIZE)
         sealed = nonce + self._cipher.encrypt(nonce, body, ad)
         entry = fmt.LOG_LEN.pack(len(sealed)) + sealed
+        # Entries overwrite zeros written (and made durable) ahead of them, so that
+        # an append changes no file size or extent: its fdatasync flushes data only,
+        # without a commit of the host filesystem's journal.
         try:
             if not self.size:  # the first entry after a commit: a new log, atomically
                 data = fmt.pack_log_head(self._fs_id, pages.counter, pages.root_tag) + entry
-                self.storage.replace(fmt.LOG_NAME, data, fmt.LOG_TMP_NAME)
-                self.size = len(data)
+                zeros = bytes(-len(data) % LOG_STEP or LOG_STEP)
+                self.storage.replace(fmt.LOG_NAME, data + zeros, fmt.LOG_TMP_NAME)
+                self.size, self.allocated = len(data), len(data) + len(zeros)
             else:
-                self.storage.pwritev(fmt.LOG_NAME, self.size, [entry])
+                end = self.size + len(entry)
+                zeros = bytes(-end % LOG_STEP or LOG_STEP) if end > self.allocated else b""
+                self.storage.pwritev(fmt.LOG_NAME, self.size, [entry, zeros])
                 self.storage.datasync(fmt.LOG_NAME)
-                self.size += len(entry)
+                self.size = end
+                self.allocated = max(self.allocated, end + len(zeros))
         except BaseException:
             self.broken = True  # a torn entry may be on the host: never append after it
             raise
@@ -209,9 +218,10 @@ class Journal:
         """The plaintexts of the log's entries, if it follows the committed head.
 
         Entries are appended one at a time, each made durable before the next is
-        written, so only the last one can be torn by a crash: a last entry that
-        runs past the end or fails to open is one whose fsync never returned.
-        Any other entry that fails is tampering.
+        written, so only the last one can be torn by a crash: a last entry (one
+        followed by nothing but zeros) that runs past the end or fails to open
+        is one whose fsync never returned. Any other entry that fails is
+        tampering. A zero length ends the entries (the zeros written ahead).
         """
         pages = self._pages
         fs_id, counter, root_tag = fmt.parse_log_head(raw)
@@ -233,7 +243,7 @@ class Journal:
                 break  # a torn last entry
             (length,) = fmt.LOG_LEN.unpack_from(raw, pos)
             end = pos + fmt.LOG_LEN.size + length
-            if end > len(raw):
+            if not length or end > len(raw):
                 break
             sealed = raw[pos + fmt.LOG_LEN.size : end]
             ad = fmt.log_ad(fs_id, counter, root_tag, len(bodies), prev)
@@ -242,7 +252,7 @@ class Journal:
                     raise InvalidTag
                 bodies.append(self._cipher.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], ad))
             except InvalidTag:
-                if end == len(raw):
+                if not raw[end:].strip(b"\0"):
                     break
                 raise IntegrityError(
                     f"log: entry {len(bodies)} failed authentication (tampered, reordered or "

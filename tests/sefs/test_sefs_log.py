@@ -180,6 +180,8 @@ def _entry_spans(log: bytes) -> list[tuple[int, int]]:
     spans, pos = [], fmt.LOG_HEAD_SIZE
     while pos < len(log):
         (length,) = fmt.LOG_LEN.unpack_from(log, pos)
+        if not length:
+            break  # the zeros written ahead of the entries
         spans.append((pos, pos + fmt.LOG_LEN.size + length))
         pos = spans[-1][1]
     return spans
@@ -223,6 +225,16 @@ def test_flipped_entry_is_refused(sim, tmp_path, entry):
     log[(start + end) // 2] ^= 0x01
     _put_log(sim, bytes(log))
     _refused(sim, tmp_path / "state", f"log: entry {entry} failed authentication")
+
+
+def test_damaged_last_entry_is_caught_by_the_trusted_state(sim, tmp_path):
+    """A damaged last entry reads as an unfinished append; the state says it finished."""
+    crash(sim, logged_store(sim, tmp_path / "state"))
+    log = bytearray(_log(sim))
+    end = _entry_spans(bytes(log))[-1][1]
+    log[end - 3] ^= 0x01
+    _put_log(sim, bytes(log))
+    _refused(sim, tmp_path / "state", "rolled back: the log holds 2 entries")
 
 
 def test_swapped_entries_are_refused(sim, tmp_path):
