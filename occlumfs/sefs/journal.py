@@ -37,7 +37,9 @@ from occlumfs.sefs.storage import Storage
 
 LOG_MAX = 16 << 20  # bytes; an fsync that would grow the log past this commits instead
 ENTRY_MAX_BLOCKS = 1024  # changed blocks (4 MiB); an fsync with more commits instead
-LOG_STEP = 1 << 20  # the log is written ahead with zeros in steps of this many bytes
+ENTRY_MAX_RECORDS = 4096  # changed records; an fsync with more commits without looking
+LOG_STEP = 1 << 20  # the log is written ahead with zeros up to a multiple of this...
+LOG_FIRST_STEP = 64 << 10  # ...and, when it starts, of this (doubling up to LOG_STEP)
 _MAP, _INODE, _ENTRY = b"m"[0], b"i"[0], b"e"[0]
 _UNSET = object()
 
@@ -100,6 +102,8 @@ class Journal:
         fresh = self._dirty.fresh
         if not fresh:
             return False
+        if len(fresh) > ENTRY_MAX_RECORDS:
+            return None
         record = self._pages.record
         logged = self._logged
         records: list[fmt.LogRecord] = []
@@ -167,12 +171,13 @@ class Journal:
         try:
             if not self.size:  # the first entry after a commit: a new log, atomically
                 data = fmt.pack_log_head(self._fs_id, pages.counter, pages.root_tag) + entry
-                zeros = bytes(-len(data) % LOG_STEP or LOG_STEP)
+                zeros = bytes(-len(data) % LOG_FIRST_STEP or LOG_FIRST_STEP)
                 self.storage.replace(fmt.LOG_NAME, data + zeros, fmt.LOG_TMP_NAME)
                 self.size, self.allocated = len(data), len(data) + len(zeros)
             else:
                 end = self.size + len(entry)
-                zeros = bytes(-end % LOG_STEP or LOG_STEP) if end > self.allocated else b""
+                step = min(LOG_STEP, max(LOG_FIRST_STEP, self.allocated))
+                zeros = bytes(-end % step or step) if end > self.allocated else b""
                 self.storage.pwritev(fmt.LOG_NAME, self.size, [entry, zeros])
                 self.storage.datasync(fmt.LOG_NAME)
                 self.size = end
