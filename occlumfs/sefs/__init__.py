@@ -84,7 +84,7 @@ def format_storage(
     config, master = new_config(cred, scrypt)
     storage.write_file(fmt.CONFIG_NAME, dump_config(config))
     storage.fsync(fmt.CONFIG_NAME)
-    keys = Keys(master, bytes.fromhex(config["fs_id"]))
+    keys = Keys(master, bytes.fromhex(config["fs_id"]), config["version"])
     state = None
     if trusted_state_dir is not None:
         state = TrustedState(trusted_state_dir, keys.fs_id, keys.state_mac)
@@ -156,7 +156,7 @@ def open_sefs_fs(
         state_dir = prepare_state_dir(state_dir, path)
         cred = credential(key, passphrase_file, passphrase)
         master = unwrap_master(config, cred, str(path))
-        keys = Keys(master, bytes.fromhex(config["fs_id"]))
+        keys = Keys(master, bytes.fromhex(config["fs_id"]), config["version"])
         pin_store(state_dir, path, keys.fs_id, accept_new=accept_new_store)
         lock = DirLock(storage.dir)
         lock.acquire()

@@ -29,11 +29,15 @@ HEAD_MAGIC = b"OSEFSHD1"
 ROOT_MAGIC = b"OSEFSRT1"
 DATA_AD_MAGIC = b"OSEFSDB1"
 PAGE_AD_MAGIC = b"OSEFSPG1"
+LOG_MAGIC = b"OSEFSLG1"
+LOG_AD_MAGIC = b"OSEFSLE1"
 
 CONFIG_NAME = "sefs.json"
 HEAD_NAME = "head"
 HEAD_TMP_NAME = "head.tmp"
 LOCK_NAME = "lock"
+LOG_NAME = "log"  # the write-ahead log (version 3)
+LOG_TMP_NAME = "log.tmp"
 META_DIR = "m"
 DATA_DIR = "d"
 
@@ -46,6 +50,12 @@ _U64 = struct.Struct(">Q")
 _ENTRY_VALUE = struct.Struct(">QQ")
 DATA_AD_BLOCK = struct.Struct(">QQ")  # (ino, block): a data block's AD after data_ad_prefix
 _RECORD_HEAD = struct.Struct(">HI")
+_LOG_HEAD = struct.Struct(">8s16sQ16s")  # magic, fs_id, base counter, base root tag
+LOG_HEAD_SIZE = _LOG_HEAD.size
+LOG_LEN = struct.Struct(">I")  # the length of the sealed entry that follows
+_LOG_RECORD = struct.Struct(">HBI")  # key_len, present, value_len
+_LOG_BLOCK = struct.Struct(">QQ")  # ino, block; then its map entry and its ciphertext
+LOG_BLOCK_SIZE = _LOG_BLOCK.size + ENTRY_SIZE + BLOCK_SIZE
 
 
 # -- host names ----------------------------------------------------------------
@@ -93,6 +103,11 @@ def page_ad(fs_id: bytes, pack: int, first_key: bytes) -> bytes:
 
 def root_ad(fs_id: bytes, counter: int) -> bytes:
     return ROOT_MAGIC + fs_id + _U64.pack(counter)
+
+
+def log_ad(fs_id: bytes, counter: int, root_tag: bytes, seq: int, prev_tag: bytes) -> bytes:
+    """A log entry's associated data: the head it follows, its place, the entry before it."""
+    return LOG_AD_MAGIC + fs_id + _U64.pack(counter) + root_tag + _U64.pack(seq) + prev_tag
 
 
 # -- offsets -------------------------------------------------------------------------
@@ -343,6 +358,70 @@ def parse_inode(value: bytes) -> InodeRecord:
     if pos != len(value) or len(target) != tlen:
         raise IntegrityError("inode record: malformed")
     return InodeRecord(*fields, target=target, xattrs=xattrs)
+
+
+# -- the log (version 3) ---------------------------------------------------------------
+LogRecord = tuple[bytes, bytes | None]  # key, value (None: the record was deleted)
+LogBlock = tuple[int, int, bytes, bytes]  # ino, block, map entry (29), ciphertext (4096)
+
+
+def pack_log_head(fs_id: bytes, counter: int, root_tag: bytes) -> bytes:
+    return _LOG_HEAD.pack(LOG_MAGIC, fs_id, counter, root_tag)
+
+
+def parse_log_head(raw: bytes) -> tuple[bytes, int, bytes]:
+    """(fs_id, base counter, base root tag) of a log; IntegrityError if it is not one."""
+    if len(raw) < LOG_HEAD_SIZE or not raw.startswith(LOG_MAGIC):
+        raise IntegrityError(f"log: {len(raw)} bytes, not a version 3 log")
+    _, fs_id, counter, tag = _LOG_HEAD.unpack_from(raw)
+    return fs_id, counter, tag
+
+
+def pack_log_body(next_ino: int, records: list[LogRecord], blocks: list[LogBlock]) -> bytes:
+    """An entry's plaintext: ``next_ino u64 || count u32 || records || count u32 || blocks``."""
+    parts = [_U64.pack(next_ino), struct.pack(">I", len(records))]
+    for key, value in records:
+        parts.append(_LOG_RECORD.pack(len(key), value is not None, len(value or b"")))
+        parts.append(key)
+        parts.append(value or b"")
+    parts.append(struct.pack(">I", len(blocks)))
+    for ino, block, entry, cipher in blocks:
+        parts.append(_LOG_BLOCK.pack(ino, block))
+        parts.append(entry)
+        parts.append(cipher)
+    return b"".join(parts)
+
+
+def parse_log_body(raw: bytes) -> tuple[int, list[LogRecord], list[LogBlock]]:
+    try:
+        (next_ino,) = _U64.unpack_from(raw)
+        (count,) = struct.unpack_from(">I", raw, 8)
+        pos = 12
+        records: list[LogRecord] = []
+        for _ in range(count):
+            klen, present, vlen = _LOG_RECORD.unpack_from(raw, pos)
+            pos += _LOG_RECORD.size
+            key, value = raw[pos : pos + klen], raw[pos + klen : pos + klen + vlen]
+            pos += klen + vlen
+            if len(key) != klen or len(value) != vlen or present > 1 or (vlen and not present):
+                raise IntegrityError("log entry: malformed record")
+            records.append((key, value if present else None))
+        (count,) = struct.unpack_from(">I", raw, pos)
+        pos += 4
+        if len(raw) - pos != count * LOG_BLOCK_SIZE:
+            raise IntegrityError("log entry: malformed blocks")
+        blocks: list[LogBlock] = []
+        for _ in range(count):
+            ino, block = _LOG_BLOCK.unpack_from(raw, pos)
+            pos += _LOG_BLOCK.size
+            entry = raw[pos : pos + ENTRY_SIZE]
+            blocks.append(
+                (ino, block, entry, raw[pos + ENTRY_SIZE : pos + ENTRY_SIZE + BLOCK_SIZE])
+            )
+            pos += ENTRY_SIZE + BLOCK_SIZE
+    except struct.error:
+        raise IntegrityError("log entry: truncated") from None
+    return next_ino, records, blocks
 
 
 def check_version(version: object) -> None:

@@ -34,13 +34,15 @@ from occlumfs.sefs import format as fmt
 from occlumfs.sefs.blocks import BlockIO
 from occlumfs.sefs.format import BLOCK_SIZE
 from occlumfs.sefs.inode import Inode, RecordedInode
-from occlumfs.sefs.keys import Keys
+from occlumfs.sefs.journal import Dirty, Journal
+from occlumfs.sefs.keys import LOG_VERSION, Keys
 from occlumfs.sefs.load import load, remove_leftovers
 from occlumfs.sefs.pages import PageTable
 from occlumfs.sefs.state import DirLock, TrustedState
 from occlumfs.sefs.storage import Storage
 
 COMMIT_INTERVAL = 10.0  # seconds a change may wait for a commit unless fsync asks sooner
+LOG_STATE_INTERVAL = 1.0  # seconds between two trusted-state writes of a log position
 RESERVE_BLOCKS = 256  # free blocks kept for the next commit's pack, beyond the live packs' size
 READAHEAD_KB = 1024  # kernel read-ahead of a mount (KiB): the largest READ libfuse takes
 
@@ -53,21 +55,27 @@ class StateWriter:
     two host fsyncs: a thread writes the newest submitted commit, skipping any
     that a later one overtook. A failed write is raised by the next ``submit``
     or by ``drain``, which ``close`` calls to write the last commit's state.
+
+    A log position (an fsync that appended to the log, version 3) is written at
+    most once per LOG_STATE_INTERVAL, so the state's fsyncs do not double the
+    host's; a commit's state, and ``drain``, end that wait.
     """
 
     def __init__(self, state: TrustedState | None) -> None:
         self._state = state
         self._cond = threading.Condition()
-        self._pending: tuple[int, bytes] | None = None
+        self._pending: tuple[int, bytes, int, bytes] | None = None
         self._busy = False
+        self._urgent = False  # a commit's state or a drain waits: no pacing
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._pid = 0
 
-    def submit(self, counter: int, root_tag: bytes) -> None:
+    def submit(self, counter: int, root_tag: bytes, log_seq: int = 0, log_tag: bytes = b"") -> None:
         with self._cond:
             self._raise()
-            self._pending = (counter, root_tag)
+            self._pending = (counter, root_tag, log_seq, log_tag)
+            self._urgent = self._urgent or not log_seq
             # Threads do not survive the mount's fork: start one in whoever commits.
             if self._thread is None or self._pid != os.getpid():
                 self._pid = os.getpid()
@@ -80,6 +88,8 @@ class StateWriter:
         """Wait until every submitted state is written; raise the failure if one failed."""
         with self._cond:
             if self._thread is not None and self._pid == os.getpid():
+                self._urgent = True
+                self._cond.notify_all()
                 self._cond.wait_for(lambda: self._pending is None and not self._busy)
             elif self._pending is not None:  # no thread of ours: write it here
                 pending, self._pending = self._pending, None
@@ -91,7 +101,7 @@ class StateWriter:
         if error is not None:
             raise error
 
-    def _write(self, pending: tuple[int, bytes]) -> None:
+    def _write(self, pending: tuple[int, bytes, int, bytes]) -> None:
         try:
             if self._state is not None:
                 self._state.update(*pending)
@@ -104,10 +114,13 @@ class StateWriter:
                 self._cond.wait_for(lambda: self._pending is not None)
                 pending, self._pending = self._pending, None
                 self._busy = True
+                self._urgent = False
             self._write(pending)  # type: ignore[arg-type]
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
+                if pending[2]:  # a log position: pace the next one
+                    self._cond.wait_for(lambda: self._urgent, timeout=LOG_STATE_INTERVAL)
 
 
 class _DirHandle:
@@ -149,7 +162,12 @@ class SefsFS(Namespace):
         self._commit_interval = commit_interval
         self._nodes: dict[int, Inode] = {}  # type: ignore[assignment]
         self._pages = PageTable(storage, keys.meta, keys.head_mac, keys.fs_id, self._nodes)
-        self._dirty_keys = self._pages.dirty
+        self._pages.dirty = self._dirty_keys = Dirty()
+        self._journal = (
+            Journal(storage, keys, self._pages, self._nodes)
+            if keys.version >= LOG_VERSION
+            else None
+        )
         self._io = BlockIO(
             storage, keys.data, keys.fs_id, self._nodes, self._dirty_keys, self.path_of, self._room
         )
@@ -174,8 +192,17 @@ class SefsFS(Namespace):
                 tolerant=tolerant,
                 problems=self.problems,
             )
+            replayed = None
+            if self._journal is not None:
+                replayed = self._journal.replay(trusted_state, self._io.write)
+                self._next_ino = max(self._next_ino, replayed or 0)
             if not read_only and not tolerant:
                 remove_leftovers(self._pages, self._nodes)
+                if self._journal is not None:
+                    self._journal.remove_leftovers()
+                if replayed is not None:
+                    self._io.measure()
+                    self.commit()  # the log's entries become a commit: the log is stale
         if not read_only:
             self._io.measure()
 
@@ -204,8 +231,15 @@ class SefsFS(Namespace):
         self._io.flush_all()
         if not self._dirty_keys:
             return
-        self._pages.commit(self._next_ino, self._io.written())
+        try:
+            self._pages.commit(self._next_ino, self._io.written())
+        except BaseException:
+            if self._journal is not None:
+                self._journal.broken = True  # the log may follow either head: commit next time
+            raise
         self._io.committed()
+        if self._journal is not None:
+            self._journal.reset()
         self._last_commit = time.monotonic()
         if self._state is not None:
             self._state_writer.submit(self._pages.counter, self._pages.root_tag)
@@ -390,10 +424,26 @@ class SefsFS(Namespace):
             self._io.flush(node)
 
     def fsync(self, fh: int, datasync: bool) -> None:
-        self.commit()
+        self.sync()
 
     def fsyncdir(self, fh: int, datasync: bool) -> None:
-        self.commit()
+        self.sync()
+
+    def sync(self) -> None:
+        """Make every change so far durable: one log entry (one host barrier) when the
+        store has a log and the change is small, else a commit (docs/formats/sefs.md)."""
+        journal = self._journal
+        if journal is None or self.read_only:
+            self.commit()
+            return
+        self._io.flush_all()
+        logged = journal.append(self._next_ino) if self._dirty_keys else False
+        if logged is None:
+            self.commit()  # too much for the log, or it is unusable: a checkpoint
+        elif logged and self._state is not None:
+            self._state_writer.submit(
+                self._pages.counter, self._pages.root_tag, journal.seq, journal.prev
+            )
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Attr:
         if stat.S_IFMT(mode) not in (

@@ -29,8 +29,9 @@ from occlumfs.keys import hkdf_sha256
 from occlumfs.sefs.format import BLOCK_SIZE, FS_ID_SIZE
 
 FORMAT_NAME = "occlumfs-sefs"
-CONFIG_VERSION = 2  # what `create` writes
-CONFIG_VERSIONS = (1, 2)  # what this build reads
+CONFIG_VERSION = 3  # what `create` writes
+CONFIG_VERSIONS = (1, 2, 3)  # what this build reads
+LOG_VERSION = 3  # the first version with a write-ahead log (docs/formats/sefs.md, "The log")
 CONFIG_MAX = 64 * 1024  # bytes; a larger sefs.json is malformed
 CIPHER = "AES-256-GCM"
 KIND_KEY_FILE = "key-file"
@@ -211,8 +212,9 @@ def dump_config(config: dict) -> bytes:
 class Keys:
     """The per-purpose subkeys of one filesystem, cipher objects built once."""
 
-    def __init__(self, master: bytes, fs_id: bytes) -> None:
+    def __init__(self, master: bytes, fs_id: bytes, version: int = CONFIG_VERSION) -> None:
         self.fs_id = fs_id
+        self.version = version  # the config's: whether the store has a log
 
         def sub(purpose: str) -> bytes:
             return hkdf_sha256(master, fs_id, f"occlumfs-sefs v1 {purpose}")
@@ -221,3 +223,4 @@ class Keys:
         self.meta = AESGCM(sub("metadata"))
         self.head_mac = sub("head mac")
         self.state_mac = sub("trusted state mac")
+        self.log = AESGCM(hkdf_sha256(master, fs_id, "occlumfs-sefs v3 log"))

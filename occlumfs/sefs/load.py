@@ -91,10 +91,7 @@ def load(
     for ino, value in inode_recs:
         rec = fmt.parse_inode(value)
         node = Inode(ino, rec.mode, rec.uid, rec.gid)
-        node.nlink, node.rdev, node.size = rec.nlink, rec.rdev, rec.size
-        node.atime_ns, node.mtime_ns, node.ctime_ns = rec.atime_ns, rec.mtime_ns, rec.ctime_ns
-        node.parent, node.next_cookie = rec.parent, rec.next_cookie
-        node.target, node.xattrs = rec.target, rec.xattrs or EMPTY
+        apply_inode(node, rec)
         inodes[ino] = node
         if node.is_dir:
             expected_entries[ino] = rec.entry_count
@@ -125,6 +122,15 @@ def load(
                 f"{expected_entries.get(node.ino, 0)} entries",
             )
     return root.next_ino
+
+
+def apply_inode(node: Inode, rec: fmt.InodeRecord) -> None:
+    """Give ``node`` the fields its record states: for the loader and the log's replay."""
+    node.mode, node.uid, node.gid = rec.mode, rec.uid, rec.gid
+    node.nlink, node.rdev, node.size = rec.nlink, rec.rdev, rec.size
+    node.atime_ns, node.mtime_ns, node.ctime_ns = rec.atime_ns, rec.mtime_ns, rec.ctime_ns
+    node.parent, node.next_cookie = rec.parent, rec.next_cookie
+    node.target, node.xattrs = rec.target, rec.xattrs or EMPTY
 
 
 def remove_leftovers(pages: PageTable, inodes: dict[int, Inode]) -> None:

@@ -96,25 +96,37 @@ class TrustedState:
         self._fs_id = fs_id
         self._key = mac_key
 
-    def _mac(self, counter: int, root_tag: bytes) -> str:
+    def _mac(self, counter: int, root_tag: bytes, log_seq: int = 0, log_tag: bytes = b"") -> str:
         msg = self._fs_id + struct.pack(">Q", counter) + root_tag
+        if log_seq:  # a log position (version 3): how many entries follow that commit
+            msg += struct.pack(">Q", log_seq) + log_tag
         return hmac.digest(self._key, msg, "sha256").hex()
 
     def load(self) -> tuple[int, bytes] | None:
         """The pinned (counter, root tag), None when there is no state; tampering raises."""
+        position = self.position()
+        return None if position is None else position[:2]
+
+    def position(self) -> tuple[int, bytes, int, bytes] | None:
+        """(counter, root tag, log entries, last entry's tag): the newest commit and how
+        many log entries after it this machine wrote (0, b"" when none were recorded)."""
         with HostDir.open(self.dir, follow=True) as where:
             doc = _read_doc(where, self.name)
         if doc is None:
             return None
         try:
             counter, tag, mac = doc["counter"], bytes.fromhex(doc["root_tag"]), doc["mac"]
+            seq, log_tag = doc.get("log_seq", 0), bytes.fromhex(doc.get("log_tag", ""))
             if type(counter) is not int or not 0 <= counter < 1 << 64 or not isinstance(mac, str):
+                raise TypeError("field types")
+            if type(seq) is not int or not 0 <= seq < 1 << 64:
                 raise TypeError("field types")
         except (ValueError, KeyError, TypeError):
             raise IntegrityError(f"trusted state {self.path} is unreadable") from None
-        if not hmac.compare_digest(mac.encode(errors="replace"), self._mac(counter, tag).encode()):
+        want = self._mac(counter, tag, seq, log_tag).encode()
+        if not hmac.compare_digest(mac.encode(errors="replace"), want):
             raise IntegrityError(f"trusted state {self.path}: MAC check failed")
-        return counter, tag
+        return counter, tag, seq, log_tag
 
     def check(self, counter: int, root_tag: bytes) -> bool:
         """Refuse a head older than the pinned one. True when a state was present."""
@@ -129,13 +141,11 @@ class TrustedState:
             )
         return True
 
-    def update(self, counter: int, root_tag: bytes) -> None:
-        doc = {
-            "fs_id": self._fs_id.hex(),
-            "counter": counter,
-            "root_tag": root_tag.hex(),
-            "mac": self._mac(counter, root_tag),
-        }
+    def update(self, counter: int, root_tag: bytes, log_seq: int = 0, log_tag: bytes = b"") -> None:
+        doc = {"fs_id": self._fs_id.hex(), "counter": counter, "root_tag": root_tag.hex()}
+        if log_seq:
+            doc["log_seq"], doc["log_tag"] = log_seq, log_tag.hex()
+        doc["mac"] = self._mac(counter, root_tag, log_seq, log_tag)
         _write_doc(self.dir, self.name, doc)
 
 

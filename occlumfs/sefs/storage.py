@@ -58,6 +58,10 @@ class Storage:
     def fsync(self, name: str) -> None:
         raise NotImplementedError
 
+    def datasync(self, name: str) -> None:
+        """Make the contents of ``name`` durable (its size too, not its times)."""
+        self.fsync(name)
+
     def fsync_dir(self, name: str) -> None:
         """Make creations, renames and removals in directory ``name`` ("" = top) durable."""
         raise NotImplementedError
@@ -240,6 +244,9 @@ class DiskStorage(Storage):
             return
         where, base = self._at(name)
         where.fsync_file(base)
+
+    def datasync(self, name: str) -> None:
+        os.fdatasync(self._fd(name, False))
 
     def fsync_dir(self, name: str) -> None:
         self._subdir(name).fsync()

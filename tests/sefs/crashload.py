@@ -139,3 +139,22 @@ class Workload:
         fs.releasedir(fh)
         self.durable = pending
         self.in_flight = None
+
+
+def run_until_power_cut(sim, seed: int, cut_after: int | None, steps: int = 400) -> Workload:
+    """Run ``steps`` random operations (then an fsync) on ``sim`` (a SimVolume) until the
+    power goes out after ``cut_after`` changing writes (None: never), then cut it."""
+    from sefs.powerloss import PowerCut
+
+    fs = sim.open(commit_interval=float("inf"))
+    load = Workload(seed)
+    load.in_flight = None
+    sim.storage.cut_power_after(cut_after)
+    try:
+        for _ in range(steps):
+            load.step(fs)
+        load.fsync(fs)
+    except PowerCut:
+        pass
+    sim.storage.power_loss()
+    return load

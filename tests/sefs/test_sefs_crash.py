@@ -19,24 +19,8 @@ import pytest
 from conftest import run_cli
 
 from occlumfs.mount import mounted_paths
-from sefs.crashload import Workload, snapshot
+from sefs.crashload import run_until_power_cut, snapshot
 from sefs.helpers import force_unmount, fsck_problems, server_pid
-from sefs.powerloss import PowerCut
-
-
-def run_until_power_cut(sim, seed: int, cut_after: int) -> Workload:
-    fs = sim.open(commit_interval=float("inf"))
-    load = Workload(seed)
-    load.in_flight = None
-    sim.storage.cut_power_after(cut_after)
-    try:
-        for _ in range(400):
-            load.step(fs)
-        load.fsync(fs)
-    except PowerCut:
-        pass
-    sim.storage.power_loss()
-    return load
 
 
 @pytest.mark.parametrize("seed", range(24))

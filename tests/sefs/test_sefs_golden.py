@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from occlumfs.fs import ROOT_INO, AttrChanges, lookup_path
+from occlumfs.fs import ROOT_INO, AttrChanges, iter_dir, lookup_path
 from occlumfs.sefs import format as fmt
 from occlumfs.sefs.keys import CONFIG_VERSION
 
@@ -45,8 +45,33 @@ def build_golden(where: Path) -> None:
     fs.write(fh, FAR, b"far")
     fs.release(fh)
     fs.close()
+    if CONFIG_VERSION >= 3:
+        _log_changes(where, key)
     (where / "fs" / "lock").unlink()
     shutil.rmtree(where / "state")
+
+
+LOGGED = b"only in the log"
+
+
+def _log_changes(where: Path, key: bytes) -> None:
+    """Version 3: fsync'd changes that only the log holds, then the server dies."""
+    from occlumfs.sefs import open_sefs_fs
+    from sefs.helpers import write_file
+
+    fs = open_sefs_fs(where / "fs", key=key, state_dir=where / "state")
+    write_file(fs, ROOT_INO, b"logged", LOGGED)
+    fh = fs.open(lookup_path(fs, "one").ino, os.O_WRONLY)
+    fs.write(fh, 0, b"y")
+    fs.fsync(fh, False)  # log entry 0
+    fs.release(fh)
+    fs.unlink(ROOT_INO, b"empty")
+    fs.fsyncdir(fs.opendir(ROOT_INO), False)  # log entry 1
+    fs.storage.close()  # the server dies: no commit
+    fs._lock.release()
+    # Its data files were never fsync'd (the log holds their blocks): a crash may lose them.
+    for name in ("0000000000000003.b", "0000000000000008"):
+        (where / "fs" / "d" / name).unlink()
 
 
 def test_golden_v1_reads_back_exactly(tmp_path):
@@ -64,20 +89,52 @@ def test_golden_v2_reads_back_exactly(tmp_path):
     vol = tmp_path / "fs"
     shutil.copytree(golden / "fs", vol)
     config = json.loads((vol / "sefs.json").read_text())
-    assert config["version"] == CONFIG_VERSION == 2
+    assert config["version"] == 2
     assert (vol / "head").stat().st_size == fmt.HEAD_SIZE
     _check_reads_back(vol, golden / "key", tmp_path / "state")
 
 
-def _check_reads_back(vol: Path, key_file: Path, state: Path) -> None:
+def test_golden_v3_reads_back_exactly(tmp_path):
+    """Version 3 adds the log: two fsync'd entries the head does not hold yet."""
+    from occlumfs.keys import load_key_file
+    from occlumfs.sefs import open_sefs_fs
+    from sefs.helpers import read_path
+
+    golden = GOLDEN_DIR / "v3"
+    vol = tmp_path / "fs"
+    shutil.copytree(golden / "fs", vol)
+    config = json.loads((vol / "sefs.json").read_text())
+    assert config["version"] == CONFIG_VERSION == 3
+    head = fmt.unpack_head((vol / "head").read_bytes())
+    log = (vol / fmt.LOG_NAME).read_bytes()
+    assert fmt.parse_log_head(log) == (head.fs_id, head.counter, head.root.tag)
+    _check_reads_back(vol, golden / "key", tmp_path / "state", logged=True)
+    # A read-write open commits what it replayed; the log is then stale.
+    fs = open_sefs_fs(vol, key=load_key_file(golden / "key"), state_dir=tmp_path / "state")
+    fs.close()
+    assert fmt.unpack_head((vol / "head").read_bytes()).counter == head.counter + 1
+    _check_reads_back(vol, golden / "key", tmp_path / "state", logged=True)
+    fs = open_sefs_fs(vol, key=load_key_file(golden / "key"), state_dir=tmp_path / "state")
+    assert read_path(fs, "logged") == LOGGED
+    fs.close()
+
+
+def _check_reads_back(vol: Path, key_file: Path, state: Path, logged: bool = False) -> None:
     from occlumfs.keys import load_key_file
     from occlumfs.sefs import open_sefs_fs
     from sefs.helpers import read_path
 
     fs = open_sefs_fs(vol, key=load_key_file(key_file), state_dir=state, read_only=True)
     try:
-        assert read_path(fs, "empty") == b""
-        assert read_path(fs, "one") == b"x"
+        if logged:
+            assert read_path(fs, "logged") == LOGGED
+            assert read_path(fs, "one") == b"y"
+            assert [e.name for e in iter_dir(fs, ROOT_INO)] == [
+                b"one", b"big", b"dir", b"sparse", b"logged"
+            ]  # fmt: skip
+        else:
+            assert read_path(fs, "empty") == b""
+            assert read_path(fs, "one") == b"x"
         assert read_path(fs, "big") == BIG
         big = lookup_path(fs, "big")
         assert big.mtime_ns == 1_600_000_000_123_456_789
@@ -95,11 +152,12 @@ def _check_reads_back(vol: Path, key_file: Path, state: Path) -> None:
     assert done.returncode == 0
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
 def test_golden_host_layout_is_the_documented_one(version):
     root = GOLDEN_DIR / version / "fs"
     names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
     assert "head" in names and "sefs.json" in names
+    assert ("log" in names) == (version == "v3")
     assert [n for n in names if n.startswith("m/")] == ["m/0000000000000002.pack"]
     # Non-empty regular files have a data file named by inode; the empty one has none.
     data = [n for n in names if n.startswith("d/")]

@@ -25,6 +25,7 @@ from occlumfs.cli import main
 from occlumfs.errors import ExitCode, IntegrityError
 from occlumfs.keys import write_key_file
 from occlumfs.sefs import format as fmt
+from occlumfs.sefs.journal import ENTRY_MAX_BLOCKS
 from occlumfs.sefs.state import pin_name
 from sefs.helpers import ROOT, Volume, make_volume, write_file
 
@@ -50,6 +51,8 @@ class Base:
             "data": fmt.data_name(2, fmt.SLOT_A),
             "slot b": fmt.data_name(2, fmt.SLOT_B),
             "next data": fmt.data_name(3, fmt.SLOT_A),
+            "log": fmt.LOG_NAME,
+            "log tmp": fmt.LOG_TMP_NAME,
         }
 
 
@@ -125,7 +128,9 @@ def assert_refused_or_untouched(code: int, out: str, err: str, planted: Planted,
 FILE_KINDS = ["symlink", "hardlink", "fifo", "dir", "device"]
 # What the foreground of `mount` (read-write) opens, creates or removes: every name
 # but the data files (opened at first use) and passwd's temporary file.
-MOUNT_USES = ["config", "head", "head tmp", "lock", "pack", "next pack", "next data"]
+MOUNT_USES = [
+    *("config", "head", "head tmp", "lock", "pack", "next pack", "next data", "log", "log tmp")
+]
 
 
 GRID = [
@@ -154,7 +159,7 @@ def test_planted_store_entry_is_refused_and_nothing_outside_changes(
     assert_refused_or_untouched(code, out, err, planted)
     code, out, err = cli("fsck", volume.dir, *key_args)
     assert_refused_or_untouched(code, out, err, planted, allowed=[ExitCode.FSCK])
-    if role in ("config", "head", "pack", "data", "m/", "d/"):
+    if role in ("config", "head", "pack", "data", "log", "m/", "d/"):
         assert code != 0, "fsck reads this entry: it must not pass"
 
     mnt = spare_mnt
@@ -184,6 +189,8 @@ def _use_the_mount(mnt: Path) -> list[int]:
         lambda: (mnt / "f").read_bytes(),
         lambda: _write_fsync(mnt / "f", b"rewritten"),
         lambda: _write_fsync(mnt / "g", b"new file"),
+        # More than a log entry takes (format version 3): this fsync commits.
+        lambda: _write_fsync(mnt / "big", bytes((ENTRY_MAX_BLOCKS + 1) * 4096)),
     ):
         try:
             step()
@@ -203,7 +210,7 @@ def _write_fsync(path: Path, data: bytes) -> None:
 
 @pytest.mark.fuse
 @pytest.mark.parametrize("kind", ["symlink", "fifo"])
-@pytest.mark.parametrize("role", ["head tmp", "next pack", "next data", "slot b"])
+@pytest.mark.parametrize("role", ["head tmp", "next pack", "next data", "slot b", "log tmp"])
 def test_entry_planted_while_mounted_never_redirects_a_commit(base, tmp_path, role, kind):
     """The issue's attack: plant once the mount is up, then make the server commit."""
     volume = base.volume.copy(tmp_path / "v")

@@ -113,8 +113,10 @@ def secret_files(volume: Volume) -> list[Path]:
 
 
 def current_secret_file(volume: Volume) -> Path:
-    # Version 3 went back to slot A (v1: A, v2: B, v3: A).
-    return volume.data_file_of("secret.txt")
+    # Each fsync appends to the log (format version 3); only the unmount commits.
+    # v1 went to slot A; v2 and v3, written since the same commit, both to slot B.
+    data = volume.data_file_of("secret.txt")
+    return data.with_name(data.name + ".b")
 
 
 # -- what the host can read -------------------------------------------------------
@@ -190,8 +192,9 @@ def tamper_file_renamed(v: Volume, p: Pristine) -> None:
 def tamper_file_rolled_back(v: Volume, p: Pristine) -> None:
     # The host's own older copy of the same file at the same place: valid AES-GCM
     # under the same associated data; only the tag pinned in the block map can tell.
+    # (v1 lived in slot A; the AD binds inode and block, not the slot.)
     f = current_secret_file(v)
-    shutil.copyfile(p.v1_dir / "d" / f.name, f)
+    shutil.copyfile(p.v1_dir / "d" / f.name.removesuffix(".b"), f)
 
 
 @pytest.mark.parametrize(
