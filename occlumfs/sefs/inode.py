@@ -6,6 +6,7 @@ block map and buffers) and the filesystem (which owns its names).
 
 from __future__ import annotations
 
+import itertools
 import stat
 from collections.abc import Callable, ItemsView, ValuesView
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from occlumfs.sefs.format import CHUNK_MASK, CHUNK_SHIFT, ENTRY_SIZE, SLOT_HOLE
 
 __all__ = ["EMPTY", "Inode", "InodeTable", "RecordedInode"]
 RESIDENT_INODES = 16384  # clean inodes kept in memory beyond those that must stay
+RECENT_INODES = 64  # the most recently used inodes, never dropped
 
 
 class Inode(Node):
@@ -47,8 +49,10 @@ class InodeTable:
     recently used ones are dropped again beyond ``limit`` -- only those that
     would read back unchanged: not open, no buffered blocks or slots in use,
     and no record changed since the commit (``pinned()`` names those inodes).
-    A node is only dropped when another is read in, never while a request uses
-    it: a request touches a few inodes, which are the most recently used.
+    A node is only dropped when another is read in, and never one of the last
+    ``RECENT_INODES`` used: a request modifies only inodes it used last (the
+    namespace fetches again what a long walk, like rename's ancestry check,
+    could have pushed out), so no request holds a node that was dropped.
     Inodes removed since the commit stay removed (their records are still in
     the committed pages until the next commit: :meth:`committed` forgets them).
     Without ``load`` every inode is in memory (fsck's whole load).
@@ -131,7 +135,8 @@ class InodeTable:
         keep = self.limit * 3 // 4
         pinned = self._pinned()
         drop = []
-        for ino, node in nodes.items():
+        # The most recently used stay whatever the limit: a request's own inodes.
+        for ino, node in itertools.islice(nodes.items(), max(len(nodes) - RECENT_INODES, 0)):
             if len(nodes) - len(drop) <= keep:
                 break
             if (
