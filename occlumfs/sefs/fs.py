@@ -301,7 +301,7 @@ class SefsFS(Namespace):
 
     # == read side =========================================================================
     def _attr(self, node: Inode) -> Attr:
-        if node.entries is not None:
+        if node.is_dir:
             size = 0
             blocks = 0
         elif node.target:

@@ -23,7 +23,7 @@ class Inode(Node):
     """A node (occlumfs.namespace) with its size and block map; ``dirty`` buffers its
     plaintext blocks. The maps start as the shared EMPTY and become dicts on first use."""
 
-    __slots__ = ("chunks", "committed_slots", "dirty", "present", "size")
+    __slots__ = ("_entries", "chunks", "committed_slots", "dirty", "present", "size")
 
     def __init__(self, ino: int, mode: int, uid: int = 0, gid: int = 0) -> None:
         Node.__init__(self, ino, mode, uid, gid)
@@ -32,6 +32,24 @@ class Inode(Node):
         self.present = 0  # block map entries that are not holes
         self.dirty: dict[int, bytes | bytearray | memoryview] = EMPTY  # plaintext blocks
         self.committed_slots: dict[int, int] = EMPTY
+
+    # A directory read from its pages gets its entries when they are first used
+    # (``_entries`` holds the function that reads them until then): its
+    # attributes, which a listing of its parent wants, do not need them.
+    @property
+    def entries(self) -> dict[bytes, tuple[int, int]] | None:  # type: ignore[override]
+        entries = self._entries
+        if entries is not None and type(entries) is not dict:
+            entries = self._entries = entries()
+        return entries
+
+    @entries.setter
+    def entries(self, value) -> None:
+        self._entries = value
+
+    @property
+    def is_dir(self) -> bool:
+        return self._entries is not None
 
     def slot(self, block: int) -> int:
         chunk = self.chunks.get(block >> CHUNK_SHIFT)

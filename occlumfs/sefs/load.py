@@ -10,6 +10,7 @@ not fit are collected as problems instead of refusing the filesystem.
 
 from __future__ import annotations
 
+import functools
 import stat
 from operator import itemgetter
 
@@ -75,34 +76,39 @@ def _add_chunk(node: Inode | None, chunk_no: int, value: bytes) -> bool:
     return True
 
 
-def _entries_lost(node: Inode, expected: int) -> str | None:
-    if len(node.entries) == expected:
+def _entries_lost(count: int, expected: int) -> str | None:
+    if count == expected:
         return None
-    return f"directory lists {len(node.entries)} of its {expected} entries"
+    return f"directory lists {count} of its {expected} entries"
+
+
+def _read_entries(pages: PageTable, ino: int, expected: int) -> dict[bytes, tuple[int, int]]:
+    """Directory ``ino``'s entries as committed, in cookie order."""
+    prefix = fmt.entry_key(ino, b"")
+    found = []
+    for key, raw in pages.scan(prefix, prefix + _ENTRY_KEY_END):
+        child, cookie = fmt.parse_entry(raw)
+        found.append((cookie, key[len(prefix) :], child))
+    lost = _entries_lost(len(found), expected)
+    if lost is not None:
+        raise IntegrityError(f"metadata inconsistent: inode {ino}: {lost}")
+    found.sort(key=itemgetter(0))
+    return {name: (child, cookie) for cookie, name, child in found}
 
 
 def materialise(pages: PageTable, ino: int) -> Inode | None:
     """Inode ``ino`` as committed, read from its pages; None when it has no record.
 
-    A directory comes with all its entries (in cookie order), a regular file
-    with its whole block map. Records that contradict each other are an
+    A directory's entries are read when first used (in cookie order), a regular
+    file comes with its whole block map. Records that contradict each other are an
     integrity error, as a page that fails its check is.
     """
     value = pages.get(fmt.inode_key(ino))
     if value is None:
         return None
     node, expected = _inode_from(ino, value)
-    prefix = fmt.entry_key(ino, b"")
     if node.is_dir:
-        found = []
-        for key, raw in pages.scan(prefix, prefix + _ENTRY_KEY_END):
-            child, cookie = fmt.parse_entry(raw)
-            found.append((cookie, key[len(prefix) :], child))
-        found.sort(key=itemgetter(0))
-        node.entries = {name: (child, cookie) for cookie, name, child in found}
-        lost = _entries_lost(node, expected)
-        if lost is not None:
-            raise IntegrityError(f"metadata inconsistent: inode {ino}: {lost}")
+        node.entries = functools.partial(_read_entries, pages, ino, expected)
     elif stat.S_ISREG(node.mode):
         low = fmt.map_key(ino, 0)
         for key, raw in pages.scan(low, low[:9] + _MAP_KEY_END):
@@ -179,7 +185,7 @@ def load_all(
         raise IntegrityError("metadata: the root directory is missing")
     for ino, node in inodes.items():
         if node.is_dir:
-            lost = _entries_lost(node, expected_entries.get(ino, 0))
+            lost = _entries_lost(len(node.entries), expected_entries.get(ino, 0))
             if lost is not None:
                 problem(ino, lost)
     return next_ino

@@ -201,7 +201,7 @@ class PageTable:
             return None
         kind = key[0]
         if kind == _INODE_KIND:
-            is_dir = node.entries is not None
+            is_dir = node.is_dir
             return fmt.inode_value(
                 (
                     node.mode,
