@@ -67,7 +67,7 @@ class InodeTable:
     recently used ones are dropped again beyond ``limit`` -- only those that
     would read back unchanged: not open, no buffered blocks or slots in use,
     and no record changed since the commit (``pinned()`` names those inodes).
-    A node is only dropped when another is read in, and never one of the last
+    A node is only dropped when another is read in or made, and never one of the last
     ``RECENT_INODES`` used: a request modifies only inodes it used last (the
     namespace fetches again what a long walk, like rename's ancestry check,
     could have pushed out), so no request holds a node that was dropped.
@@ -114,8 +114,11 @@ class InodeTable:
         return node
 
     def __setitem__(self, ino: int, node: Inode) -> None:
-        self._nodes[ino] = node
+        nodes = self._nodes
+        nodes[ino] = node
         self._gone.discard(ino)
+        if len(nodes) > self._check_at and self._load is not None:
+            self._evict()
 
     def __delitem__(self, ino: int) -> None:
         del self._nodes[ino]
