@@ -200,7 +200,10 @@ def remove_leftovers(pages: PageTable, inodes: InodeTable) -> None:
         if number is not None and number not in live_packs:
             storage.unlink(f"{fmt.META_DIR}/{name}")
             pages.pack_sizes.pop(number, None)
-    for name in storage.listdir(fmt.DATA_DIR):
+    # In inode order (names are 16 hex digits), so each page of inode records is read once.
+    names = storage.listdir(fmt.DATA_DIR)
+    names.sort()
+    for name in names:
         ino = fmt.parse_data_name(name)
         if ino is not None and not _is_file(pages, inodes, ino):
             storage.unlink(f"{fmt.DATA_DIR}/{name}")
