@@ -3,11 +3,12 @@
     python -m bench.sefs_bigstore make DIR --files 100000 --dirs 100
     python -m bench.sefs_bigstore open DIR [--walk]
 
-``make`` writes a key file ``DIR.key`` and a state dir ``DIR.state`` beside the
-store; ``open`` opens it with them and prints one JSON line: the open time and
-the process's VmRSS/VmHWM (kB, from /proc/self/status) after the open and,
-with ``--walk``, after listing every directory (with attributes) and reading
-every file, as ``ls -lR`` plus ``cat`` of each file would through a mount.
+``make`` writes a key file ``DIR.key`` (usable with ``--key-file``) and a
+state dir ``DIR.state`` beside the store; ``open`` opens it with them and
+prints one JSON line: the open time and the process's VmRSS/VmHWM (kB, from
+/proc/self/status) after the open and, with ``--walk``, after listing every
+directory (with attributes) and reading every file, as ``ls -lR`` plus
+``cat`` of each file would through a mount.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 from occlumfs.fs import ROOT_INO, Caller
+from occlumfs.keys import load_key_file, write_key_file
 from occlumfs.sefs import create_sefs, open_sefs_fs
 from occlumfs.sefs.keys import Credential
 
@@ -38,8 +40,7 @@ def _status() -> dict[str, int]:
 
 
 def make(store: Path, files: int, dirs: int, size: int) -> None:
-    key = os.urandom(16)
-    Path(f"{store}.key").write_bytes(key)
+    key = write_key_file(Path(f"{store}.key"))
     state = Path(f"{store}.state")
     state.mkdir(exist_ok=True)
     create_sefs(store, Credential(key=key), state_dir=state)
@@ -82,7 +83,7 @@ def walk(fs) -> int:
 
 
 def measure(store: Path, do_walk: bool) -> dict:
-    key = Path(f"{store}.key").read_bytes()
+    key = load_key_file(Path(f"{store}.key"))
     result: dict = {"before": _status()}
     start = time.perf_counter()
     fs = open_sefs_fs(store, key=key, state_dir=Path(f"{store}.state"), read_only=True)
