@@ -179,7 +179,7 @@ class SefsFS(Namespace):
             if self._nodes.get(ROOT_INO) is None:
                 raise IntegrityError("metadata: the root directory is missing")
             if not read_only:
-                remove_leftovers(self._pages, self._nodes)
+                remove_leftovers(self._pages, self._nodes, self._next_ino)
         if not read_only:
             self._io.measure()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import stat
+import struct
 from operator import itemgetter
 
 from occlumfs.errors import IntegrityError
@@ -25,6 +26,7 @@ from occlumfs.sefs.state import TrustedState
 Problems = list[tuple[int | None, str]]  # (ino, what)
 _ENTRY_KEY_END = b"\xff" * 256  # after every name (names are at most 255 bytes)
 _MAP_KEY_END = b"\xff" * 9  # after every chunk number (8 bytes)
+_U32 = struct.Struct(">I")  # an inode record starts with its mode
 
 
 def open_root(pages: PageTable, keys: Keys, state: TrustedState | None) -> int:
@@ -191,7 +193,7 @@ def load_all(
     return next_ino
 
 
-def remove_leftovers(pages: PageTable, inodes: InodeTable) -> None:
+def remove_leftovers(pages: PageTable, inodes: InodeTable, next_ino: int) -> None:
     """Delete what a crash or an interrupted cleanup left: nothing references it."""
     storage = pages.storage
     live_packs = pages.live_packs()
@@ -200,21 +202,24 @@ def remove_leftovers(pages: PageTable, inodes: InodeTable) -> None:
         if number is not None and number not in live_packs:
             storage.unlink(f"{fmt.META_DIR}/{name}")
             pages.pack_sizes.pop(number, None)
-    # In inode order (names are 16 hex digits), so each page of inode records is read once.
-    names = storage.listdir(fmt.DATA_DIR)
-    names.sort()
-    for name in names:
+    regular = _regular_files(pages, inodes, next_ino)
+    for name in storage.listdir(fmt.DATA_DIR):
         ino = fmt.parse_data_name(name)
-        if ino is not None and not _is_file(pages, inodes, ino):
+        if ino is not None and not (ino < next_ino and regular[ino >> 3] >> (ino & 7) & 1):
             storage.unlink(f"{fmt.DATA_DIR}/{name}")
     if storage.exists(fmt.HEAD_TMP_NAME):
         storage.unlink(fmt.HEAD_TMP_NAME)
 
 
-def _is_file(pages: PageTable, inodes: InodeTable, ino: int) -> bool:
-    """Whether ``ino`` is a regular file, from its inode record (no inode is built)."""
-    node = inodes.peek(ino)
-    if node is not None:
-        return stat.S_ISREG(node.mode)
-    value = pages.get(fmt.inode_key(ino))
-    return value is not None and stat.S_ISREG(fmt.parse_inode(value).mode)
+def _regular_files(pages: PageTable, inodes: InodeTable, next_ino: int) -> bytearray:
+    """A bitmap of the regular files' inode numbers: from the inode records, read
+    page by page (no inode is built), and the inodes in memory."""
+    bits = bytearray(next_ino // 8 + 1)
+    for key, value in pages.scan(b"i", b"j"):
+        ino = int.from_bytes(key[1:], "big")
+        if len(value) >= 4 and ino < next_ino and stat.S_ISREG(_U32.unpack_from(value)[0]):
+            bits[ino >> 3] |= 1 << (ino & 7)
+    for ino, node in inodes.items():
+        if ino < next_ino and stat.S_ISREG(node.mode):
+            bits[ino >> 3] |= 1 << (ino & 7)
+    return bits

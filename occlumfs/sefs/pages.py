@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from cryptography.exceptions import InvalidTag
@@ -179,18 +179,17 @@ class PageTable:
         i = bisect.bisect_left(keys, key)
         return values[i] if i < len(keys) and keys[i] == key else None
 
-    def scan(self, low: bytes, high: bytes) -> list[tuple[bytes, bytes]]:
-        """The committed records whose keys lie in ``[low, high)``, in key order."""
-        out: list[tuple[bytes, bytes]] = []
+    def scan(self, low: bytes, high: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """The committed records whose keys lie in ``[low, high)``, in key order,
+        read a page at a time."""
         page = self.page_of(low)
         starts = self.starts
         while page < len(starts) and starts[page] < high:
             keys, values = self._read_page(page, starts, self.table)
             i = bisect.bisect_left(keys, low)
             j = bisect.bisect_left(keys, high)
-            out.extend(zip(keys[i:j], values[i:j], strict=True))
+            yield from zip(keys[i:j], values[i:j], strict=True)
             page += 1
-        return out
 
     # == committing ========================================================================
     def record(self, key: bytes) -> bytes | None:
