@@ -169,8 +169,10 @@ class InodeTable:
                 drop.append(ino)
         for ino in drop:
             del nodes[ino]
-        # What must stay does not count: look again once a quarter more came in.
-        self._check_at = max(self.limit, len(nodes) + self.limit // 4)
+        # What must stay does not count: look again once a quarter more came in,
+        # or as many as must stay (naming them costs a pass over the changed
+        # records: a burst of creations between commits pays it rarely).
+        self._check_at = max(self.limit, len(nodes) + max(self.limit // 4, len(pinned)))
 
 
 @dataclass(frozen=True, slots=True)
