@@ -125,6 +125,13 @@ class InodeTable:
         if self._load is not None:
             self._gone.add(ino)
 
+    def pop(self, ino: int, default: Inode | None = None) -> Inode | None:
+        """Remove inode ``ino`` (in memory or not) until the next commit."""
+        node = self._nodes.pop(ino, default)
+        if self._load is not None:
+            self._gone.add(ino)
+        return node
+
     def __contains__(self, ino: int) -> bool:
         return self.get(ino) is not None
 

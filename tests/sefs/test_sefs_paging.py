@@ -166,6 +166,8 @@ def test_removed_inodes_are_not_read_back_from_the_committed_pages(sim):
     with pytest.raises(FSError):
         fs.getattr(inos[0])
     assert fs.getattr(inos[1]).nlink == 1
+    assert fs._nodes.pop(inos[3]) is not None  # as the log's replay removes one
+    assert fs._nodes.get(inos[3]) is None and fs._nodes.pop(inos[3]) is None
     fs.close()
 
 
