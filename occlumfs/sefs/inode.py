@@ -15,7 +15,7 @@ from occlumfs.namespace import EMPTY, Node
 from occlumfs.sefs.format import CHUNK_MASK, CHUNK_SHIFT, ENTRY_SIZE, SLOT_HOLE
 
 __all__ = ["EMPTY", "Inode", "InodeTable", "RecordedInode"]
-RESIDENT_INODES = 16384  # clean inodes kept in memory beyond those that must stay
+RESIDENT_INODES = 8192  # clean inodes kept in memory beyond those that must stay
 RECENT_INODES = 64  # the most recently used inodes, never dropped
 
 
