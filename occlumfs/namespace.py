@@ -386,6 +386,9 @@ class Namespace(Filesystem):
         npnode = self._dir(new_parent)
         if src.is_dir and self._is_ancestor(src.ino, new_parent):
             raise FSError(errno.EINVAL)
+        if src.is_dir:  # the walk up may have pushed them out of a bounded inode cache
+            opnode, src = self._child(old_parent, old_name)
+            npnode = self._dir(new_parent)
         existing = npnode.entries.get(new_name)
         if existing is not None:
             dst = self._nodes[existing[0]]

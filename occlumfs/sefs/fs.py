@@ -1,8 +1,9 @@
 """SefsFS: the writable, encrypted, tamper- and rollback-evident filesystem object.
 
-The whole metadata (inodes, directory entries, block maps) is held in memory
-and persisted as records spread over encrypted pages; file data stays on the
-host and is read and decrypted per request. See docs/formats/sefs.md for the
+The metadata (inodes, directory entries, block maps) is persisted as records
+spread over encrypted pages; inodes are read from their pages when first used
+and dropped from memory again when clean (:class:`InodeTable`); file data
+stays on the host and is read and decrypted per request. See docs/formats/sefs.md for the
 layout and the commit protocol. The work is shared out by room:
 
 * :mod:`occlumfs.sefs.inode` -- the in-memory inode;
@@ -27,16 +28,16 @@ import threading
 import time
 from collections.abc import Iterator
 
-from occlumfs.errors import FSError
+from occlumfs.errors import FSError, IntegrityError
 from occlumfs.fs import ROOT_INO, Attr, Caller, DirEntry, FsInfo, StatFs
 from occlumfs.namespace import Namespace, attr_of
 from occlumfs.sefs import format as fmt
 from occlumfs.sefs.blocks import BlockIO
 from occlumfs.sefs.format import BLOCK_SIZE
-from occlumfs.sefs.inode import Inode, RecordedInode
+from occlumfs.sefs.inode import Inode, InodeTable, RecordedInode
 from occlumfs.sefs.journal import Dirty, Journal
 from occlumfs.sefs.keys import LOG_VERSION, Keys
-from occlumfs.sefs.load import load, remove_leftovers
+from occlumfs.sefs.load import load_all, materialise, open_root, remove_leftovers
 from occlumfs.sefs.pages import PageTable
 from occlumfs.sefs.state import DirLock, TrustedState
 from occlumfs.sefs.storage import Storage
@@ -160,7 +161,11 @@ class SefsFS(Namespace):
         self._state = trusted_state
         self._lock = lock
         self._commit_interval = commit_interval
-        self._nodes: dict[int, Inode] = {}  # type: ignore[assignment]
+        # fsck (tolerant) holds every inode; a mount reads them from their pages on demand.
+        self._nodes = InodeTable(  # type: ignore[assignment]
+            None if tolerant else lambda ino: materialise(self._pages, ino),
+            self._pinned,
+        )
         self._pages = PageTable(storage, keys.meta, keys.head_mac, keys.fs_id, self._nodes)
         self._pages.dirty = self._dirty_keys = Dirty()
         self._journal = (
@@ -183,8 +188,8 @@ class SefsFS(Namespace):
             root.parent = ROOT_INO
             self._nodes[ROOT_INO] = root
             self._dirty_keys.add(fmt.inode_key(ROOT_INO))
-        else:
-            self._next_ino = load(
+        elif tolerant:
+            self._next_ino = load_all(
                 self._pages,
                 self._nodes,
                 keys,
@@ -192,12 +197,17 @@ class SefsFS(Namespace):
                 tolerant=tolerant,
                 problems=self.problems,
             )
+        else:
+            self._next_ino = open_root(self._pages, keys, trusted_state)
+            if self._nodes.get(ROOT_INO) is None:
+                raise IntegrityError("metadata: the root directory is missing")
+        if not _new:
             replayed = None
             if self._journal is not None:
                 replayed = self._journal.replay(trusted_state, self._io.write)
                 self._next_ino = max(self._next_ino, replayed or 0)
             if not read_only and not tolerant:
-                remove_leftovers(self._pages, self._nodes)
+                remove_leftovers(self._pages, self._nodes, self._next_ino)
                 if self._journal is not None:
                     self._journal.remove_leftovers()
                 if replayed is not None:
@@ -237,6 +247,7 @@ class SefsFS(Namespace):
             if self._journal is not None:
                 self._journal.broken = True  # the log may follow either head: commit next time
             raise
+        self._nodes.committed()
         self._io.committed()
         if self._journal is not None:
             self._journal.reset()
@@ -256,6 +267,10 @@ class SefsFS(Namespace):
         free = host.f_bavail * host.f_frsize // BLOCK_SIZE
         reserve = RESERVE_BLOCKS + sum(self._pages.pack_sizes.values()) // BLOCK_SIZE
         return max(free - reserve, 0)
+
+    def _pinned(self) -> set[int]:
+        """The inodes with a record changed since the commit: they must stay in memory."""
+        return {int.from_bytes(key[1:9], "big") for key in self._dirty_keys}
 
     # == namespace hooks (occlumfs.namespace): what a change must record ===================
     def _changed(self) -> None:
@@ -287,7 +302,8 @@ class SefsFS(Namespace):
 
     # == offline inspection (fsck) ==========================================================
     def path_of(self, ino: int) -> str:
-        """A path of ``ino`` for messages (a search: only used when reporting)."""
+        """A path of ``ino`` for messages (a search of the directories in memory:
+        only used when reporting)."""
         if ino == ROOT_INO:
             return "/"
         for parent in self._nodes.values():
@@ -296,23 +312,28 @@ class SefsFS(Namespace):
                     if child == ino:
                         head = self.path_of(parent.ino) if parent.ino != ROOT_INO else ""
                         return f"{head}/{os.fsdecode(name)}"
-        return f"<inode {ino}, unlinked>"
+        node = self._nodes.peek(ino)
+        return f"<inode {ino}{', unlinked' if node is not None and not node.nlink else ''}>"
 
     def recorded(self) -> dict[int, RecordedInode]:
         """Every inode as its records state it, by number: a snapshot for fsck."""
-        return {
-            ino: RecordedInode(
-                ino,
-                node.mode,
-                node.nlink,
-                node.parent,
-                node.target,
-                tuple((name, child) for name, (child, _) in node.entries.items())
-                if node.is_dir
-                else (),
-            )
-            for ino, node in sorted(self._nodes.items())
-        }
+        inos = {ino for ino, _ in self._nodes.items()}
+        if not self._nodes.complete:  # and those only in the committed pages
+            inos.update(int.from_bytes(k[1:], "big") for k, _ in self._pages.scan(b"i", b"j"))
+        out = {}
+        for ino in sorted(inos):
+            node = self._nodes.get(ino)
+            if node is not None:
+                entries = node.entries.items() if node.is_dir else ()
+                out[ino] = RecordedInode(
+                    ino,
+                    node.mode,
+                    node.nlink,
+                    node.parent,
+                    node.target,
+                    tuple((name, child) for name, (child, _) in entries),
+                )
+        return out
 
     def verify_file(self, ino: int) -> Iterator[str]:
         """Problems with ``ino``'s stored blocks (fsck): each one line."""
@@ -320,7 +341,7 @@ class SefsFS(Namespace):
 
     # == read side =========================================================================
     def _attr(self, node: Inode) -> Attr:
-        if node.entries is not None:
+        if node.is_dir:
             size = 0
             blocks = 0
         elif node.target:
@@ -383,7 +404,8 @@ class SefsFS(Namespace):
 
     def statfs(self) -> StatFs:
         host = self.storage.statvfs()
-        files = len(self._nodes)
+        # Inodes in use: all in memory (fsck) or at most every one made so far.
+        files = len(self._nodes) if self._nodes.complete else self._next_ino - 1
         if host is None:
             total = 1 << 20
             return StatFs(

@@ -88,7 +88,6 @@ class Journal:
         self.prev = b""  # the tag of its last entry
         self.broken = False  # an append failed: its bytes are unknown, commit instead
         self._logged: dict[bytes, bytes | None] = {}  # record values as last logged
-        self._pages_read: dict[int, dict[bytes, bytes]] = {}  # committed pages, as read
         self._tags: list[bytes] = []  # replay's chain of tags
         self._dirty.fresh.clear()
 
@@ -133,19 +132,7 @@ class Journal:
 
     def _committed(self, key: bytes) -> bytes | None:
         """The value record ``key`` had at the last commit (read back from its page)."""
-        pages = self._pages
-        page = pages.page_of(key)
-        if key not in pages.members[page]:
-            return None
-        values = self._pages_read.get(page)
-        if values is None:
-            ref = pages.table[page]
-            if ref is None:
-                return None
-            ad = fmt.page_ad(self._fs_id, ref.pack, pages.starts[page])
-            plain = pages.open_object({}, ref, ad, f"metadata page {page}")
-            values = self._pages_read[page] = dict(fmt.parse_page(plain))
-        return values.get(key)
+        return self._pages.get(key)
 
     def _ciphertexts(self, wanted: list[tuple[int, int, bytes]]) -> list[fmt.LogBlock]:
         """The stored ciphertext of each block (written out, maybe not yet durable)."""

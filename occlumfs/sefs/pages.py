@@ -2,10 +2,13 @@
 
 All metadata is records (docs/formats/sefs.md): an inode, a directory entry,
 a block-map chunk. Pages partition the sorted key space: page ``i`` holds the
-keys in ``[starts[i], starts[i + 1])``; ``members[i]`` are its keys and
-``table[i]`` where its sealed object lives. ``dirty`` names every record whose
+keys in ``[starts[i], starts[i + 1])`` and ``table[i]`` says where its sealed
+object lives. Pages are read on demand, each checked against its tag when
+read, and the last few read stay decrypted (an LRU by first key): the
+filesystem materialises inodes from them. ``dirty`` names every record whose
 value changed since the last commit; a commit re-seals exactly the pages
-holding them, writes one new pack and then the head that points at it.
+holding them (their other records are the page's committed ones), writes one
+new pack and then the head that points at it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import bisect
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from cryptography.exceptions import InvalidTag
@@ -26,6 +29,7 @@ from occlumfs.sefs.storage import Storage
 
 _U64 = struct.Struct(">Q")
 _INODE_KIND, _ENTRY_KIND = b"i"[0], b"e"[0]
+PAGE_CACHE_PAGES = 64  # decrypted pages kept (~32 KiB of records each)
 FRAME_CACHE_PAGES = 32  # pages whose records stay serialised between commits (~2 MiB)
 PARALLEL_FSYNC_MAX = 64  # files; a commit writing more syncs them with Storage.sync (syncfs)
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): threads do not survive fork
@@ -75,7 +79,6 @@ class PageTable:
         self._fs_id = fs_id
         self._inodes = inodes  # the filesystem's: records are read from it at commit
         self.starts: list[bytes] = [b""]
-        self.members: list[set[bytes]] = [set()]
         self.table: list[fmt.ObjectRef | None] = [None]
         self.pack_sizes: dict[int, int] = {}
         self.counter = 0
@@ -84,6 +87,9 @@ class PageTable:
         # Page start -> its framed records as last sealed, for the pages sealed
         # most recently (oldest first): what a commit need not serialise again.
         self._frame_cache: dict[bytes, dict[bytes, bytes]] = {}
+        # Page start -> its committed records (sorted keys, values), least recently used first.
+        self._page_cache: dict[bytes, tuple[list[bytes], list[bytes]]] = {}
+        self.pages_read = 0  # pages read and checked since open (for measurements)
 
     def page_of(self, key: bytes) -> int:
         return bisect.bisect_right(self.starts, key) - 1
@@ -99,7 +105,10 @@ class PageTable:
             except FileNotFoundError:
                 raise IntegrityError(f"{what}: metadata pack {name} is missing") from None
             self.pack_sizes[ref.pack] = len(data)
-        obj = data[ref.offset : ref.offset + ref.length]
+        return self._unseal(data[ref.offset : ref.offset + ref.length], ref, ad, what)
+
+    def _unseal(self, obj: bytes, ref: fmt.ObjectRef, ad: bytes, what: str) -> bytes:
+        """The plaintext of ``obj``, which ``ref`` says is a sealed object with its tag."""
         if len(obj) != ref.length or ref.length < fmt.NONCE_SIZE + fmt.TAG_SIZE:
             raise IntegrityError(f"{what}: metadata pack {fmt.pack_name(ref.pack)} is truncated")
         if obj[-fmt.TAG_SIZE :] != ref.tag:
@@ -112,23 +121,86 @@ class PageTable:
             raise IntegrityError(f"{what}: authentication failed (tampered or moved)") from None
 
     def use_root(self, counter: int, root_tag: bytes, root: fmt.Root) -> None:
-        """Take the page table of a root just read (its pages' members come as they load)."""
+        """Take the page table of a root just read; its pages are read when needed."""
         self.counter = counter
         self.root_tag = root_tag
         self.starts = list(root.first_keys)
-        self.members = [set() for _ in root.pages]
         self.table = list(root.pages)
+        self._page_cache.clear()
+
+    def page_records(
+        self, page: int, plain: bytes, starts: list[bytes] | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        """The records of page ``page`` (of ``starts``) from its plaintext: sorted, in range."""
+        starts = self.starts if starts is None else starts
+        records = fmt.parse_page(plain)
+        low = starts[page]
+        high = starts[page + 1] if page + 1 < len(starts) else None
+        last = None
+        for key, _ in records:
+            if key < low or (high is not None and key >= high):
+                raise IntegrityError(f"metadata page {page}: holds a record of another page")
+            if last is not None and key <= last:
+                raise IntegrityError(f"metadata page {page}: records out of order")
+            last = key
+        return records
+
+    def _read_page(self, page: int, starts: list[bytes], table: list) -> tuple[list, list]:
+        """Page ``page``'s committed records, read, checked and cached when not cached."""
+        start = starts[page]
+        cache = self._page_cache
+        hit = cache.pop(start, None)
+        if hit is not None:
+            cache[start] = hit  # most recently used: to the end
+            return hit
+        ref = table[page]
+        if ref is None:  # a new filesystem's first page, never sealed
+            return [], []
+        what = f"metadata page {page}"
+        name = fmt.pack_name(ref.pack)
+        buf = bytearray(ref.length)
+        try:
+            got = self.storage.preadv(name, ref.offset, [memoryview(buf)])
+        except FileNotFoundError:
+            raise IntegrityError(f"{what}: metadata pack {name} is missing") from None
+        if got != ref.length:
+            raise IntegrityError(f"{what}: metadata pack {name} is truncated")
+        plain = self._unseal(bytes(buf), ref, fmt.page_ad(self._fs_id, ref.pack, start), what)
+        records = self.page_records(page, plain, starts)
+        self.pages_read += 1
+        hit = cache[start] = ([k for k, _ in records], [v for _, v in records])
+        while len(cache) > PAGE_CACHE_PAGES:
+            del cache[next(iter(cache))]
+        return hit
+
+    def get(self, key: bytes) -> bytes | None:
+        """The committed value of record ``key`` (None: no such record)."""
+        keys, values = self._read_page(self.page_of(key), self.starts, self.table)
+        i = bisect.bisect_left(keys, key)
+        return values[i] if i < len(keys) and keys[i] == key else None
+
+    def scan(self, low: bytes, high: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """The committed records whose keys lie in ``[low, high)``, in key order,
+        read a page at a time."""
+        page = self.page_of(low)
+        starts = self.starts
+        while page < len(starts) and starts[page] < high:
+            keys, values = self._read_page(page, starts, self.table)
+            i = bisect.bisect_left(keys, low)
+            j = bisect.bisect_left(keys, high)
+            yield from zip(keys[i:j], values[i:j], strict=True)
+            page += 1
 
     # == committing ========================================================================
     def record(self, key: bytes) -> bytes | None:
         """The current value of record ``key``, or None when it no longer exists.
         Called once per changed record at each commit: kept to a few operations."""
-        node = self._inodes.get(_U64.unpack_from(key, 1)[0]) if len(key) >= 9 else None
+        node = self._inodes.peek(_U64.unpack_from(key, 1)[0]) if len(key) >= 9 else None
         if node is None or node.nlink == 0:
             return None
         kind = key[0]
         if kind == _INODE_KIND:
-            is_dir = node.entries is not None
+            is_dir = node.is_dir
             return fmt.inode_value(
                 (
                     node.mode,
@@ -176,19 +248,16 @@ class PageTable:
             size += grown
         return pieces
 
-    def _frames(self, start: bytes, keys: set[bytes], changed: dict[bytes, bytes | None]):
-        """The framed records of the page starting at ``start`` whose keys are ``keys``:
-        the cached frames of its last seal updated with the ``changed`` records, or
-        every record serialised afresh. A fresh dict either way (a commit may fail)."""
-        cached = self._frame_cache.get(start)
+    def _frames(self, page: int, starts: list[bytes], table: list, changed: dict):
+        """The framed records of page ``page`` (of ``starts``/``table``, as committed):
+        the cached frames of its last seal, else its committed records read back,
+        updated with the ``changed`` records. A fresh dict (a commit may fail)."""
+        cached = self._frame_cache.get(starts[page])
         if cached is None:
-            frames = {}
-            for key in keys:
-                value = changed[key] if key in changed else self.record(key)
-                if value is not None:
-                    frames[key] = fmt.frame_record(key, value)
-            return frames
-        frames = dict(cached)
+            keys, values = self._read_page(page, starts, table)
+            frames = {k: fmt.frame_record(k, v) for k, v in zip(keys, values, strict=True)}
+        else:
+            frames = dict(cached)
         for key, value in changed.items():
             if value is None:
                 frames.pop(key, None)
@@ -205,30 +274,25 @@ class PageTable:
         """
         dirty_pages: dict[int, dict[bytes, bytes | None]] = {}  # page -> changed records
         for key in self.dirty:
-            page = self.page_of(key)
-            value = self.record(key)
-            if value is None:
-                self.members[page].discard(key)
-            else:
-                self.members[page].add(key)
-            dirty_pages.setdefault(page, {})[key] = value
+            dirty_pages.setdefault(self.page_of(key), {})[key] = self.record(key)
         if self.table and self.table[0] is None:  # a new filesystem's first page
             dirty_pages.setdefault(0, {})
         live = sum(ref.length for ref in self.table if ref is not None)
         if sum(self.pack_sizes.values()) > 2 * live + (1 << 20):
             for page in range(len(self.table)):  # compact: rewrite all, drop old packs
                 dirty_pages.setdefault(page, {})
+        stale = [self.starts[page] for page in dirty_pages]
         counter = self.counter + 1
-        starts, members, table = list(self.starts), list(self.members), list(self.table)
+        starts, table = list(self.starts), list(self.table)
         sealed: dict[bytes, dict[bytes, bytes] | None] = {}  # page start -> its frames now
         pack = bytearray()
         # From the last page down, so that splitting or dropping a page does not
         # move the pages still to be done.
         for page in sorted(dirty_pages, reverse=True):
-            frames = self._frames(starts[page], members[page], dirty_pages[page])
+            frames = self._frames(page, starts, table, dirty_pages[page])
             if not frames and page:
                 sealed[starts[page]] = None
-                del starts[page], members[page], table[page]  # its range joins the previous
+                del starts[page], table[page]  # its range joins the previous
                 continue
             pieces = self._split(sorted(frames), frames)
             firsts = [starts[page]] + [piece[0] for piece in pieces[1:]]
@@ -241,7 +305,6 @@ class PageTable:
                 pack += obj
                 sealed[first] = piece_frames
             starts[page : page + 1] = firsts
-            members[page : page + 1] = [set(piece) for piece in pieces]
             table[page : page + 1] = refs
         root_obj = self._seal(
             fmt.pack_root(fmt.Root(next_ino, starts, table)), fmt.root_ad(self._fs_id, counter)
@@ -264,9 +327,11 @@ class PageTable:
         # -- committed: the new root is the filesystem from here on --
         self.counter = counter
         self.root_tag = root_ref.tag
-        self.starts, self.members, self.table = starts, members, table
+        self.starts, self.table = starts, table
         self.pack_sizes[counter] = len(pack)
         self.dirty.clear()
+        for start in stale:  # the pages cached under these first keys are older now
+            self._page_cache.pop(start, None)
         self._remember(sealed)
 
     def _remember(self, sealed: dict[bytes, dict[bytes, bytes] | None]) -> None:
