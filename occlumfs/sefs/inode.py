@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import stat
-from collections.abc import Callable, ItemsView, ValuesView
+from collections.abc import Callable, ItemsView, Iterable, ValuesView
 from dataclasses import dataclass
 
 from occlumfs.namespace import EMPTY, Node
@@ -81,9 +81,11 @@ class InodeTable:
         load: Callable[[int], Inode | None] | None = None,
         pinned: Callable[[], set[int]] = set,
         limit: int = RESIDENT_INODES,
+        load_many: Callable[[list[int]], dict[int, Inode]] | None = None,
     ) -> None:
         self._nodes: dict[int, Inode] = {}  # least recently used first
         self._load = load
+        self._load_many = load_many
         self._pinned = pinned
         self._gone: set[int] = set()
         self.limit = limit
@@ -106,6 +108,19 @@ class InodeTable:
         if len(nodes) > self._check_at:
             self._evict()
         return node
+
+    def fetch(self, inos: Iterable[int]) -> None:
+        """Read in together those of ``inos`` not in memory (``load_many``, one pass
+        over their pages): a listing's children, before it asks for each."""
+        nodes, gone = self._nodes, self._gone
+        missing = sorted({ino for ino in inos if ino not in nodes and ino not in gone})
+        if not missing or self._load_many is None:
+            return
+        found = self._load_many(missing)
+        self.loaded += len(found)
+        nodes.update(found)
+        if len(nodes) > self._check_at:
+            self._evict()
 
     def __getitem__(self, ino: int) -> Inode:
         node = self.get(ino)

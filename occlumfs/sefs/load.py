@@ -71,7 +71,8 @@ def _add_chunk(node: Inode | None, chunk_no: int, value: bytes) -> bool:
     if node.chunks is EMPTY:
         node.chunks = {}
     node.chunks[chunk_no] = chunk
-    node.present += sum(1 for i in range(0, len(chunk), fmt.ENTRY_SIZE) if chunk[i])
+    slots = chunk[:: fmt.ENTRY_SIZE]  # each entry's first byte: its slot (0: a hole)
+    node.present += len(slots) - slots.count(0)
     return True
 
 
@@ -95,6 +96,40 @@ def _read_entries(pages: PageTable, ino: int, expected: int) -> dict[bytes, tupl
     return {name: (child, cookie) for cookie, name, child in found}
 
 
+def materialise_many(pages: PageTable, inos: list[int]) -> dict[int, Inode]:
+    """Inodes ``inos`` (sorted, distinct) as committed, as :func:`materialise`
+    reads each, in one pass over their pages; those without a record are left out."""
+    found: dict[int, Inode] = {}
+    ranges = [(key, key + b"\0") for key in map(fmt.inode_key, inos)]  # the key alone
+    regular = []
+    for n, _, value in pages.scan_many(ranges):
+        ino = inos[n]
+        node = found[ino] = _built(pages, ino, value)
+        if stat.S_ISREG(node.mode):
+            regular.append(node)
+    lows = [fmt.map_key(node.ino, 0) for node in regular]
+    ranges = [(low, low[:9] + _MAP_KEY_END) for low in lows]
+    for n, key, raw in pages.scan_many(ranges):
+        _chunk_of(regular[n], key, raw)
+    return found
+
+
+def _built(pages: PageTable, ino: int, value: bytes) -> Inode:
+    """The inode of record ``value``; a directory reads its entries when first used."""
+    node, expected = _inode_from(ino, value)
+    if node.is_dir:
+        node.entries = functools.partial(_read_entries, pages, ino, expected)
+    return node
+
+
+def _chunk_of(node: Inode, key: bytes, raw: bytes) -> None:
+    chunk_no = int.from_bytes(key[9:], "big")
+    if len(key) != 17 or not _add_chunk(node, chunk_no, raw):
+        raise IntegrityError(
+            f"metadata inconsistent: inode {node.ino}: block map chunk {chunk_no} is malformed"
+        )
+
+
 def materialise(pages: PageTable, ino: int) -> Inode | None:
     """Inode ``ino`` as committed, read from its pages; None when it has no record.
 
@@ -105,17 +140,11 @@ def materialise(pages: PageTable, ino: int) -> Inode | None:
     value = pages.get(fmt.inode_key(ino))
     if value is None:
         return None
-    node, expected = _inode_from(ino, value)
-    if node.is_dir:
-        node.entries = functools.partial(_read_entries, pages, ino, expected)
-    elif stat.S_ISREG(node.mode):
+    node = _built(pages, ino, value)
+    if stat.S_ISREG(node.mode):
         low = fmt.map_key(ino, 0)
         for key, raw in pages.scan(low, low[:9] + _MAP_KEY_END):
-            chunk_no = int.from_bytes(key[9:], "big")
-            if len(key) != 17 or not _add_chunk(node, chunk_no, raw):
-                raise IntegrityError(
-                    f"metadata inconsistent: inode {ino}: block map chunk {chunk_no} is malformed"
-                )
+            _chunk_of(node, key, raw)
     return node
 
 
