@@ -33,6 +33,33 @@ class Inode(Node):
         self.dirty: dict[int, bytes | bytearray | memoryview] = EMPTY  # plaintext blocks
         self.committed_slots: dict[int, int] = EMPTY
 
+    @classmethod
+    def recorded(cls, ino: int, fields: tuple, target: bytes = b"", xattrs: dict = EMPTY) -> Inode:
+        """The inode a record states: ``fields`` are its mode, nlink, uid, gid, rdev,
+        size, atime, mtime, ctime, parent and next cookie (format.InodeRecord's
+        order). Not open, nothing buffered; built without the defaults a new inode
+        gets first (a listing builds thousands of them)."""
+        node = cls.__new__(cls)
+        (
+            node.mode,
+            node.nlink,
+            node.uid,
+            node.gid,
+            node.rdev,
+            node.size,
+            node.atime_ns,
+            node.mtime_ns,
+            node.ctime_ns,
+            node.parent,
+            node.next_cookie,
+        ) = fields
+        node.ino = ino
+        node._entries = {} if stat.S_ISDIR(node.mode) else None
+        node.target, node.xattrs = target, xattrs or EMPTY
+        node.open_count = node.present = 0
+        node.chunks = node.dirty = node.committed_slots = EMPTY
+        return node
+
     # A directory read from its pages gets its entries when they are first used
     # (``_entries`` holds the function that reads them until then): its
     # attributes, which a listing of its parent wants, do not need them.

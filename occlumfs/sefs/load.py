@@ -27,6 +27,10 @@ Problems = list[tuple[int | None, str]]  # (ino, what)
 _ENTRY_KEY_END = b"\xff" * 256  # after every name (names are at most 255 bytes)
 _MAP_KEY_END = b"\xff" * 9  # after every chunk number (8 bytes)
 _U32 = struct.Struct(">I")  # an inode record starts with its mode
+# An inode record without target or extended attributes (docs/formats/sefs.md):
+# its fixed fields (format.InodeRecord's order, entry count last), then a
+# target length and an attribute count, both 0.
+_PLAIN_INODE = struct.Struct(">IIIIQQqqqQQQII")
 
 
 def open_root(pages: PageTable, keys: Keys, state: TrustedState | None) -> int:
@@ -57,10 +61,14 @@ def open_root(pages: PageTable, keys: Keys, state: TrustedState | None) -> int:
 
 def _inode_from(ino: int, value: bytes) -> tuple[Inode, int]:
     """The inode of record ``value``, and its directory entry count on record."""
+    if len(value) == _PLAIN_INODE.size:  # most are: unpacked at once
+        fields = _PLAIN_INODE.unpack(value)
+        if not fields[12] and not fields[13]:
+            return Inode.recorded(ino, fields[:11]), fields[11]
     rec = fmt.parse_inode(value)
-    node = Inode(ino, rec.mode, rec.uid, rec.gid)
-    apply_inode(node, rec)
-    return node, rec.entry_count
+    fields = (rec.mode, rec.nlink, rec.uid, rec.gid, rec.rdev, rec.size)
+    times = (rec.atime_ns, rec.mtime_ns, rec.ctime_ns, rec.parent, rec.next_cookie)
+    return Inode.recorded(ino, fields + times, rec.target, rec.xattrs), rec.entry_count
 
 
 def _add_chunk(node: Inode | None, chunk_no: int, value: bytes) -> bool:
