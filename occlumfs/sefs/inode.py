@@ -40,19 +40,8 @@ class Inode(Node):
         order). Not open, nothing buffered; built without the defaults a new inode
         gets first (a listing builds thousands of them)."""
         node = cls.__new__(cls)
-        (
-            node.mode,
-            node.nlink,
-            node.uid,
-            node.gid,
-            node.rdev,
-            node.size,
-            node.atime_ns,
-            node.mtime_ns,
-            node.ctime_ns,
-            node.parent,
-            node.next_cookie,
-        ) = fields
+        node.mode, node.nlink, node.uid, node.gid, node.rdev, node.size = fields[:6]
+        node.atime_ns, node.mtime_ns, node.ctime_ns, node.parent, node.next_cookie = fields[6:]
         node.ino = ino
         node._entries = {} if stat.S_ISDIR(node.mode) else None
         node.target, node.xattrs = target, xattrs or EMPTY
