@@ -37,7 +37,13 @@ from occlumfs.sefs.format import BLOCK_SIZE
 from occlumfs.sefs.inode import Inode, InodeTable, RecordedInode
 from occlumfs.sefs.journal import Dirty, Journal
 from occlumfs.sefs.keys import LOG_VERSION, Keys
-from occlumfs.sefs.load import load_all, materialise, open_root, remove_leftovers
+from occlumfs.sefs.load import (
+    load_all,
+    materialise,
+    materialise_many,
+    open_root,
+    remove_leftovers,
+)
 from occlumfs.sefs.pages import PageTable
 from occlumfs.sefs.state import DirLock, TrustedState
 from occlumfs.sefs.storage import Storage
@@ -45,6 +51,7 @@ from occlumfs.sefs.storage import Storage
 COMMIT_INTERVAL = 10.0  # seconds a change may wait for a commit unless fsync asks sooner
 LOG_STATE_INTERVAL = 1.0  # seconds between two trusted-state writes of a log position
 RESERVE_BLOCKS = 256  # free blocks kept for the next commit's pack, beyond the live packs' size
+READDIR_FETCH = 128  # children a listing reads in together (one pass over their pages)
 READAHEAD_KB = 1024  # kernel read-ahead of a mount (KiB): the largest READ libfuse takes
 
 
@@ -165,6 +172,7 @@ class SefsFS(Namespace):
         self._nodes = InodeTable(  # type: ignore[assignment]
             None if tolerant else lambda ino: materialise(self._pages, ino),
             self._pinned,
+            load_many=None if tolerant else lambda inos: materialise_many(self._pages, inos),
         )
         self._pages = PageTable(storage, keys.meta, keys.head_mac, keys.fs_id, self._nodes)
         self._pages.dirty = self._dirty_keys = Dirty()
@@ -375,11 +383,15 @@ class SefsFS(Namespace):
             handle.cookies = [cookie for _, cookie in entries.values()]
             handle.stamp = node.next_cookie
         names, cookies = handle.names, handle.cookies
-        for i in range(bisect.bisect_right(cookies, offset), len(names)):
+        nodes, first = self._nodes, bisect.bisect_right(cookies, offset)
+        for i in range(first, len(names)):
+            if not (i - first) % READDIR_FETCH:  # the next children, read in together
+                batch = (entries.get(name) for name in names[i : i + READDIR_FETCH])
+                nodes.fetch(entry[0] for entry in batch if entry is not None)
             entry = entries.get(names[i])
             if entry is None or entry[1] != cookies[i]:
                 continue
-            yield DirEntry(names[i], self._attr(self._nodes[entry[0]]), entry[1])
+            yield DirEntry(names[i], self._attr(nodes[entry[0]]), entry[1])
 
     def releasedir(self, fh: int) -> None:
         self._dir_handles.pop(fh, None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import stat
-from collections.abc import Callable, ItemsView, ValuesView
+from collections.abc import Callable, ItemsView, Iterable, ValuesView
 from dataclasses import dataclass
 
 from occlumfs.namespace import EMPTY, Node
@@ -32,6 +32,22 @@ class Inode(Node):
         self.present = 0  # block map entries that are not holes
         self.dirty: dict[int, bytes | bytearray | memoryview] = EMPTY  # plaintext blocks
         self.committed_slots: dict[int, int] = EMPTY
+
+    @classmethod
+    def recorded(cls, ino: int, fields: tuple, target: bytes = b"", xattrs: dict = EMPTY) -> Inode:
+        """The inode a record states: ``fields`` are its mode, nlink, uid, gid, rdev,
+        size, atime, mtime, ctime, parent and next cookie (format.InodeRecord's
+        order). Not open, nothing buffered; built without the defaults a new inode
+        gets first (a listing builds thousands of them)."""
+        node = cls.__new__(cls)
+        node.mode, node.nlink, node.uid, node.gid, node.rdev, node.size = fields[:6]
+        node.atime_ns, node.mtime_ns, node.ctime_ns, node.parent, node.next_cookie = fields[6:]
+        node.ino = ino
+        node._entries = {} if stat.S_ISDIR(node.mode) else None
+        node.target, node.xattrs = target, xattrs or EMPTY
+        node.open_count = node.present = 0
+        node.chunks = node.dirty = node.committed_slots = EMPTY
+        return node
 
     # A directory read from its pages gets its entries when they are first used
     # (``_entries`` holds the function that reads them until then): its
@@ -81,9 +97,11 @@ class InodeTable:
         load: Callable[[int], Inode | None] | None = None,
         pinned: Callable[[], set[int]] = set,
         limit: int = RESIDENT_INODES,
+        load_many: Callable[[list[int]], dict[int, Inode]] | None = None,
     ) -> None:
         self._nodes: dict[int, Inode] = {}  # least recently used first
         self._load = load
+        self._load_many = load_many
         self._pinned = pinned
         self._gone: set[int] = set()
         self.limit = limit
@@ -106,6 +124,19 @@ class InodeTable:
         if len(nodes) > self._check_at:
             self._evict()
         return node
+
+    def fetch(self, inos: Iterable[int]) -> None:
+        """Read in together those of ``inos`` not in memory (``load_many``, one pass
+        over their pages): a listing's children, before it asks for each."""
+        nodes, gone = self._nodes, self._gone
+        missing = sorted({ino for ino in inos if ino not in nodes and ino not in gone})
+        if not missing or self._load_many is None:
+            return
+        found = self._load_many(missing)
+        self.loaded += len(found)
+        nodes.update(found)
+        if len(nodes) > self._check_at:
+            self._evict()
 
     def __getitem__(self, ino: int) -> Inode:
         node = self.get(ino)

@@ -27,6 +27,10 @@ Problems = list[tuple[int | None, str]]  # (ino, what)
 _ENTRY_KEY_END = b"\xff" * 256  # after every name (names are at most 255 bytes)
 _MAP_KEY_END = b"\xff" * 9  # after every chunk number (8 bytes)
 _U32 = struct.Struct(">I")  # an inode record starts with its mode
+# An inode record without target or extended attributes (docs/formats/sefs.md):
+# its fixed fields (format.InodeRecord's order, entry count last), then a
+# target length and an attribute count, both 0.
+_PLAIN_INODE = struct.Struct(">IIIIQQqqqQQQII")
 
 
 def open_root(pages: PageTable, keys: Keys, state: TrustedState | None) -> int:
@@ -57,10 +61,14 @@ def open_root(pages: PageTable, keys: Keys, state: TrustedState | None) -> int:
 
 def _inode_from(ino: int, value: bytes) -> tuple[Inode, int]:
     """The inode of record ``value``, and its directory entry count on record."""
+    if len(value) == _PLAIN_INODE.size:  # most are: unpacked at once
+        fields = _PLAIN_INODE.unpack(value)
+        if not fields[12] and not fields[13]:
+            return Inode.recorded(ino, fields[:11]), fields[11]
     rec = fmt.parse_inode(value)
-    node = Inode(ino, rec.mode, rec.uid, rec.gid)
-    apply_inode(node, rec)
-    return node, rec.entry_count
+    fields = (rec.mode, rec.nlink, rec.uid, rec.gid, rec.rdev, rec.size)
+    times = (rec.atime_ns, rec.mtime_ns, rec.ctime_ns, rec.parent, rec.next_cookie)
+    return Inode.recorded(ino, fields + times, rec.target, rec.xattrs), rec.entry_count
 
 
 def _add_chunk(node: Inode | None, chunk_no: int, value: bytes) -> bool:
@@ -71,7 +79,8 @@ def _add_chunk(node: Inode | None, chunk_no: int, value: bytes) -> bool:
     if node.chunks is EMPTY:
         node.chunks = {}
     node.chunks[chunk_no] = chunk
-    node.present += sum(1 for i in range(0, len(chunk), fmt.ENTRY_SIZE) if chunk[i])
+    slots = chunk[:: fmt.ENTRY_SIZE]  # each entry's first byte: its slot (0: a hole)
+    node.present += len(slots) - slots.count(0)
     return True
 
 
@@ -95,6 +104,40 @@ def _read_entries(pages: PageTable, ino: int, expected: int) -> dict[bytes, tupl
     return {name: (child, cookie) for cookie, name, child in found}
 
 
+def materialise_many(pages: PageTable, inos: list[int]) -> dict[int, Inode]:
+    """Inodes ``inos`` (sorted, distinct) as committed, as :func:`materialise`
+    reads each, in one pass over their pages; those without a record are left out."""
+    found: dict[int, Inode] = {}
+    ranges = [(key, key + b"\0") for key in map(fmt.inode_key, inos)]  # the key alone
+    regular = []
+    for n, _, value in pages.scan_many(ranges):
+        ino = inos[n]
+        node = found[ino] = _built(pages, ino, value)
+        if stat.S_ISREG(node.mode):
+            regular.append(node)
+    lows = [fmt.map_key(node.ino, 0) for node in regular]
+    ranges = [(low, low[:9] + _MAP_KEY_END) for low in lows]
+    for n, key, raw in pages.scan_many(ranges):
+        _chunk_of(regular[n], key, raw)
+    return found
+
+
+def _built(pages: PageTable, ino: int, value: bytes) -> Inode:
+    """The inode of record ``value``; a directory reads its entries when first used."""
+    node, expected = _inode_from(ino, value)
+    if node.is_dir:
+        node.entries = functools.partial(_read_entries, pages, ino, expected)
+    return node
+
+
+def _chunk_of(node: Inode, key: bytes, raw: bytes) -> None:
+    chunk_no = int.from_bytes(key[9:], "big")
+    if len(key) != 17 or not _add_chunk(node, chunk_no, raw):
+        raise IntegrityError(
+            f"metadata inconsistent: inode {node.ino}: block map chunk {chunk_no} is malformed"
+        )
+
+
 def materialise(pages: PageTable, ino: int) -> Inode | None:
     """Inode ``ino`` as committed, read from its pages; None when it has no record.
 
@@ -105,17 +148,11 @@ def materialise(pages: PageTable, ino: int) -> Inode | None:
     value = pages.get(fmt.inode_key(ino))
     if value is None:
         return None
-    node, expected = _inode_from(ino, value)
-    if node.is_dir:
-        node.entries = functools.partial(_read_entries, pages, ino, expected)
-    elif stat.S_ISREG(node.mode):
+    node = _built(pages, ino, value)
+    if stat.S_ISREG(node.mode):
         low = fmt.map_key(ino, 0)
         for key, raw in pages.scan(low, low[:9] + _MAP_KEY_END):
-            chunk_no = int.from_bytes(key[9:], "big")
-            if len(key) != 17 or not _add_chunk(node, chunk_no, raw):
-                raise IntegrityError(
-                    f"metadata inconsistent: inode {ino}: block map chunk {chunk_no} is malformed"
-                )
+            _chunk_of(node, key, raw)
     return node
 
 

@@ -20,6 +20,7 @@ from occlumfs.errors import FSError, IntegrityError
 from occlumfs.fs import ROOT_INO, AttrChanges
 from occlumfs.memfs import MemFS
 from occlumfs.sefs import format as fmt
+from occlumfs.sefs.load import materialise, materialise_many
 from sefs.helpers import ROOT, fsck_problems, read_path, write_file
 
 
@@ -205,3 +206,49 @@ def test_a_damaged_page_is_found_when_it_is_read(volume):
     fs.close()
     problems = fsck_problems(volume.open)
     assert any("authentication failed" in line for line in problems)
+
+
+def _fields(node) -> tuple:
+    chunks = None if node.chunks is None else {n: bytes(c) for n, c in node.chunks.items()}
+    return (node.mode, node.nlink, node.size, node.present, chunks, node.target, node.xattrs)
+
+
+def test_a_listing_reads_its_children_together_as_one_by_one(sim):
+    fs = sim.open()
+    parent = fs.mkdir(ROOT_INO, b"d", 0o755, ROOT).ino
+    for i in range(700):
+        name = b"f-%04d-" % i + b"z" * 30
+        if i % 50 == 7:  # sparse, several block-map chunks (a chunk maps 1 MiB)
+            fh, _ = fs.create(parent, name, 0o644, os.O_WRONLY, ROOT)
+            many = range(1500) if i == 107 else ()  # its map spans more than a page
+            for chunk in many or ((0, 2, 5) if i % 100 == 7 else (3,)):
+                fs.write(fh, chunk << 20, b"c%d" % chunk)
+            fs.release(fh)
+        elif i % 50 == 8:
+            fs.mkdir(parent, name, 0o700, ROOT)
+        elif i % 50 == 9:
+            fs.symlink(parent, name, b"target-%d" % i, ROOT)
+        else:
+            ino = write_file(fs, parent, name, b"%d" % i)
+            if i % 3 == 0:
+                fs.setxattr(ino, b"user.n", b"%d" % i, 0)
+    unlinked = fs.lookup(parent, b"f-0010-" + b"z" * 30).ino
+    fs.unlink(parent, b"f-0010-" + b"z" * 30)
+    fs.close()
+    fs = sim.open(read_only=True)
+    pages, last = fs._pages, fs._nodes.peek(ROOT_INO).ino + 720
+    one_by_one = {ino: materialise(pages, ino) for ino in range(1, last)}
+    together = materialise_many(pages, list(range(1, last)))
+    assert unlinked not in together and one_by_one[unlinked] is None
+    assert {ino for ino, node in one_by_one.items() if node is not None} == set(together)
+    assert all(_fields(together[ino]) == _fields(one_by_one[ino]) for ino in together)
+    assert sum(len(node.chunks) > 1 for node in together.values()) >= 7
+    fs.close()
+    fs = sim.open(read_only=True)
+    fh = fs.opendir(fs.lookup(ROOT_INO, b"d").ino)
+    before = fs._pages.pages_read
+    listed = {e.name: e.attr for e in fs.readdir(fh, 0)}
+    assert len(listed) == 699 and fs._nodes.loaded >= 699
+    assert fs._pages.pages_read - before <= len(fs._pages.table)  # each page once at most
+    assert all(listed[name].size == fs.getattr(attr.ino).size for name, attr in listed.items())
+    fs.close()
