@@ -154,17 +154,25 @@ def test_a_store_whose_build_is_gone_refuses_in_one_line(built, occlum):
     assert len(lines) == 1 and "another build of the image" in lines[0]
 
 
-def test_a_killed_server_fails_the_run_loudly_and_the_next_run_recovers(built, occlum):
-    import signal
+def _run_script_in_background(inst: Path, script: str):
+    """``occlum run /bin/busybox sh -c SCRIPT`` in the background, with pipes for its stdio."""
     import subprocess
     import sys
 
+    return subprocess.Popen(
+        [sys.executable, "-m", "libos", "run", "/bin/busybox", "sh", "-c", script],
+        cwd=inst,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_a_killed_server_fails_the_run_loudly_and_the_next_run_recovers(built, occlum):
+    import signal
+
     occlum("run", "/bin/busybox", "sh", "-c", "echo committed > /root/kept", cwd=built)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "libos", "run", "/bin/busybox", "sh", "-c",
-         "echo up; read x; echo lost > /root/lost; echo after"],
-        cwd=built, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    proc = _run_script_in_background(built, "echo up; read x; echo lost > /root/lost; echo after")
     try:
         assert proc.stdout.readline() == b"up\n"
         os.kill(fuse_server_of(proc.pid), signal.SIGKILL)
@@ -220,14 +228,8 @@ def test_the_python3_repl_on_a_terminal(tmp_path, occlum):
 def test_when_occlum_run_is_killed_the_server_still_commits(built, occlum):
     import select
     import signal
-    import subprocess
-    import sys
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "libos", "run", "/bin/busybox", "sh", "-c",
-         "echo saved > /root/a; echo up; read x"],
-        cwd=built, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    proc = _run_script_in_background(built, "echo saved > /root/a; echo up; read x")
     try:
         assert proc.stdout.readline() == b"up\n"
         pidfd = os.pidfd_open(fuse_server_of(proc.pid))
