@@ -135,15 +135,33 @@ class Journal:
         return self._pages.get(key)
 
     def _ciphertexts(self, wanted: list[tuple[int, int, bytes]]) -> list[fmt.LogBlock]:
-        """The stored ciphertext of each block (written out, maybe not yet durable)."""
+        """The stored ciphertext of each block (written out, maybe not yet durable),
+        read one contiguous run of a data file at a time, not a block at a time."""
         out: list[fmt.LogBlock] = []
-        for ino, block, entry in sorted(wanted):
-            buf = bytearray(BLOCK_SIZE)
-            name = fmt.data_name(ino, entry[0])
-            if self.storage.preadv(name, block * BLOCK_SIZE, [memoryview(buf)]) != BLOCK_SIZE:
-                raise IntegrityError(f"{name}: block {block} is truncated (changed on the host)")
-            out.append((ino, block, entry, bytes(buf)))
+        run: list[tuple[int, int, bytes]] = []
+        for item in sorted(wanted):
+            if run and not (
+                item[0] == run[-1][0] and item[2][0] == run[-1][2][0] and item[1] == run[-1][1] + 1
+            ):
+                self._read_run(run, out)
+                run = []
+            run.append(item)
+        if run:
+            self._read_run(run, out)
         return out
+
+    def _read_run(self, run: list[tuple[int, int, bytes]], out: list[fmt.LogBlock]) -> None:
+        """Blocks ``run`` (one file and slot, consecutive numbers) into ``out``."""
+        ino, first, entry = run[0]
+        name = fmt.data_name(ino, entry[0])
+        buf = memoryview(bytearray(len(run) * BLOCK_SIZE))
+        got = self.storage.preadv(name, first * BLOCK_SIZE, [buf])
+        if got != len(buf):
+            raise IntegrityError(
+                f"{name}: block {first + got // BLOCK_SIZE} is truncated (changed on the host)"
+            )
+        for i, (_, block, block_entry) in enumerate(run):
+            out.append((ino, block, block_entry, bytes(buf[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE])))
 
     def _write(self, body: bytes) -> None:
         pages = self._pages
