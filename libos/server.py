@@ -199,7 +199,8 @@ class Server:
             finally:
                 conn.close_fds()
 
-    def _check_exec(self, request: dict, fds: list[int]) -> list[str]:
+    def _check_exec(self, request: dict, fds: list[int]) -> tuple[list[str], str, dict[str, str]]:
+        """The program's argv, its directory and the variables given with -e, checked."""
         if self.stopping:
             raise InUseError(f"{self.build.instance.root}: the instance is stopping")
         argv = request.get("argv")
@@ -227,12 +228,12 @@ class Server:
                     f"exec: -e {name}: not named in env.untrusted of Occlum.json, "
                     "so the host may not set it"
                 )
-        return argv
+        return argv, cwd, given
 
     async def _exec(self, conn: _Conn, request: dict) -> None:
         fds, conn.fds = conn.fds, []
         try:
-            argv = self._check_exec(request, fds)
+            argv, cwd, given = self._check_exec(request, fds)
         except OcclumfsError as exc:
             for fd in fds:
                 os.close(fd)
@@ -240,8 +241,7 @@ class Server:
             return
         host_env = request.get("env")
         host_env = host_env if isinstance(host_env, dict) else {}
-        env = program_env(self.build.config, {**host_env, **request.get("set", {})})
-        cwd = request.get("cwd") or "/"
+        env = program_env(self.build.config, {**host_env, **given})
         job = _Exec()
         self.running.add(job)
         if self.idle.is_set():
