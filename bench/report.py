@@ -90,6 +90,14 @@ class Row:
             return None
         return self.target.met(self.ratio(), self.ours.value)
 
+    def all_notes(self) -> list[str]:
+        """The row's notes, plus the ratio to the best peer when the target names another."""
+        best, named = self.best_peer(), self.compared_peer()
+        if best is None or named is None or best is named:
+            return self.notes
+        r = format_ratio(ratio(self.ours.value, best.value))
+        return [*self.notes, f"against the best peer ({best.subject}, not judged): {r}"]
+
     def ours_failed(self) -> bool:
         return self.ours.error is not None or self.ours.value is None
 
@@ -119,6 +127,14 @@ class SuiteReport:
     notes: list[str] = field(default_factory=list)
     summary: str = ""  # a suite without a table (the crash soak) says its result here
     failed: str = ""  # why our side of a table-less suite failed, if it did
+
+    def all_notes(self) -> list[str]:
+        """The row's notes, plus the ratio to the best peer when the target names another."""
+        best, named = self.best_peer(), self.compared_peer()
+        if best is None or named is None or best is named:
+            return self.notes
+        r = format_ratio(ratio(self.ours.value, best.value))
+        return [*self.notes, f"against the best peer ({best.subject}, not judged): {r}"]
 
     def ours_failed(self) -> bool:
         return bool(self.failed) or any(row.ours_failed() for row in self.rows)
@@ -173,7 +189,7 @@ class SuiteReport:
         return out
 
     def row_notes(self) -> list[str]:
-        return [f"{row.workload}: {note}" for row in self.rows for note in row.notes]
+        return [f"{row.workload}: {note}" for row in self.rows for note in row.all_notes()]
 
 
 def _untabled(report: SuiteReport, bullet: str) -> list[str]:

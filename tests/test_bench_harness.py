@@ -115,6 +115,10 @@ def test_target_against_a_named_peer(bench):
     assert row.met() is True
     assert target.describe() == "≤ 2.00x securefs"
     assert report.SuiteReport("s", "S", [row]).grid()[1][4] == "1.50x securefs"
+    # The better peer the target does not name is still shown, as a note.
+    assert report.SuiteReport("s", "S", [row]).row_notes() == [
+        "m: against the best peer (gocryptfs, not judged): 2.00x"
+    ]
     row.ours.samples = [81.0]
     assert row.met() is False
     # Without the named peer's number there is nothing to judge, even with another peer.
