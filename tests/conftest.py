@@ -7,9 +7,11 @@ runs the rest, in-process and fast. A test that mounts without the marker fails
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from occlumfs.mount import mount_record, mounted_paths, process_alive
+from occlumfs.mount import mount_record, mounted_paths, process_alive, wait_for_exit
 
 
 def _require_fuse() -> None:
@@ -120,8 +122,21 @@ def process_exited(pid: int) -> bool:
 
 
 def _force_unmount(mnt: Path) -> None:
-    if mnt.resolve() in mounted_paths():
-        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)
+    """Detach ``mnt`` and end its server even with files still open in it.
+
+    A failing test's traceback keeps its open files alive, so a lazy unmount
+    alone would leave the server holding the store (and a later check of it
+    would find it in use): the server is killed, as a crash would end it, and
+    its exit is awaited.
+    """
+    if mnt.resolve() not in mounted_paths():
+        return
+    record = mount_record(mnt)
+    subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)
+    if record is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(record["pid"]), signal.SIGKILL)
+        wait_for_exit(int(record["pid"]), 30)
 
 
 _LOG_PROBLEM = re.compile(r" (WARNING|ERROR|CRITICAL): |^Traceback ")
