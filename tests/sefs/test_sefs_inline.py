@@ -182,3 +182,30 @@ def test_a_store_of_an_older_version_keeps_its_data_in_blocks(tmp_path):
     fs.close()
     assert run_cli("fsck", vol, "--key-file", GOLDEN_DIR / "v3" / "key", "--state-dir",
                    tmp_path / "state").returncode == 0  # fmt: skip
+
+
+def test_fsck_names_inline_data_that_breaks_the_rules():
+    from occlumfs.sefs.inline import problems
+    from occlumfs.sefs.inode import Inode
+
+    def node(size: int, target: bytes, present: int = 0) -> Inode:
+        n = Inode(9, 0o100644)
+        n.size, n.target, n.present = size, target, present
+        return n
+
+    assert problems(node(100, SMALL + bytes(28)), True) == []
+    assert problems(node(0, b""), False) == []
+    assert problems(node(100, SMALL + bytes(28)), False) == [
+        "inline data in a store of a version without it"
+    ]
+    assert problems(node(100, SMALL + bytes(28), present=1), True) == [
+        "has both inline data and data blocks"
+    ]
+    assert problems(node(INLINE_MAX + 1, bytes(64)), True) == [
+        f"inline data in a file of {INLINE_MAX + 1} bytes (more than {INLINE_MAX})"
+    ]
+    assert problems(node(100, SMALL), True) == ["inline data of 100 bytes is not the padded size"]
+    assert problems(node(10, bytes(128)), True) == [
+        "inline data of 128 bytes is not the padded size"
+    ]
+    assert problems(node(10, b"x" * 64), True) == ["inline data has bytes past the end of the file"]
