@@ -34,7 +34,7 @@ from occlumfs.namespace import Namespace, attr_of
 from occlumfs.sefs import format as fmt
 from occlumfs.sefs.blocks import BlockIO
 from occlumfs.sefs.format import BLOCK_SIZE
-from occlumfs.sefs.inline import InlineData, problems
+from occlumfs.sefs.inline import PENDING_MAX, InlineData, problems
 from occlumfs.sefs.inode import Inode, InodeTable, RecordedInode
 from occlumfs.sefs.journal import Dirty, Journal
 from occlumfs.sefs.keys import INLINE_VERSION, LOG_VERSION, Keys
@@ -251,6 +251,8 @@ class SefsFS(Namespace):
             return
         self._io.flush_all()
         if not self._dirty_keys:
+            if self._inline is not None:
+                self._inline.pending = 0
             return
         try:
             self._pages.commit(self._next_ino, self._io.written())
@@ -260,6 +262,8 @@ class SefsFS(Namespace):
             raise
         self._nodes.committed()
         self._io.committed()
+        if self._inline is not None:
+            self._inline.pending = 0
         if self._journal is not None:
             self._journal.reset()
         self._last_commit = time.monotonic()
@@ -277,6 +281,8 @@ class SefsFS(Namespace):
             return None
         free = host.f_bavail * host.f_frsize // BLOCK_SIZE
         reserve = RESERVE_BLOCKS + sum(self._pages.pack_sizes.values()) // BLOCK_SIZE
+        if self._inline is not None:  # ...and the inline bytes it may have to write
+            reserve += PENDING_MAX // BLOCK_SIZE
         return max(free - reserve, 0)
 
     def _pinned(self) -> set[int]:
@@ -452,7 +458,10 @@ class SefsFS(Namespace):
         size = len(data)
         if size == 0:
             return 0
-        if self._inline is None or not self._inline.write(node, offset, data):
+        inline = self._inline
+        if inline is not None and not inline.fits(node, offset, size):
+            self.commit()  # bounds the inline bytes in memory; a full disk fails this write
+        if inline is None or not inline.write(node, offset, data):
             self._io.write(node, offset, data)
         if offset + size > node.size:
             node.size = offset + size

@@ -28,6 +28,10 @@ from occlumfs.sefs.inode import Inode
 
 INLINE_MAX = 3072  # bytes: a larger file keeps its data in blocks
 INLINE_PAD = 64  # inline bytes are stored zero-padded to a multiple of this
+# Inline bytes added since the last commit, at most: they stay in memory (their
+# inodes cannot leave it) and go to the host only with the next commit's pack,
+# for which the store keeps this much disk room free.
+PENDING_MAX = 2 << 20
 
 
 def padded(data: bytes | bytearray) -> bytes:
@@ -64,6 +68,15 @@ class InlineData:
 
     def __init__(self, io: BlockIO) -> None:
         self._io = io
+        self.pending = 0  # inline bytes added since the last commit (SefsFS resets it)
+
+    def fits(self, node: Inode, offset: int, size: int) -> bool:
+        """Whether a write of ``size`` bytes at ``offset`` would keep ``node`` inline
+        and the inline bytes added since the commit within PENDING_MAX."""
+        end = offset + size
+        if node.present or node.dirty or end > INLINE_MAX or node.size > INLINE_MAX:
+            return True  # not an inline write: write() says so
+        return self.pending + end - len(node.target) <= PENDING_MAX
 
     def write(self, node: Inode, offset: int, data: bytes) -> bool:
         """Write ``data`` at ``offset`` into ``node``'s inline bytes; False when the
@@ -82,6 +95,7 @@ class InlineData:
         else:
             new = old[:offset] + data + old[end:]
         node.target = padded(new)
+        self.pending += len(node.target) - len(old)
         return True
 
     def spill(self, node: Inode) -> None:

@@ -209,3 +209,19 @@ def test_fsck_names_inline_data_that_breaks_the_rules():
         "inline data of 128 bytes is not the padded size"
     ]
     assert problems(node(10, b"x" * 64), True) == ["inline data has bytes past the end of the file"]
+
+
+def test_inline_bytes_waiting_for_a_commit_are_bounded(sim):
+    from occlumfs.sefs.inline import PENDING_MAX
+
+    fs = sim.open()
+    counter = fs._pages.counter
+    count = PENDING_MAX // INLINE_MAX + 10
+    for i in range(count):
+        write_file(fs, ROOT_INO, b"f%d" % i, bytes([i % 256]) * INLINE_MAX)
+    assert fs._pages.counter == counter + 1  # one commit made room, in a write
+    assert 0 < fs._inline.pending <= PENDING_MAX
+    fs.close()
+    fs = sim.open()
+    assert read_path(fs, f"f{count - 1}") == bytes([(count - 1) % 256]) * INLINE_MAX
+    fs.close()
