@@ -34,9 +34,10 @@ from occlumfs.namespace import Namespace, attr_of
 from occlumfs.sefs import format as fmt
 from occlumfs.sefs.blocks import BlockIO
 from occlumfs.sefs.format import BLOCK_SIZE
+from occlumfs.sefs.inline import PENDING_MAX, InlineData, problems
 from occlumfs.sefs.inode import Inode, InodeTable, RecordedInode
 from occlumfs.sefs.journal import Dirty, Journal
-from occlumfs.sefs.keys import LOG_VERSION, Keys
+from occlumfs.sefs.keys import INLINE_VERSION, LOG_VERSION, Keys
 from occlumfs.sefs.load import (
     load_all,
     materialise,
@@ -184,6 +185,8 @@ class SefsFS(Namespace):
         self._io = BlockIO(
             storage, keys.data, keys.fs_id, self._nodes, self._dirty_keys, self.path_of, self._room
         )
+        # Version 4: small files' data lives in their inode records (occlumfs.sefs.inline).
+        self._inline = InlineData(self._io) if keys.version >= INLINE_VERSION else None
         self._next_ino = ROOT_INO + 1
         self._handles: dict[int, int] = {}
         self._dir_handles: dict[int, _DirHandle] = {}
@@ -248,6 +251,8 @@ class SefsFS(Namespace):
             return
         self._io.flush_all()
         if not self._dirty_keys:
+            if self._inline is not None:
+                self._inline.pending = 0
             return
         try:
             self._pages.commit(self._next_ino, self._io.written())
@@ -257,6 +262,8 @@ class SefsFS(Namespace):
             raise
         self._nodes.committed()
         self._io.committed()
+        if self._inline is not None:
+            self._inline.pending = 0
         if self._journal is not None:
             self._journal.reset()
         self._last_commit = time.monotonic()
@@ -274,6 +281,8 @@ class SefsFS(Namespace):
             return None
         free = host.f_bavail * host.f_frsize // BLOCK_SIZE
         reserve = RESERVE_BLOCKS + sum(self._pages.pack_sizes.values()) // BLOCK_SIZE
+        if self._inline is not None:  # ...and the inline bytes it may have to write
+            reserve += PENDING_MAX // BLOCK_SIZE
         return max(free - reserve, 0)
 
     def _pinned(self) -> set[int]:
@@ -290,7 +299,8 @@ class SefsFS(Namespace):
         return Inode(ino, mode, caller.uid, caller.gid)
 
     def _truncate(self, node: Inode, size: int) -> None:
-        self._io.truncate(node, size)
+        if self._inline is None or not self._inline.truncate(node, size):
+            self._io.truncate(node, size)
 
     def _dirtied(self, node: Inode) -> None:
         self._dirty_keys.add(fmt.inode_key(node.ino))
@@ -344,21 +354,27 @@ class SefsFS(Namespace):
         return out
 
     def verify_file(self, ino: int) -> Iterator[str]:
-        """Problems with ``ino``'s stored blocks (fsck): each one line."""
-        return self._io.verify(self._nodes[ino])
+        """Problems with ``ino``'s inline data and stored blocks (fsck): each one line."""
+        node = self._nodes[ino]
+        for what in problems(node, self._inline is not None):
+            yield f"{self.path_of(ino)}: {what}"
+        yield from self._io.verify(node)
 
     # == read side =========================================================================
     def _attr(self, node: Inode) -> Attr:
         if node.is_dir:
             size = 0
             blocks = 0
-        elif node.target:
-            size = len(node.target)
-            blocks = 0
-        else:
+        elif not node.target:
             size = node.size
             extra = sum(1 for b in node.dirty if not node.slot(b)) if node.dirty else 0
             blocks = (node.present + extra) * (BLOCK_SIZE // 512)
+        elif stat.S_ISREG(node.mode):  # its data inline in its record: what that holds
+            size = node.size
+            blocks = -(-len(node.target) // 512)
+        else:
+            size = len(node.target)
+            blocks = 0
         return attr_of(node, size, blocks)
 
     def opendir(self, ino: int) -> int:
@@ -406,6 +422,8 @@ class SefsFS(Namespace):
             end = node.size
         if offset >= end:
             return b""
+        if node.target:  # inline (version 4): no host file
+            return self._inline.read(node, offset, size)  # type: ignore[union-attr]
         first = offset // BLOCK_SIZE
         last = (end - 1) // BLOCK_SIZE
         data = self._io.read(node, first, last)
@@ -440,7 +458,11 @@ class SefsFS(Namespace):
         size = len(data)
         if size == 0:
             return 0
-        self._io.write(node, offset, data)
+        inline = self._inline
+        if inline is not None and not inline.fits(node, offset, size):
+            self.commit()  # bounds the inline bytes in memory; a full disk fails this write
+        if inline is None or not inline.write(node, offset, data):
+            self._io.write(node, offset, data)
         if offset + size > node.size:
             node.size = offset + size
         if self._stamp_writes:

@@ -29,9 +29,10 @@ from occlumfs.keys import hkdf_sha256
 from occlumfs.sefs.format import BLOCK_SIZE, FS_ID_SIZE
 
 FORMAT_NAME = "occlumfs-sefs"
-CONFIG_VERSION = 3  # what `create` writes
-CONFIG_VERSIONS = (1, 2, 3)  # what this build reads
+CONFIG_VERSION = 4  # what `create` writes
+CONFIG_VERSIONS = (1, 2, 3, 4)  # what this build reads
 LOG_VERSION = 3  # the first version with a write-ahead log (docs/formats/sefs.md, "The log")
+INLINE_VERSION = 4  # the first version with small files' data inline (occlumfs.sefs.inline)
 CONFIG_MAX = 64 * 1024  # bytes; a larger sefs.json is malformed
 CIPHER = "AES-256-GCM"
 KIND_KEY_FILE = "key-file"

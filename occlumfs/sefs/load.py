@@ -31,6 +31,10 @@ _U32 = struct.Struct(">I")  # an inode record starts with its mode
 # its fixed fields (format.InodeRecord's order, entry count last), then a
 # target length and an attribute count, both 0.
 _PLAIN_INODE = struct.Struct(">IIIIQQqqqQQQII")
+# One with a target (a symlink's, or a small file's inline data: version 4) and
+# no extended attributes: the fixed fields, the target's length, the target, 0.
+_TARGET_INODE = struct.Struct(">IIIIQQqqqQQQI")
+_NO_XATTRS = bytes(4)
 
 
 def open_root(pages: PageTable, keys: Keys, state: TrustedState | None) -> int:
@@ -61,10 +65,16 @@ def open_root(pages: PageTable, keys: Keys, state: TrustedState | None) -> int:
 
 def _inode_from(ino: int, value: bytes) -> tuple[Inode, int]:
     """The inode of record ``value``, and its directory entry count on record."""
-    if len(value) == _PLAIN_INODE.size:  # most are: unpacked at once
+    size = len(value)
+    if size == _PLAIN_INODE.size:  # most are: unpacked at once
         fields = _PLAIN_INODE.unpack(value)
         if not fields[12] and not fields[13]:
             return Inode.recorded(ino, fields[:11]), fields[11]
+    elif size > _PLAIN_INODE.size:
+        fields = _TARGET_INODE.unpack_from(value)
+        at = _TARGET_INODE.size
+        if size == at + fields[12] + 4 and value.endswith(_NO_XATTRS):
+            return Inode.recorded(ino, fields[:11], value[at : size - 4]), fields[11]
     rec = fmt.parse_inode(value)
     fields = (rec.mode, rec.nlink, rec.uid, rec.gid, rec.rdev, rec.size)
     times = (rec.atime_ns, rec.mtime_ns, rec.ctime_ns, rec.parent, rec.next_cookie)
@@ -113,7 +123,7 @@ def materialise_many(pages: PageTable, inos: list[int]) -> dict[int, Inode]:
     for n, _, value in pages.scan_many(ranges):
         ino = inos[n]
         node = found[ino] = _built(pages, ino, value)
-        if stat.S_ISREG(node.mode):
+        if stat.S_ISREG(node.mode) and not node.target:  # inline data: no block map
             regular.append(node)
     lows = [fmt.map_key(node.ino, 0) for node in regular]
     ranges = [(low, low[:9] + _MAP_KEY_END) for low in lows]
@@ -142,14 +152,15 @@ def materialise(pages: PageTable, ino: int) -> Inode | None:
     """Inode ``ino`` as committed, read from its pages; None when it has no record.
 
     A directory's entries are read when first used (in cookie order), a regular
-    file comes with its whole block map. Records that contradict each other are an
-    integrity error, as a page that fails its check is.
+    file comes with its whole block map (one with inline data has none). Records
+    that contradict each other are an integrity error, as a page that fails its
+    check is.
     """
     value = pages.get(fmt.inode_key(ino))
     if value is None:
         return None
     node = _built(pages, ino, value)
-    if stat.S_ISREG(node.mode):
+    if stat.S_ISREG(node.mode) and not node.target:  # inline data: no block map
         low = fmt.map_key(ino, 0)
         for key, raw in pages.scan(low, low[:9] + _MAP_KEY_END):
             _chunk_of(node, key, raw)

@@ -63,7 +63,7 @@ def test_info_needs_no_key_and_shows_no_secrets(volume, mount):
         (mnt / "f").write_bytes(b"x" * 10000)
     done = run_cli("sefs", "info", volume.dir, "--json")
     facts = json.loads(done.stdout)
-    assert facts["version"] == 3 and facts["commit_counter"] >= 2
+    assert facts["version"] == 4 and facts["commit_counter"] >= 2
     assert facts["key_kind"] == "key-file" and facts["data_files"] == 1
     config = json.loads((volume.dir / "sefs.json").read_text())
     assert config["wrap"]["wrapped_key"] not in done.stdout

@@ -23,6 +23,8 @@ GOLDEN_DIR = Path(__file__).parent / "golden"
 GOLDEN = GOLDEN_DIR / "v1"
 BIG = bytes(i % 251 for i in range(5000))
 FAR = (1 << 20) + 4096  # in the second block-map chunk, everything before it a hole
+EDGE = bytes(i % 241 for i in range(3072))  # version 4: the largest inline file
+GROWN = bytes(i % 239 for i in range(4000))  # version 4: inline at the commit, blocks in the log
 
 
 def build_golden(where: Path) -> None:
@@ -44,6 +46,9 @@ def build_golden(where: Path) -> None:
     fh = fs.open(sparse, os.O_WRONLY)
     fs.write(fh, FAR, b"far")
     fs.release(fh)
+    if CONFIG_VERSION >= 4:  # inline data: one at the limit, one that grows in the log
+        write_file(fs, ROOT_INO, b"edge", EDGE)
+        write_file(fs, ROOT_INO, b"grown", GROWN[:5])
     fs.close()
     if CONFIG_VERSION >= 3:
         _log_changes(where, key)
@@ -67,10 +72,19 @@ def _log_changes(where: Path, key: bytes) -> None:
     fs.release(fh)
     fs.unlink(ROOT_INO, b"empty")
     fs.fsyncdir(fs.opendir(ROOT_INO), False)  # log entry 1
+    if CONFIG_VERSION >= 4:
+        fh = fs.open(lookup_path(fs, "grown").ino, os.O_WRONLY)
+        fs.write(fh, 5, GROWN[5:])  # past the inline limit: its bytes move to blocks
+        fs.fsync(fh, False)  # log entry 2
+        fs.release(fh)
     fs.storage.close()  # the server dies: no commit
     fs._lock.release()
     # Its data files were never fsync'd (the log holds their blocks): a crash may lose them.
-    for name in ("0000000000000003.b", "0000000000000008"):
+    # (Version 4: "one" and "logged" are inline and have none; "grown", inode 9, has one.)
+    lost = (
+        ["0000000000000003.b", "0000000000000008"] if CONFIG_VERSION < 4 else ["0000000000000009"]
+    )
+    for name in lost:
         (where / "fs" / "d" / name).unlink()
 
 
@@ -104,7 +118,7 @@ def test_golden_v3_reads_back_exactly(tmp_path):
     vol = tmp_path / "fs"
     shutil.copytree(golden / "fs", vol)
     config = json.loads((vol / "sefs.json").read_text())
-    assert config["version"] == CONFIG_VERSION == 3
+    assert config["version"] == 3
     head = fmt.unpack_head((vol / "head").read_bytes())
     log = (vol / fmt.LOG_NAME).read_bytes()
     assert fmt.parse_log_head(log) == (head.fs_id, head.counter, head.root.tag)
@@ -129,9 +143,13 @@ def _check_reads_back(vol: Path, key_file: Path, state: Path, logged: bool = Fal
         if logged:
             assert read_path(fs, "logged") == LOGGED
             assert read_path(fs, "one") == b"y"
-            assert [e.name for e in iter_dir(fs, ROOT_INO)] == [
-                b"one", b"big", b"dir", b"sparse", b"logged"
-            ]  # fmt: skip
+            names = [e.name for e in iter_dir(fs, ROOT_INO)]
+            v4 = (
+                [b"edge", b"grown"]
+                if json.loads((vol / "sefs.json").read_text())["version"] >= 4
+                else []
+            )
+            assert names == [b"one", b"big", b"dir", b"sparse", *v4, b"logged"]
         else:
             assert read_path(fs, "empty") == b""
             assert read_path(fs, "one") == b"x"
@@ -152,17 +170,50 @@ def _check_reads_back(vol: Path, key_file: Path, state: Path, logged: bool = Fal
     assert done.returncode == 0
 
 
-@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
+def test_golden_v4_reads_back_exactly(tmp_path):
+    """Version 4 keeps small files' data inline in their inode records."""
+    from occlumfs.keys import load_key_file
+    from occlumfs.sefs import open_sefs_fs
+    from sefs.helpers import read_path
+
+    golden = GOLDEN_DIR / "v4"
+    vol = tmp_path / "fs"
+    shutil.copytree(golden / "fs", vol)
+    assert json.loads((vol / "sefs.json").read_text())["version"] == CONFIG_VERSION == 4
+    head = fmt.unpack_head((vol / "head").read_bytes())
+    _check_reads_back(vol, golden / "key", tmp_path / "state", logged=True)
+    for read_only in (True, False, True):  # replayed; committed by the read-write open
+        fs = open_sefs_fs(
+            vol,
+            key=load_key_file(golden / "key"),
+            state_dir=tmp_path / "state",
+            read_only=read_only,
+        )
+        try:
+            assert read_path(fs, "edge") == EDGE
+            assert read_path(fs, "grown") == GROWN
+            assert lookup_path(fs, "edge").blocks == 6  # 3072 inline bytes
+        finally:
+            fs.close()
+    assert fmt.unpack_head((vol / "head").read_bytes()).counter == head.counter + 1
+    _check_reads_back(vol, golden / "key", tmp_path / "state", logged=True)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2", "v3", "v4"])
 def test_golden_host_layout_is_the_documented_one(version):
     root = GOLDEN_DIR / version / "fs"
     names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
     assert "head" in names and "sefs.json" in names
-    assert ("log" in names) == (version == "v3")
+    assert ("log" in names) == (version in ("v3", "v4"))
     assert [n for n in names if n.startswith("m/")] == ["m/0000000000000002.pack"]
-    # Non-empty regular files have a data file named by inode; the empty one has none.
+    # Non-empty regular files have a data file named by inode; the empty one has none,
+    # nor (version 4) do the files whose data is inline: "one", "edge", "logged".
     data = [n for n in names if n.startswith("d/")]
-    assert data == ["d/0000000000000003", "d/0000000000000004", "d/0000000000000007"]
-    assert (root / "d" / "0000000000000003").stat().st_size == 4096  # "x"
+    if version == "v4":
+        assert data == ["d/0000000000000004", "d/0000000000000007"]
+    else:
+        assert data == ["d/0000000000000003", "d/0000000000000004", "d/0000000000000007"]
+        assert (root / "d" / "0000000000000003").stat().st_size == 4096  # "x"
     assert (root / "d" / "0000000000000004").stat().st_size == 8192  # 5000 bytes
 
 

@@ -188,7 +188,8 @@ def _use_the_mount(mnt: Path) -> list[int]:
     for step in (
         lambda: (mnt / "f").read_bytes(),
         lambda: _write_fsync(mnt / "f", b"rewritten"),
-        lambda: _write_fsync(mnt / "g", b"new file"),
+        # Past the inline limit (format version 4): it gets the next data file.
+        lambda: _write_fsync(mnt / "g", DATA),
         # More than a log entry takes (format version 3): this fsync commits.
         lambda: _write_fsync(mnt / "big", bytes((ENTRY_MAX_BLOCKS + 1) * 4096)),
     ):

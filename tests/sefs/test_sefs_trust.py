@@ -129,7 +129,7 @@ FORGED = {
     "unknown wrap key": lambda c: c["wrap"].update(hint="abc"),
     "no block_size": lambda c: c.pop("block_size"),
     "1-byte nonce": lambda c: c["wrap"].update(nonce="00"),
-    "version 4": lambda c: c.update(version=4),
+    "version 5": lambda c: c.update(version=5),
     "version true": lambda c: c.update(version=True),
     "huge scrypt": lambda c: c["wrap"].update(kind="passphrase", scrypt=HUGE_SCRYPT),
 }  # fmt: skip
