@@ -28,7 +28,9 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -385,3 +387,87 @@ class SandboxProcess:
         if code != 0 and self.init_pid is None:
             raise OcclumfsError("the sandbox could not be set up (see bwrap's message above)")
         return code
+
+
+class Spawner:
+    """Programs started by libos/spawner.py, a process that joined ``sandbox``'s
+    cgroups once: no cgroup move and no fork of this (large) process per program.
+
+    ``sandbox`` is a :meth:`Sandbox.joined` one; :meth:`spawn` is safe from
+    several threads at once. :meth:`close` ends the spawner (call it once every
+    program is gone, before :func:`release_limits`).
+    """
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        from libos import spawner
+
+        self.sandbox = replace(sandbox, pidns_fd=spawner.PIDNS_FD)  # its number in bubblewrap
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pass_fds = (theirs.fileno(), sandbox.pidns_fd)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", spawner.__file__, *map(str, pass_fds)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                pass_fds=pass_fds,
+                preexec_fn=lambda: _enter_limits(sandbox.limits),
+            )
+        except BaseException:
+            self.sock.close()
+            raise
+        finally:
+            theirs.close()
+
+    def spawn(
+        self, command: list[str], env: dict[str, str], *, cwd: str, stdin: int, stdout: int,
+        stderr: int,
+    ) -> SandboxProcess:  # fmt: skip
+        """As :meth:`Sandbox.spawn`, with the given stdio."""
+        from libos.spawner import STATUS_FD
+
+        argv = self.sandbox.argv(command, cwd, STATUS_FD)
+        status_r, status_w = os.pipe()
+        mine, theirs = socket.socketpair()
+        try:
+            socket.send_fds(self.sock, [b"x"], [theirs.fileno(), stdin, stdout, stderr, status_w])
+            stream = mine.makefile("rwb")
+            stream.write(json.dumps({"argv": argv, "env": env}).encode() + b"\n")
+            stream.flush()
+            answer = json.loads(stream.readline() or b"{}")
+            if "pid" not in answer:
+                raise OcclumfsError(answer.get("error", "the instance's spawner is gone"))
+        except (OSError, ValueError) as exc:
+            mine.close()
+            os.close(status_r)
+            raise OcclumfsError(f"the instance's spawner failed: {exc}") from None
+        except BaseException:
+            mine.close()
+            os.close(status_r)
+            raise
+        finally:
+            theirs.close()
+            os.close(status_w)
+        return SandboxProcess(_Spawned(int(answer["pid"]), mine, stream), status_r)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.wait()
+
+
+class _Spawned:
+    """A spawner's child, as much of :class:`subprocess.Popen` as SandboxProcess uses."""
+
+    def __init__(self, pid: int, sock: socket.socket, stream) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._sock, self._stream = sock, stream
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            try:
+                line = self._stream.readline()
+                self.returncode = int(json.loads(line)["status"]) if line else -signal.SIGKILL
+            finally:
+                self._stream.close()
+                self._sock.close()
+        return self.returncode

@@ -34,7 +34,7 @@ from libos.build import VerifiedBuild
 from libos.protocol import DEFAULT_STOP_TIMEOUT, SOCKET_NAME
 from libos.rootfs import RootfsHandle, is_dir_inside, unmount_rootfs
 from libos.run import check_entry_point, program_env
-from libos.sandbox import Sandbox, SandboxProcess, release_limits
+from libos.sandbox import Sandbox, SandboxProcess, Spawner, release_limits
 from occlumfs.errors import InUseError, NotFoundError, OcclumfsError, UsageError
 
 MAX_FDS = 3
@@ -118,6 +118,7 @@ class Server:
         self.handle = handle
         self.sandbox = sandbox
         self.joined = sandbox.joined(holder)
+        self.spawner = Spawner(self.joined)
         self.holder = holder
         self.block_w = block_w
         self.listener = listener
@@ -265,10 +266,11 @@ class Server:
     def _run(
         self, job: _Exec, argv: list[str], env: dict[str, str], cwd: str, fds: list[int]
     ) -> int:
-        """In a worker thread (it forks bwrap, whose parent-death signal follows this
-        thread, so the same thread waits): spawn, then wait."""
+        """In a worker thread: spawn (libos/spawner.py starts bubblewrap), then wait."""
         try:
-            proc = self.joined.spawn(argv, env, cwd=cwd, stdin=fds[0], stdout=fds[1], stderr=fds[2])
+            proc = self.spawner.spawn(
+                argv, env, cwd=cwd, stdin=fds[0], stdout=fds[1], stderr=fds[2]
+            )
         finally:
             for fd in fds:
                 os.close(fd)
@@ -309,6 +311,7 @@ class Server:
         await self.idle.wait()
         await self.holder_gone.wait()
         os.close(self.block_w)
+        await trio.to_thread.run_sync(self.spawner.close)
         os.close(self.joined.pidns_fd)
         release_limits(self.sandbox.limits)
         try:
