@@ -211,7 +211,9 @@ class Server:
             raise UsageError("exec: stdin, stdout and stderr must be handed over")
         program = argv[0]
         check_entry_point(program, self.build.config.entry_points)
-        if not os.path.lexists(self.handle.mountpoint / posixpath.relpath(program, "/")):
+        # access(F_OK), not lstat: no GETATTR for attributes the program's exec made stale.
+        inside = self.handle.mountpoint / posixpath.relpath(program, "/")
+        if not os.access(inside, os.F_OK, follow_symlinks=False):
             raise NotFoundError(f"{program}: no such program in the instance")
         cwd = request.get("cwd") or "/"
         if not isinstance(cwd, str) or not cwd.startswith("/"):
