@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -34,6 +33,8 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from libos import spawner
+from libos.spawner import PIDNS_FD, STATUS_FD, enter_limits
 from occlumfs.errors import NotFoundError, OcclumfsError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -178,18 +179,19 @@ def _enter_child(limits: Limits) -> None:
 
 
 def _enter_limits(limits: Limits) -> None:
-    """Join the cgroups, or set rlimits."""
-    for path in limits.cgroups:
-        (path / "cgroup.procs").write_text(str(os.getpid()))
-    if limits.how == "rlimits":
-        if limits.memory:
-            resource.setrlimit(resource.RLIMIT_AS, (limits.memory, limits.memory))
-        if limits.tasks:
-            resource.setrlimit(resource.RLIMIT_NPROC, (limits.tasks, limits.tasks))
-    if limits.stack:
-        _soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
-        want = limits.stack if hard == resource.RLIM_INFINITY else min(limits.stack, hard)
-        resource.setrlimit(resource.RLIMIT_STACK, (want, hard))
+    """Join the cgroups, or set rlimits (imports nothing: it runs in a forked child)."""
+    enter_limits(_limits_spec(limits))
+
+
+def _limits_spec(limits: Limits) -> dict:
+    """``limits`` as libos/spawner.py takes them (JSON: it imports nothing of ours)."""
+    rlimits = limits.how == "rlimits"
+    return {
+        "cgroups": [str(path) for path in limits.cgroups],
+        "memory": limits.memory if rlimits else None,
+        "tasks": limits.tasks if rlimits else None,
+        "stack": limits.stack,
+    }
 
 
 @dataclass
@@ -399,18 +401,17 @@ class Spawner:
     """
 
     def __init__(self, sandbox: Sandbox) -> None:
-        from libos import spawner
-
-        self.sandbox = replace(sandbox, pidns_fd=spawner.PIDNS_FD)  # its number in bubblewrap
+        self.sandbox = replace(sandbox, pidns_fd=PIDNS_FD)  # its number in bubblewrap
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pass_fds = (theirs.fileno(), sandbox.pidns_fd)
+        limits = json.dumps(_limits_spec(sandbox.limits))
+        argv = [sys.executable, "-I", "-S", spawner.__file__, *map(str, pass_fds), limits]
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", spawner.__file__, *map(str, pass_fds)],
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 pass_fds=pass_fds,
-                preexec_fn=lambda: _enter_limits(sandbox.limits),
             )
         except BaseException:
             self.sock.close()
@@ -423,8 +424,6 @@ class Spawner:
         stderr: int,
     ) -> SandboxProcess:  # fmt: skip
         """As :meth:`Sandbox.spawn`, with the given stdio."""
-        from libos.spawner import STATUS_FD
-
         argv = self.sandbox.argv(command, cwd, STATUS_FD)
         status_r, status_w = os.pipe()
         mine, theirs = socket.socketpair()

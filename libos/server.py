@@ -4,11 +4,12 @@
 union once, makes an empty sandbox that stays up (:meth:`Sandbox.hold`), and
 serves ``run/occlum.sock`` with trio: one task per connection. An exec's
 program is spawned into the held sandbox's pid namespace
-(:meth:`Sandbox.joined`) with the stdin/stdout/stderr the client handed over
+(:meth:`Sandbox.joined`) by the spawner (libos/spawner.py, a process already
+in the sandbox's cgroups) with the stdin/stdout/stderr the client handed over
 (SCM_RIGHTS); its status goes back on the connection. Stop and kill signal
 the programs, end the sandbox, and commit and unmount before they answer.
 
-The protocol is JSON lines (libos/control.py is the client):
+The protocol is JSON lines (libos/protocol.py and libos/control.py are the client):
 ``{"op": "exec", "argv": [...], "env": {...}}`` with three fds, then
 ``{"signal": N}`` lines to forward; answers ``{"status": N}`` or
 ``{"error": "...", "code": N}``. ``{"op": "status"}``, ``{"op": "stop",
