@@ -3,8 +3,10 @@
 Each workload runs inside an instance (verified image layer + encrypted SEFS
 under the union, over FUSE, in the sandbox) and under ``bwrap`` with the same
 namespaces on a plain directory holding the same files; the ratio is
-inside / plain (lower is better), medians of ``--repeat`` runs. The sqlite
-workload's peer is a gocryptfs mount (encrypted, FUSE) under bwrap.
+inside / plain (lower is better), medians of ``--repeat`` runs, ours and the
+peer's alternately. The sqlite workload's peer is a gocryptfs mount
+(encrypted, FUSE) under bwrap. Our commands run with Python's bytecode cache,
+as installed (see OURS); the peers' with the caller's environment.
 """
 
 from __future__ import annotations
@@ -52,13 +54,20 @@ def _occlum(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def _timed(cmd: list[str], cwd: Path | None = None, repeat: int = 5, env=None) -> float:
-    times = []
+def _once(cmd: list[str], cwd: Path | None, env) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, env=env)
+    return time.perf_counter() - start
+
+
+def _paired(ours: list[str], cwd: Path, peer: list[str], repeat: int) -> tuple[float, float]:
+    """Medians of ``ours`` (in ``cwd``, our environment) and ``peer``, run alternately:
+    on a shared machine the load changes from one minute to the next."""
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeat):
-        start = time.perf_counter()
-        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, env=env)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        times[0].append(_once(ours, cwd, OURS))
+        times[1].append(_once(peer, None, None))
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def _plain(root: Path, *command: str) -> list[str]:
@@ -130,19 +139,18 @@ def _exec_rows(work: Path, repeat: int) -> list[tuple[str, float, float]]:
         rows = [
             (
                 "exec_true",
-                _timed([*exec_cmd, "/bin/true"], inst, EXEC_TRUE_RUNS, OURS),
-                _timed(_plain(image, "/bin/true"), None, EXEC_TRUE_RUNS),
+                *_paired(
+                    [*exec_cmd, "/bin/true"], inst, _plain(image, "/bin/true"), EXEC_TRUE_RUNS
+                ),
             )
         ]
-        ours = statistics.median(
-            _concurrently([[*exec_cmd, *script]] * CONCURRENT, inst, OURS) for _ in range(repeat)
-        )
+        ours, plain = [], []
+        for _ in range(repeat):  # alternately, as _paired
+            ours.append(_concurrently([[*exec_cmd, *script]] * CONCURRENT, inst, OURS))
+            plain.append(_concurrently([_plain(image, *script)] * CONCURRENT, None))
     finally:
         _occlum("stop", cwd=inst)
-    plain = statistics.median(
-        _concurrently([_plain(image, *script)] * CONCURRENT, None) for _ in range(repeat)
-    )
-    rows.append((f"exec_x{CONCURRENT}", ours, plain))
+    rows.append((f"exec_x{CONCURRENT}", statistics.median(ours), statistics.median(plain)))
     return rows
 
 
@@ -216,20 +224,15 @@ def _run_rows(work: Path, repeat: int, txns: int) -> list[tuple[str, float, floa
         ("python_import", ["/bin/python3", "-c", PY_IMPORT]),
         ("true_x1000", ["/bin/busybox", "sh", "-c", TRUE_LOOP]),
     ):
-        rows.append(
-            (
-                name,
-                _timed([*inside, *cmd], inst, repeat, OURS),
-                _timed(_plain(image, *cmd), None, repeat),
-            )
-        )
+        rows.append((name, *_paired([*inside, *cmd], inst, _plain(image, *cmd), repeat)))
     # Added row, not one of the issue's: the same import by occlum exec in a started
     # instance, without run's fixed start, mount, commit and unmount (warm after the
     # first of the runs: the kernel keeps the union's pages while it stays mounted).
     _occlum("start", cwd=inst)
     try:
         exec_import = [sys.executable, "-m", "libos", "exec", "/bin/python3", "-c", PY_IMPORT]
-        rows.append(("py_import_exec", _timed(exec_import, inst, repeat, OURS), rows[1][2]))
+        peer = _plain(image, "/bin/python3", "-c", PY_IMPORT)
+        rows.append(("py_import_exec", *_paired(exec_import, inst, peer, repeat)))
     finally:
         _occlum("stop", cwd=inst)
     if txns:
