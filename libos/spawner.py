@@ -20,8 +20,8 @@ argv and environment), starts it with those fds as 0, 1, 2 and
 :data:`STATUS_FD` (and the pid namespace's fd as :data:`PIDNS_FD`), answers
 ``{"pid": N}`` or ``{"error": "..."}``, and once it has ended
 ``{"status": N}`` (as ``Popen.returncode``). When the control socket closes
-(the server ended or died), the spawner exits, and the programs with it
-(their bubblewrap has ``--die-with-parent``).
+(the server ended or died), the spawner exits; the programs end with the
+sandbox's pid namespace (its init, held by the server, dies with the server).
 """
 
 import array
