@@ -193,6 +193,8 @@ def _daemon(build, lock_fd: int, ready_w: int) -> None:
             if holder is not None:
                 holder.kill()
                 holder.proc.wait()
+            if server is not None:
+                server.spawner.close()  # out of the cgroups before they are removed
             if limits is not None:
                 release_limits(limits)
             if handle is not None and (server is None or not server.unmounted):

@@ -1,19 +1,21 @@
 """The client side of a started instance's socket, light enough to start fast.
 
 ``occlum exec`` is on the latency path of every program run in a started
-instance, so ``python -m libos exec`` comes here without importing click,
-trio or the filesystem stack (libos/__main__.py): the standard library and
-:mod:`occlumfs.errors` only. The rest of the client is libos/control.py.
+instance, so ``occlum exec`` (libos/entry.py) and ``python -m libos exec``
+come here without importing click, trio or the filesystem stack, and this
+module imports only C modules of the standard library (``_socket``,
+``_signal``, ``_json``: no ``socket``, ``json``, ``signal`` or ``enum``, a few
+ms of a ~25 ms exec) and :mod:`occlumfs.errors`. The rest of the client is
+libos/control.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import _signal
+import _socket
 import os
-import signal
-import socket
 import sys
+from _json import encode_basestring_ascii
 
 from occlumfs.errors import NotFoundError, OcclumfsError, UsageError
 
@@ -22,13 +24,13 @@ NOT_STARTED = "the instance is not started (occlum start)"
 DEFAULT_STOP_TIMEOUT = 3.0
 # What occlum run and occlum exec pass on to their programs.
 FORWARDED = (
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGWINCH,
-    signal.SIGTERM,
-    signal.SIGHUP,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
+    _signal.SIGINT,
+    _signal.SIGQUIT,
+    _signal.SIGWINCH,
+    _signal.SIGTERM,
+    _signal.SIGHUP,
+    _signal.SIGUSR1,
+    _signal.SIGUSR2,
 )
 
 
@@ -40,19 +42,23 @@ class ServerError(OcclumfsError):
         self.exit_code = code
 
 
-@contextlib.contextmanager
-def in_run_dir(run_dir: os.PathLike | str):
-    """The socket's address, whatever the length of the instance's path."""
-    fd = os.open(run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{fd}/{SOCKET_NAME}"
-    finally:
-        os.close(fd)
+class in_run_dir:
+    """``with in_run_dir(run_dir) as address``: the socket's address, whatever the
+    length of the instance's path."""
+
+    def __init__(self, run_dir: os.PathLike | str) -> None:
+        self.fd = os.open(run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def __enter__(self) -> str:
+        return f"/proc/self/fd/{self.fd}/{SOCKET_NAME}"
+
+    def __exit__(self, *_exc) -> None:
+        os.close(self.fd)
 
 
-def try_connect(run_dir: os.PathLike | str) -> socket.socket | None:
-    """A connection to the server, or None when nobody answers."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+def connect_raw(run_dir: os.PathLike | str) -> _socket.socket | None:
+    """A connection to the server (a bare ``_socket.socket``), or None when nobody answers."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         with in_run_dir(run_dir) as address:
             sock.connect(address)
@@ -65,10 +71,52 @@ def try_connect(run_dir: os.PathLike | str) -> socket.socket | None:
         raise
 
 
-def read_answer(sock: socket.socket) -> dict | None:
-    with sock.makefile("rb") as stream:
-        line = stream.readline()
-    return json.loads(line) if line else None
+def try_connect(run_dir: os.PathLike | str):
+    """A connection to the server (a ``socket.socket``), or None when nobody answers."""
+    import socket
+
+    sock = connect_raw(run_dir)
+    return None if sock is None else socket.socket(fileno=sock.detach())
+
+
+def read_answer(sock) -> dict | None:
+    """The server's one-line answer (None at end of file)."""
+    line = b""
+    while not line.endswith(b"\n"):
+        data = sock.recv(4096)
+        if not data:
+            break
+        line += data
+    return decode(line) if line else None
+
+
+def encode(value) -> bytes:
+    """JSON for what requests hold (str, int, None, lists and dicts of them), one line."""
+    return _encode(value).encode() + b"\n"
+
+
+def _encode(value) -> str:
+    if isinstance(value, str):
+        return encode_basestring_ascii(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_encode(k)}: {_encode(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_encode, value)) + "]"
+    if value is None:
+        return "null"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def decode(line: bytes) -> dict | None:
+    """An answer line; ``{"status": N}``, the common one, without importing json."""
+    head, _, rest = line.strip().partition(b'{"status": ')
+    if not head and rest.endswith(b"}") and rest[:-1].isdigit():
+        return {"status": int(rest[:-1])}
+    import json
+
+    return json.loads(line)
 
 
 def raise_if_error(answer: dict) -> dict:
@@ -137,29 +185,34 @@ def exec_program(root: str, args: list[str]) -> int:
     if not argv:
         raise UsageError(f"exec: no program given; usage: {EXEC_USAGE}")
     run_dir = os.path.join(root, "run")
-    sock = try_connect(run_dir) if os.path.isdir(run_dir) else None
+    sock = connect_raw(run_dir) if os.path.isdir(run_dir) else None
     if sock is None:
         from libos.control import recover
         from libos.instance import Instance
 
         recover(Instance.find(root))  # a server that died: say so, clean up
         raise NotFoundError(f"{root}: {NOT_STARTED}")
-    with sock:
-        message = json.dumps(
-            {"op": "exec", "argv": argv, "env": dict(os.environ), **options}
-        ).encode()
-        socket.send_fds(sock, [message + b"\n"], _stdio())
+    try:
+        message = encode({"op": "exec", "argv": argv, "env": dict(os.environ), **options})
+        fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in _stdio())
+        sent = sock.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+        if sent < len(message):  # a large environment
+            sock.sendall(message[sent:])
 
         def forward(signum, _frame):
-            with contextlib.suppress(OSError):
-                sock.sendall(json.dumps({"signal": signum}).encode() + b"\n")
+            try:  # noqa: SIM105 (contextlib is one import more)
+                sock.sendall(b'{"signal": %d}\n' % signum)
+            except OSError:
+                pass
 
-        saved = {s: signal.signal(s, forward) for s in FORWARDED}
+        saved = {s: _signal.signal(s, forward) for s in FORWARDED}
         try:
             answer = read_answer(sock)
         finally:
             for signum, handler in saved.items():
-                signal.signal(signum, handler)
+                _signal.signal(signum, handler)
+    finally:
+        sock.close()
     if answer is None:
         raise OcclumfsError(f"{root}: the instance's server died during the exec")
     return int(raise_if_error(answer)["status"])

@@ -4,11 +4,12 @@
 union once, makes an empty sandbox that stays up (:meth:`Sandbox.hold`), and
 serves ``run/occlum.sock`` with trio: one task per connection. An exec's
 program is spawned into the held sandbox's pid namespace
-(:meth:`Sandbox.joined`) with the stdin/stdout/stderr the client handed over
+(:meth:`Sandbox.joined`) by the spawner (libos/spawner.py, a process already
+in the sandbox's cgroups) with the stdin/stdout/stderr the client handed over
 (SCM_RIGHTS); its status goes back on the connection. Stop and kill signal
 the programs, end the sandbox, and commit and unmount before they answer.
 
-The protocol is JSON lines (libos/control.py is the client):
+The protocol is JSON lines (libos/protocol.py and libos/control.py are the client):
 ``{"op": "exec", "argv": [...], "env": {...}}`` with three fds, then
 ``{"signal": N}`` lines to forward; answers ``{"status": N}`` or
 ``{"error": "...", "code": N}``. ``{"op": "status"}``, ``{"op": "stop",
@@ -34,7 +35,7 @@ from libos.build import VerifiedBuild
 from libos.protocol import DEFAULT_STOP_TIMEOUT, SOCKET_NAME
 from libos.rootfs import RootfsHandle, is_dir_inside, unmount_rootfs
 from libos.run import check_entry_point, program_env
-from libos.sandbox import Sandbox, SandboxProcess, release_limits
+from libos.sandbox import Sandbox, SandboxProcess, Spawner, release_limits
 from occlumfs.errors import InUseError, NotFoundError, OcclumfsError, UsageError
 
 MAX_FDS = 3
@@ -118,6 +119,7 @@ class Server:
         self.handle = handle
         self.sandbox = sandbox
         self.joined = sandbox.joined(holder)
+        self.spawner = Spawner(self.joined)
         self.holder = holder
         self.block_w = block_w
         self.listener = listener
@@ -210,7 +212,9 @@ class Server:
             raise UsageError("exec: stdin, stdout and stderr must be handed over")
         program = argv[0]
         check_entry_point(program, self.build.config.entry_points)
-        if not os.path.lexists(self.handle.mountpoint / posixpath.relpath(program, "/")):
+        # access(F_OK), not lstat: no GETATTR for attributes the program's exec made stale.
+        inside = self.handle.mountpoint / posixpath.relpath(program, "/")
+        if not os.access(inside, os.F_OK, follow_symlinks=False):
             raise NotFoundError(f"{program}: no such program in the instance")
         cwd = request.get("cwd") or "/"
         if not isinstance(cwd, str) or not cwd.startswith("/"):
@@ -265,10 +269,11 @@ class Server:
     def _run(
         self, job: _Exec, argv: list[str], env: dict[str, str], cwd: str, fds: list[int]
     ) -> int:
-        """In a worker thread (it forks bwrap, whose parent-death signal follows this
-        thread, so the same thread waits): spawn, then wait."""
+        """In a worker thread: spawn (libos/spawner.py starts bubblewrap), then wait."""
         try:
-            proc = self.joined.spawn(argv, env, cwd=cwd, stdin=fds[0], stdout=fds[1], stderr=fds[2])
+            proc = self.spawner.spawn(
+                argv, env, cwd=cwd, stdin=fds[0], stdout=fds[1], stderr=fds[2]
+            )
         finally:
             for fd in fds:
                 os.close(fd)
@@ -309,6 +314,7 @@ class Server:
         await self.idle.wait()
         await self.holder_gone.wait()
         os.close(self.block_w)
+        await trio.to_thread.run_sync(self.spawner.close)
         os.close(self.joined.pidns_fd)
         release_limits(self.sandbox.limits)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -196,6 +197,34 @@ def test_a_server_killed_with_sigkill_is_noticed_and_recovered(built, occlum):
     finally:
         occlum("stop", cwd=built)
     assert_no_leftover_mounts(built)
+
+
+def test_exec_programs_are_held_to_the_sandbox_limits(built, occlum):
+    """The spawner that starts exec's programs joined the sandbox's cgroups (or took
+    its rlimits) once; every program it starts is held to them."""
+    config = json.loads((built / "Occlum.json").read_text())
+    config["resource_limits"].update(user_space_size="24MB", max_num_of_threads=8)
+    (built / "Occlum.json").write_text(json.dumps(config))
+    occlum("build", cwd=built)
+    started = occlum("start", cwd=built)
+    try:
+        forks = "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do busybox sleep 2 & done; wait; echo done"
+        many = occlum("exec", SH, "sh", "-c", forks, cwd=built, check=False)
+        big = occlum("exec", SH, "dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1",
+                     cwd=built, check=False)  # fmt: skip
+    finally:
+        occlum("stop", cwd=built)
+    assert "memory 24MB, 8 tasks" in started.stderr
+    assert big.returncode != 0  # 64 MiB in one buffer does not fit in 24 MiB
+    if "cgroup" in started.stderr:
+        assert "can't fork" in many.stderr or "Resource temporarily" in many.stderr, many.stderr
+    rlimits = {"OCCLUM_LIMITS": "rlimits"}
+    occlum("start", cwd=built, env=rlimits)
+    try:
+        limits = occlum("exec", SH, "sh", "-c", "ulimit -v; ulimit -s", cwd=built)
+    finally:
+        occlum("stop", cwd=built)
+    assert limits.stdout.split() == [str(24 * 1024), str(4 * 1024)]  # KiB: AS, stack
 
 
 def test_start_refuses_a_broken_build_in_one_line(built, occlum):
