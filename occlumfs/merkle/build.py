@@ -23,10 +23,8 @@ import hashlib
 import os
 import stat
 import struct
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -235,6 +233,8 @@ def build_image(
             # must not find its own scratch files in the tree.
             tree = scan_directory(source)
             return _Builder(tree, key, source_date_epoch, jobs, progress).write(image)
+        import tempfile  # only a tar source needs a scratch directory
+
         with tempfile.TemporaryDirectory(prefix=".occlumfs-build-", dir=image_dir) as scratch:
             tree = scan_tar(source, Path(scratch) / "spool")
             return _Builder(tree, key, source_date_epoch, jobs, progress).write(image)
@@ -255,11 +255,12 @@ class _Builder:
             self.keys = ImageKeys(key)
         self.clamp_ns = None if source_date_epoch is None else source_date_epoch * 1_000_000_000
         self.jobs = jobs
+        self._pool = None
         self.progress = progress
         self.order, self.ino_of, self.links = _number_inodes(tree)
 
     # -- pass 2: hashing -------------------------------------------------------------
-    def _hash_files(self, pool: ThreadPoolExecutor) -> dict[int, _Hashed]:
+    def _hash_files(self) -> dict[int, _Hashed]:
         files = [n for n in self.order if n.content is not None]
         tasks = []
         for node in files:
@@ -276,11 +277,7 @@ class _Builder:
             batches[-1].append(task)
             batch_bytes += task[2] - task[1]
         results: dict[int, _Hashed] = {id(n): _Hashed() for n in files}
-        if self.jobs > 1 and len(batches) > 1 and len(batches) <= MAX_ITEMS and can_fork():
-            # Processes, not threads: hashing 4 KiB at a time holds the GIL.
-            mapped = fork_map(_hash_batch, batches, self.jobs)
-        else:
-            mapped = pool.map(_hash_batch, batches)
+        mapped = self._map(_hash_batch, batches)
         for batch, batch_runs in zip(batches, mapped, strict=True):
             for (node, start, end), runs in zip(batch, batch_runs, strict=True):
                 hashed = results[id(node)]
@@ -289,6 +286,23 @@ class _Builder:
                 if self.progress is not None:
                     self.progress(end - start)
         return results
+
+    def _map(self, func: Callable, batches: list) -> list:
+        """``[func(b) for b in batches]`` in forked processes when this process may
+        fork, else in the thread pool: per-file Python work (hashing 4 KiB at a
+        time, a copy's open/close) holds the GIL, so two threads are no faster
+        than one (docs/performance.md, issue 11)."""
+        if self.jobs > 1 and len(batches) > 1 and len(batches) <= MAX_ITEMS and can_fork():
+            return fork_map(func, batches, self.jobs)
+        return list(self._threads().map(func, batches))
+
+    def _threads(self):
+        """The build's thread pool, started on first use (a forked build needs none)."""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="mkimage")
+        return self._pool
 
     # -- pass 3: placement -------------------------------------------------------------
     def _place(self, hashed: dict[int, _Hashed]) -> tuple[list[_Placed], dict[int, _Placed]]:
@@ -381,8 +395,11 @@ class _Builder:
         tmp = image.with_name(f".{image.name}.tmp-{os.getpid()}")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            with ThreadPoolExecutor(self.jobs, thread_name_prefix="mkimage") as pool:
-                desc = self._write_into(fd, pool)
+            try:
+                desc = self._write_into(fd)
+            finally:
+                if self._pool is not None:
+                    self._pool.shutdown()
             # No fsync: readers only ever see a complete image (the rename is
             # atomic), and an image a power cut left half-written on disk fails
             # verification like any other damage; `sync` makes it durable.
@@ -405,8 +422,8 @@ class _Builder:
                 if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != c.stamp:
                     raise OcclumfsError(f"{os.fsdecode(c.path)}: changed during the build")
 
-    def _write_into(self, fd: int, pool: ThreadPoolExecutor) -> Descriptor:
-        hashed = self._hash_files(pool)
+    def _write_into(self, fd: int) -> Descriptor:
+        hashed = self._hash_files()
         placed, of_node = self._place(hashed)
         table, heap = self._metadata(of_node)
         data_blocks = sum(len(p.hashes) // HASH_SIZE for p in placed)
@@ -419,13 +436,13 @@ class _Builder:
         self._write_plain_region(fd, layout.inode_start, pad_block(table), leaves, seals)
         self._write_plain_region(fd, layout.heap_start, pad_block(heap), leaves, seals)
         if encrypted:
-            self._seal_data(fd, pool, layout, placed, leaves, seals)
+            self._seal_data(fd, layout, placed, leaves, seals)
             seal_bytes = pad_block(bytes(seals))
             os.pwrite(fd, seal_bytes, layout.seal_start * BLOCK_SIZE)
             at = (layout.seal_start - 1) * HASH_SIZE
             leaves[at : at + layout.seal_blocks * HASH_SIZE] = hash_blocks(seal_bytes)
         else:
-            self._copy_data(fd, pool, layout, placed, leaves)
+            self._copy_data(fd, layout, placed, leaves)
 
         levels, root = build_levels(bytes(leaves), layout.tree)
         os.pwrite(fd, b"".join(levels), layout.tree_start * BLOCK_SIZE)
@@ -462,8 +479,8 @@ class _Builder:
         at = (first_block - 1) * HASH_SIZE
         leaves[at : at + len(data) // BLOCK_SIZE * HASH_SIZE] = hash_blocks(data)
 
-    def _copy_data(self, fd, pool, layout: Layout, placed: list[_Placed], leaves) -> None:
-        """Copy each placed content file to file, in the pool (copy_file_range drops the GIL)."""
+    def _copy_data(self, fd, layout: Layout, placed: list[_Placed], leaves) -> None:
+        """Copy each placed content file to file, in workers (as the hashing)."""
         at = (layout.data_start - 1) * HASH_SIZE
         batches: list[list[_Placed]] = [[]]
         batch_bytes = 0
@@ -481,10 +498,9 @@ class _Builder:
             for p in batch:
                 _copy_placed(p, fd, layout.data_start + p.data_block)
 
-        for _ in pool.map(copy, batches):
-            pass
+        self._map(copy, batches)
 
-    def _seal_data(self, fd, pool, layout: Layout, placed, leaves, seals) -> None:
+    def _seal_data(self, fd, layout: Layout, placed, leaves, seals) -> None:
         tasks = []
         for p in placed:
             block = layout.data_start + p.data_block
@@ -516,7 +532,7 @@ class _Builder:
             os.pwrite(fd, out, block * BLOCK_SIZE)
             leaves[(block - 1) * HASH_SIZE : (block - 1 + n) * HASH_SIZE] = hash_blocks(out)
 
-        for _ in pool.map(seal, tasks):
+        for _ in self._threads().map(seal, tasks):
             pass
 
 
