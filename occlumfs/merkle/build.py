@@ -5,12 +5,12 @@ The build runs in passes so that the output depends only on the tree:
 1. scan the source into memory (metadata only) and number the inodes in
    depth-first pre-order of byte-sorted names (root = 1; a hard link takes the
    number of its first occurrence);
-2. hash every regular file in a pool of ``jobs`` threads (hashlib releases
-   the GIL while it hashes a block; the per-block Python work does not, so on
-   a small machine the gain is modest), skipping holes and all-zero blocks,
-   which become holes in the image;
+2. hash every regular file in ``jobs`` forked processes (or, where this
+   process may not fork, threads: the per-block Python work holds the GIL),
+   skipping holes and all-zero blocks, which become holes in the image;
 3. place each distinct content once in the data region, in inode order;
-4. serialise the inode table and the heap, then write the data (copied, or
+4. serialise the inode table and the heap, then write the data (written by the
+   processes that hashed it, from the bytes they still hold, or copied, or
    sealed in parallel for an encrypted image), the seal table, the Merkle tree
    and last the header (with its MAC under the image key when encrypted), into
    a temporary file renamed over the target.
@@ -18,17 +18,24 @@ The build runs in passes so that the output depends only on the tree:
 
 from __future__ import annotations
 
-import errno
+import functools
 import hashlib
 import os
 import stat
 import struct
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
+from occlumfs.merkle.filedata import (
+    Segment,
+    Task,
+    copy_segments,
+    hash_and_hold,
+    hash_batch,
+    write_held,
+)
 from occlumfs.merkle.forkmap import MAX_ITEMS, can_fork, fork_map
 from occlumfs.merkle.format import (
     BLOCK_SIZE,
@@ -40,7 +47,6 @@ from occlumfs.merkle.format import (
     FLAG_XATTRS,
     HASH_SIZE,
     SEAL_SIZE,
-    ZERO_BLOCK,
     Descriptor,
     InodeRecord,
     Layout,
@@ -51,12 +57,9 @@ from occlumfs.merkle.format import (
 from occlumfs.merkle.source import Content, SourceNode, scan_directory, scan_tar
 from occlumfs.merkle.tree import build_levels, hash_blocks, pad_block
 
-ZERO_RUN = bytes(64)
-SMALL_FILE = 1 << 20
 BATCH_BYTES = 4 << 20
 BATCH_FILES = 256
 CHUNK = 8 << 20  # one hashing task reads at most this much of a file
-READ = 1 << 20
 
 
 @dataclass(slots=True)
@@ -73,100 +76,6 @@ class _Hashed:
         else:
             self.runs.append([first, count])
         self.hashes.append(hashes)
-
-
-def _data_segments(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """Block-aligned [a, b) ranges of [start, end) that may hold data (holes skipped)."""
-    if end - start <= SMALL_FILE:
-        # Reading a small file whole costs less than asking where its holes
-        # are; zero blocks become holes all the same.
-        yield start, end
-        return
-    pos = start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return
-            if exc.errno == errno.EINVAL:  # no SEEK_DATA here: treat all as data
-                yield pos, end
-                return
-            raise
-        if data >= end:
-            return
-        hole = os.lseek(fd, data, os.SEEK_HOLE)
-        a = data - data % BLOCK_SIZE
-        b = min(end, -(-hole // BLOCK_SIZE) * BLOCK_SIZE)
-        yield max(a, pos), b
-        pos = b
-
-
-_thread_state = threading.local()
-
-
-def _read_area() -> bytearray:
-    """This thread's read buffer: reused, so reading costs no fresh page faults."""
-    area = getattr(_thread_state, "area", None)
-    if area is None:
-        area = _thread_state.area = bytearray(READ)
-    return area
-
-
-def _hash_buffer(buf: bytes | bytearray, got: int, first_block: int, out: list) -> None:
-    """Append (first block, hashes of the run) for each run of non-zero blocks of
-    ``buf[:got]``, whose first block is file block ``first_block``."""
-    mv = memoryview(buf)[:got]
-    run_first = first_block
-    run: list[bytes] = []
-    first_off = 0
-    full = got - got % BLOCK_SIZE
-    if full and buf.find(ZERO_RUN, 0, full) < 0:
-        # No all-zero block can hide in a buffer without 64 zeros in a row:
-        # hash its whole blocks as one run, without copies.
-        run.append(hash_blocks(mv[:full]))
-        first_off = full
-    for off in range(first_off, got, BLOCK_SIZE):
-        n = min(BLOCK_SIZE, got - off)
-        zeros = ZERO_BLOCK if n == BLOCK_SIZE else ZERO_BLOCK[:n]
-        if buf.startswith(zeros, off, off + n):  # an all-zero block becomes a hole
-            if run:
-                out.append((run_first, b"".join(run)))
-                run = []
-            continue
-        if not run:
-            run_first = first_block + off // BLOCK_SIZE
-        h = hashlib.sha256(mv[off : off + n])
-        if n < BLOCK_SIZE:
-            h.update(ZERO_BLOCK[n:])
-        run.append(h.digest())
-    if run:
-        out.append((run_first, b"".join(run)))
-
-
-def _hash_chunk(content: Content, start: int, end: int) -> list[tuple[int, bytes]]:
-    """Hash logical bytes [start, end) of a file: [(first block, hashes of the run)]."""
-    out: list[tuple[int, bytes]] = []
-    base = content.offset
-    fd = os.open(content.path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        area = _read_area()
-        for seg_a, seg_b in _data_segments(fd, base + start, base + end):
-            pos = seg_a
-            while pos < seg_b:
-                want = min(READ, seg_b - pos)
-                got = os.preadv(fd, [memoryview(area)[:want]], pos)
-                if got != want and pos + got != base + content.size:
-                    raise OcclumfsError(f"{os.fsdecode(content.path)}: changed during the build")
-                _hash_buffer(area, got, (pos - base) // BLOCK_SIZE, out)
-                pos += want
-    finally:
-        os.close(fd)
-    return out
-
-
-def _hash_batch(batch: list[tuple[SourceNode, int, int]]) -> list[list[tuple[int, bytes]]]:
-    return [_hash_chunk(node.content, start, end) for node, start, end in batch]
 
 
 @dataclass(slots=True)
@@ -260,15 +169,16 @@ class _Builder:
         self.order, self.ino_of, self.links = _number_inodes(tree)
 
     # -- pass 2: hashing -------------------------------------------------------------
-    def _hash_files(self) -> dict[int, _Hashed]:
-        files = [n for n in self.order if n.content is not None]
+    def _batches(self) -> list[list[Task]]:
         tasks = []
-        for node in files:
+        for node in self.order:
+            if node.content is None:
+                continue
             size = node.content.size
             for start in range(0, size, CHUNK):
                 tasks.append((node, start, min(size, start + CHUNK)))
-        # Small files travel in batches: one pool hand-off per few MiB, not per file.
-        batches: list[list[tuple[SourceNode, int, int]]] = []
+        # Small files travel in batches: one hand-off per few MiB, not per file.
+        batches: list[list[Task]] = []
         batch_bytes = 0
         for task in tasks:
             if not batches or batch_bytes >= BATCH_BYTES or len(batches[-1]) >= BATCH_FILES:
@@ -276,8 +186,10 @@ class _Builder:
                 batch_bytes = 0
             batches[-1].append(task)
             batch_bytes += task[2] - task[1]
-        results: dict[int, _Hashed] = {id(n): _Hashed() for n in files}
-        mapped = self._map(_hash_batch, batches)
+        return batches
+
+    def _hashed(self, batches: list[list[Task]], mapped: list) -> dict[int, _Hashed]:
+        results = {id(n): _Hashed() for n in self.order if n.content is not None}
         for batch, batch_runs in zip(batches, mapped, strict=True):
             for (node, start, end), runs in zip(batch, batch_runs, strict=True):
                 hashed = results[id(node)]
@@ -292,9 +204,12 @@ class _Builder:
         fork, else in the thread pool: per-file Python work (hashing 4 KiB at a
         time, a copy's open/close) holds the GIL, so two threads are no faster
         than one (docs/performance.md, issue 11)."""
-        if self.jobs > 1 and len(batches) > 1 and len(batches) <= MAX_ITEMS and can_fork():
+        if self._may_fork(batches):
             return fork_map(func, batches, self.jobs)
         return list(self._threads().map(func, batches))
+
+    def _may_fork(self, batches: list) -> bool:
+        return self.jobs > 1 and 1 < len(batches) <= MAX_ITEMS and can_fork()
 
     def _threads(self):
         """The build's thread pool, started on first use (a forked build needs none)."""
@@ -422,14 +337,41 @@ class _Builder:
                 if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != c.stamp:
                     raise OcclumfsError(f"{os.fsdecode(c.path)}: changed during the build")
 
-    def _write_into(self, fd: int) -> Descriptor:
-        hashed = self._hash_files()
-        placed, of_node = self._place(hashed)
+    def _lay_out(self, fd: int, batches: list[list[Task]], mapped: list) -> tuple:
+        """Passes 3 and 4 from the hashes: placed contents, the table, the heap, the layout."""
+        placed, of_node = self._place(self._hashed(batches, mapped))
         table, heap = self._metadata(of_node)
         data_blocks = sum(len(p.hashes) // HASH_SIZE for p in placed)
-        encrypted = self.keys is not None
-        layout = Layout.compute(len(self.order), len(heap), data_blocks, encrypted)
+        layout = Layout.compute(len(self.order), len(heap), data_blocks, self.keys is not None)
         os.ftruncate(fd, layout.image_blocks * BLOCK_SIZE)
+        return placed, of_node, table, heap, layout
+
+    def _write_into(self, fd: int) -> Descriptor:
+        batches = self._batches()
+        encrypted = self.keys is not None
+        if not encrypted and self._may_fork(batches):
+            # The hashing processes write the data too, once it is placed.
+            parts = []
+
+            def plan(mapped: list) -> list:
+                parts.extend(self._lay_out(fd, batches, mapped))
+                data_start = parts[4].data_start
+                return [[_segments(parts[1], task, data_start) for task in b] for b in batches]
+
+            fork_map(
+                hash_and_hold,
+                batches,
+                self.jobs,
+                plan=plan,
+                finish=functools.partial(write_held, fd),
+            )
+            placed, _, table, heap, layout = parts
+        else:
+            mapped = self._map(hash_batch, batches)
+            placed, _, table, heap, layout = self._lay_out(fd, batches, mapped)
+            if not encrypted:
+                self._copy_data(fd, layout, placed)
+        data_blocks = layout.seal_start - layout.data_start
         leaves = bytearray(layout.covered_blocks * HASH_SIZE)
         seals = bytearray((layout.seal_start - 1) * SEAL_SIZE) if encrypted else None
 
@@ -442,7 +384,9 @@ class _Builder:
             at = (layout.seal_start - 1) * HASH_SIZE
             leaves[at : at + layout.seal_blocks * HASH_SIZE] = hash_blocks(seal_bytes)
         else:
-            self._copy_data(fd, layout, placed, leaves)
+            at = (layout.data_start - 1) * HASH_SIZE
+            hashes = b"".join(p.hashes for p in placed)
+            leaves[at : at + len(hashes)] = hashes
 
         levels, root = build_levels(bytes(leaves), layout.tree)
         os.pwrite(fd, b"".join(levels), layout.tree_start * BLOCK_SIZE)
@@ -479,14 +423,11 @@ class _Builder:
         at = (first_block - 1) * HASH_SIZE
         leaves[at : at + len(data) // BLOCK_SIZE * HASH_SIZE] = hash_blocks(data)
 
-    def _copy_data(self, fd, layout: Layout, placed: list[_Placed], leaves) -> None:
-        """Copy each placed content file to file, in workers (as the hashing)."""
-        at = (layout.data_start - 1) * HASH_SIZE
+    def _copy_data(self, fd, layout: Layout, placed: list[_Placed]) -> None:
+        """Copy each placed content from its source file, in the thread pool."""
         batches: list[list[_Placed]] = [[]]
         batch_bytes = 0
         for p in placed:
-            leaves[at : at + len(p.hashes)] = p.hashes
-            at += len(p.hashes)
             # Small contents travel in batches: one pool hand-off per few MiB.
             if batch_bytes >= BATCH_BYTES or len(batches[-1]) >= BATCH_FILES:
                 batches.append([])
@@ -496,7 +437,8 @@ class _Builder:
 
         def copy(batch: list[_Placed]) -> None:
             for p in batch:
-                _copy_placed(p, fd, layout.data_start + p.data_block)
+                whole = (None, 0, p.content.size)
+                copy_segments(p.content, 0, _placed_segments(p, whole, layout.data_start), fd)
 
         self._map(copy, batches)
 
@@ -536,32 +478,25 @@ class _Builder:
             pass
 
 
-def _copy_placed(p: _Placed, fd: int, block: int) -> None:
-    """Copy the runs of one placed content from its source file to ``block`` on."""
-    src = os.open(p.content.path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        for first, count in p.runs:
-            src_off = p.content.offset + first * BLOCK_SIZE
-            length = min(count * BLOCK_SIZE, p.content.size - first * BLOCK_SIZE)
-            _copy_range(src, fd, src_off, block * BLOCK_SIZE, length)
-            block += count
-    finally:
-        os.close(src)
+def _segments(of_node: dict[int, _Placed], task: Task, data_start: int) -> list[Segment] | None:
+    """Where the bytes a hashing task read go in the image; None if the task's
+    file is not the one its content is copied from (a duplicate)."""
+    node = task[0]
+    p = of_node[id(node)]
+    if p.content is not node.content:
+        return None
+    return _placed_segments(p, task, data_start)
 
 
-def _copy_range(src: int, dst: int, src_off: int, dst_off: int, length: int) -> None:
-    while length > 0:
-        try:
-            done = os.copy_file_range(src, dst, length, src_off, dst_off)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-            done = 0
-        if done == 0:
-            buf = os.pread(src, min(length, READ), src_off)
-            if not buf:
-                raise OcclumfsError("a source file shrank during the build")
-            done = os.pwrite(dst, buf, dst_off)
-        src_off += done
-        dst_off += done
-        length -= done
+def _placed_segments(p: _Placed, task: Task, data_start: int) -> list[Segment]:
+    """The stored runs of ``p`` within the task's byte range [start, end), as segments."""
+    _, start, end = task
+    out = []
+    block = data_start + p.data_block
+    for first, count in p.runs:
+        a = max(start, first * BLOCK_SIZE)
+        b = min(end, (first + count) * BLOCK_SIZE, p.content.size)
+        if a < b:
+            out.append((a - start, b - a, (block + a // BLOCK_SIZE - first) * BLOCK_SIZE))
+        block += count
+    return out

@@ -74,12 +74,12 @@ def too_many_items() -> None:
 
 
 def build_forked(src: str, image: str) -> None:
-    """Build with forked hashing and copying (checked), print the digest."""
+    """Build with forked hashing and writing (checked), print the digest."""
     calls = []
     real = build.fork_map
-    build.fork_map = lambda func, *a: calls.append(func.__name__) or real(func, *a)
+    build.fork_map = lambda func, *a, **kw: calls.append(func.__name__) or real(func, *a, **kw)
     print(build_image(Path(src), Path(image), jobs=2))
-    assert calls == ["_hash_batch", "copy"], calls  # hashing, then the copy into the image
+    assert calls == ["hash_and_hold"], calls  # one set of workers hashes and writes
     assert no_children_left()
 
 
