@@ -90,9 +90,17 @@ def plain_mkimage(argv: list[str]) -> tuple[Path, Path, int | None] | None:
         if jobs is not None or value is None or not value.isdecimal() or not int(value) >= 1:
             return None
         jobs = value
-    if len(paths) != 2:
+    if len(paths) != 2 or not all(_click_accepts(p, i == 1) for i, p in enumerate(paths)):
         return None
     return Path(paths[0]), Path(paths[1]), None if jobs is None else int(jobs)
+
+
+def _click_accepts(path: str, is_image: bool) -> bool:
+    """What click's checks of an existing path (``click.Path``) would let through:
+    a readable path, not a directory for IMAGE."""
+    if not os.path.exists(path):
+        return True
+    return not (is_image and os.path.isdir(path)) and os.access(path, os.R_OK)
 
 
 def run_plain(argv: list[str]) -> int | None:

@@ -73,6 +73,75 @@ def too_many_items() -> None:
     raise AssertionError("no error")
 
 
+def _keep(n: int) -> tuple[int, tuple[int, int]]:
+    return n * n, (n, os.getpid())
+
+
+def two_rounds() -> None:
+    """Each item's kept value reaches its plan in the worker that computed it."""
+    seen_r, seen_w = os.pipe()
+    items = list(range(200))
+
+    def finish(kept, plan) -> None:
+        n, pid = kept
+        assert pid == os.getpid() and plan == n + 1000, (kept, plan)
+        os.write(seen_w, f"{n}\n".encode())
+
+    got = fork_map(
+        _keep, items, 2, plan=lambda results: [r**0.5 + 1000 for r in results], finish=finish
+    )
+    os.close(seen_w)
+    with os.fdopen(seen_r) as seen:
+        finished = sorted(int(line) for line in seen)
+    assert got == [n * n for n in items]
+    assert finished == items
+    assert no_children_left()
+
+
+def second_round_errors() -> None:
+    def finish(kept, plan) -> None:
+        if kept[0] in (9, 4):
+            raise OcclumfsError(f"cannot finish {kept[0]}")
+
+    try:
+        fork_map(_keep, list(range(12)), 2, plan=lambda r: r, finish=finish)
+    except OcclumfsError as exc:
+        assert str(exc) == "cannot finish 4", exc
+    else:
+        raise AssertionError("no error")
+    assert no_children_left()
+
+    def die(kept, plan) -> None:
+        os._exit(3)
+
+    try:
+        fork_map(_keep, list(range(12)), 2, plan=lambda r: r, finish=die)
+    except OcclumfsError as exc:
+        assert "died before finishing" in str(exc), exc
+    else:
+        raise AssertionError("no error")
+    assert no_children_left()
+
+    def bad_plan(results):
+        raise OcclumfsError("no plan")
+
+    try:
+        fork_map(_keep, list(range(12)), 2, plan=bad_plan, finish=die)
+    except OcclumfsError as exc:
+        assert str(exc) == "no plan", exc
+    else:
+        raise AssertionError("no error")
+    assert no_children_left()
+
+
+def build_forked_small_arena(src: str, image: str) -> None:
+    """A forked build whose workers can hold only a few blocks: the rest is copied."""
+    from occlumfs.merkle import filedata
+
+    filedata.HOLD_BYTES = 3 * 4096
+    build_forked(src, image)
+
+
 def build_forked(src: str, image: str) -> None:
     """Build with forked hashing and writing (checked), print the digest."""
     calls = []
