@@ -31,6 +31,7 @@ from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
 from occlumfs.merkle.filedata import (
     Segment,
     Task,
+    check_unchanged,
     copy_segments,
     hash_and_hold,
     hash_batch,
@@ -165,6 +166,7 @@ class _Builder:
         self.clamp_ns = None if source_date_epoch is None else source_date_epoch * 1_000_000_000
         self.jobs = jobs
         self._pool = None
+        self._checked = False
         self.progress = progress
         self.order, self.ino_of, self.links = _number_inodes(tree)
 
@@ -330,12 +332,11 @@ class _Builder:
         return desc.digest()
 
     def _check_unchanged(self) -> None:
+        if self._checked:
+            return  # by the workers that wrote the data, after writing it
         for node in self.order:
-            c = node.content
-            if c is not None and c.stamp is not None:
-                st = os.lstat(c.path)
-                if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != c.stamp:
-                    raise OcclumfsError(f"{os.fsdecode(c.path)}: changed during the build")
+            if node.content is not None:
+                check_unchanged(node.content)
 
     def _lay_out(self, fd: int, batches: list[list[Task]], mapped: list) -> tuple:
         """Passes 3 and 4 from the hashes: placed contents, the table, the heap, the layout."""
@@ -366,6 +367,7 @@ class _Builder:
                 finish=functools.partial(write_held, fd),
             )
             placed, _, table, heap, layout = parts
+            self._checked = True
         else:
             mapped = self._map(hash_batch, batches)
             placed, _, table, heap, layout = self._lay_out(fd, batches, mapped)

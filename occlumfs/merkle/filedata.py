@@ -194,7 +194,8 @@ _ARENA = _Arena()  # a forked worker's own (the builder's process never fills it
 
 def write_held(fd: int, kept: tuple[list[Task], list], plans: list[list[Segment] | None]) -> None:
     """Write one batch's planned segments into the image ``fd``: held files from
-    memory, contiguous ones in one ``pwritev``; the others copied from their source."""
+    memory, contiguous ones in one ``pwritev``; the others copied from their source.
+    Then check that none of the batch's files changed since the scan."""
     batch, held = kept
     out = _Writer(fd)
     for (node, start, _end), buf, segments in zip(batch, held, plans, strict=True):
@@ -207,6 +208,17 @@ def write_held(fd: int, kept: tuple[list[Task], list], plans: list[list[Segment]
         for off, length, at in segments:
             out.add(buf[off : off + -(-length // BLOCK_SIZE) * BLOCK_SIZE], at)
     out.flush()
+    for node, _start, _end in batch:
+        check_unchanged(node.content)
+
+
+def check_unchanged(content: Content) -> None:
+    """Raise if a source file's size or times moved since the scan (it changed
+    while the build read it)."""
+    if content.stamp is not None:
+        st = os.lstat(content.path)
+        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != content.stamp:
+            raise OcclumfsError(f"{os.fsdecode(content.path)}: changed during the build")
 
 
 class _Writer:

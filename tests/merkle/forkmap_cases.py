@@ -170,5 +170,24 @@ def build_error(src: str, image: str, victim: str) -> None:
     assert no_children_left()
 
 
+def build_changed(src: str, image: str, victim: str) -> None:
+    """Rewrite ``victim`` (same size) between the scan and the hashing; print the error."""
+    scan = build.scan_directory
+
+    def scan_then_rewrite(root):
+        tree = scan(root)
+        data = Path(victim).read_bytes()
+        Path(victim).write_bytes(data[::-1])
+        return tree
+
+    build.scan_directory = scan_then_rewrite
+    assert can_fork()
+    try:
+        build_image(Path(src), Path(image), jobs=2)
+    except OcclumfsError as exc:
+        print(exc)
+    assert no_children_left()
+
+
 if __name__ == "__main__":
     globals()[sys.argv[1]](*sys.argv[2:])

@@ -111,3 +111,28 @@ def test_the_same_error_from_hashing_threads(tmp_path, monkeypatch):
         build_image(src, tmp_path / "out.img", jobs=2)
     assert str(raised.value) == f"mkimage: {victim}: No such file or directory"
     assert list(tmp_path.iterdir()) == [src]
+
+
+def test_a_source_file_changed_during_the_build_is_caught_forked_or_threaded(tmp_path, monkeypatch):
+    src, victim = _many_files(tmp_path)
+    victim.write_bytes(b"ab" * 2500)  # same size as the others, not all one byte
+    os.utime(victim, ns=(10**18, 10**18))  # so that the rewrite surely moves its mtime
+    out = _fresh("build_changed", src, tmp_path / "out.img", victim)
+    assert out == f"{victim}: changed during the build\n"
+    assert list(tmp_path.iterdir()) == [src]
+
+    scan = build.scan_directory
+
+    def scan_then_rewrite(root):
+        tree = scan(root)
+        victim.write_bytes(b"ba" * 2500)
+        return tree
+
+    os.utime(victim, ns=(10**18, 10**18))
+
+    monkeypatch.setattr(build, "scan_directory", scan_then_rewrite)
+    monkeypatch.setattr(build, "can_fork", lambda: False)
+    with pytest.raises(OcclumfsError) as raised:
+        build_image(src, tmp_path / "out.img", jobs=2)
+    assert str(raised.value) == f"{victim}: changed during the build"
+    assert list(tmp_path.iterdir()) == [src]
