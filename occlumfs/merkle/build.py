@@ -24,7 +24,6 @@ import os
 import stat
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
@@ -63,12 +62,14 @@ BATCH_FILES = 256
 CHUNK = 8 << 20  # one hashing task reads at most this much of a file
 
 
-@dataclass(slots=True)
 class _Hashed:
     """A file's non-zero blocks: runs of (first file block, count) and their hashes."""
 
-    runs: list[list[int]] = field(default_factory=list)
-    hashes: list[bytes] = field(default_factory=list)
+    __slots__ = ("hashes", "runs")
+
+    def __init__(self) -> None:
+        self.runs: list[list[int]] = []
+        self.hashes: list[bytes] = []
 
     def add(self, first: int, hashes: bytes) -> None:
         count = len(hashes) // HASH_SIZE
@@ -79,15 +80,18 @@ class _Hashed:
         self.hashes.append(hashes)
 
 
-@dataclass(slots=True)
 class _Placed:
-    """A distinct content in the data region."""
+    """A distinct content in the data region (``data_block``: its first block,
+    relative to the data region)."""
 
-    content: Content
-    data_block: int  # first block, relative to the data region
-    runs: list[list[int]]
-    hashes: bytes
-    heap_ref: int = -1
+    __slots__ = ("content", "data_block", "hashes", "heap_ref", "runs")
+
+    def __init__(self, content: Content, data_block: int, runs: list, hashes: bytes) -> None:
+        self.content = content
+        self.data_block = data_block
+        self.runs = runs
+        self.hashes = hashes
+        self.heap_ref = -1
 
 
 def _number_inodes(root: SourceNode) -> tuple[list[SourceNode], dict[int, int], dict[int, int]]:
@@ -208,6 +212,8 @@ class _Builder:
         than one (docs/performance.md, issue 11)."""
         if self._may_fork(batches):
             return fork_map(func, batches, self.jobs)
+        if self.jobs == 1 or len(batches) <= 1:
+            return [func(batch) for batch in batches]
         return list(self._threads().map(func, batches))
 
     def _may_fork(self, batches: list) -> bool:

@@ -28,9 +28,12 @@ import signal
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from occlumfs.errors import OcclumfsError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing
+if TYPE_CHECKING:
+    from typing import Any
 
 _INDEX = struct.Struct("<I")
 _LENGTH = struct.Struct("<Q")
