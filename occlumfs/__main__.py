@@ -1,5 +1,6 @@
 """``python -m occlumfs`` and the ``occlumfs`` command (pyproject's entry point)."""
 
+import os
 import sys
 
 
@@ -8,7 +9,11 @@ def main() -> None:
 
     code = run_plain(sys.argv[1:])
     if code is not None:
-        sys.exit(code)
+        # All is written (the image renamed into place, its digest printed):
+        # skip tearing the interpreter down, ~7 ms after a large build.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     from occlumfs.cli import main as group
 
     group(prog_name="occlumfs")
