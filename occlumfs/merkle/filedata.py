@@ -13,7 +13,6 @@ the source file, as a build in threads does.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import mmap
@@ -30,6 +29,7 @@ ZERO_RUN = bytes(64)
 SMALL_FILE = 1 << 20
 READ = 1 << 20
 HOLD_BYTES = 128 << 20  # what one forked worker keeps of the files it hashed
+ARENA_CHUNK = 16 << 20
 IOV_MAX = 1024
 
 Task = tuple[SourceNode, int, int]  # a file and the byte range [start, end) of it to hash
@@ -161,29 +161,35 @@ def hash_and_hold(batch: list[Task]) -> tuple[list[Runs], tuple[list[Task], list
 
 
 class _Arena:
-    """Where a forked worker keeps the files it hashed: one anonymous mapping of
-    :data:`HOLD_BYTES`, handed out front to back in whole blocks, never reused.
+    """Where a forked worker keeps the files it hashed, up to :data:`HOLD_BYTES`:
+    anonymous mappings of :data:`ARENA_CHUNK` handed out front to back in whole
+    blocks, never reused (so the zeros after each file stay zeros).
 
-    Pages are only allocated as files are read into them, in huge pages where the
-    system allows: fresh memory in small pieces costs a page fault per 4 KiB,
-    which undid the saving of writing from memory (docs/performance.md, issue 11).
+    Each chunk is populated when mapped: fresh memory faulted in 4 KiB at a time
+    cost about as much as writing from memory saved. Huge pages (MADV_HUGEPAGE)
+    were cheaper still on a quiet machine, but stalled in compaction on a busy one
+    (docs/performance.md, issue 11).
     """
 
     def __init__(self) -> None:
-        self.map: mmap.mmap | None = None
+        self.map: mmap.mmap | None = None  # the current chunk
         self.view = memoryview(b"")
-        self.used = 0
+        self.used = 0  # of the current chunk
+        self.mapped = 0  # all chunks
 
     def take(self, size: int) -> int:
-        """Where ``size`` bytes may go (a block boundary), or -1 when it is full."""
+        """Where ``size`` bytes may go in the current chunk (a block boundary), or -1
+        when the arena is full."""
         padded = -(-size // BLOCK_SIZE) * BLOCK_SIZE
-        if self.used + padded > HOLD_BYTES:
-            return -1
-        if self.map is None:
-            self.map = mmap.mmap(-1, HOLD_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            with contextlib.suppress(AttributeError, OSError):
-                self.map.madvise(mmap.MADV_HUGEPAGE)
+        if self.map is None or self.used + padded > len(self.map):
+            chunk = min(ARENA_CHUNK, HOLD_BYTES)
+            if padded > chunk or self.mapped + chunk > HOLD_BYTES:
+                return -1
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+            self.map = mmap.mmap(-1, chunk, flags=flags)
             self.view = memoryview(self.map)
+            self.used = 0
+            self.mapped += chunk
         at = self.used
         self.used += padded
         return at
