@@ -46,9 +46,9 @@ from occlumfs.merkle.format import (
     FLAG_ENCRYPTED,
     FLAG_XATTRS,
     HASH_SIZE,
+    INODE,
     SEAL_SIZE,
     Descriptor,
-    InodeRecord,
     Layout,
     dir_size,
     name_problem,
@@ -256,61 +256,69 @@ class _Builder:
         heap = bytearray()
         table = bytearray()
         parent_of = {1: 1}
+        links = self.links
         for ino, node in enumerate(self.order, start=1):
             mtime = node.mtime_ns
             if self.clamp_ns is not None and mtime > self.clamp_ns:
                 mtime = self.clamp_ns
-            rec = dict(
-                mode=node.mode,
-                nlink=self.links[id(node)],
-                uid=node.uid,
-                gid=node.gid,
-                size=0,
-                mtime_ns=mtime,
-            )
+            # The InodeRecord fields, packed straight into the table.
+            size = aux = ref = count = xattr_count = xattr_ref = 0
             kind = stat.S_IFMT(node.mode)
             if kind == stat.S_IFDIR:
                 names = sorted(node.children)
-                rec["aux"] = parent_of[ino]
-                rec["ref"] = len(heap)
-                rec["count"] = len(names)
-                name_off = rec["ref"] + DIRENT_SIZE * len(names)
+                aux = parent_of[ino]
+                ref = len(heap)
+                count = len(names)
+                name_off = ref + DIRENT_SIZE * len(names)
                 entries = bytearray()
                 for name in names:
                     problem = name_problem(name)
                     if problem is not None:
                         raise FormatError(f"a name in the source {problem}: {name[:80]!r}")
-                    child_ino = self.ino_of[id(node.children[name])]
-                    if node.children[name].is_dir:
+                    child = node.children[name]
+                    child_ino = self.ino_of[id(child)]
+                    if child.is_dir:
                         parent_of[child_ino] = ino
                     entries += DIRENT.pack(child_ino, len(name), name_off)
                     name_off += len(name)
                 heap += entries
                 heap += b"".join(names)
-                rec["size"] = dir_size(len(names), name_off - rec["ref"] - len(entries))
+                size = dir_size(len(names), name_off - ref - len(entries))
             elif kind == stat.S_IFREG:
                 placed = of_node[id(node)]
-                rec["size"] = node.content.size
-                rec["count"] = len(placed.runs)
-                rec["aux"] = len(placed.hashes) // HASH_SIZE
+                size = node.content.size
+                count = len(placed.runs)
+                aux = len(placed.hashes) // HASH_SIZE
                 if placed.heap_ref < 0:
                     placed.heap_ref = len(heap)
                     block = placed.data_block
-                    for first, count in placed.runs:
-                        heap += EXTENT.pack(first, block, count)
-                        block += count
-                rec["ref"] = placed.heap_ref if placed.runs else 0
+                    for first, n in placed.runs:
+                        heap += EXTENT.pack(first, block, n)
+                        block += n
+                ref = placed.heap_ref if placed.runs else 0
             elif kind == stat.S_IFLNK:
-                rec["size"] = rec["count"] = len(node.target)
-                rec["ref"] = len(heap)
+                size = count = len(node.target)
+                ref = len(heap)
                 heap += node.target
             elif kind in (stat.S_IFCHR, stat.S_IFBLK):
-                rec["aux"] = node.rdev
+                aux = node.rdev
             if node.xattrs:
-                rec["xattr_count"] = len(node.xattrs)
-                rec["xattr_ref"] = len(heap)
+                xattr_count = len(node.xattrs)
+                xattr_ref = len(heap)
                 heap += pack_xattrs(node.xattrs)
-            table += InodeRecord(**rec).pack()
+            table += INODE.pack(
+                node.mode,
+                links[id(node)],
+                node.uid,
+                node.gid,
+                size,
+                mtime,
+                aux,
+                ref,
+                count,
+                xattr_count,
+                xattr_ref,
+            )
         return bytes(table), bytes(heap)
 
     # -- writing ---------------------------------------------------------------------------
