@@ -32,9 +32,9 @@ from occlumfs.merkle.filedata import (
     Task,
     check_unchanged,
     copy_segments,
-    hash_and_hold,
+    hash_and_keep,
     hash_batch,
-    write_held,
+    write_batch,
 )
 from occlumfs.merkle.forkmap import MAX_ITEMS, can_fork, fork_map
 from occlumfs.merkle.format import (
@@ -365,7 +365,7 @@ class _Builder:
         batches = self._batches()
         encrypted = self.keys is not None
         if not encrypted and self._may_fork(batches):
-            # The hashing processes write the data too, once it is placed.
+            # The hashing processes copy the data too, once it is placed.
             parts = []
 
             def plan(mapped: list) -> list:
@@ -374,11 +374,11 @@ class _Builder:
                 return [[_segments(parts[1], task, data_start) for task in b] for b in batches]
 
             fork_map(
-                hash_and_hold,
+                hash_and_keep,
                 batches,
                 self.jobs,
                 plan=plan,
-                finish=functools.partial(write_held, fd),
+                finish=functools.partial(write_batch, fd),
             )
             placed, _, table, heap, layout = parts
             self._checked = True

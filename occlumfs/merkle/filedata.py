@@ -1,21 +1,22 @@
-"""A build's file data: hashing each source file's blocks, and writing what is
-placed into the image, from memory when a worker still holds the bytes it hashed.
+"""A build's file data: hashing each source file's blocks, and copying what is
+placed into the image.
 
 Zero blocks are found while hashing (they become holes, never stored), so the
 image's data region is only known once every file is hashed. A forked worker
-(:mod:`occlumfs.merkle.forkmap`, two rounds) therefore keeps each small file it
-read, up to :data:`HOLD_BYTES`, and writes it once the builder has placed it:
-one read of each file, and the image written in few large ``pwritev`` calls
-rather than a ``copy_file_range`` per file after opening it again (about half
-the CPU, docs/performance.md, issue 11). What it does not hold it copies from
-the source file, as a build in threads does.
+(:mod:`occlumfs.merkle.forkmap`, two rounds) hashes its batches, and once the
+builder has placed them copies the same batches into the image and checks that
+none of their files changed meanwhile: two processes copying, where threads
+were no faster than one (each file's open and close holds the GIL).
+
+Keeping each file's bytes from the hashing to write them from memory was tried
+and did not pay: fresh memory costs a page fault (or a populate) per 4 KiB,
+about what reading the file again saves (docs/performance.md, issue 11).
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
-import mmap
 import os
 import threading
 from collections.abc import Iterator
@@ -28,9 +29,6 @@ from occlumfs.merkle.tree import hash_blocks
 ZERO_RUN = bytes(64)
 SMALL_FILE = 1 << 20
 READ = 1 << 20
-HOLD_BYTES = 128 << 20  # what one forked worker keeps of the files it hashed
-ARENA_CHUNK = 16 << 20
-IOV_MAX = 1024
 
 Task = tuple[SourceNode, int, int]  # a file and the byte range [start, end) of it to hash
 Runs = list[tuple[int, bytes]]  # (first file block, hashes of the run) per run of data blocks
@@ -75,16 +73,15 @@ def _read_area() -> bytearray:
     return area
 
 
-def _hash_buffer(buf, got: int, first_block: int, out: list, base: int = 0) -> None:
+def _hash_buffer(buf: bytes | bytearray, got: int, first_block: int, out: list) -> None:
     """Append (first block, hashes of the run) for each run of non-zero blocks of
-    ``buf[base : base + got]`` (a bytearray or an mmap), whose first block is
-    file block ``first_block``."""
-    mv = memoryview(buf)[base : base + got]
+    ``buf[:got]``, whose first block is file block ``first_block``."""
+    mv = memoryview(buf)[:got]
     run_first = first_block
     run: list[bytes] = []
     first_off = 0
     full = got - got % BLOCK_SIZE
-    if full and buf.find(ZERO_RUN, base, base + full) < 0:
+    if full and buf.find(ZERO_RUN, 0, full) < 0:
         # No all-zero block can hide in a buffer without 64 zeros in a row:
         # hash its whole blocks as one run, without copies.
         run.append(hash_blocks(mv[:full]))
@@ -92,7 +89,7 @@ def _hash_buffer(buf, got: int, first_block: int, out: list, base: int = 0) -> N
     for off in range(first_off, got, BLOCK_SIZE):
         n = min(BLOCK_SIZE, got - off)
         zeros = ZERO_BLOCK if n == BLOCK_SIZE else ZERO_BLOCK[:n]
-        if buf[base + off : base + off + n] == zeros:  # an all-zero block becomes a hole
+        if buf.startswith(zeros, off, off + n):  # an all-zero block becomes a hole
             if run:
                 out.append((run_first, b"".join(run)))
                 run = []
@@ -132,88 +129,18 @@ def hash_batch(batch: list[Task]) -> list[Runs]:
     return [_hash_chunk(node.content, start, end) for node, start, end in batch]
 
 
-def hash_and_hold(batch: list[Task]) -> tuple[list[Runs], tuple[list[Task], list]]:
-    """:func:`hash_batch`, keeping the bytes of each small whole file read (for
-    :func:`write_held`): (runs of each task, (the batch, its held buffers or None))."""
-    results: list[Runs] = []
-    held: list[memoryview | None] = []
-    for node, start, end in batch:
-        content = node.content
-        size = content.size
-        at = _ARENA.take(size) if start == 0 and end == size <= SMALL_FILE else -1
-        if at < 0:
-            results.append(_hash_chunk(content, start, end))
-            held.append(None)
-            continue
-        fd = os.open(content.path, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            got = os.preadv(fd, [_ARENA.view[at : at + size]], content.offset)
-        finally:
-            os.close(fd)
-        if got != size:
-            raise OcclumfsError(f"{os.fsdecode(content.path)}: changed during the build")
-        runs: Runs = []
-        _hash_buffer(_ARENA.map, got, 0, runs, at)
-        results.append(runs)
-        # Zeros up to a whole block (the arena is never reused): the file's image blocks.
-        held.append(_ARENA.view[at : at + -(-size // BLOCK_SIZE) * BLOCK_SIZE])
-    return results, (batch, held)
+def hash_and_keep(batch: list[Task]) -> tuple[list[Runs], list[Task]]:
+    """:func:`hash_batch` for fork_map's first round: the runs, and the batch kept
+    for the second (:func:`write_batch`)."""
+    return hash_batch(batch), batch
 
 
-class _Arena:
-    """Where a forked worker keeps the files it hashed, up to :data:`HOLD_BYTES`:
-    anonymous mappings of :data:`ARENA_CHUNK` handed out front to back in whole
-    blocks, never reused (so the zeros after each file stay zeros).
-
-    Each chunk is populated when mapped: fresh memory faulted in 4 KiB at a time
-    cost about as much as writing from memory saved. Huge pages (MADV_HUGEPAGE)
-    were cheaper still on a quiet machine, but stalled in compaction on a busy one
-    (docs/performance.md, issue 11).
-    """
-
-    def __init__(self) -> None:
-        self.map: mmap.mmap | None = None  # the current chunk
-        self.view = memoryview(b"")
-        self.used = 0  # of the current chunk
-        self.mapped = 0  # all chunks
-
-    def take(self, size: int) -> int:
-        """Where ``size`` bytes may go in the current chunk (a block boundary), or -1
-        when the arena is full."""
-        padded = -(-size // BLOCK_SIZE) * BLOCK_SIZE
-        if self.map is None or self.used + padded > len(self.map):
-            chunk = min(ARENA_CHUNK, HOLD_BYTES)
-            if padded > chunk or self.mapped + chunk > HOLD_BYTES:
-                return -1
-            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-            self.map = mmap.mmap(-1, chunk, flags=flags)
-            self.view = memoryview(self.map)
-            self.used = 0
-            self.mapped += chunk
-        at = self.used
-        self.used += padded
-        return at
-
-
-_ARENA = _Arena()  # a forked worker's own (the builder's process never fills it)
-
-
-def write_held(fd: int, kept: tuple[list[Task], list], plans: list[list[Segment] | None]) -> None:
-    """Write one batch's planned segments into the image ``fd``: held files from
-    memory, contiguous ones in one ``pwritev``; the others copied from their source.
-    Then check that none of the batch's files changed since the scan."""
-    batch, held = kept
-    out = _Writer(fd)
-    for (node, start, _end), buf, segments in zip(batch, held, plans, strict=True):
-        if not segments:
-            continue  # nothing placed from this task (its content is stored once, elsewhere)
-        if buf is None:
-            out.flush()
+def write_batch(fd: int, batch: list[Task], plans: list[list[Segment] | None]) -> None:
+    """Copy one batch's planned segments into the image ``fd`` from their source
+    files, then check that none of the batch's files changed since the scan."""
+    for (node, start, _end), segments in zip(batch, plans, strict=True):
+        if segments:  # else its content is stored once, from another file
             copy_segments(node.content, start, segments, fd)
-            continue
-        for off, length, at in segments:
-            out.add(buf[off : off + -(-length // BLOCK_SIZE) * BLOCK_SIZE], at)
-    out.flush()
     for node, _start, _end in batch:
         check_unchanged(node.content)
 
@@ -225,36 +152,6 @@ def check_unchanged(content: Content) -> None:
         st = os.lstat(content.path)
         if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != content.stamp:
             raise OcclumfsError(f"{os.fsdecode(content.path)}: changed during the build")
-
-
-class _Writer:
-    """Buffers writing to consecutive image offsets into one ``pwritev``."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.iov: list[memoryview] = []
-        self.start = self.end = 0
-
-    def add(self, data: memoryview, at: int) -> None:
-        if self.iov and (at != self.end or len(self.iov) >= IOV_MAX):
-            self.flush()
-        if not self.iov:
-            self.start = self.end = at
-        self.iov.append(data)
-        self.end += len(data)
-
-    def flush(self) -> None:
-        iov, at = self.iov, self.start
-        self.iov = []
-        while iov:
-            done = os.pwritev(self.fd, iov, at)
-            if done <= 0:
-                raise OSError(errno.EIO, "short write to the image")
-            at += done
-            while iov and done >= len(iov[0]):
-                done -= len(iov.pop(0))
-            if iov and done:
-                iov[0] = iov[0][done:]
 
 
 def copy_segments(content: Content, start: int, segments: list[Segment], fd: int) -> None:

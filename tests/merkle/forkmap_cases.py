@@ -134,21 +134,13 @@ def second_round_errors() -> None:
     assert no_children_left()
 
 
-def build_forked_small_arena(src: str, image: str) -> None:
-    """A forked build whose workers can hold only a few blocks: the rest is copied."""
-    from occlumfs.merkle import filedata
-
-    filedata.HOLD_BYTES = 3 * 4096
-    build_forked(src, image)
-
-
 def build_forked(src: str, image: str) -> None:
-    """Build with forked hashing and writing (checked), print the digest."""
+    """Build with forked hashing and copying (checked), print the digest."""
     calls = []
     real = build.fork_map
     build.fork_map = lambda func, *a, **kw: calls.append(func.__name__) or real(func, *a, **kw)
     print(build_image(Path(src), Path(image), jobs=2))
-    assert calls == ["hash_and_hold"], calls  # one set of workers hashes and writes
+    assert calls == ["hash_and_keep"], calls  # one set of workers hashes and copies
     assert no_children_left()
 
 

@@ -60,17 +60,14 @@ def test_fork_map_refuses_a_threaded_process():
         other.join()
 
 
-@pytest.mark.parametrize("case", ["build_forked", "build_forked_small_arena"])
-def test_forked_threaded_and_single_hashing_build_the_same_bytes(case, tmp_path, monkeypatch):
-    # Forked workers write what they hashed from memory (all of it, or with a
-    # small arena only the first few blocks and the rest copied); threads copy.
+def test_forked_threaded_and_single_hashing_build_the_same_bytes(tmp_path, monkeypatch):
     src = make_golden_tree(tmp_path / "src")
     (src / "many").mkdir()
     for i in range(600):  # more than one batch of small files
         (src / "many" / f"f{i:03d}").write_bytes(bytes([i % 251]) * (i * 37 % 9000 + 1))
     (src / "many" / "big").write_bytes(os.urandom(3 << 20))  # more than a small file
     (src / "many" / "big-holes").write_bytes(os.urandom(9000) + bytes(3 << 20) + b"end")
-    forked = _fresh(case, src, tmp_path / "forked.img").strip()
+    forked = _fresh("build_forked", src, tmp_path / "forked.img").strip()
     single = build_image(src, tmp_path / "single.img", jobs=1)
     monkeypatch.setattr(build, "can_fork", lambda: False)
     threaded = build_image(src, tmp_path / "threaded.img", jobs=2)
