@@ -194,17 +194,6 @@ class _Builder:
             batch_bytes += task[2] - task[1]
         return batches
 
-    def _hashed(self, batches: list[list[Task]], mapped: list) -> dict[int, _Hashed]:
-        results = {id(n): _Hashed() for n in self.order if n.content is not None}
-        for batch, batch_runs in zip(batches, mapped, strict=True):
-            for (node, start, end), runs in zip(batch, batch_runs, strict=True):
-                hashed = results[id(node)]
-                for first, hashes in runs:
-                    hashed.add(first, hashes)
-                if self.progress is not None:
-                    self.progress(end - start)
-        return results
-
     def _map(self, func: Callable, batches: list) -> list:
         """``[func(b) for b in batches]`` in forked processes when this process may
         fork, else in the thread pool: per-file Python work (hashing 4 KiB at a
@@ -226,30 +215,6 @@ class _Builder:
 
             self._pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="mkimage")
         return self._pool
-
-    # -- pass 3: placement -------------------------------------------------------------
-    def _place(self, hashed: dict[int, _Hashed]) -> tuple[list[_Placed], dict[int, _Placed]]:
-        placed: list[_Placed] = []
-        by_content: dict[bytes, _Placed] = {}
-        of_node: dict[int, _Placed] = {}
-        next_block = 0
-        for node in self.order:
-            if node.content is None:
-                continue
-            h = hashed[id(node)]
-            hashes = b"".join(h.hashes)
-            ident = hashlib.sha256(
-                struct.pack("<Q", node.content.size)
-                + b"".join(struct.pack("<QQ", a, n) for a, n in h.runs)
-                + hashes
-            ).digest()
-            known = by_content.get(ident)
-            if known is None:
-                known = by_content[ident] = _Placed(node.content, next_block, h.runs, hashes)
-                placed.append(known)
-                next_block += len(hashes) // HASH_SIZE
-            of_node[id(node)] = known
-        return placed, of_node
 
     # -- pass 4: metadata ----------------------------------------------------------------
     def _metadata(self, of_node: dict[int, _Placed]) -> tuple[bytes, bytes]:
@@ -352,9 +317,10 @@ class _Builder:
             if node.content is not None:
                 check_unchanged(node.content)
 
-    def _lay_out(self, fd: int, batches: list[list[Task]], mapped: list) -> tuple:
-        """Passes 3 and 4 from the hashes: placed contents, the table, the heap, the layout."""
-        placed, of_node = self._place(self._hashed(batches, mapped))
+    def _lay_out(self, fd: int, placement: _Placement) -> tuple:
+        """Pass 4 once every file is placed: placed contents, the table, the heap, the layout."""
+        placed, of_node = placement.placed, placement.of_node
+        assert len(of_node) == len(placement.hashed)
         table, heap = self._metadata(of_node)
         data_blocks = sum(len(p.hashes) // HASH_SIZE for p in placed)
         layout = Layout.compute(len(self.order), len(heap), data_blocks, self.keys is not None)
@@ -365,11 +331,13 @@ class _Builder:
         batches = self._batches()
         encrypted = self.keys is not None
         if not encrypted and self._may_fork(batches):
-            # The hashing processes copy the data too, once it is placed.
+            # The hashing processes copy the data too, once it is placed; files
+            # are placed as their hashes come in.
+            placement = _Placement(self.order, batches, self.progress)
             parts = []
 
             def plan(mapped: list) -> list:
-                parts.extend(self._lay_out(fd, batches, mapped))
+                parts.extend(self._lay_out(fd, placement))
                 data_start = parts[4].data_start
                 return [[_segments(parts[1], task, data_start) for task in b] for b in batches]
 
@@ -379,12 +347,15 @@ class _Builder:
                 self.jobs,
                 plan=plan,
                 finish=functools.partial(write_batch, fd),
+                on_result=placement.add,
             )
             placed, _, table, heap, layout = parts
             self._checked = True
         else:
-            mapped = self._map(hash_batch, batches)
-            placed, _, table, heap, layout = self._lay_out(fd, batches, mapped)
+            placement = _Placement(self.order, batches, self.progress)
+            for index, runs in enumerate(self._map(hash_batch, batches)):
+                placement.add(index, runs)
+            placed, _, table, heap, layout = self._lay_out(fd, placement)
             if not encrypted:
                 self._copy_data(fd, layout, placed)
         data_blocks = layout.seal_start - layout.data_start
@@ -492,6 +463,68 @@ class _Builder:
 
         for _ in self._threads().map(seal, tasks):
             pass
+
+
+class _Placement:
+    """Passes 2 and 3 as the hashes come in: each batch's runs are taken in batch
+    order, and each file is placed once all its runs are in, in inode order (so a
+    forked build places files while its workers still hash)."""
+
+    def __init__(self, order: list[SourceNode], batches: list[list[Task]], progress) -> None:
+        self.order = order
+        self.batches = batches
+        self.progress = progress
+        self.mapped: list = [None] * len(batches)
+        self.folded = 0  # batches taken
+        self.hashed = {id(n): _Hashed() for n in order if n.content is not None}
+        # Files with every run in (an empty file has none to wait for).
+        self.complete = {id(n) for n in order if n.content is not None and not n.content.size}
+        self.placed: list[_Placed] = []
+        self.by_content: dict[bytes, _Placed] = {}
+        self.of_node: dict[int, _Placed] = {}
+        self.next_block = 0
+        self.at = 0  # the next inode to place
+        self._place_ready()  # a tree of empty files has no batches
+
+    def add(self, index: int, batch_runs: list) -> None:
+        self.mapped[index] = batch_runs
+        while self.folded < len(self.batches) and self.mapped[self.folded] is not None:
+            batch = self.batches[self.folded]
+            for (node, start, end), runs in zip(batch, self.mapped[self.folded], strict=True):
+                hashed = self.hashed[id(node)]
+                for first, hashes in runs:
+                    hashed.add(first, hashes)
+                if end == node.content.size:
+                    self.complete.add(id(node))
+                if self.progress is not None:
+                    self.progress(end - start)
+            self.mapped[self.folded] = ()
+            self.folded += 1
+        self._place_ready()
+
+    def _place_ready(self) -> None:
+        while self.at < len(self.order):
+            node = self.order[self.at]
+            if node.content is not None:
+                if id(node) not in self.complete:
+                    break
+                self._place(node)
+            self.at += 1
+
+    def _place(self, node: SourceNode) -> None:
+        h = self.hashed[id(node)]
+        hashes = b"".join(h.hashes)
+        ident = hashlib.sha256(
+            struct.pack("<Q", node.content.size)
+            + b"".join(struct.pack("<QQ", a, n) for a, n in h.runs)
+            + hashes
+        ).digest()
+        known = self.by_content.get(ident)
+        if known is None:
+            known = self.by_content[ident] = _Placed(node.content, self.next_block, h.runs, hashes)
+            self.placed.append(known)
+            self.next_block += len(hashes) // HASH_SIZE
+        self.of_node[id(node)] = known
 
 
 def _segments(of_node: dict[int, _Placed], task: Task, data_start: int) -> list[Segment] | None:

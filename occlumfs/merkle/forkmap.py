@@ -51,6 +51,7 @@ def fork_map(
     *,
     plan: Callable[[list[Any]], Sequence[Any]] | None = None,
     finish: Callable[[Any, Any], None] | None = None,
+    on_result: Callable[[int, Any], None] | None = None,
 ) -> list[Any]:
     """``[func(item) for item in items]``, computed by ``workers`` forked processes.
 
@@ -59,6 +60,8 @@ def fork_map(
     bytes it read); once every result is in, ``plan(results)`` (in the caller)
     gives one plan per item, and the worker that computed item ``i`` runs
     ``finish(kept_i, plans[i])``. The first error of either round is raised.
+    ``on_result(i, result)`` is called in the caller as each first-round result
+    comes in (in any order), while the workers go on.
     """
     if not can_fork():
         raise RuntimeError("fork_map needs a process with a single thread")
@@ -89,12 +92,12 @@ def fork_map(
             if plan_r >= 0:
                 os.close(plan_r)
             children[out_r] = child
-        _collect(children, results, errors)
+        _collect(children, results, errors, on_result)
         if finish is not None and not errors:
             plans = plan(results)
             for child in children.values():
                 _send_plans(child, {i: plans[i] for i in child.indices})
-            _collect(children, results, errors)
+            _collect(children, results, errors, None)
     finally:
         os.close(todo_r)
         if todo_w >= 0:
@@ -137,7 +140,7 @@ def _send_plans(child: _Child, plans: dict[int, Any]) -> None:
     child.done = False
 
 
-def _collect(children: dict[int, _Child], results: list[Any], errors: dict) -> None:
+def _collect(children: dict[int, _Child], results: list[Any], errors: dict, on_result) -> None:
     """Read every worker's answers until each says the round is done."""
     pending = {fd for fd, child in children.items() if not child.done}
     while pending:
@@ -148,12 +151,12 @@ def _collect(children: dict[int, _Child], results: list[Any], errors: dict) -> N
             if not got:
                 raise OcclumfsError(f"a hashing worker (pid {child.pid}) died before finishing")
             child.buf += got
-            _unpack(child, results, errors)
+            _unpack(child, results, errors, on_result)
             if child.done:
                 pending.discard(fd)
 
 
-def _unpack(child: _Child, results: list[Any], errors: dict) -> None:
+def _unpack(child: _Child, results: list[Any], errors: dict, on_result) -> None:
     """Take every complete answer off the front of ``child.buf``."""
     buf = child.buf
     at = 0
@@ -169,6 +172,8 @@ def _unpack(child: _Child, results: list[Any], errors: dict) -> None:
         elif kind == "ok":
             results[index] = value
             child.indices.append(index)
+            if on_result is not None:
+                on_result(index, value)
         elif kind == "finished":
             pass
         else:

@@ -87,8 +87,14 @@ def two_rounds() -> None:
         assert pid == os.getpid() and plan == n + 1000, (kept, plan)
         os.write(seen_w, f"{n}\n".encode())
 
+    arrived = []  # in the caller, as each first-round result comes in
+
+    def plan(results):
+        assert sorted(arrived) == [(n, n * n) for n in items]  # all before the plan
+        return [r**0.5 + 1000 for r in results]
+
     got = fork_map(
-        _keep, items, 2, plan=lambda results: [r**0.5 + 1000 for r in results], finish=finish
+        _keep, items, 2, plan=plan, finish=finish, on_result=lambda i, r: arrived.append((i, r))
     )
     os.close(seen_w)
     with os.fdopen(seen_r) as seen:
