@@ -329,15 +329,16 @@ class _Builder:
 
     def _write_into(self, fd: int) -> Descriptor:
         batches = self._batches()
-        encrypted = self.keys is not None
-        if not encrypted and self._may_fork(batches):
-            # The hashing processes copy the data too, once it is placed; files
-            # are placed as their hashes come in.
-            placement = _Placement(self.order, batches, self.progress)
-            parts = []
+        placement = _Placement(self.order, batches, self.progress)
+        if self.keys is None and self._may_fork(batches):
+            # The hashing processes copy the data too, once it is placed (files
+            # are placed as their hashes come in); meanwhile this process writes
+            # the rest, which depends on the data's hashes only.
+            done = []
 
             def plan(mapped: list) -> list:
-                parts.extend(self._lay_out(fd, placement))
+                parts = self._lay_out(fd, placement)
+                done.append(parts)
                 data_start = parts[4].data_start
                 return [[_segments(parts[1], task, data_start) for task in b] for b in batches]
 
@@ -348,16 +349,21 @@ class _Builder:
                 plan=plan,
                 finish=functools.partial(write_batch, fd),
                 on_result=placement.add,
+                meanwhile=lambda: done.append(self._write_the_rest(fd, *done[0])),
             )
-            placed, _, table, heap, layout = parts
             self._checked = True
-        else:
-            placement = _Placement(self.order, batches, self.progress)
-            for index, runs in enumerate(self._map(hash_batch, batches)):
-                placement.add(index, runs)
-            placed, _, table, heap, layout = self._lay_out(fd, placement)
-            if not encrypted:
-                self._copy_data(fd, layout, placed)
+            return done[1]
+        for index, runs in enumerate(self._map(hash_batch, batches)):
+            placement.add(index, runs)
+        parts = self._lay_out(fd, placement)
+        if self.keys is None:
+            self._copy_data(fd, parts[4], parts[0])
+        return self._write_the_rest(fd, *parts)
+
+    def _write_the_rest(self, fd: int, placed, _of_node, table, heap, layout) -> Descriptor:
+        """Everything but the plain data: table, heap, seals (and the sealed data),
+        tree and header."""
+        encrypted = self.keys is not None
         data_blocks = layout.seal_start - layout.data_start
         leaves = bytearray(layout.covered_blocks * HASH_SIZE)
         seals = bytearray((layout.seal_start - 1) * SEAL_SIZE) if encrypted else None

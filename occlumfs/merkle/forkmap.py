@@ -52,6 +52,7 @@ def fork_map(
     plan: Callable[[list[Any]], Sequence[Any]] | None = None,
     finish: Callable[[Any, Any], None] | None = None,
     on_result: Callable[[int, Any], None] | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> list[Any]:
     """``[func(item) for item in items]``, computed by ``workers`` forked processes.
 
@@ -61,7 +62,8 @@ def fork_map(
     gives one plan per item, and the worker that computed item ``i`` runs
     ``finish(kept_i, plans[i])``. The first error of either round is raised.
     ``on_result(i, result)`` is called in the caller as each first-round result
-    comes in (in any order), while the workers go on.
+    comes in (in any order), while the workers go on; ``meanwhile()`` once the
+    plans are sent, while the workers finish.
     """
     if not can_fork():
         raise RuntimeError("fork_map needs a process with a single thread")
@@ -97,6 +99,8 @@ def fork_map(
             plans = plan(results)
             for child in children.values():
                 _send_plans(child, {i: plans[i] for i in child.indices})
+            if meanwhile is not None:
+                meanwhile()
             _collect(children, results, errors, None)
     finally:
         os.close(todo_r)
