@@ -5,8 +5,10 @@ Zero blocks are found while hashing (they become holes, never stored), so the
 image's data region is only known once every file is hashed. A forked worker
 (:mod:`occlumfs.merkle.forkmap`, two rounds) hashes its batches, and once the
 builder has placed them copies the same batches into the image and checks that
-none of their files changed meanwhile: two processes copying, where threads
-were no faster than one (each file's open and close holds the GIL).
+none of their files changed meanwhile, while the builder writes the metadata and
+the tree. (Threads copied no faster than one: each file's open and close holds
+the GIL. Two processes do not copy twice as fast either: the kernel serialises
+buffered writes to one file.)
 
 Keeping each file's bytes from the hashing to write them from memory was tried
 and did not pay: fresh memory costs a page fault (or a populate) per 4 KiB,

@@ -150,41 +150,34 @@ def build_forked(src: str, image: str) -> None:
     assert no_children_left()
 
 
-def build_error(src: str, image: str, victim: str) -> None:
-    """Delete ``victim`` between the scan and the hashing; print the one-line error."""
+def _build_after_scan(src: str, image: str, between) -> None:
+    """Build with forked workers, calling ``between()`` right after the scan;
+    print the one-line error."""
     scan = build.scan_directory
 
-    def scan_then_delete(root):
+    def scan_then(root):
         tree = scan(root)
-        os.unlink(victim)
+        between()
         return tree
 
-    build.scan_directory = scan_then_delete
+    build.scan_directory = scan_then
     assert can_fork()
     try:
         build_image(Path(src), Path(image), jobs=2)
     except OcclumfsError as exc:
         print(exc)
     assert no_children_left()
+
+
+def build_error(src: str, image: str, victim: str) -> None:
+    """Delete ``victim`` between the scan and the hashing; print the one-line error."""
+    _build_after_scan(src, image, lambda: os.unlink(victim))
 
 
 def build_changed(src: str, image: str, victim: str) -> None:
     """Rewrite ``victim`` (same size) between the scan and the hashing; print the error."""
-    scan = build.scan_directory
-
-    def scan_then_rewrite(root):
-        tree = scan(root)
-        data = Path(victim).read_bytes()
-        Path(victim).write_bytes(data[::-1])
-        return tree
-
-    build.scan_directory = scan_then_rewrite
-    assert can_fork()
-    try:
-        build_image(Path(src), Path(image), jobs=2)
-    except OcclumfsError as exc:
-        print(exc)
-    assert no_children_left()
+    path = Path(victim)
+    _build_after_scan(src, image, lambda: path.write_bytes(path.read_bytes()[::-1]))
 
 
 if __name__ == "__main__":

@@ -93,20 +93,26 @@ def test_a_source_file_gone_before_forked_hashing_is_one_clear_error(tmp_path):
     assert list(tmp_path.iterdir()) == [src]  # no image, no scratch file
 
 
-def test_the_same_error_from_hashing_threads(tmp_path, monkeypatch):
-    src, victim = _many_files(tmp_path)
+def _threaded_after_scan(monkeypatch, src: Path, image: Path, between) -> OcclumfsError:
+    """Build in threads, calling ``between()`` right after the scan: the error."""
     scan = build.scan_directory
 
-    def scan_then_delete(root):
+    def scan_then(root):
         tree = scan(root)
-        victim.unlink()  # gone between the scan and the hashing
+        between()
         return tree
 
-    monkeypatch.setattr(build, "scan_directory", scan_then_delete)
+    monkeypatch.setattr(build, "scan_directory", scan_then)
     monkeypatch.setattr(build, "can_fork", lambda: False)
     with pytest.raises(OcclumfsError) as raised:
-        build_image(src, tmp_path / "out.img", jobs=2)
-    assert str(raised.value) == f"mkimage: {victim}: No such file or directory"
+        build_image(src, image, jobs=2)
+    return raised.value
+
+
+def test_the_same_error_from_hashing_threads(tmp_path, monkeypatch):
+    src, victim = _many_files(tmp_path)
+    error = _threaded_after_scan(monkeypatch, src, tmp_path / "out.img", victim.unlink)
+    assert str(error) == f"mkimage: {victim}: No such file or directory"
     assert list(tmp_path.iterdir()) == [src]
 
 
@@ -118,18 +124,9 @@ def test_a_source_file_changed_during_the_build_is_caught_forked_or_threaded(tmp
     assert out == f"{victim}: changed during the build\n"
     assert list(tmp_path.iterdir()) == [src]
 
-    scan = build.scan_directory
-
-    def scan_then_rewrite(root):
-        tree = scan(root)
-        victim.write_bytes(b"ba" * 2500)
-        return tree
-
     os.utime(victim, ns=(10**18, 10**18))
-
-    monkeypatch.setattr(build, "scan_directory", scan_then_rewrite)
-    monkeypatch.setattr(build, "can_fork", lambda: False)
-    with pytest.raises(OcclumfsError) as raised:
-        build_image(src, tmp_path / "out.img", jobs=2)
-    assert str(raised.value) == f"{victim}: changed during the build"
+    error = _threaded_after_scan(
+        monkeypatch, src, tmp_path / "out.img", lambda: victim.write_bytes(b"ba" * 2500)
+    )
+    assert str(error) == f"{victim}: changed during the build"
     assert list(tmp_path.iterdir()) == [src]
