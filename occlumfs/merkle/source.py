@@ -123,6 +123,8 @@ def _read_xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
         if exc.errno in (errno.ENOTSUP, errno.EPERM):
             return []
         raise
+    if not names:
+        return []  # most files: nothing to read, check or sort
     out = []
     for name in names:
         try:
