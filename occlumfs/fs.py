@@ -31,9 +31,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from occlumfs.errors import FSError
+from occlumfs.units import BLOCK_SIZE
 
 ROOT_INO = 1
-BLOCK_SIZE = 4096
 
 
 RENAME_NOREPLACE = 1  # renameat2 flags, as the kernel passes them

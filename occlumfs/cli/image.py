@@ -19,8 +19,8 @@ from pathlib import Path
 
 import click
 
+from occlumfs.cli.quick import check_source, host_error, quiet_broken_pipe, source_date_epoch
 from occlumfs.errors import (
-    ExitCode,
     FSError,
     NotFoundError,
     OcclumfsError,
@@ -50,12 +50,9 @@ def _one_line_errors(command):
             raise
         except BrokenPipeError:
             # The reader went away (`occlumfs cat ... | head`): stop quietly.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            sys.exit(ExitCode.ERROR)
+            sys.exit(quiet_broken_pipe())
         except OSError as exc:
-            where = f"{os.fsdecode(exc.filename)}: " if exc.filename else ""
-            raise OcclumfsError(f"{where}{exc.strerror or exc}") from None
+            raise host_error(exc) from None
 
     return run
 
@@ -91,16 +88,6 @@ def _source_bytes(source: Path) -> int | None:
     return total
 
 
-def _source_date_epoch() -> int | None:
-    text = os.environ.get("SOURCE_DATE_EPOCH")
-    if text is None or text == "":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise UsageError(f"SOURCE_DATE_EPOCH={text!r} is not a whole number of seconds") from None
-
-
 @click.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @IMAGE
@@ -117,9 +104,8 @@ def mkimage(src: Path, image: Path, key_file: Path | None, jobs: int | None) -> 
     from occlumfs.merkle import build_image
 
     key = _key(key_file)
-    epoch = _source_date_epoch()
-    if not src.exists() and not src.is_symlink():
-        raise NotFoundError(f"{src} does not exist")
+    epoch = source_date_epoch()
+    check_source(src)
     total = _source_bytes(src) if sys.stderr.isatty() else None
     with _progress("hashing", total) as progress:
         digest = build_image(

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from occlumfs.errors import FormatError
 from occlumfs.merkle.format import DESCRIPTOR_SIZE, MAGIC, Descriptor, digest_of
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing
 if TYPE_CHECKING:
     from occlumfs.merkle.blocks import ImageReader
     from occlumfs.merkle.build import build_image

@@ -5,12 +5,12 @@ The build runs in passes so that the output depends only on the tree:
 1. scan the source into memory (metadata only) and number the inodes in
    depth-first pre-order of byte-sorted names (root = 1; a hard link takes the
    number of its first occurrence);
-2. hash every regular file in a pool of ``jobs`` threads (hashlib releases
-   the GIL while it hashes a block; the per-block Python work does not, so on
-   a small machine the gain is modest), skipping holes and all-zero blocks,
-   which become holes in the image;
+2. hash every regular file in ``jobs`` forked processes (or, where this
+   process may not fork, threads: the per-block Python work holds the GIL),
+   skipping holes and all-zero blocks, which become holes in the image;
 3. place each distinct content once in the data region, in inode order;
-4. serialise the inode table and the heap, then write the data (copied, or
+4. serialise the inode table and the heap, then write the data (written by the
+   processes that hashed it, from the bytes they still hold, or copied, or
    sealed in parallel for an encrypted image), the seal table, the Merkle tree
    and last the header (with its MAC under the image key when encrypted), into
    a temporary file renamed over the target.
@@ -18,19 +18,24 @@ The build runs in passes so that the output depends only on the tree:
 
 from __future__ import annotations
 
-import errno
+import functools
 import hashlib
 import os
 import stat
 import struct
-import tempfile
-import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
+from occlumfs.merkle.filedata import (
+    Segment,
+    Task,
+    check_unchanged,
+    copy_segments,
+    hash_and_keep,
+    hash_batch,
+    write_batch,
+)
 from occlumfs.merkle.forkmap import MAX_ITEMS, can_fork, fork_map
 from occlumfs.merkle.format import (
     BLOCK_SIZE,
@@ -41,10 +46,9 @@ from occlumfs.merkle.format import (
     FLAG_ENCRYPTED,
     FLAG_XATTRS,
     HASH_SIZE,
+    INODE,
     SEAL_SIZE,
-    ZERO_BLOCK,
     Descriptor,
-    InodeRecord,
     Layout,
     dir_size,
     name_problem,
@@ -53,20 +57,19 @@ from occlumfs.merkle.format import (
 from occlumfs.merkle.source import Content, SourceNode, scan_directory, scan_tar
 from occlumfs.merkle.tree import build_levels, hash_blocks, pad_block
 
-ZERO_RUN = bytes(64)
-SMALL_FILE = 1 << 20
 BATCH_BYTES = 4 << 20
 BATCH_FILES = 256
 CHUNK = 8 << 20  # one hashing task reads at most this much of a file
-READ = 1 << 20
 
 
-@dataclass(slots=True)
 class _Hashed:
     """A file's non-zero blocks: runs of (first file block, count) and their hashes."""
 
-    runs: list[list[int]] = field(default_factory=list)
-    hashes: list[bytes] = field(default_factory=list)
+    __slots__ = ("hashes", "runs")
+
+    def __init__(self) -> None:
+        self.runs: list[list[int]] = []
+        self.hashes: list[bytes] = []
 
     def add(self, first: int, hashes: bytes) -> None:
         count = len(hashes) // HASH_SIZE
@@ -77,109 +80,18 @@ class _Hashed:
         self.hashes.append(hashes)
 
 
-def _data_segments(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """Block-aligned [a, b) ranges of [start, end) that may hold data (holes skipped)."""
-    if end - start <= SMALL_FILE:
-        # Reading a small file whole costs less than asking where its holes
-        # are; zero blocks become holes all the same.
-        yield start, end
-        return
-    pos = start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return
-            if exc.errno == errno.EINVAL:  # no SEEK_DATA here: treat all as data
-                yield pos, end
-                return
-            raise
-        if data >= end:
-            return
-        hole = os.lseek(fd, data, os.SEEK_HOLE)
-        a = data - data % BLOCK_SIZE
-        b = min(end, -(-hole // BLOCK_SIZE) * BLOCK_SIZE)
-        yield max(a, pos), b
-        pos = b
-
-
-_thread_state = threading.local()
-
-
-def _read_area() -> bytearray:
-    """This thread's read buffer: reused, so reading costs no fresh page faults."""
-    area = getattr(_thread_state, "area", None)
-    if area is None:
-        area = _thread_state.area = bytearray(READ)
-    return area
-
-
-def _hash_buffer(buf: bytes | bytearray, got: int, first_block: int, out: list) -> None:
-    """Append (first block, hashes of the run) for each run of non-zero blocks of
-    ``buf[:got]``, whose first block is file block ``first_block``."""
-    mv = memoryview(buf)[:got]
-    run_first = first_block
-    run: list[bytes] = []
-    first_off = 0
-    full = got - got % BLOCK_SIZE
-    if full and buf.find(ZERO_RUN, 0, full) < 0:
-        # No all-zero block can hide in a buffer without 64 zeros in a row:
-        # hash its whole blocks as one run, without copies.
-        run.append(hash_blocks(mv[:full]))
-        first_off = full
-    for off in range(first_off, got, BLOCK_SIZE):
-        n = min(BLOCK_SIZE, got - off)
-        zeros = ZERO_BLOCK if n == BLOCK_SIZE else ZERO_BLOCK[:n]
-        if buf.startswith(zeros, off, off + n):  # an all-zero block becomes a hole
-            if run:
-                out.append((run_first, b"".join(run)))
-                run = []
-            continue
-        if not run:
-            run_first = first_block + off // BLOCK_SIZE
-        h = hashlib.sha256(mv[off : off + n])
-        if n < BLOCK_SIZE:
-            h.update(ZERO_BLOCK[n:])
-        run.append(h.digest())
-    if run:
-        out.append((run_first, b"".join(run)))
-
-
-def _hash_chunk(content: Content, start: int, end: int) -> list[tuple[int, bytes]]:
-    """Hash logical bytes [start, end) of a file: [(first block, hashes of the run)]."""
-    out: list[tuple[int, bytes]] = []
-    base = content.offset
-    fd = os.open(content.path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        area = _read_area()
-        for seg_a, seg_b in _data_segments(fd, base + start, base + end):
-            pos = seg_a
-            while pos < seg_b:
-                want = min(READ, seg_b - pos)
-                got = os.preadv(fd, [memoryview(area)[:want]], pos)
-                if got != want and pos + got != base + content.size:
-                    raise OcclumfsError(f"{os.fsdecode(content.path)}: changed during the build")
-                _hash_buffer(area, got, (pos - base) // BLOCK_SIZE, out)
-                pos += want
-    finally:
-        os.close(fd)
-    return out
-
-
-def _hash_batch(batch: list[tuple[SourceNode, int, int]]) -> list[list[tuple[int, bytes]]]:
-    return [_hash_chunk(node.content, start, end) for node, start, end in batch]
-
-
-@dataclass(slots=True)
 class _Placed:
-    """A distinct content in the data region."""
+    """A distinct content in the data region (``data_block``: its first block,
+    relative to the data region)."""
 
-    content: Content
-    data_block: int  # first block, relative to the data region
-    runs: list[list[int]]
-    hashes: bytes
-    heap_ref: int = -1
+    __slots__ = ("content", "data_block", "hashes", "heap_ref", "runs")
+
+    def __init__(self, content: Content, data_block: int, runs: list, hashes: bytes) -> None:
+        self.content = content
+        self.data_block = data_block
+        self.runs = runs
+        self.hashes = hashes
+        self.heap_ref = -1
 
 
 def _number_inodes(root: SourceNode) -> tuple[list[SourceNode], dict[int, int], dict[int, int]]:
@@ -235,6 +147,8 @@ def build_image(
             # must not find its own scratch files in the tree.
             tree = scan_directory(source)
             return _Builder(tree, key, source_date_epoch, jobs, progress).write(image)
+        import tempfile  # only a tar source needs a scratch directory
+
         with tempfile.TemporaryDirectory(prefix=".occlumfs-build-", dir=image_dir) as scratch:
             tree = scan_tar(source, Path(scratch) / "spool")
             return _Builder(tree, key, source_date_epoch, jobs, progress).write(image)
@@ -255,19 +169,22 @@ class _Builder:
             self.keys = ImageKeys(key)
         self.clamp_ns = None if source_date_epoch is None else source_date_epoch * 1_000_000_000
         self.jobs = jobs
+        self._pool = None
+        self._checked = False
         self.progress = progress
         self.order, self.ino_of, self.links = _number_inodes(tree)
 
     # -- pass 2: hashing -------------------------------------------------------------
-    def _hash_files(self, pool: ThreadPoolExecutor) -> dict[int, _Hashed]:
-        files = [n for n in self.order if n.content is not None]
+    def _batches(self) -> list[list[Task]]:
         tasks = []
-        for node in files:
+        for node in self.order:
+            if node.content is None:
+                continue
             size = node.content.size
             for start in range(0, size, CHUNK):
                 tasks.append((node, start, min(size, start + CHUNK)))
-        # Small files travel in batches: one pool hand-off per few MiB, not per file.
-        batches: list[list[tuple[SourceNode, int, int]]] = []
+        # Small files travel in batches: one hand-off per few MiB, not per file.
+        batches: list[list[Task]] = []
         batch_bytes = 0
         for task in tasks:
             if not batches or batch_bytes >= BATCH_BYTES or len(batches[-1]) >= BATCH_FILES:
@@ -275,105 +192,98 @@ class _Builder:
                 batch_bytes = 0
             batches[-1].append(task)
             batch_bytes += task[2] - task[1]
-        results: dict[int, _Hashed] = {id(n): _Hashed() for n in files}
-        if self.jobs > 1 and len(batches) > 1 and len(batches) <= MAX_ITEMS and can_fork():
-            # Processes, not threads: hashing 4 KiB at a time holds the GIL.
-            mapped = fork_map(_hash_batch, batches, self.jobs)
-        else:
-            mapped = pool.map(_hash_batch, batches)
-        for batch, batch_runs in zip(batches, mapped, strict=True):
-            for (node, start, end), runs in zip(batch, batch_runs, strict=True):
-                hashed = results[id(node)]
-                for first, hashes in runs:
-                    hashed.add(first, hashes)
-                if self.progress is not None:
-                    self.progress(end - start)
-        return results
+        return batches
 
-    # -- pass 3: placement -------------------------------------------------------------
-    def _place(self, hashed: dict[int, _Hashed]) -> tuple[list[_Placed], dict[int, _Placed]]:
-        placed: list[_Placed] = []
-        by_content: dict[bytes, _Placed] = {}
-        of_node: dict[int, _Placed] = {}
-        next_block = 0
-        for node in self.order:
-            if node.content is None:
-                continue
-            h = hashed[id(node)]
-            hashes = b"".join(h.hashes)
-            ident = hashlib.sha256(
-                struct.pack("<Q", node.content.size)
-                + b"".join(struct.pack("<QQ", a, n) for a, n in h.runs)
-                + hashes
-            ).digest()
-            known = by_content.get(ident)
-            if known is None:
-                known = by_content[ident] = _Placed(node.content, next_block, h.runs, hashes)
-                placed.append(known)
-                next_block += len(hashes) // HASH_SIZE
-            of_node[id(node)] = known
-        return placed, of_node
+    def _map(self, func: Callable, batches: list) -> list:
+        """``[func(b) for b in batches]`` in forked processes when this process may
+        fork, else in the thread pool: per-file Python work (hashing 4 KiB at a
+        time, a copy's open/close) holds the GIL, so two threads are no faster
+        than one (docs/performance.md, issue 11)."""
+        if self._may_fork(batches):
+            return fork_map(func, batches, self.jobs)
+        if self.jobs == 1 or len(batches) <= 1:
+            return [func(batch) for batch in batches]
+        return list(self._threads().map(func, batches))
+
+    def _may_fork(self, batches: list) -> bool:
+        return self.jobs > 1 and 1 < len(batches) <= MAX_ITEMS and can_fork()
+
+    def _threads(self):
+        """The build's thread pool, started on first use (a forked build needs none)."""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="mkimage")
+        return self._pool
 
     # -- pass 4: metadata ----------------------------------------------------------------
     def _metadata(self, of_node: dict[int, _Placed]) -> tuple[bytes, bytes]:
         heap = bytearray()
         table = bytearray()
         parent_of = {1: 1}
+        links = self.links
         for ino, node in enumerate(self.order, start=1):
             mtime = node.mtime_ns
             if self.clamp_ns is not None and mtime > self.clamp_ns:
                 mtime = self.clamp_ns
-            rec = dict(
-                mode=node.mode,
-                nlink=self.links[id(node)],
-                uid=node.uid,
-                gid=node.gid,
-                size=0,
-                mtime_ns=mtime,
-            )
+            # The InodeRecord fields, packed straight into the table.
+            size = aux = ref = count = xattr_count = xattr_ref = 0
             kind = stat.S_IFMT(node.mode)
             if kind == stat.S_IFDIR:
                 names = sorted(node.children)
-                rec["aux"] = parent_of[ino]
-                rec["ref"] = len(heap)
-                rec["count"] = len(names)
-                name_off = rec["ref"] + DIRENT_SIZE * len(names)
+                aux = parent_of[ino]
+                ref = len(heap)
+                count = len(names)
+                name_off = ref + DIRENT_SIZE * len(names)
                 entries = bytearray()
                 for name in names:
                     problem = name_problem(name)
                     if problem is not None:
                         raise FormatError(f"a name in the source {problem}: {name[:80]!r}")
-                    child_ino = self.ino_of[id(node.children[name])]
-                    if node.children[name].is_dir:
+                    child = node.children[name]
+                    child_ino = self.ino_of[id(child)]
+                    if child.is_dir:
                         parent_of[child_ino] = ino
                     entries += DIRENT.pack(child_ino, len(name), name_off)
                     name_off += len(name)
                 heap += entries
                 heap += b"".join(names)
-                rec["size"] = dir_size(len(names), name_off - rec["ref"] - len(entries))
+                size = dir_size(len(names), name_off - ref - len(entries))
             elif kind == stat.S_IFREG:
                 placed = of_node[id(node)]
-                rec["size"] = node.content.size
-                rec["count"] = len(placed.runs)
-                rec["aux"] = len(placed.hashes) // HASH_SIZE
+                size = node.content.size
+                count = len(placed.runs)
+                aux = len(placed.hashes) // HASH_SIZE
                 if placed.heap_ref < 0:
                     placed.heap_ref = len(heap)
                     block = placed.data_block
-                    for first, count in placed.runs:
-                        heap += EXTENT.pack(first, block, count)
-                        block += count
-                rec["ref"] = placed.heap_ref if placed.runs else 0
+                    for first, n in placed.runs:
+                        heap += EXTENT.pack(first, block, n)
+                        block += n
+                ref = placed.heap_ref if placed.runs else 0
             elif kind == stat.S_IFLNK:
-                rec["size"] = rec["count"] = len(node.target)
-                rec["ref"] = len(heap)
+                size = count = len(node.target)
+                ref = len(heap)
                 heap += node.target
             elif kind in (stat.S_IFCHR, stat.S_IFBLK):
-                rec["aux"] = node.rdev
+                aux = node.rdev
             if node.xattrs:
-                rec["xattr_count"] = len(node.xattrs)
-                rec["xattr_ref"] = len(heap)
+                xattr_count = len(node.xattrs)
+                xattr_ref = len(heap)
                 heap += pack_xattrs(node.xattrs)
-            table += InodeRecord(**rec).pack()
+            table += INODE.pack(
+                node.mode,
+                links[id(node)],
+                node.uid,
+                node.gid,
+                size,
+                mtime,
+                aux,
+                ref,
+                count,
+                xattr_count,
+                xattr_ref,
+            )
         return bytes(table), bytes(heap)
 
     # -- writing ---------------------------------------------------------------------------
@@ -381,8 +291,11 @@ class _Builder:
         tmp = image.with_name(f".{image.name}.tmp-{os.getpid()}")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            with ThreadPoolExecutor(self.jobs, thread_name_prefix="mkimage") as pool:
-                desc = self._write_into(fd, pool)
+            try:
+                desc = self._write_into(fd)
+            finally:
+                if self._pool is not None:
+                    self._pool.shutdown()
             # No fsync: readers only ever see a complete image (the rename is
             # atomic), and an image a power cut left half-written on disk fails
             # verification like any other damage; `sync` makes it durable.
@@ -398,34 +311,75 @@ class _Builder:
         return desc.digest()
 
     def _check_unchanged(self) -> None:
+        if self._checked:
+            return  # by the workers that wrote the data, after writing it
         for node in self.order:
-            c = node.content
-            if c is not None and c.stamp is not None:
-                st = os.lstat(c.path)
-                if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != c.stamp:
-                    raise OcclumfsError(f"{os.fsdecode(c.path)}: changed during the build")
+            if node.content is not None:
+                check_unchanged(node.content)
 
-    def _write_into(self, fd: int, pool: ThreadPoolExecutor) -> Descriptor:
-        hashed = self._hash_files(pool)
-        placed, of_node = self._place(hashed)
+    def _lay_out(self, fd: int, placement: _Placement) -> tuple:
+        """Pass 4 once every file is placed: placed contents, the table, the heap, the layout."""
+        placed, of_node = placement.placed, placement.of_node
+        assert len(of_node) == len(placement.hashed)
         table, heap = self._metadata(of_node)
         data_blocks = sum(len(p.hashes) // HASH_SIZE for p in placed)
-        encrypted = self.keys is not None
-        layout = Layout.compute(len(self.order), len(heap), data_blocks, encrypted)
+        layout = Layout.compute(len(self.order), len(heap), data_blocks, self.keys is not None)
         os.ftruncate(fd, layout.image_blocks * BLOCK_SIZE)
+        return placed, of_node, table, heap, layout
+
+    def _write_into(self, fd: int) -> Descriptor:
+        batches = self._batches()
+        placement = _Placement(self.order, batches, self.progress)
+        if self.keys is None and self._may_fork(batches):
+            # The hashing processes copy the data too, once it is placed (files
+            # are placed as their hashes come in); meanwhile this process writes
+            # the rest, which depends on the data's hashes only.
+            done = []
+
+            def plan(mapped: list) -> list:
+                parts = self._lay_out(fd, placement)
+                done.append(parts)
+                data_start = parts[4].data_start
+                return [[_segments(parts[1], task, data_start) for task in b] for b in batches]
+
+            fork_map(
+                hash_and_keep,
+                batches,
+                self.jobs,
+                plan=plan,
+                finish=functools.partial(write_batch, fd),
+                on_result=placement.add,
+                meanwhile=lambda: done.append(self._write_the_rest(fd, *done[0])),
+            )
+            self._checked = True
+            return done[1]
+        for index, runs in enumerate(self._map(hash_batch, batches)):
+            placement.add(index, runs)
+        parts = self._lay_out(fd, placement)
+        if self.keys is None:
+            self._copy_data(fd, parts[4], parts[0])
+        return self._write_the_rest(fd, *parts)
+
+    def _write_the_rest(self, fd: int, placed, _of_node, table, heap, layout) -> Descriptor:
+        """Everything but the plain data: table, heap, seals (and the sealed data),
+        tree and header."""
+        encrypted = self.keys is not None
+        data_blocks = layout.seal_start - layout.data_start
         leaves = bytearray(layout.covered_blocks * HASH_SIZE)
         seals = bytearray((layout.seal_start - 1) * SEAL_SIZE) if encrypted else None
 
         self._write_plain_region(fd, layout.inode_start, pad_block(table), leaves, seals)
         self._write_plain_region(fd, layout.heap_start, pad_block(heap), leaves, seals)
         if encrypted:
-            self._seal_data(fd, pool, layout, placed, leaves, seals)
+            self._seal_data(fd, layout, placed, leaves, seals)
             seal_bytes = pad_block(bytes(seals))
             os.pwrite(fd, seal_bytes, layout.seal_start * BLOCK_SIZE)
             at = (layout.seal_start - 1) * HASH_SIZE
             leaves[at : at + layout.seal_blocks * HASH_SIZE] = hash_blocks(seal_bytes)
         else:
-            self._copy_data(fd, pool, layout, placed, leaves)
+            at = (layout.data_start - 1) * HASH_SIZE
+            hashes = b"".join(p.hashes for p in placed)
+            leaves[at : at + len(hashes)] = hashes
 
         levels, root = build_levels(bytes(leaves), layout.tree)
         os.pwrite(fd, b"".join(levels), layout.tree_start * BLOCK_SIZE)
@@ -462,14 +416,11 @@ class _Builder:
         at = (first_block - 1) * HASH_SIZE
         leaves[at : at + len(data) // BLOCK_SIZE * HASH_SIZE] = hash_blocks(data)
 
-    def _copy_data(self, fd, pool, layout: Layout, placed: list[_Placed], leaves) -> None:
-        """Copy each placed content file to file, in the pool (copy_file_range drops the GIL)."""
-        at = (layout.data_start - 1) * HASH_SIZE
+    def _copy_data(self, fd, layout: Layout, placed: list[_Placed]) -> None:
+        """Copy each placed content from its source file, in the thread pool."""
         batches: list[list[_Placed]] = [[]]
         batch_bytes = 0
         for p in placed:
-            leaves[at : at + len(p.hashes)] = p.hashes
-            at += len(p.hashes)
             # Small contents travel in batches: one pool hand-off per few MiB.
             if batch_bytes >= BATCH_BYTES or len(batches[-1]) >= BATCH_FILES:
                 batches.append([])
@@ -479,12 +430,12 @@ class _Builder:
 
         def copy(batch: list[_Placed]) -> None:
             for p in batch:
-                _copy_placed(p, fd, layout.data_start + p.data_block)
+                whole = (None, 0, p.content.size)
+                copy_segments(p.content, 0, _placed_segments(p, whole, layout.data_start), fd)
 
-        for _ in pool.map(copy, batches):
-            pass
+        self._map(copy, batches)
 
-    def _seal_data(self, fd, pool, layout: Layout, placed, leaves, seals) -> None:
+    def _seal_data(self, fd, layout: Layout, placed, leaves, seals) -> None:
         tasks = []
         for p in placed:
             block = layout.data_start + p.data_block
@@ -516,36 +467,91 @@ class _Builder:
             os.pwrite(fd, out, block * BLOCK_SIZE)
             leaves[(block - 1) * HASH_SIZE : (block - 1 + n) * HASH_SIZE] = hash_blocks(out)
 
-        for _ in pool.map(seal, tasks):
+        for _ in self._threads().map(seal, tasks):
             pass
 
 
-def _copy_placed(p: _Placed, fd: int, block: int) -> None:
-    """Copy the runs of one placed content from its source file to ``block`` on."""
-    src = os.open(p.content.path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        for first, count in p.runs:
-            src_off = p.content.offset + first * BLOCK_SIZE
-            length = min(count * BLOCK_SIZE, p.content.size - first * BLOCK_SIZE)
-            _copy_range(src, fd, src_off, block * BLOCK_SIZE, length)
-            block += count
-    finally:
-        os.close(src)
+class _Placement:
+    """Passes 2 and 3 as the hashes come in: each batch's runs are taken in batch
+    order, and each file is placed once all its runs are in, in inode order (so a
+    forked build places files while its workers still hash)."""
+
+    def __init__(self, order: list[SourceNode], batches: list[list[Task]], progress) -> None:
+        self.order = order
+        self.batches = batches
+        self.progress = progress
+        self.mapped: list = [None] * len(batches)
+        self.folded = 0  # batches taken
+        self.hashed = {id(n): _Hashed() for n in order if n.content is not None}
+        # Files with every run in (an empty file has none to wait for).
+        self.complete = {id(n) for n in order if n.content is not None and not n.content.size}
+        self.placed: list[_Placed] = []
+        self.by_content: dict[bytes, _Placed] = {}
+        self.of_node: dict[int, _Placed] = {}
+        self.next_block = 0
+        self.at = 0  # the next inode to place
+        self._place_ready()  # a tree of empty files has no batches
+
+    def add(self, index: int, batch_runs: list) -> None:
+        self.mapped[index] = batch_runs
+        while self.folded < len(self.batches) and self.mapped[self.folded] is not None:
+            batch = self.batches[self.folded]
+            for (node, start, end), runs in zip(batch, self.mapped[self.folded], strict=True):
+                hashed = self.hashed[id(node)]
+                for first, hashes in runs:
+                    hashed.add(first, hashes)
+                if end == node.content.size:
+                    self.complete.add(id(node))
+                if self.progress is not None:
+                    self.progress(end - start)
+            self.mapped[self.folded] = ()
+            self.folded += 1
+        self._place_ready()
+
+    def _place_ready(self) -> None:
+        while self.at < len(self.order):
+            node = self.order[self.at]
+            if node.content is not None:
+                if id(node) not in self.complete:
+                    break
+                self._place(node)
+            self.at += 1
+
+    def _place(self, node: SourceNode) -> None:
+        h = self.hashed[id(node)]
+        hashes = b"".join(h.hashes)
+        ident = hashlib.sha256(
+            struct.pack("<Q", node.content.size)
+            + b"".join(struct.pack("<QQ", a, n) for a, n in h.runs)
+            + hashes
+        ).digest()
+        known = self.by_content.get(ident)
+        if known is None:
+            known = self.by_content[ident] = _Placed(node.content, self.next_block, h.runs, hashes)
+            self.placed.append(known)
+            self.next_block += len(hashes) // HASH_SIZE
+        self.of_node[id(node)] = known
 
 
-def _copy_range(src: int, dst: int, src_off: int, dst_off: int, length: int) -> None:
-    while length > 0:
-        try:
-            done = os.copy_file_range(src, dst, length, src_off, dst_off)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-            done = 0
-        if done == 0:
-            buf = os.pread(src, min(length, READ), src_off)
-            if not buf:
-                raise OcclumfsError("a source file shrank during the build")
-            done = os.pwrite(dst, buf, dst_off)
-        src_off += done
-        dst_off += done
-        length -= done
+def _segments(of_node: dict[int, _Placed], task: Task, data_start: int) -> list[Segment] | None:
+    """Where the bytes a hashing task read go in the image; None if the task's
+    file is not the one its content is copied from (a duplicate)."""
+    node = task[0]
+    p = of_node[id(node)]
+    if p.content is not node.content:
+        return None
+    return _placed_segments(p, task, data_start)
+
+
+def _placed_segments(p: _Placed, task: Task, data_start: int) -> list[Segment]:
+    """The stored runs of ``p`` within the task's byte range [start, end), as segments."""
+    _, start, end = task
+    out = []
+    block = data_start + p.data_block
+    for first, count in p.runs:
+        a = max(start, first * BLOCK_SIZE)
+        b = min(end, (first + count) * BLOCK_SIZE, p.content.size)
+        if a < b:
+            out.append((a - start, b - a, (block + a // BLOCK_SIZE - first) * BLOCK_SIZE))
+        block += count
+    return out

@@ -28,9 +28,12 @@ import signal
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from occlumfs.errors import OcclumfsError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing
+if TYPE_CHECKING:
+    from typing import Any
 
 _INDEX = struct.Struct("<I")
 _LENGTH = struct.Struct("<Q")
@@ -41,8 +44,27 @@ def can_fork() -> bool:
     return hasattr(os, "fork") and threading.active_count() == 1
 
 
-def fork_map(func: Callable[[Any], Any], items: Sequence[Any], workers: int) -> list[Any]:
-    """``[func(item) for item in items]``, computed by ``workers`` forked processes."""
+def fork_map(
+    func: Callable[[Any], Any],
+    items: Sequence[Any],
+    workers: int,
+    *,
+    plan: Callable[[list[Any]], Sequence[Any]] | None = None,
+    finish: Callable[[Any, Any], None] | None = None,
+    on_result: Callable[[int, Any], None] | None = None,
+    meanwhile: Callable[[], None] | None = None,
+) -> list[Any]:
+    """``[func(item) for item in items]``, computed by ``workers`` forked processes.
+
+    With ``plan`` and ``finish``, a second round follows in the same workers:
+    ``func`` returns ``(result, kept)`` and the worker keeps ``kept`` (say, the
+    bytes it read); once every result is in, ``plan(results)`` (in the caller)
+    gives one plan per item, and the worker that computed item ``i`` runs
+    ``finish(kept_i, plans[i])``. The first error of either round is raised.
+    ``on_result(i, result)`` is called in the caller as each first-round result
+    comes in (in any order), while the workers go on; ``meanwhile()`` once the
+    plans are sent, while the workers finish.
+    """
     if not can_fork():
         raise RuntimeError("fork_map needs a process with a single thread")
     if len(items) > MAX_ITEMS:
@@ -50,85 +72,161 @@ def fork_map(func: Callable[[Any], Any], items: Sequence[Any], workers: int) -> 
     results: list[Any] = [None] * len(items)
     errors: dict[int, BaseException] = {}
     todo_r, todo_w = os.pipe2(os.O_CLOEXEC)
-    children: dict[int, int] = {}  # result pipe -> pid
+    children: dict[int, _Child] = {}  # result pipe -> worker
     try:
         # Every index up front (a pipe holds 64 KiB), then end of file.
         os.write(todo_w, b"".join(_INDEX.pack(i) for i in range(len(items))))
         os.close(todo_w)
         todo_w = -1
         for _ in range(max(1, min(workers, len(items)))):
+            child = _Child()
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            pid = os.fork()
-            if pid == 0:  # the worker: never returns
-                _work(func, items, todo_r, out_w)
+            plan_r, child.plan_w = os.pipe2(os.O_CLOEXEC) if finish else (-1, -1)
+            child.pid = os.fork()
+            if child.pid == 0:  # the worker: never returns
+                # Not the other workers' pipes: a plan pipe still open here would
+                # never reach end of file for its own worker.
+                for fd in [*children, *(c.plan_w for c in (*children.values(), child))]:
+                    if fd >= 0:
+                        os.close(fd)
+                _work(func, items, todo_r, out_w, plan_r, finish)
             os.close(out_w)
-            children[out_r] = pid
-        _collect(children, results, errors)
+            if plan_r >= 0:
+                os.close(plan_r)
+            children[out_r] = child
+        _collect(children, results, errors, on_result)
+        if finish is not None and not errors:
+            plans = plan(results)
+            for child in children.values():
+                _send_plans(child, {i: plans[i] for i in child.indices})
+            if meanwhile is not None:
+                meanwhile()
+            _collect(children, results, errors, None)
     finally:
         os.close(todo_r)
         if todo_w >= 0:
             os.close(todo_w)
-        for fd, pid in children.items():
+        for fd, child in children.items():
             os.close(fd)
+            if child.plan_w >= 0:
+                os.close(child.plan_w)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)  # a worker still running has nothing to save
+                os.kill(child.pid, signal.SIGKILL)  # a worker still running has nothing to save
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+                os.waitpid(child.pid, 0)
     if errors:
         raise errors[min(errors)]
     return results
 
 
-def _collect(children: dict[int, int], results: list[Any], errors: dict) -> None:
-    """Read every worker's answers until each reaches end of file."""
-    pending = {fd: bytearray() for fd in children}
+class _Child:
+    """A worker as the parent sees it."""
+
+    __slots__ = ("buf", "done", "indices", "pid", "plan_w")
+
+    def __init__(self) -> None:
+        self.pid = -1
+        self.plan_w = -1
+        self.buf = bytearray()
+        self.indices: list[int] = []  # the items it computed
+        self.done = False  # it finished the current round
+
+
+def _send_plans(child: _Child, plans: dict[int, Any]) -> None:
+    data = memoryview(pickle.dumps(plans, pickle.HIGHEST_PROTOCOL))
+    try:
+        while data:
+            data = data[os.write(child.plan_w, data) :]
+    except BrokenPipeError:
+        pass  # it died: the next round's read says so
+    os.close(child.plan_w)
+    child.plan_w = -1
+    child.done = False
+
+
+def _collect(children: dict[int, _Child], results: list[Any], errors: dict, on_result) -> None:
+    """Read every worker's answers until each says the round is done."""
+    pending = {fd for fd, child in children.items() if not child.done}
     while pending:
         ready, _, _ = select.select(list(pending), [], [])
         for fd in ready:
+            child = children[fd]
             got = os.read(fd, 1 << 20)
-            if got:
-                pending[fd] += got
-                continue
-            _unpack(pending.pop(fd), results, errors, children[fd])
+            if not got:
+                raise OcclumfsError(f"a hashing worker (pid {child.pid}) died before finishing")
+            child.buf += got
+            _unpack(child, results, errors, on_result)
+            if child.done:
+                pending.discard(fd)
 
 
-def _unpack(buf: bytearray, results: list[Any], errors: dict, pid: int) -> None:
+def _unpack(child: _Child, results: list[Any], errors: dict, on_result) -> None:
+    """Take every complete answer off the front of ``child.buf``."""
+    buf = child.buf
     at = 0
-    finished = False
-    while at < len(buf):
+    while len(buf) - at >= _LENGTH.size:
         (length,) = _LENGTH.unpack_from(buf, at)
+        if len(buf) - at - _LENGTH.size < length:
+            break
         at += _LENGTH.size
         kind, index, value = pickle.loads(buf[at : at + length])
         at += length
         if kind == "done":
-            finished = True
+            child.done = True
         elif kind == "ok":
             results[index] = value
+            child.indices.append(index)
+            if on_result is not None:
+                on_result(index, value)
+        elif kind == "finished":
+            pass
         else:
             errors[index] = value
-    if not finished:
-        raise OcclumfsError(f"a hashing worker (pid {pid}) died before finishing")
+    del buf[:at]
 
 
-def _work(func, items, todo: int, out: int) -> None:
+def _work(func, items, todo: int, out: int, plans: int, finish) -> None:
     status = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C: the parent reports it
+        kept = {}
         while True:
             got = os.read(todo, _INDEX.size)
             if len(got) != _INDEX.size:
                 break
             (index,) = _INDEX.unpack(got)
             try:
-                answer = ("ok", index, func(items[index]))
+                value = func(items[index])
+                if finish is not None:
+                    value, kept[index] = value
+                answer = ("ok", index, value)
             except Exception as exc:
                 answer = ("error", index, exc)
             _send(out, answer)
         _send(out, ("done", -1, None))
+        if finish is not None:
+            _finish(finish, kept, plans, out)
     except BaseException:
         status = 1
     finally:
         os._exit(status)
+
+
+def _finish(finish, kept: dict, plans: int, out: int) -> None:
+    """The second round: this worker's plans, read to end of file, then ``finish`` each."""
+    chunks = []
+    while chunk := os.read(plans, 1 << 20):
+        chunks.append(chunk)
+    if not chunks:
+        return  # the parent gave up (an error in the first round)
+    for index, item_plan in sorted(pickle.loads(b"".join(chunks)).items()):
+        try:
+            finish(kept.pop(index), item_plan)
+            answer = ("finished", index, None)
+        except Exception as exc:
+            answer = ("error", index, exc)
+        _send(out, answer)
+    _send(out, ("done", -1, None))
 
 
 def _send(fd: int, answer: tuple) -> None:

@@ -21,13 +21,13 @@ import errno
 import hashlib
 import stat
 import struct
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections import namedtuple
 
 from occlumfs.errors import FormatError, FSError
 
-# One block size for the contract and the format (the goldens pin it at 4096).
-from occlumfs.fs import BLOCK_SIZE
+# One block size for the contract and the format (the goldens pin it at 4096),
+# from occlumfs.units: `occlumfs mkimage` does not load the contract (occlumfs.fs).
+from occlumfs.units import BLOCK_SIZE
 
 MAGIC = b"OCCLUMIM"
 VERSION = 2  # what the builder writes
@@ -116,19 +116,22 @@ DESCRIPTOR_SIZE = _DESCRIPTOR.size
 HEADER_MAC_SIZE = 32
 
 
-@dataclass(frozen=True, slots=True)
-class Descriptor:
-    """The header's content. Its SHA-256 is the image digest."""
+class Descriptor(
+    namedtuple(
+        "Descriptor",
+        "flags image_blocks inode_count heap_bytes data_blocks sealed_blocks root_hash"
+        " key_check version",
+        defaults=(VERSION,),
+    )
+):
+    """The header's content. Its SHA-256 is the image digest.
 
-    flags: int
-    image_blocks: int  # the whole file, header and tree included
-    inode_count: int
-    heap_bytes: int
-    data_blocks: int
-    sealed_blocks: int  # blocks with a seal-table entry (0 when not encrypted)
-    root_hash: bytes
-    key_check: bytes  # zeros when not encrypted
-    version: int = VERSION
+    ``image_blocks`` is the whole file, header and tree included;
+    ``sealed_blocks`` the blocks with a seal-table entry and ``key_check``
+    zeros when the image is not encrypted.
+    """
+
+    __slots__ = ()
 
     @property
     def encrypted(self) -> bool:
@@ -261,18 +264,16 @@ def parse_digest(text: str) -> str:
 # -- region layout and tree geometry ----------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class TreeGeometry:
+class TreeGeometry(namedtuple("TreeGeometry", "leaves counts starts")):
     """Where each level of the Merkle tree lives, for ``leaves`` covered blocks.
 
     Level 0 holds one hash per covered block; level k+1 one hash per block of
     level k; the top level is a single block whose SHA-256 is the root hash.
-    ``starts[k]`` is the index of level k's first block within the tree region.
+    ``counts[k]`` is the number of blocks of level k (level 0 first) and
+    ``starts[k]`` the index of level k's first block within the tree region.
     """
 
-    leaves: int
-    counts: tuple[int, ...]  # blocks per level, level 0 first
-    starts: tuple[int, ...]
+    __slots__ = ()
 
     @classmethod
     def for_leaves(cls, leaves: int) -> TreeGeometry:
@@ -314,17 +315,13 @@ class TreeGeometry:
         return covered_index // HASHES_PER_BLOCK, (covered_index % HASHES_PER_BLOCK) * HASH_SIZE
 
 
-@dataclass(frozen=True, slots=True)
-class Layout:
-    """Absolute block numbers of each region, derived from the descriptor's counts."""
+class Layout(
+    namedtuple("Layout", "inode_start heap_start data_start seal_start seal_blocks tree_start tree")
+):
+    """Absolute block numbers of each region, derived from the descriptor's counts
+    (``tree`` is the tree's :class:`TreeGeometry`)."""
 
-    inode_start: int
-    heap_start: int
-    data_start: int
-    seal_start: int
-    seal_blocks: int
-    tree_start: int
-    tree: TreeGeometry
+    __slots__ = ()
 
     @classmethod
     def of(cls, desc: Descriptor) -> Layout:
@@ -395,7 +392,13 @@ INODE_SIZE = _INODE.size  # 64
 assert INODE_SIZE == 64
 
 
-class InodeRecord(NamedTuple):
+class InodeRecord(
+    namedtuple(
+        "InodeRecord",
+        "mode nlink uid gid size mtime_ns aux ref count xattr_count xattr_ref",
+        defaults=(0, 0, 0, 0, 0),
+    )
+):
     """One inode as stored.
 
     ``aux`` is the parent inode for a directory, st_rdev for a device node and
@@ -404,17 +407,7 @@ class InodeRecord(NamedTuple):
     target (``count`` bytes). A tuple, so decoding one is a single C call.
     """
 
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    size: int
-    mtime_ns: int
-    aux: int = 0
-    ref: int = 0
-    count: int = 0
-    xattr_count: int = 0
-    xattr_ref: int = 0
+    __slots__ = ()
 
     def pack(self) -> bytes:
         return _INODE.pack(*self)

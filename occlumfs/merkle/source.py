@@ -12,7 +12,6 @@ import errno
 import os
 import stat
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
@@ -33,7 +32,8 @@ from occlumfs.merkle.format import (
 )
 
 
-@dataclass(slots=True)
+# Plain classes, not dataclasses: `occlumfs mkimage` starts faster without
+# loading the dataclasses module (docs/performance.md, issue 11).
 class Content:
     """Where a regular file's bytes are: ``size`` bytes of ``path`` from ``offset``.
 
@@ -41,23 +41,56 @@ class Content:
     while it was being read.
     """
 
-    path: bytes
-    offset: int
-    size: int
-    stamp: tuple[int, int, int] | None = None
+    __slots__ = ("offset", "path", "size", "stamp")
+
+    def __init__(
+        self, path: bytes, offset: int, size: int, stamp: tuple[int, int, int] | None = None
+    ) -> None:
+        self.path = path
+        self.offset = offset
+        self.size = size
+        self.stamp = stamp
+
+    def __repr__(self) -> str:
+        return f"Content({self.path!r}, {self.offset}, {self.size}, {self.stamp})"
 
 
-@dataclass(eq=False, slots=True)
 class SourceNode:
-    mode: int
-    uid: int = 0
-    gid: int = 0
-    mtime_ns: int = 0
-    rdev: int = 0
-    xattrs: list[tuple[bytes, bytes]] = field(default_factory=list)
-    target: bytes = b""  # symlinks
-    content: Content | None = None  # regular files
-    children: dict[bytes, SourceNode] | None = None  # directories
+    """One inode of the source tree (a hard link is one node under several names)."""
+
+    __slots__ = (
+        "children",
+        "content",
+        "gid",
+        "mode",
+        "mtime_ns",
+        "rdev",
+        "target",
+        "uid",
+        "xattrs",
+    )
+
+    def __init__(
+        self,
+        mode: int,
+        uid: int = 0,
+        gid: int = 0,
+        mtime_ns: int = 0,
+        rdev: int = 0,
+        xattrs: list[tuple[bytes, bytes]] | None = None,
+        target: bytes = b"",  # symlinks
+        content: Content | None = None,  # regular files
+        children: dict[bytes, SourceNode] | None = None,  # directories
+    ) -> None:
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.mtime_ns = mtime_ns
+        self.rdev = rdev
+        self.xattrs = [] if xattrs is None else xattrs
+        self.target = target
+        self.content = content
+        self.children = children
 
     @property
     def is_dir(self) -> bool:
@@ -90,6 +123,8 @@ def _read_xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
         if exc.errno in (errno.ENOTSUP, errno.EPERM):
             return []
         raise
+    if not names:
+        return []  # most files: nothing to read, check or sort
     out = []
     for name in names:
         try:

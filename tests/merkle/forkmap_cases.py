@@ -73,32 +73,111 @@ def too_many_items() -> None:
     raise AssertionError("no error")
 
 
-def build_forked(src: str, image: str) -> None:
-    """Build with forked hashing (checked), print the digest."""
-    calls = []
-    real = build.fork_map
-    build.fork_map = lambda *a: calls.append(1) or real(*a)
-    print(build_image(Path(src), Path(image), jobs=2))
-    assert calls == [1], calls
+def _keep(n: int) -> tuple[int, tuple[int, int]]:
+    return n * n, (n, os.getpid())
+
+
+def two_rounds() -> None:
+    """Each item's kept value reaches its plan in the worker that computed it."""
+    seen_r, seen_w = os.pipe()
+    items = list(range(200))
+
+    def finish(kept, plan) -> None:
+        n, pid = kept
+        assert pid == os.getpid() and plan == n + 1000, (kept, plan)
+        os.write(seen_w, f"{n}\n".encode())
+
+    arrived = []  # in the caller, as each first-round result comes in
+
+    def plan(results):
+        assert sorted(arrived) == [(n, n * n) for n in items]  # all before the plan
+        return [r**0.5 + 1000 for r in results]
+
+    got = fork_map(
+        _keep, items, 2, plan=plan, finish=finish, on_result=lambda i, r: arrived.append((i, r))
+    )
+    os.close(seen_w)
+    with os.fdopen(seen_r) as seen:
+        finished = sorted(int(line) for line in seen)
+    assert got == [n * n for n in items]
+    assert finished == items
     assert no_children_left()
 
 
-def build_error(src: str, image: str, victim: str) -> None:
-    """Delete ``victim`` between the scan and the hashing; print the one-line error."""
+def second_round_errors() -> None:
+    def finish(kept, plan) -> None:
+        if kept[0] in (9, 4):
+            raise OcclumfsError(f"cannot finish {kept[0]}")
+
+    try:
+        fork_map(_keep, list(range(12)), 2, plan=lambda r: r, finish=finish)
+    except OcclumfsError as exc:
+        assert str(exc) == "cannot finish 4", exc
+    else:
+        raise AssertionError("no error")
+    assert no_children_left()
+
+    def die(kept, plan) -> None:
+        os._exit(3)
+
+    try:
+        fork_map(_keep, list(range(12)), 2, plan=lambda r: r, finish=die)
+    except OcclumfsError as exc:
+        assert "died before finishing" in str(exc), exc
+    else:
+        raise AssertionError("no error")
+    assert no_children_left()
+
+    def bad_plan(results):
+        raise OcclumfsError("no plan")
+
+    try:
+        fork_map(_keep, list(range(12)), 2, plan=bad_plan, finish=die)
+    except OcclumfsError as exc:
+        assert str(exc) == "no plan", exc
+    else:
+        raise AssertionError("no error")
+    assert no_children_left()
+
+
+def build_forked(src: str, image: str) -> None:
+    """Build with forked hashing and copying (checked), print the digest."""
+    calls = []
+    real = build.fork_map
+    build.fork_map = lambda func, *a, **kw: calls.append(func.__name__) or real(func, *a, **kw)
+    print(build_image(Path(src), Path(image), jobs=2))
+    assert calls == ["hash_and_keep"], calls  # one set of workers hashes and copies
+    assert no_children_left()
+
+
+def _build_after_scan(src: str, image: str, between) -> None:
+    """Build with forked workers, calling ``between()`` right after the scan;
+    print the one-line error."""
     scan = build.scan_directory
 
-    def scan_then_delete(root):
+    def scan_then(root):
         tree = scan(root)
-        os.unlink(victim)
+        between()
         return tree
 
-    build.scan_directory = scan_then_delete
+    build.scan_directory = scan_then
     assert can_fork()
     try:
         build_image(Path(src), Path(image), jobs=2)
     except OcclumfsError as exc:
         print(exc)
     assert no_children_left()
+
+
+def build_error(src: str, image: str, victim: str) -> None:
+    """Delete ``victim`` between the scan and the hashing; print the one-line error."""
+    _build_after_scan(src, image, lambda: os.unlink(victim))
+
+
+def build_changed(src: str, image: str, victim: str) -> None:
+    """Rewrite ``victim`` (same size) between the scan and the hashing; print the error."""
+    path = Path(victim)
+    _build_after_scan(src, image, lambda: path.write_bytes(path.read_bytes()[::-1]))
 
 
 if __name__ == "__main__":

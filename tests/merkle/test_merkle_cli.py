@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -240,3 +241,89 @@ def test_mkimage_loads_neither_fuse_nor_cryptography(tmp_path):
     lines = done.stdout.splitlines()
     assert lines[0].startswith("sha256:")
     assert lines[-1] == "[]"
+
+
+@pytest.mark.parametrize(
+    ("argv", "parsed"),
+    [
+        (["mkimage", "s", "i"], ("s", "i", None)),
+        (["mkimage", "-j", "3", "s", "i"], ("s", "i", 3)),
+        (["mkimage", "s", "-j2", "i"], ("s", "i", 2)),
+        (["mkimage", "s", "i", "--jobs", "1"], ("s", "i", 1)),
+        (["mkimage", "s", "i", "--jobs=4"], ("s", "i", 4)),
+        # Everything else is click's to parse (and to refuse).
+        (["mkimage", "s"], None),
+        (["mkimage", "s", "i", "x"], None),
+        (["mkimage", "s", "i", "-j", "0"], None),
+        (["mkimage", "s", "i", "-j"], None),
+        (["mkimage", "s", "i", "-j", "x"], None),
+        (["mkimage", "s", "i", "-j", "1", "-j", "2"], None),
+        (["mkimage", "s", "i", "--key-file", "k"], None),
+        (["mkimage", "s", "i", "--help"], None),
+        (["mkimage", "--", "s", "i"], None),
+        (["mkimage", "", "i"], None),
+        (["-v", "mkimage", "s", "i"], None),
+        (["digest", "i"], None),
+        ([], None),
+    ],
+)
+def test_the_plain_mkimage_command_lines(argv, parsed):
+    from occlumfs.cli.quick import plain_mkimage
+
+    want = parsed and (Path(parsed[0]), Path(parsed[1]), parsed[2])
+    assert plain_mkimage(argv) == want
+
+
+def _python(code: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"},
+    )
+
+
+def test_a_plain_mkimage_loads_no_click(tmp_path):
+    src = make_golden_tree(tmp_path / "src")
+    done = _python(
+        "import sys\n"
+        "from occlumfs.cli.quick import run_plain\n"
+        "code = run_plain(sys.argv[1:])\n"
+        "print(code, sorted(m for m in ('click', 'logging', 'pyfuse3', 'cryptography')"
+        " if m in sys.modules))\n",
+        "mkimage",
+        src,
+        tmp_path / "img",
+    )
+    digest, loaded = done.stdout.splitlines()
+    assert loaded == "0 []", done.stderr
+    assert digest == run_cli("digest", tmp_path / "img").stdout.strip()
+
+
+def test_a_plain_mkimage_fails_as_through_click(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    (tmp_path / "file").write_bytes(b"not a tar archive")
+    through_click = (
+        "import sys\nfrom occlumfs.cli import main\nmain(sys.argv[1:], prog_name='occlumfs')\n"
+    )
+    plain = "import runpy\nrunpy.run_module('occlumfs', run_name='__main__')\n"
+    cases = [
+        ["mkimage", tmp_path / "absent", tmp_path / "a.img"],
+        ["mkimage", tmp_path / "file", tmp_path / "b.img"],
+        ["mkimage", src, tmp_path / "no-dir" / "c.img"],
+        ["mkimage", src, tmp_path],  # the image path is a directory
+    ]
+    for case in cases:
+        one = _python(plain, *case)
+        other = _python(through_click, *case)
+        assert one.returncode != 0 and one.stdout == "", one
+        assert "Traceback" not in one.stderr
+        pid = re.compile(r"tmp-[0-9]+")  # the scratch file's name carries the process id
+        assert (one.returncode, pid.sub("", one.stderr)) == (
+            other.returncode,
+            pid.sub("", other.stderr),
+        ), case
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "src"]  # nothing written

@@ -37,7 +37,10 @@ def _fresh(case: str, *args: object) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("case", ["order", "first_error", "dead_worker", "too_many_items"])
+@pytest.mark.parametrize(
+    "case",
+    ["order", "first_error", "dead_worker", "too_many_items", "two_rounds", "second_round_errors"],
+)
 def test_fork_map(case):
     _fresh(case)
 
@@ -62,6 +65,8 @@ def test_forked_threaded_and_single_hashing_build_the_same_bytes(tmp_path, monke
     (src / "many").mkdir()
     for i in range(600):  # more than one batch of small files
         (src / "many" / f"f{i:03d}").write_bytes(bytes([i % 251]) * (i * 37 % 9000 + 1))
+    (src / "many" / "big").write_bytes(os.urandom(3 << 20))  # more than a small file
+    (src / "many" / "big-holes").write_bytes(os.urandom(9000) + bytes(3 << 20) + b"end")
     forked = _fresh("build_forked", src, tmp_path / "forked.img").strip()
     single = build_image(src, tmp_path / "single.img", jobs=1)
     monkeypatch.setattr(build, "can_fork", lambda: False)
@@ -88,18 +93,40 @@ def test_a_source_file_gone_before_forked_hashing_is_one_clear_error(tmp_path):
     assert list(tmp_path.iterdir()) == [src]  # no image, no scratch file
 
 
-def test_the_same_error_from_hashing_threads(tmp_path, monkeypatch):
-    src, victim = _many_files(tmp_path)
+def _threaded_after_scan(monkeypatch, src: Path, image: Path, between) -> OcclumfsError:
+    """Build in threads, calling ``between()`` right after the scan: the error."""
     scan = build.scan_directory
 
-    def scan_then_delete(root):
+    def scan_then(root):
         tree = scan(root)
-        victim.unlink()  # gone between the scan and the hashing
+        between()
         return tree
 
-    monkeypatch.setattr(build, "scan_directory", scan_then_delete)
+    monkeypatch.setattr(build, "scan_directory", scan_then)
     monkeypatch.setattr(build, "can_fork", lambda: False)
     with pytest.raises(OcclumfsError) as raised:
-        build_image(src, tmp_path / "out.img", jobs=2)
-    assert str(raised.value) == f"mkimage: {victim}: No such file or directory"
+        build_image(src, image, jobs=2)
+    return raised.value
+
+
+def test_the_same_error_from_hashing_threads(tmp_path, monkeypatch):
+    src, victim = _many_files(tmp_path)
+    error = _threaded_after_scan(monkeypatch, src, tmp_path / "out.img", victim.unlink)
+    assert str(error) == f"mkimage: {victim}: No such file or directory"
+    assert list(tmp_path.iterdir()) == [src]
+
+
+def test_a_source_file_changed_during_the_build_is_caught_forked_or_threaded(tmp_path, monkeypatch):
+    src, victim = _many_files(tmp_path)
+    victim.write_bytes(b"ab" * 2500)  # same size as the others, not all one byte
+    os.utime(victim, ns=(10**18, 10**18))  # so that the rewrite surely moves its mtime
+    out = _fresh("build_changed", src, tmp_path / "out.img", victim)
+    assert out == f"{victim}: changed during the build\n"
+    assert list(tmp_path.iterdir()) == [src]
+
+    os.utime(victim, ns=(10**18, 10**18))
+    error = _threaded_after_scan(
+        monkeypatch, src, tmp_path / "out.img", lambda: victim.write_bytes(b"ba" * 2500)
+    )
+    assert str(error) == f"{victim}: changed during the build"
     assert list(tmp_path.iterdir()) == [src]

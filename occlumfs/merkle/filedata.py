@@ -1,0 +1,184 @@
+"""A build's file data: hashing each source file's blocks, and copying what is
+placed into the image.
+
+Zero blocks are found while hashing (they become holes, never stored), so the
+image's data region is only known once every file is hashed. A forked worker
+(:mod:`occlumfs.merkle.forkmap`, two rounds) hashes its batches, and once the
+builder has placed them copies the same batches into the image and checks that
+none of their files changed meanwhile, while the builder writes the metadata and
+the tree. (Threads copied no faster than one: each file's open and close holds
+the GIL. Two processes do not copy twice as fast either: the kernel serialises
+buffered writes to one file.)
+
+Keeping each file's bytes from the hashing to write them from memory was tried
+and did not pay: fresh memory costs a page fault (or a populate) per 4 KiB,
+about what reading the file again saves (docs/performance.md, issue 11).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+
+from occlumfs.errors import OcclumfsError
+from occlumfs.merkle.format import BLOCK_SIZE, ZERO_BLOCK
+from occlumfs.merkle.source import Content, SourceNode
+from occlumfs.merkle.tree import hash_blocks
+
+ZERO_RUN = bytes(64)
+SMALL_FILE = 1 << 20
+READ = 1 << 20
+
+Task = tuple[SourceNode, int, int]  # a file and the byte range [start, end) of it to hash
+Runs = list[tuple[int, bytes]]  # (first file block, hashes of the run) per run of data blocks
+Segment = tuple[int, int, int]  # (offset in the task's range, length, image offset)
+
+
+def _data_segments(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """Block-aligned [a, b) ranges of [start, end) that may hold data (holes skipped)."""
+    if end - start <= SMALL_FILE:
+        # Reading a small file whole costs less than asking where its holes
+        # are; zero blocks become holes all the same.
+        yield start, end
+        return
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return
+            if exc.errno == errno.EINVAL:  # no SEEK_DATA here: treat all as data
+                yield pos, end
+                return
+            raise
+        if data >= end:
+            return
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        a = data - data % BLOCK_SIZE
+        b = min(end, -(-hole // BLOCK_SIZE) * BLOCK_SIZE)
+        yield max(a, pos), b
+        pos = b
+
+
+_thread_state = threading.local()
+
+
+def _read_area() -> bytearray:
+    """This thread's read buffer: reused, so reading costs no fresh page faults."""
+    area = getattr(_thread_state, "area", None)
+    if area is None:
+        area = _thread_state.area = bytearray(READ)
+    return area
+
+
+def _hash_buffer(buf: bytes | bytearray, got: int, first_block: int, out: list) -> None:
+    """Append (first block, hashes of the run) for each run of non-zero blocks of
+    ``buf[:got]``, whose first block is file block ``first_block``."""
+    mv = memoryview(buf)[:got]
+    run_first = first_block
+    run: list[bytes] = []
+    first_off = 0
+    full = got - got % BLOCK_SIZE
+    if full and buf.find(ZERO_RUN, 0, full) < 0:
+        # No all-zero block can hide in a buffer without 64 zeros in a row:
+        # hash its whole blocks as one run, without copies.
+        run.append(hash_blocks(mv[:full]))
+        first_off = full
+    for off in range(first_off, got, BLOCK_SIZE):
+        n = min(BLOCK_SIZE, got - off)
+        zeros = ZERO_BLOCK if n == BLOCK_SIZE else ZERO_BLOCK[:n]
+        if buf.startswith(zeros, off, off + n):  # an all-zero block becomes a hole
+            if run:
+                out.append((run_first, b"".join(run)))
+                run = []
+            continue
+        if not run:
+            run_first = first_block + off // BLOCK_SIZE
+        h = hashlib.sha256(mv[off : off + n])
+        if n < BLOCK_SIZE:
+            h.update(ZERO_BLOCK[n:])
+        run.append(h.digest())
+    if run:
+        out.append((run_first, b"".join(run)))
+
+
+def _hash_chunk(content: Content, start: int, end: int) -> list[tuple[int, bytes]]:
+    """Hash logical bytes [start, end) of a file: [(first block, hashes of the run)]."""
+    out: list[tuple[int, bytes]] = []
+    base = content.offset
+    fd = os.open(content.path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        area = _read_area()
+        for seg_a, seg_b in _data_segments(fd, base + start, base + end):
+            pos = seg_a
+            while pos < seg_b:
+                want = min(READ, seg_b - pos)
+                got = os.preadv(fd, [memoryview(area)[:want]], pos)
+                if got != want and pos + got != base + content.size:
+                    raise OcclumfsError(f"{os.fsdecode(content.path)}: changed during the build")
+                _hash_buffer(area, got, (pos - base) // BLOCK_SIZE, out)
+                pos += want
+    finally:
+        os.close(fd)
+    return out
+
+
+def hash_batch(batch: list[Task]) -> list[Runs]:
+    return [_hash_chunk(node.content, start, end) for node, start, end in batch]
+
+
+def hash_and_keep(batch: list[Task]) -> tuple[list[Runs], list[Task]]:
+    """:func:`hash_batch` for fork_map's first round: the runs, and the batch kept
+    for the second (:func:`write_batch`)."""
+    return hash_batch(batch), batch
+
+
+def write_batch(fd: int, batch: list[Task], plans: list[list[Segment] | None]) -> None:
+    """Copy one batch's planned segments into the image ``fd`` from their source
+    files, then check that none of the batch's files changed since the scan."""
+    for (node, start, _end), segments in zip(batch, plans, strict=True):
+        if segments:  # else its content is stored once, from another file
+            copy_segments(node.content, start, segments, fd)
+    for node, _start, _end in batch:
+        check_unchanged(node.content)
+
+
+def check_unchanged(content: Content) -> None:
+    """Raise if a source file's size or times moved since the scan (it changed
+    while the build read it)."""
+    if content.stamp is not None:
+        st = os.lstat(content.path)
+        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != content.stamp:
+            raise OcclumfsError(f"{os.fsdecode(content.path)}: changed during the build")
+
+
+def copy_segments(content: Content, start: int, segments: list[Segment], fd: int) -> None:
+    """Copy segments of file range [start, ...) of ``content`` into the image ``fd``."""
+    src = os.open(content.path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        for off, length, at in segments:
+            copy_range(src, fd, content.offset + start + off, at, length)
+    finally:
+        os.close(src)
+
+
+def copy_range(src: int, dst: int, src_off: int, dst_off: int, length: int) -> None:
+    while length > 0:
+        try:
+            done = os.copy_file_range(src, dst, length, src_off, dst_off)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            done = 0
+        if done == 0:
+            buf = os.pread(src, min(length, READ), src_off)
+            if not buf:
+                raise OcclumfsError("a source file shrank during the build")
+            done = os.pwrite(dst, buf, dst_off)
+        src_off += done
+        dst_off += done
+        length -= done
