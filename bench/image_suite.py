@@ -72,23 +72,6 @@ def mkimage(src: Path, image: Path) -> str:
     return lines[-1].strip()
 
 
-def byte_compile_occlumfs() -> str:
-    """Byte-compile the occlumfs the timed commands import, as installing it does.
-
-    Where PYTHONDONTWRITEBYTECODE is set (as here), a checkout's modules are
-    otherwise compiled again by every command: ~15 ms of each `occlumfs
-    mkimage` (2026-11-28), a cost no installed copy pays. Returns a row note.
-    """
-    import compileall
-
-    import occlumfs
-
-    package = Path(occlumfs.__file__).parent
-    if not compileall.compile_dir(package, quiet=1):
-        return f"occlumfs NOT byte-compiled ({package}): each command compiled its modules"
-    return "occlumfs byte-compiled before timing, as installing it does"
-
-
 def build_untimed(src: Path, image: Path) -> tuple[Path | None, str]:
     """(image, digest) of ``src``, or (None, "") when building failed (logged)."""
     log(f"building {image.name} (untimed)")
@@ -165,7 +148,6 @@ class ImageSuite:
 
     def _run(self, report: SuiteReport, src: Path) -> None:
         size = self.s.size
-        compiled = byte_compile_occlumfs()
         log("copying the stdlib tree")
         stdlib = src / "stdlib"
         files, nbytes = datasets.copy_stdlib(stdlib, max_files=200 if self.s.quick else None)
@@ -184,7 +166,6 @@ class ImageSuite:
             self.images / "stdlib.img",
         )
         report.rows.append(row)
-        report.rows[-1].notes.append(compiled)
         row, _ = self.build_row(
             "image.build.mixed",
             f"mkimage mixed tree ({mfiles:,} files, {format_bytes(mbytes)})",

@@ -128,14 +128,6 @@ class SuiteReport:
     summary: str = ""  # a suite without a table (the crash soak) says its result here
     failed: str = ""  # why our side of a table-less suite failed, if it did
 
-    def all_notes(self) -> list[str]:
-        """The row's notes, plus the ratio to the best peer when the target names another."""
-        best, named = self.best_peer(), self.compared_peer()
-        if best is None or named is None or best is named:
-            return self.notes
-        r = format_ratio(ratio(self.ours.value, best.value))
-        return [*self.notes, f"against the best peer ({best.subject}, not judged): {r}"]
-
     def ours_failed(self) -> bool:
         return bool(self.failed) or any(row.ours_failed() for row in self.rows)
 
