@@ -29,14 +29,8 @@ free of per-block Python code (docs/performance.md).
 
 from __future__ import annotations
 
-import array
 import errno
-import operator
-import os
-import sys
-from collections import deque
 from collections.abc import Callable, Iterator
-from itertools import repeat
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -51,46 +45,19 @@ from occlumfs.sefs.format import (
     ENTRY_NONCE,
     ENTRY_SIZE,
     ENTRY_TAG,
-    NONCE_SIZE,
     SLOT_A,
     SLOT_B,
     SLOT_HOLE,
 )
 from occlumfs.sefs.inode import EMPTY, Inode
+from occlumfs.sefs.seal import STRIDE as _STRIDE
+from occlumfs.sefs.seal import seal
 from occlumfs.sefs.storage import Storage
 from occlumfs.sefs.writeback import BATCH_BLOCKS, Batch, WriteBehind
 
 DIRTY_LIMIT_BLOCKS = 8192  # 32 MiB of plaintext buffered at most (write-behind keeps far less)
 _WRITE_RUN = 512  # blocks per preadv (below IOV_MAX)
-_STRIDE = BLOCK_SIZE + fmt.TAG_SIZE  # a ciphertext block and its tag, as AES-GCM reads them
 _THREAD_BLOCKS = 1024  # a flush of this many blocks or more writes in a thread as it seals
-# A block's new slot from its committed one: a hole or B -> A, A -> B.
-_OTHER_SLOT = bytes.maketrans(bytes((SLOT_HOLE, SLOT_A, SLOT_B)), bytes((SLOT_A, SLOT_B, SLOT_A)))
-
-
-def _pieces(view: memoryview, step: int, size: int, n: int) -> Iterator[memoryview]:
-    """``view[j * step : j * step + size]`` for j < n, sliced in C (no Python per piece)."""
-    end = n * step
-    return map(
-        operator.getitem,
-        repeat(view),
-        map(slice, range(0, end, step), range(size, end + size, step)),
-    )
-
-
-def _slots_of(chunks: dict[int, bytearray], first: int, n: int) -> bytes:
-    """The map's slot bytes of blocks ``first..first+n-1`` (0: a hole)."""
-    out = bytearray()
-    block = first
-    end = first + n
-    while block < end:
-        chunk_no = block >> CHUNK_SHIFT
-        stop = min(end, (chunk_no + 1) << CHUNK_SHIFT)
-        chunk = chunks.get(chunk_no, b"")
-        at = (block & CHUNK_MASK) * ENTRY_SIZE
-        out += chunk[at : at + (stop - block) * ENTRY_SIZE : ENTRY_SIZE].ljust(stop - block, b"\0")
-        block = stop
-    return bytes(out)
 
 
 def slot_run(node: Inode, block: int, last: int, slot: int) -> int:
@@ -342,8 +309,13 @@ class BlockIO:
                 self._rebuffer(node, {b: dirty[b] for b in blocks[i:]})
                 return
             buf = writer.buffer(len(group) * _STRIDE)
-            batch = Batch(node, plain, buf, self._seal(node, plain, group, buf))
+            batch = Batch(
+                node, plain, buf, seal(self._cipher, self._prefix, node, plain, group, buf)
+            )
             self._sealed += len(group)
+            for c in range(group[0] >> CHUNK_SHIFT, (group[-1] >> CHUNK_SHIFT) + 1):
+                self._dirty_keys.add(fmt.map_key(node.ino, c))
+            self._slot_touched.add(node.ino)
             if behind:
                 writer.submit(batch)
                 continue
@@ -356,125 +328,6 @@ class BlockIO:
                 raise
             finally:
                 writer.release(buf)
-
-    def _seal(
-        self, node: Inode, plain: dict, blocks: list[int], buf: bytearray
-    ) -> list[tuple[str, int, list[memoryview]]]:
-        """Encrypt ``blocks`` (sorted; their plaintext in ``plain``) into ``buf``, 4112
-        bytes apart (ciphertext, then tag), give each a new map entry in the slot its
-        committed one is not, and return the writes: (data file, offset, pieces).
-
-        No Python code runs per block on a run of consecutive blocks, nor in the
-        encryption: slices are made and the cipher called by ``map`` (C).
-        """
-        n = len(blocks)
-        ino = node.ino
-        first = blocks[0]
-        contiguous = blocks[-1] - first == n - 1
-        if node.chunks is EMPTY:
-            node.chunks = {}
-        if node.committed_slots is EMPTY:
-            node.committed_slots = {}
-        committed = node.committed_slots
-        if contiguous and committed.keys().isdisjoint(range(first, first + n)):
-            was = _slots_of(node.chunks, first, n)
-            if was.count(0) != n:  # the first touch of committed blocks: remember their slots
-                committed.update(
-                    (b, w) for b, w in zip(range(first, first + n), was, strict=True) if w
-                )
-            old = was
-            node.present += was.count(0)
-        else:
-            old = self._committed_slots(node, blocks)
-        slots = old.translate(_OTHER_SLOT)
-        nonces = os.urandom(NONCE_SIZE * n)
-        ads = bytearray((self._prefix + ino.to_bytes(8, "big") + bytes(8)) * n)
-        numbers = array.array("Q", blocks)
-        if sys.byteorder == "little":
-            numbers.byteswap()
-        numbers_be = numbers.tobytes()
-        ad_size = len(ads) // n
-        for k in range(8):
-            ads[ad_size - 8 + k :: ad_size] = numbers_be[k::8]
-        out = memoryview(buf)
-        deque(
-            map(
-                self._cipher.encrypt_into,
-                _pieces(memoryview(nonces), NONCE_SIZE, NONCE_SIZE, n),
-                map(plain.__getitem__, blocks),
-                _pieces(memoryview(ads), ad_size, ad_size, n),
-                _pieces(out, _STRIDE, _STRIDE, n),
-            ),
-            maxlen=0,
-        )
-        entries = bytearray(ENTRY_SIZE * n)
-        entries[0::ENTRY_SIZE] = slots
-        for k in range(NONCE_SIZE):
-            entries[ENTRY_NONCE + k :: ENTRY_SIZE] = nonces[k::NONCE_SIZE]
-        for k in range(fmt.TAG_SIZE):
-            entries[ENTRY_TAG + k :: ENTRY_SIZE] = buf[BLOCK_SIZE + k : n * _STRIDE : _STRIDE]
-        ciphertexts = list(_pieces(out, _STRIDE, BLOCK_SIZE, n))
-        if contiguous:
-            self._set_entries(node, first, n, entries, 0)
-        else:
-            for j, block in enumerate(blocks):
-                self._set_entries(node, block, 1, entries, j)
-        for c in range(first >> CHUNK_SHIFT, (blocks[-1] >> CHUNK_SHIFT) + 1):
-            self._dirty_keys.add(fmt.map_key(ino, c))
-        self._slot_touched.add(ino)
-        # The writes: runs of consecutive blocks in one slot.
-        if contiguous and slots.count(slots[0]) == n:
-            runs = [(slots[0], 0, n)]
-        else:
-            runs = []
-            j = 0
-            while j < n:
-                k = j + 1
-                while k < n and blocks[k] == blocks[k - 1] + 1 and slots[k] == slots[j]:
-                    k += 1
-                runs.append((slots[j], j, k - j))
-                j = k
-        writes = []
-        for slot, j, count in runs:
-            name = fmt.data_name(ino, slot)
-            writes.append((name, blocks[j] * BLOCK_SIZE, ciphertexts[j : j + count]))
-        return writes
-
-    @staticmethod
-    def _committed_slots(node: Inode, blocks: list[int]) -> bytes:
-        """The slot each of ``blocks`` had at the last commit (noted on first touch)."""
-        committed = node.committed_slots
-        out = bytearray(len(blocks))
-        present = 0
-        for j, block in enumerate(blocks):
-            was = node.slot(block)
-            if was:
-                out[j] = committed.setdefault(block, was)
-            else:  # a hole now; one at the last commit too unless truncated since
-                out[j] = committed.get(block, SLOT_HOLE)
-                present += 1
-        node.present += present
-        return bytes(out)
-
-    @staticmethod
-    def _set_entries(node: Inode, first: int, n: int, entries: bytearray, j: int) -> None:
-        """Blocks ``first..first+n-1`` get ``entries[j:j+n]`` (entries) as their map entries."""
-        chunks = node.chunks
-        block = first
-        end = first + n
-        while block < end:
-            chunk_no = block >> CHUNK_SHIFT
-            stop = min(end, (chunk_no + 1) << CHUNK_SHIFT)
-            chunk = chunks.get(chunk_no)
-            if chunk is None:
-                chunk = chunks[chunk_no] = bytearray()
-            at = (block & CHUNK_MASK) * ENTRY_SIZE
-            need = at + (stop - block) * ENTRY_SIZE
-            if len(chunk) < need:
-                chunk.extend(bytes(need - len(chunk)))
-            src = (j + block - first) * ENTRY_SIZE
-            chunk[at:need] = entries[src : src + need - at]
-            block = stop
 
     def written(self) -> list[str]:
         """The data files written since the last commit: the commit makes them durable.
