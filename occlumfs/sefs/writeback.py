@@ -23,6 +23,7 @@ or changes anything a batch touches.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import threading
@@ -33,6 +34,11 @@ from occlumfs.sefs.storage import Storage
 
 if TYPE_CHECKING:
     from occlumfs.sefs.inode import Inode
+
+_libc = ctypes.CDLL(None)
+# glibc keeps freed heap memory (the requests' buffers) unless told: give it back after
+# a streak, before a commit allocates its own (the server's peak RSS is the sum).
+_trim = getattr(_libc, "malloc_trim", None)  # glibc's
 
 BATCH_BLOCKS = 256  # 1 MiB of plaintext a batch; one pwritev when its blocks are contiguous
 BATCHES = 2  # batches out at a time: one being written while the next is sealed
@@ -139,6 +145,10 @@ class WriteBehind:
         self._done = queue.SimpleQueue()
         self.held_blocks = 0
         written, self._written = self._written, set()
+        if thread is not None:
+            self._spare.clear()  # a streak is over: what it freed goes back to the host
+            if _trim is not None:
+                _trim(0)
         return error, written, failed
 
     def _note(self, batch: Batch) -> None:

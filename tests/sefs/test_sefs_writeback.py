@@ -4,7 +4,8 @@ Blocks are sealed a batch at a time as they arrive and written by a thread while
 requests go on: the plaintext held stays a few batches whatever the size of the
 write (in process and in a real server, measured from /proc), a failed write-out
 reaches a later write or the flush and its blocks are written by the next one,
-and reads, overwrites and truncation in between see the newest bytes.
+and reads, overwrites and truncation in between see the newest bytes. A large
+commit writes its metadata pack a piece at a time.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from occlumfs.fs import ROOT_INO
 from occlumfs.mount import mount_record
+from occlumfs.sefs import pages
 from occlumfs.sefs.blocks import BlockIO
 from occlumfs.sefs.format import BLOCK_SIZE
 from occlumfs.sefs.inode import Inode
 from occlumfs.sefs.writeback import BATCH_BLOCKS, BATCHES
+from sefs.helpers import ROOT, fsck_problems, read_path, write_file
 from sefs.powerloss import PowerCut, PowerLossStorage
 from sefs.test_sefs_dataio import WriterNames
 
@@ -130,3 +134,40 @@ def test_a_large_write_through_a_mount_keeps_the_server_memory_bounded(volume, m
             for piece in iter(lambda: f.read(MiB), b""):
                 got.update(piece)
         assert got.digest() == digest.digest()
+
+
+def test_a_large_commit_writes_its_pack_a_piece_at_a_time(sim, monkeypatch) -> None:
+    """The pack of a large commit goes out in pieces (not held whole), and reads back."""
+    monkeypatch.setattr(pages, "PACK_OUT", 8 << 10)
+    fs = sim.open()
+    files = {f"f{i}".encode(): os.urandom(100 + 5000 * i) for i in range(8)}
+    for name, data in files.items():
+        write_file(fs, ROOT_INO, name, data)
+    # The last block of each MiB: a full map record (7.4 KB) per 4 KiB of data.
+    sparse = bytearray(64 * MiB)
+    fh, _ = fs.create(ROOT_INO, b"sparse", 0o644, os.O_WRONLY, ROOT)
+    for at in range(MiB - BLOCK_SIZE, len(sparse), MiB):
+        block = os.urandom(BLOCK_SIZE)
+        fs.write(fh, at, block)
+        sparse[at : at + BLOCK_SIZE] = block
+    fs.release(fh)
+    files[b"sparse"] = bytes(sparse)
+    writes: list[tuple[str, int]] = []
+    pwritev, write_whole = sim.storage.pwritev, sim.storage.write_file
+    monkeypatch.setattr(
+        sim.storage, "pwritev", lambda n, o, b: (writes.append((n, o)), pwritev(n, o, b))[1]
+    )
+    monkeypatch.setattr(
+        sim.storage, "write_file", lambda n, d: (writes.append((n, 0)), write_whole(n, d))[1]
+    )
+    fs.commit()
+    packs = [(name, at) for name, at in writes if name.startswith("m/")]
+    assert len(packs) >= 4  # pieces of about 8 KiB, one after the other, then the root
+    assert [at for _, at in packs] == sorted({at for _, at in packs})
+    assert len({name for name, _ in packs}) == 1
+    fs.close()
+    fs = sim.open()
+    for name, data in files.items():
+        assert read_path(fs, name.decode()) == data
+    fs.close()
+    assert fsck_problems(sim.open) == []
