@@ -54,19 +54,19 @@ def pieces(view: memoryview, step: int, size: int, n: int) -> Iterator[memoryvie
     )
 
 
-def _slots_of(chunks: dict[int, bytearray], first: int, n: int) -> bytes:
-    """The map's slot bytes of blocks ``first..first+n-1`` (0: a hole)."""
+def _entries_of(chunks: dict[int, bytearray], first: int, n: int) -> bytearray:
+    """The map entries of blocks ``first..first+n-1`` (zeros: a hole)."""
     out = bytearray()
     block = first
     end = first + n
     while block < end:
         chunk_no = block >> CHUNK_SHIFT
         stop = min(end, (chunk_no + 1) << CHUNK_SHIFT)
-        chunk = chunks.get(chunk_no, b"")
         at = (block & CHUNK_MASK) * ENTRY_SIZE
-        out += chunk[at : at + (stop - block) * ENTRY_SIZE : ENTRY_SIZE].ljust(stop - block, b"\0")
+        want = (stop - block) * ENTRY_SIZE
+        out += chunks.get(chunk_no, b"")[at : at + want].ljust(want, b"\0")
         block = stop
-    return bytes(out)
+    return out
 
 
 def _ads(prefix: bytes, ino: int, blocks: list[int] | range) -> tuple[bytearray, int]:
@@ -96,21 +96,13 @@ def open_run(
     into ``raw`` 4112 bytes apart, into ``out``: their tags are put after them and
     the cipher called in bulk, like :func:`seal`. Returns -1, or the index of the
     first block that fails authentication."""
-    entries = bytearray()
-    block = first
-    end = first + n
-    while block < end:
-        chunk_no = block >> CHUNK_SHIFT
-        stop = min(end, (chunk_no + 1) << CHUNK_SHIFT)
-        at = (block & CHUNK_MASK) * ENTRY_SIZE
-        entries += node.chunks[chunk_no][at : at + (stop - block) * ENTRY_SIZE]
-        block = stop
+    entries = _entries_of(node.chunks, first, n)
     for k in range(fmt.TAG_SIZE):
         raw[BLOCK_SIZE + k : n * STRIDE : STRIDE] = entries[ENTRY_TAG + k :: ENTRY_SIZE]
     nonces = bytearray(NONCE_SIZE * n)
     for k in range(NONCE_SIZE):
         nonces[k::NONCE_SIZE] = entries[ENTRY_NONCE + k :: ENTRY_SIZE]
-    ads, ad_size = _ads(prefix, node.ino, range(first, end))
+    ads, ad_size = _ads(prefix, node.ino, range(first, first + n))
 
     def args() -> tuple[Iterator[memoryview], ...]:
         return (
@@ -151,7 +143,7 @@ def seal(
         node.committed_slots = {}
     committed = node.committed_slots
     if contiguous and committed.keys().isdisjoint(range(first, first + n)):
-        was = _slots_of(node.chunks, first, n)
+        was = bytes(_entries_of(node.chunks, first, n)[0::ENTRY_SIZE])
         if was.count(0) != n:  # the first touch of committed blocks: remember their slots
             committed.update((b, w) for b, w in zip(range(first, first + n), was, strict=True) if w)
         old = was

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from occlumfs.errors import IntegrityError
 from occlumfs.fs import ROOT_INO
 from occlumfs.mount import mount_record
 from occlumfs.sefs import pages
@@ -171,3 +172,19 @@ def test_a_large_commit_writes_its_pack_a_piece_at_a_time(sim, monkeypatch) -> N
         assert read_path(fs, name.decode()) == data
     fs.close()
     assert fsck_problems(sim.open) == []
+
+
+@pytest.mark.parametrize("bad", [0, 37, 255, 256, 299])
+def test_a_bulk_read_names_the_block_that_fails_authentication(bad) -> None:
+    storage = PowerLossStorage()
+    io, node = _blockio(storage)
+    data = os.urandom(300 * BLOCK_SIZE)  # two map chunks
+    _write(io, node, 0, data)
+    io.flush(node)
+    stored = storage.read("d/0000000000000005")
+    flipped = bytearray(stored)
+    flipped[bad * BLOCK_SIZE + 100] ^= 1
+    storage.write_file("d/0000000000000005", bytes(flipped))
+    with pytest.raises(IntegrityError, match=f"block {bad} \\(offset {bad * BLOCK_SIZE}\\)"):
+        io.read(node, 0, 299)
+    assert io.read(node, bad + 1, 299) == data[(bad + 1) * BLOCK_SIZE :]
