@@ -188,3 +188,22 @@ def test_a_bulk_read_names_the_block_that_fails_authentication(bad) -> None:
     with pytest.raises(IntegrityError, match=f"block {bad} \\(offset {bad * BLOCK_SIZE}\\)"):
         io.read(node, 0, 299)
     assert io.read(node, bad + 1, 299) == data[(bad + 1) * BLOCK_SIZE :]
+
+
+def test_close_reports_a_failed_write_behind_of_its_file(sim) -> None:
+    """The flush at close waits for the blocks being written behind, and tells."""
+    fs = sim.open()
+    fh, _ = fs.create(ROOT_INO, b"f", 0o644, os.O_WRONLY, ROOT)
+    data = os.urandom(MiB)  # a whole batch: sealed and handed over by the write itself
+    sim.storage.cut_power_after(0)
+    fs.write(fh, 0, data)
+    with pytest.raises(PowerCut):
+        fs.flush(fh)
+    sim.storage.cut_power_after(None)
+    fs.flush(fh)  # the blocks were buffered again: written now
+    fs.fsync(fh, False)
+    fs.release(fh)
+    fs.close()
+    fs = sim.open()
+    assert read_path(fs, "f") == data
+    fs.close()
