@@ -51,13 +51,12 @@ from occlumfs.sefs.format import (
 )
 from occlumfs.sefs.inode import EMPTY, Inode
 from occlumfs.sefs.seal import STRIDE as _STRIDE
-from occlumfs.sefs.seal import open_run, pieces, seal
+from occlumfs.sefs.seal import pieces, seal
 from occlumfs.sefs.storage import Storage
 from occlumfs.sefs.writeback import BATCH_BLOCKS, Batch, WriteBehind
 
 DIRTY_LIMIT_BLOCKS = 8192  # 32 MiB of plaintext buffered at most (write-behind keeps far less)
 _WRITE_RUN = 512  # blocks per preadv (below IOV_MAX)
-_BULK_OPEN = 8  # a run of this many blocks or more is decrypted in bulk (seal.open_run)
 _THREAD_BLOCKS = 1024  # a flush of this many blocks or more writes in a thread as it seals
 
 
@@ -385,13 +384,6 @@ class BlockIO:
         if got != count * BLOCK_SIZE:
             block = first + got // BLOCK_SIZE
             raise self._corrupt(node, block, f"data file {name} is truncated")
-        if count >= _BULK_OPEN:
-            bad = open_run(self._cipher, self._prefix, node, first, count, self._raw_buf, out)
-            if bad >= 0:
-                raise self._corrupt(
-                    node, first + bad, "authentication failed (tampered, moved or rolled back)"
-                )
-            return
         decrypt_into = self._cipher.decrypt_into
         prefix = self._prefix
         pack_ad = fmt.DATA_AD_BLOCK.pack

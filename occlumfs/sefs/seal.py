@@ -20,7 +20,6 @@ from collections import deque
 from collections.abc import Iterator
 from itertools import repeat
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from occlumfs.sefs import format as fmt
@@ -81,46 +80,6 @@ def _ads(prefix: bytes, ino: int, blocks: list[int] | range) -> tuple[bytearray,
     for k in range(8):
         ads[ad_size - 8 + k :: ad_size] = numbers_be[k::8]
     return ads, ad_size
-
-
-def open_run(
-    cipher: AESGCM,
-    prefix: bytes,
-    node: Inode,
-    first: int,
-    n: int,
-    raw: bytearray,
-    out: memoryview,
-) -> int:
-    """Decrypt blocks ``first..first+n-1`` of ``node``, whose ciphertexts were read
-    into ``raw`` 4112 bytes apart, into ``out``: their tags are put after them and
-    the cipher called in bulk, like :func:`seal`. Returns -1, or the index of the
-    first block that fails authentication."""
-    entries = _entries_of(node.chunks, first, n)
-    for k in range(fmt.TAG_SIZE):
-        raw[BLOCK_SIZE + k : n * STRIDE : STRIDE] = entries[ENTRY_TAG + k :: ENTRY_SIZE]
-    nonces = bytearray(NONCE_SIZE * n)
-    for k in range(NONCE_SIZE):
-        nonces[k::NONCE_SIZE] = entries[ENTRY_NONCE + k :: ENTRY_SIZE]
-    ads, ad_size = _ads(prefix, node.ino, range(first, first + n))
-
-    def args() -> tuple[Iterator[memoryview], ...]:
-        return (
-            pieces(memoryview(nonces), NONCE_SIZE, NONCE_SIZE, n),
-            pieces(memoryview(raw), STRIDE, STRIDE, n),
-            pieces(memoryview(ads), ad_size, ad_size, n),
-            pieces(out, BLOCK_SIZE, BLOCK_SIZE, n),
-        )
-
-    try:
-        deque(map(cipher.decrypt_into, *args()), maxlen=0)
-    except InvalidTag:
-        for j, one in enumerate(zip(*args(), strict=True)):  # which one: block by block
-            try:
-                cipher.decrypt_into(*one)
-            except InvalidTag:
-                return j
-    return -1
 
 
 def seal(
