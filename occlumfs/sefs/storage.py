@@ -31,6 +31,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _sync_file_range = _libc.sync_file_range
 _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages, do not wait
+WRITEBACK_FROM = 256 << 10  # bytes: a run written behind this long is sent to the disk at once
 
 
 class Storage:
@@ -365,9 +366,12 @@ class _DiskDataWriter(DataWriter):
                 os.close(self._fds.pop(next(iter(self._fds))))
             fd = self._fds[name] = where.open_file(base, os.O_RDWR | os.O_CREAT)
         _pwrite_all(fd, buffers, offset)
-        # Have the host start writing these pages to its disk now (a hint; it does not
-        # wait for them): the fsync that follows a long write then finds little left.
-        _sync_file_range(fd, offset, sum(map(len, buffers)), _SYNC_FILE_RANGE_WRITE)
+        size = sum(map(len, buffers))
+        if size >= WRITEBACK_FROM:
+            # Have the host start writing a long run to its disk now (a hint; it does not
+            # wait): the fsync that follows a long write then finds little left. Small
+            # (random) runs stay in the host's cache, where rewrites and neighbours merge.
+            _sync_file_range(fd, offset, size, _SYNC_FILE_RANGE_WRITE)
 
     def close(self) -> None:
         for fd in self._fds.values():
