@@ -143,6 +143,8 @@ class BlockIO:
         behind = self._behind
         if behind.error is not None:
             self._settle(report=True)
+        elif behind.active and (offset | len(data)) % BLOCK_SIZE:
+            self._settle(report=False)  # a partial block is read: nothing may be out
         size = len(data)
         span = (offset + size - 1) // BLOCK_SIZE - offset // BLOCK_SIZE + 1
         if self.dirty_blocks + behind.held_blocks + span > self.limit or (

@@ -77,6 +77,12 @@ def test_reads_overwrites_and_truncation_see_the_newest_bytes() -> None:
     assert io.read(node, 0, len(data) // BLOCK_SIZE - 1) == data
     for at in range(0, 2 * MiB, MiB):
         _write(io, node, at, bytes(data[at : at + MiB]))
+    odd = os.urandom(3 * BLOCK_SIZE + 7)  # not whole blocks, over blocks being written
+    _write(io, node, MiB - 5, odd)
+    data[MiB - 5 : MiB - 5 + len(odd)] = odd
+    assert io.read(node, 0, len(data) // BLOCK_SIZE - 1) == data
+    for at in range(0, 2 * MiB, MiB):
+        _write(io, node, at, bytes(data[at : at + MiB]))
     io.truncate(node, 3 * MiB + 100)
     del data[3 * MiB + 100 :]
     io.flush(node)
