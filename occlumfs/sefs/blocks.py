@@ -15,9 +15,10 @@ invariants:
   its free blocks then (less a reserve for the next commit): a write that would
   exceed that first writes everything out and measures again, so a full disk
   fails that write (ENOSPC), not a later commit that nobody waits for.
-* The buffer stays small: once a file has a batch of blocks buffered (on a
-  writable store), they are sealed and handed to the write-behind thread
-  (occlumfs.sefs.writeback), which writes while requests go on. A batch keeps
+* The buffer stays small: once a file has a batch of blocks buffered in order
+  (or 8 MiB of scattered ones) on a writable store, they are sealed and handed
+  to the write-behind thread (occlumfs.sefs.writeback), which writes while
+  requests go on. A batch keeps
   its plaintext until it is written; a failed write is raised by the next
   write, flush or commit, and the blocks not written are buffered again (the
   next write-out retries them): nothing is lost, no error waits for a commit.
@@ -57,6 +58,7 @@ from occlumfs.sefs.writeback import BATCH_BLOCKS, Batch, WriteBehind
 
 DIRTY_LIMIT_BLOCKS = 8192  # 32 MiB of plaintext buffered at most (write-behind keeps far less)
 _WRITE_RUN = 512  # blocks per preadv (below IOV_MAX)
+SCATTERED_BLOCKS = 2048  # 8 MiB: blocks of a file not written in order buffered at most
 _THREAD_BLOCKS = 1024  # a flush of this many blocks or more writes in a thread as it seals
 
 
@@ -180,7 +182,13 @@ class BlockIO:
         self.dirty_blocks += added
         if added:
             self.dirty_inodes.add(node.ino)
-        if len(dirty) >= BATCH_BLOCKS and self._streaming:
+        # A file written in order is written behind a batch at a time; scattered
+        # writes wait for more (a batch of scattered blocks is a pwrite each, and
+        # some are rewritten meanwhile).
+        if self._streaming and (
+            len(dirty) >= SCATTERED_BLOCKS
+            or (len(dirty) >= BATCH_BLOCKS and next(iter(dirty)) == block - len(dirty))
+        ):
             behind.reap()
             self._seal_out(node, True)
 

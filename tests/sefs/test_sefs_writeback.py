@@ -213,3 +213,20 @@ def test_close_reports_a_failed_write_behind_of_its_file(sim) -> None:
     fs = sim.open()
     assert read_path(fs, "f") == data
     fs.close()
+
+
+def test_scattered_writes_wait_for_more_before_they_are_written_behind() -> None:
+    storage = PowerLossStorage()
+    io, node = _blockio(storage)
+    blocks = list(range(0, 4 * BATCH_BLOCKS, 2))[::-1]  # every other block, backwards
+    for block in blocks:
+        _write(io, node, block * BLOCK_SIZE, os.urandom(BLOCK_SIZE))
+    assert storage.changes == 0 and io.buffered == len(blocks)  # a pwrite each: not yet
+    other = Inode(6, stat.S_IFREG | 0o644)
+    io._inodes[6] = other
+    data = os.urandom(MiB)
+    _write(io, other, 0, data)  # in order: written behind at once
+    assert io.read(other, 0, MiB // BLOCK_SIZE - 1) == data  # (a read waits for it)
+    assert storage.changes == 1 and io.buffered == len(blocks)
+    io.flush(node)
+    assert io.buffered == 0
