@@ -11,24 +11,27 @@ invariants:
   that was a hole at the last commit needs no record: both slots are free.)
 * Bytes past ``size`` in the last block are zero (truncate zeroes them), so
   growing a file exposes zeros.
-* Buffered blocks never outnumber the free blocks of the store's disk, as last
-  measured (less a reserve for the next commit): a write that would exceed
-  that first writes the buffer out, so a full disk fails that write (ENOSPC),
-  not a later commit that nobody waits for.
+* Blocks buffered or sealed since the disk was last measured never outnumber
+  its free blocks then (less a reserve for the next commit): a write that would
+  exceed that first writes everything out and measures again, so a full disk
+  fails that write (ENOSPC), not a later commit that nobody waits for.
+* The buffer stays small: once a file has a batch of blocks buffered in order
+  (or 8 MiB of scattered ones) on a writable store, they are sealed and handed
+  to the write-behind thread (occlumfs.sefs.writeback), which writes while
+  requests go on. A batch keeps
+  its plaintext until it is written; a failed write is raised by the next
+  write, flush or commit, and the blocks not written are buffered again (the
+  next write-out retries them): nothing is lost, no error waits for a commit.
+  Anything that reads or changes blocks first waits for the batches out.
 
 Read, write and flush run per request over all of its blocks: keep their loops
-free of per-block calls (docs/performance.md).
+free of per-block Python code (docs/performance.md).
 """
 
 from __future__ import annotations
 
-import bisect
-import contextlib
 import errno
-import os
-import queue
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -43,20 +46,20 @@ from occlumfs.sefs.format import (
     ENTRY_NONCE,
     ENTRY_SIZE,
     ENTRY_TAG,
-    NONCE_SIZE,
     SLOT_A,
     SLOT_B,
     SLOT_HOLE,
 )
 from occlumfs.sefs.inode import EMPTY, Inode
+from occlumfs.sefs.seal import STRIDE as _STRIDE
+from occlumfs.sefs.seal import pieces, seal
 from occlumfs.sefs.storage import Storage
+from occlumfs.sefs.writeback import BATCH_BLOCKS, Batch, WriteBehind
 
-DIRTY_LIMIT_BLOCKS = 8192  # 32 MiB of plaintext buffered before data is written out
-_WRITE_RUN = 512  # blocks per pwritev/preadv (below IOV_MAX)
-_STRIDE = BLOCK_SIZE + fmt.TAG_SIZE  # a ciphertext block and its tag, as AES-GCM reads them
-_SLOT_BYTES = {SLOT_A: bytes((SLOT_A,)), SLOT_B: bytes((SLOT_B,))}
-_THREAD_BLOCKS = 1024  # a flush of this many blocks or more writes in a thread as it encrypts
-_BATCH_BYTES = 1 << 20  # ...handing it encrypted runs this much at a time
+DIRTY_LIMIT_BLOCKS = 8192  # 32 MiB of plaintext buffered at most (write-behind keeps far less)
+_WRITE_RUN = 512  # blocks per preadv (below IOV_MAX)
+SCATTERED_BLOCKS = 2048  # 8 MiB: blocks of a file not written in order buffered at most
+_THREAD_BLOCKS = 1024  # a flush of this many blocks or more writes in a thread as it seals
 
 
 def slot_run(node: Inode, block: int, last: int, slot: int) -> int:
@@ -76,53 +79,6 @@ def slot_run(node: Inode, block: int, last: int, slot: int) -> int:
         if run < want:
             break
     return end
-
-
-class _RunWriter:
-    """Writes the encrypted runs of one large flush in a thread of its own while the
-    flush encrypts the next ones (``os.pwritev`` releases the GIL; the encryption
-    is Python-bound).
-
-    While it runs, only this thread touches the storage (DiskStorage's descriptor
-    cache is not shared between threads): the flush calls :meth:`finish` before it
-    returns, which re-raises the first error of a write (the writes after a failed
-    one are skipped), or :meth:`settle` when it raises itself.
-    """
-
-    def __init__(self, storage: Storage) -> None:
-        self._storage = storage
-        self._jobs: queue.SimpleQueue[list[tuple[str, int, memoryview]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="sefs-writer", daemon=True)
-        self._thread.start()
-
-    def submit(self, writes: list[tuple[str, int, memoryview]]) -> None:
-        self._jobs.put(writes)
-
-    def finish(self) -> None:
-        """Wait for every write handed over; re-raise the first that failed."""
-        if self._thread.is_alive():
-            self._jobs.put(None)
-            self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-    def settle(self) -> None:
-        """Wait for whatever is still out, its errors dropped (the flush already raised)."""
-        with contextlib.suppress(BaseException):
-            self.finish()
-
-    def _run(self) -> None:
-        while (writes := self._jobs.get()) is not None:
-            if self._error is not None:
-                continue
-            try:
-                for name, offset, data in writes:
-                    self._storage.pwritev(name, offset, [data])
-            except BaseException as exc:  # handed to the flushing thread by finish()
-                self._error = exc
 
 
 class BlockIO:
@@ -152,14 +108,24 @@ class BlockIO:
         self._slot_touched: set[int] = set()  # inodes whose committed_slots are in use
         self._written: set[str] = set()  # data files written since the last commit
         self._doomed: set[str] = set()  # data files to delete once a commit drops them
-        self._cipher_buf = bytearray(0)  # reused: fresh memory per flush costs page faults
+        self._behind = WriteBehind(storage)  # batches being written while requests go on
+        self._streaming = False  # write-behind as blocks arrive: once the store is writable
+        self._sealed = 0  # blocks sealed since the disk was last measured (each may take one)
         self._raw_buf = bytearray(0)
         self._raw_view = memoryview(self._raw_buf)
 
+    @property
+    def buffered(self) -> int:
+        """Plaintext blocks held in memory: buffered, or sealed and being written."""
+        return self.dirty_blocks + self._behind.held_blocks
+
     # == buffering =========================================================================
     def measure(self) -> None:
-        """Ask the store's disk again how much may be buffered."""
+        """Ask the store's disk again how much may be buffered (and written behind: a
+        store measured is one being written; a read-only mount's log replay never is)."""
         self._free = self._room()
+        self._sealed = 0
+        self._streaming = True
         self.limit = (
             DIRTY_LIMIT_BLOCKS if self._free is None else min(DIRTY_LIMIT_BLOCKS, self._free)
         )
@@ -173,10 +139,19 @@ class BlockIO:
             raise FSError(errno.ENOSPC)
 
     def write(self, node: Inode, offset: int, data: bytes) -> None:
-        """Buffer ``data`` at ``offset`` (the caller updates the size)."""
+        """Buffer ``data`` at ``offset`` (the caller updates the size). Once a file has
+        a batch of blocks buffered, they are sealed and handed to the write-behind
+        thread; a write that thread failed is raised here, by the next write."""
+        behind = self._behind
+        if behind.error is not None:
+            self._settle(report=True)
+        elif behind.active and (offset | len(data)) % BLOCK_SIZE:
+            self._settle(report=False)  # a partial block is read: nothing may be out
         size = len(data)
         span = (offset + size - 1) // BLOCK_SIZE - offset // BLOCK_SIZE + 1
-        if self.dirty_blocks + span > self.limit:
+        if self.dirty_blocks + behind.held_blocks + span > self.limit or (
+            self._free is not None and self._sealed + self.dirty_blocks + span > self._free
+        ):
             self._make_room(span)
         if not isinstance(data, bytes):
             data = bytes(data)  # buffered blocks are views of it: it must not change
@@ -207,6 +182,15 @@ class BlockIO:
         self.dirty_blocks += added
         if added:
             self.dirty_inodes.add(node.ino)
+        # A file written in order is written behind a batch at a time; scattered
+        # writes wait for more (a batch of scattered blocks is a pwrite each, and
+        # some are rewritten meanwhile).
+        if self._streaming and (
+            len(dirty) >= SCATTERED_BLOCKS
+            or (len(dirty) >= BATCH_BLOCKS and next(iter(dirty)) == block - len(dirty))
+        ):
+            behind.reap()
+            self._seal_out(node, True)
 
     def block_for_update(self, node: Inode, block: int) -> bytearray:
         """A mutable buffered copy of ``block`` (the caller accounts for new dirty blocks)."""
@@ -221,6 +205,8 @@ class BlockIO:
 
     def truncate(self, node: Inode, size: int) -> None:
         """Drop the blocks past ``size`` and zero the tail of the last one."""
+        if self._behind.active:
+            self._settle(report=False)
         if size < node.size:
             keep = fmt.blocks_for(size)
             for block in [b for b in node.dirty if b >= keep]:
@@ -253,6 +239,8 @@ class BlockIO:
 
     def forget(self, node: Inode) -> None:
         """``node`` is gone: drop its buffered blocks; its data files go after the next commit."""
+        if self._behind.active:
+            self._settle(report=False)
         self.dirty_blocks -= len(node.dirty)
         node.dirty = EMPTY
         self.dirty_inodes.discard(node.ino)
@@ -263,125 +251,97 @@ class BlockIO:
 
     # == writing out =======================================================================
     def flush_all(self) -> None:
-        for ino in list(self.dirty_inodes):
-            node = self._inodes.get(ino)
-            if node is not None:
-                self.flush(node)
+        """Write out every buffered block and wait until all of it is written."""
+        behind = self._behind
+        try:
+            for ino in list(self.dirty_inodes):
+                node = self._inodes.get(ino)
+                if node is not None and node.dirty:
+                    self._seal_out(node, behind.active or len(node.dirty) >= _THREAD_BLOCKS)
+        except BaseException:
+            if behind.active:  # batches handed over before the failure are settled too
+                self._settle(report=False)
+            raise
         self.dirty_inodes.clear()
         self.dirty_blocks = 0
+        if behind.active:
+            self._settle(report=True)
 
     def flush(self, node: Inode) -> None:
-        """Encrypt and write out ``node``'s buffered blocks, one pwrite per run.
+        """Write out ``node``'s buffered blocks and wait until they (and any other
+        batches out) are written; a failed write is raised and its blocks stay buffered.
 
-        Block ``j`` (in block order) is encrypted into ``buf[4096 j : 4096 j + 4112]``;
-        its tag is copied out before block ``j + 1`` overwrites it, which leaves the
-        ciphertexts contiguous, ready to be written without another copy. A large
-        flush hands the runs already encrypted to a writer thread as it goes, so the
-        host writes overlap the encryption; it returns (or raises) once all are done.
+        A large flush (or one while batches are out) hands the batches to the
+        write-behind thread as it seals them, so the host writes overlap the sealing;
+        a small one writes from this thread.
         """
-        writer = _RunWriter(self.storage) if len(node.dirty) >= _THREAD_BLOCKS else None
-        try:
-            self._flush(node, writer)
-        finally:
-            if writer is not None:
-                writer.settle()  # a flush that failed half-way leaves no write behind
+        behind = self._behind
+        if node.dirty:
+            self._seal_out(node, behind.active or len(node.dirty) >= _THREAD_BLOCKS)
+        if behind.active:
+            self._settle(report=True)
 
-    def _flush(self, node: Inode, writer: _RunWriter | None) -> None:
+    def _settle(self, report: bool) -> None:
+        """Wait for the write-behind thread; buffer the blocks of batches that failed
+        again (the next write-out retries them) and raise the failure if ``report``."""
+        error, written, failed = self._behind.drain()
+        self._written.update(written)
+        for batch in reversed(failed):  # newest first: a block's newest plaintext wins
+            self._rebuffer(batch.node, batch.plain)
+        if error is not None and report:
+            raise error
+
+    def _rebuffer(self, node: Inode, plain: dict) -> None:
+        """Buffer ``plain`` again under ``node``, except blocks written again since."""
+        if node.dirty is EMPTY:
+            node.dirty = {}
         dirty = node.dirty
-        if not dirty:
-            return
-        blocks = sorted(dirty)
-        count = len(blocks)
-        need = count * BLOCK_SIZE + fmt.TAG_SIZE
-        if len(self._cipher_buf) < need:
-            self._cipher_buf = bytearray(need)
-        buf = memoryview(self._cipher_buf)
-        nonces = os.urandom(NONCE_SIZE * count)
-        encrypt_into = self._cipher.encrypt_into
-        prefix = self._prefix
-        ino = node.ino
-        if node.chunks is EMPTY:
-            node.chunks = {}
-        if node.committed_slots is EMPTY:
-            node.committed_slots = {}
-        chunks = node.chunks
-        committed = node.committed_slots
-        runs: list[tuple[int, int, int, int]] = []  # (slot, first block, first index, count)
-        sent = 0  # runs[:sent] are with the writer thread
-        run_slot = run_first = run_j = run_len = 0
-        present = node.present
-        pack_ad = fmt.DATA_AD_BLOCK.pack
-        shift, mask, nsize = CHUNK_SHIFT, CHUNK_MASK, NONCE_SIZE
-        chunk_no = -1
-        chunk = bytearray()
-        at = 0
-        for j, block in enumerate(blocks):
-            if block >> shift != chunk_no:  # blocks are sorted: once per chunk
-                chunk_no = block >> shift
-                chunk = chunks.get(chunk_no)
-                if chunk is None:
-                    chunk = chunks[chunk_no] = bytearray()
-                # Grow it once, to the last block of this flush in it.
-                first_of_next = (chunk_no + 1) << shift
-                last = blocks[bisect.bisect_left(blocks, first_of_next) - 1]
-                need = ((last & mask) + 1) * ENTRY_SIZE
-                if len(chunk) < need:
-                    chunk.extend(bytes(need - len(chunk)))
-            off = (block & mask) * ENTRY_SIZE
-            was = chunk[off]
-            if was:  # the slot it had at the last commit, unless touched since
-                old = committed.setdefault(block, was)
-            else:  # a hole now; one at the last commit too unless truncated since
-                old = committed.get(block, SLOT_HOLE)
-                present += 1
-            slot = SLOT_B if old == SLOT_A else SLOT_A
-            nonce = nonces[j * nsize : j * nsize + nsize]
-            encrypt_into(nonce, dirty[block], prefix + pack_ad(ino, block), buf[at : at + _STRIDE])
-            chunk[off : off + ENTRY_SIZE] = (
-                _SLOT_BYTES[slot] + nonce + buf[at + BLOCK_SIZE : at + _STRIDE]
-            )
-            if slot == run_slot and block == run_first + run_len and run_len < _WRITE_RUN:
-                run_len += 1
-            else:
-                if run_len:
-                    runs.append((run_slot, run_first, run_j, run_len))
-                    # Every block before j is encrypted for good: hand those runs over.
-                    if writer is not None and (j - runs[sent][2]) * BLOCK_SIZE >= _BATCH_BYTES:
-                        writer.submit(self._run_writes(ino, buf, runs[sent:]))
-                        sent = len(runs)
-                run_slot, run_first, run_j, run_len = slot, block, j, 1
-            at += BLOCK_SIZE
-        runs.append((run_slot, run_first, run_j, run_len))
-        node.present = present
-        if writer is not None:
-            writer.submit(self._run_writes(ino, buf, runs[sent:]))
-            writer.finish()
-        else:
-            for name, offset, data in self._run_writes(ino, buf, runs):
-                self.storage.pwritev(name, offset, [data])
-        self._written.update(fmt.data_name(ino, slot) for slot in {run[0] for run in runs})
-        for c in {b >> shift for b in blocks}:
-            self._dirty_keys.add(fmt.map_key(ino, c))
-        self._slot_touched.add(ino)
-        self.dirty_blocks -= count
-        node.dirty = EMPTY
+        before = len(dirty)
+        for block, data in plain.items():
+            dirty.setdefault(block, data)
+        self.dirty_blocks += len(dirty) - before
+        self.dirty_inodes.add(node.ino)
 
-    @staticmethod
-    def _run_writes(
-        ino: int, buf: memoryview, runs: Sequence[tuple[int, int, int, int]]
-    ) -> list[tuple[str, int, memoryview]]:
-        """(data file, host offset, ciphertext) of each run encrypted into ``buf``."""
-        return [
-            (
-                fmt.data_name(ino, slot),
-                first * BLOCK_SIZE,
-                buf[j * BLOCK_SIZE : (j + n) * BLOCK_SIZE],
+    def _seal_out(self, node: Inode, behind: bool) -> None:
+        """Seal ``node``'s buffered blocks in batches and write them: handed to the
+        write-behind thread if ``behind``, else from this thread (a failed write is
+        raised with its blocks, and those not sealed yet, buffered again)."""
+        dirty = node.dirty
+        node.dirty = EMPTY
+        self.dirty_blocks -= len(dirty)
+        self.dirty_inodes.discard(node.ino)
+        blocks = sorted(dirty)
+        writer = self._behind
+        for i in range(0, len(blocks), BATCH_BLOCKS):
+            group = blocks[i : i + BATCH_BLOCKS]
+            plain = dirty if len(group) == len(blocks) else {b: dirty[b] for b in group}
+            if writer.error is not None:  # a batch failed: seal no more, keep the rest
+                self._rebuffer(node, {b: dirty[b] for b in blocks[i:]})
+                return
+            buf = writer.buffer(len(group) * _STRIDE)
+            batch = Batch(
+                node, plain, buf, seal(self._cipher, self._prefix, node, plain, group, buf)
             )
-            for slot, first, j, n in runs
-        ]
+            self._sealed += len(group)
+            for c in range(group[0] >> CHUNK_SHIFT, (group[-1] >> CHUNK_SHIFT) + 1):
+                self._dirty_keys.add(fmt.map_key(node.ino, c))
+            self._slot_touched.add(node.ino)
+            if behind:
+                writer.submit(batch)
+                continue
+            try:
+                for name, offset, pieces in batch.writes:
+                    self.storage.pwritev(name, offset, pieces)
+                    self._written.add(name)
+            except BaseException:
+                self._rebuffer(node, {b: dirty[b] for b in blocks[i:]})
+                raise
+            finally:
+                writer.release(buf)
 
     def written(self) -> list[str]:
-        """The data files written since the last commit: the commit makes them durable."""
+        """The data files written since the last commit: the commit makes them durable.
+        (Called after :meth:`flush_all`: nothing is being written behind.)"""
         return sorted(self._written)
 
     def committed(self) -> None:
@@ -426,10 +386,7 @@ class BlockIO:
             raw = self._raw_view = memoryview(self._raw_buf)
         ino = node.ino
         name = fmt.data_name(ino, slot)
-        if count == 1:
-            iov = [raw[:BLOCK_SIZE]]
-        else:
-            iov = [raw[at : at + BLOCK_SIZE] for at in range(0, count * _STRIDE, _STRIDE)]
+        iov = list(pieces(raw, _STRIDE, BLOCK_SIZE, count))
         try:
             got = self.storage.preadv(name, first * BLOCK_SIZE, iov)
         except FileNotFoundError:
@@ -472,6 +429,8 @@ class BlockIO:
 
     def read(self, node: Inode, first: int, last: int) -> bytearray:
         """Plaintext of blocks ``first..last``: buffered, decrypted in runs, or hole zeros."""
+        if self._behind.active:  # what is being written is read once it is written
+            self._settle(report=False)
         out = bytearray((last - first + 1) * BLOCK_SIZE)
         view = memoryview(out)
         dirty = node.dirty
@@ -504,6 +463,8 @@ class BlockIO:
 
     def verify(self, node: Inode) -> Iterator[str]:
         """Problems with ``node``'s stored blocks (fsck): each one line."""
+        if self._behind.active:
+            self._settle(report=False)
         limit = fmt.blocks_for(node.size)
         for c, chunk in sorted(node.chunks.items()):
             for off in range(0, len(chunk), ENTRY_SIZE):

@@ -476,8 +476,7 @@ class SefsFS(Namespace):
         """On close: write the file's buffered blocks out, so that a full disk fails the
         close at the latest. (The commit still waits for fsync or the timer.)"""
         node = self._handle(fh)
-        if node.dirty:
-            self._io.flush(node)
+        self._io.flush(node)  # ...and waits for blocks being written behind
 
     def fsync(self, fh: int, datasync: bool) -> None:
         self.sync()

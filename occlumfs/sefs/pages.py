@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import os
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from cryptography.exceptions import InvalidTag
@@ -30,6 +30,7 @@ from occlumfs.sefs.storage import Storage
 _U64 = struct.Struct(">Q")
 _INODE_KIND, _ENTRY_KIND = b"i"[0], b"e"[0]
 PAGE_CACHE_PAGES = 64  # decrypted pages kept (~32 KiB of records each)
+PACK_OUT = 1 << 20  # a pack is written out in pieces of about this much (the peak memory)
 FRAME_CACHE_PAGES = 32  # pages whose records stay serialised between commits (~2 MiB)
 PARALLEL_FSYNC_MAX = 64  # files; a commit writing more syncs them with Storage.sync (syncfs)
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): threads do not survive fork
@@ -273,17 +274,20 @@ class PageTable:
             size += grown
         return pieces
 
-    def _frames(self, page: int, starts: list[bytes], table: list, changed: dict):
+    def _frames(self, page: int, starts: list[bytes], table: list, changed: Iterable[bytes]):
         """The framed records of page ``page`` (of ``starts``/``table``, as committed):
         the cached frames of its last seal, else its committed records read back,
-        updated with the ``changed`` records. A fresh dict (a commit may fail)."""
+        updated with the records of the ``changed`` keys. A fresh dict (a commit may
+        fail). Each record is made as it is framed: a large change (the block map of
+        a 1 GiB write is 7.5 MB) is not held twice."""
         cached = self._frame_cache.get(starts[page])
         if cached is None:
             keys, values = self._read_page(page, starts, table)
             frames = {k: fmt.frame_record(k, v) for k, v in zip(keys, values, strict=True)}
         else:
             frames = dict(cached)
-        for key, value in changed.items():
+        for key in changed:
+            value = self.record(key)
             if value is None:
                 frames.pop(key, None)
             else:
@@ -297,20 +301,22 @@ class PageTable:
         made durable together with the pack and the new head's temporary file, in
         one barrier (:func:`make_durable`), before the rename that commits.
         """
-        dirty_pages: dict[int, dict[bytes, bytes | None]] = {}  # page -> changed records
+        dirty_pages: dict[int, list[bytes]] = {}  # page -> keys of its changed records
         for key in self.dirty:
-            dirty_pages.setdefault(self.page_of(key), {})[key] = self.record(key)
+            dirty_pages.setdefault(self.page_of(key), []).append(key)
         if self.table and self.table[0] is None:  # a new filesystem's first page
-            dirty_pages.setdefault(0, {})
+            dirty_pages.setdefault(0, [])
         live = sum(ref.length for ref in self.table if ref is not None)
         if sum(self.pack_sizes.values()) > 2 * live + (1 << 20):
             for page in range(len(self.table)):  # compact: rewrite all, drop old packs
-                dirty_pages.setdefault(page, {})
+                dirty_pages.setdefault(page, [])
         stale = [self.starts[page] for page in dirty_pages]
         counter = self.counter + 1
         starts, table = list(self.starts), list(self.table)
         sealed: dict[bytes, dict[bytes, bytes] | None] = {}  # page start -> its frames now
-        pack = bytearray()
+        name = fmt.pack_name(counter)
+        pack = bytearray()  # the pack's bytes not in its file yet
+        flushed = 0  # ...and those that are: a large pack goes out a MiB at a time
         # From the last page down, so that splitting or dropping a page does not
         # move the pages still to be done.
         for page in sorted(dirty_pages, reverse=True):
@@ -326,18 +332,21 @@ class PageTable:
                 piece_frames = {key: frames[key] for key in piece}
                 plain = fmt.pack_framed(list(piece_frames.values()))
                 obj = self._seal(plain, fmt.page_ad(self._fs_id, counter, first))
-                refs.append(fmt.ObjectRef(counter, len(pack), len(obj), obj[-fmt.TAG_SIZE :]))
+                at = flushed + len(pack)
+                refs.append(fmt.ObjectRef(counter, at, len(obj), obj[-fmt.TAG_SIZE :]))
                 pack += obj
                 sealed[first] = piece_frames
+                if len(pack) >= PACK_OUT:
+                    flushed = self._pack_out(name, pack, flushed)
             starts[page : page + 1] = firsts
             table[page : page + 1] = refs
         root_obj = self._seal(
             fmt.pack_root(fmt.Root(next_ino, starts, table)), fmt.root_ad(self._fs_id, counter)
         )
-        root_ref = fmt.ObjectRef(counter, len(pack), len(root_obj), root_obj[-fmt.TAG_SIZE :])
+        at = flushed + len(pack)
+        root_ref = fmt.ObjectRef(counter, at, len(root_obj), root_obj[-fmt.TAG_SIZE :])
         pack += root_obj
-        name = fmt.pack_name(counter)
-        self.storage.write_file(name, pack)
+        pack_size = self._pack_out(name, pack, flushed)
         head = fmt.pack_head(fmt.Head(self._fs_id, counter, root_ref), self._head_mac)
         self.storage.write_file(fmt.HEAD_TMP_NAME, head)
         # One barrier for everything the new head depends on (head.tmp is inert
@@ -353,11 +362,22 @@ class PageTable:
         self.counter = counter
         self.root_tag = root_ref.tag
         self.starts, self.table = starts, table
-        self.pack_sizes[counter] = len(pack)
+        self.pack_sizes[counter] = pack_size
         self.dirty.clear()
         for start in stale:  # the pages cached under these first keys are older now
             self._page_cache.pop(start, None)
         self._remember(sealed)
+
+    def _pack_out(self, name: str, pack: bytearray, flushed: int) -> int:
+        """Write ``pack`` (what follows the ``flushed`` bytes already written) to the pack
+        file ``name``, created by the first write; empties it. Returns the size so far."""
+        if flushed:
+            self.storage.pwritev(name, flushed, [pack])
+        else:
+            self.storage.write_file(name, pack)
+        flushed += len(pack)
+        pack.clear()
+        return flushed
 
     def _remember(self, sealed: dict[bytes, dict[bytes, bytes] | None]) -> None:
         """Keep the frames of the pages just sealed (the likeliest to change next):

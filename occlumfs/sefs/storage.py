@@ -28,6 +28,10 @@ from pathlib import Path
 from occlumfs.hostio import HostDir
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages, do not wait
+WRITEBACK_FROM = 256 << 10  # bytes: a run written behind this long is sent to the disk at once
 
 
 class Storage:
@@ -47,6 +51,11 @@ class Storage:
     def write_file(self, name: str, data: bytes) -> None:
         """Create (or replace the contents of) ``name`` with ``data``."""
         raise NotImplementedError
+
+    def data_writer(self) -> DataWriter:
+        """What another thread writes data files through while this one goes on
+        (occlumfs.sefs.writeback); closed by that thread when it is done."""
+        return DataWriter(self)
 
     def replace(self, name: str, data: bytes, tmp: str) -> None:
         """Atomically make ``name`` hold ``data`` by way of ``tmp`` (same directory)."""
@@ -93,6 +102,19 @@ class Storage:
 
     def statvfs(self) -> os.statvfs_result | None:
         return None
+
+    def close(self) -> None:
+        pass
+
+
+class DataWriter:
+    """Writes data files for one thread: here, through the storage itself."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+
+    def pwritev(self, name: str, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
+        self._storage.pwritev(name, offset, buffers)
 
     def close(self) -> None:
         pass
@@ -215,16 +237,10 @@ class DiskStorage(Storage):
         return total
 
     def pwritev(self, name: str, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
-        fd = self._fd(name, True)
-        want = sum(len(b) for b in buffers)
-        done = os.pwritev(fd, buffers, offset)
-        if done != want:  # short writes only happen on a full disk
-            joined = b"".join(bytes(b) for b in buffers)
-            while done < want:
-                n = os.pwrite(fd, joined[done:], offset + done)
-                if n == 0:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                done += n
+        _pwrite_all(self._fd(name, True), buffers, offset)
+
+    def data_writer(self) -> DataWriter:
+        return _DiskDataWriter(self.dir)
 
     def write_file(self, name: str, data: bytes) -> None:
         self._forget(name)
@@ -328,6 +344,55 @@ class DiskStorage(Storage):
         for opened in self._dirs.values():
             opened.close()
         self._dirs.clear()
+
+
+class _DiskDataWriter(DataWriter):
+    """Data files written from one thread, through descriptors of its own (the storage's
+    cache of them belongs to the request thread), opened like the storage opens them."""
+
+    def __init__(self, root: HostDir) -> None:
+        self._root = root
+        self._dirs: dict[str, HostDir] = {}
+        self._fds: dict[str, int] = {}
+
+    def pwritev(self, name: str, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
+        fd = self._fds.get(name)
+        if fd is None:
+            parent, _, base = name.rpartition("/")
+            where = self._dirs.get(parent)
+            if where is None:
+                where = self._dirs[parent] = self._root.subdir(parent) if parent else self._root
+            if len(self._fds) >= DiskStorage.MAX_FDS:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            fd = self._fds[name] = where.open_file(base, os.O_RDWR | os.O_CREAT)
+        _pwrite_all(fd, buffers, offset)
+        size = sum(map(len, buffers))
+        if size >= WRITEBACK_FROM:
+            # Have the host start writing a long run to its disk now (a hint; it does not
+            # wait): the fsync that follows a long write then finds little left. Small
+            # (random) runs stay in the host's cache, where rewrites and neighbours merge.
+            _sync_file_range(fd, offset, size, _SYNC_FILE_RANGE_WRITE)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        for parent, where in self._dirs.items():
+            if parent:
+                where.close()
+        self._dirs.clear()
+
+
+def _pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> None:
+    want = sum(map(len, buffers))
+    done = os.pwritev(fd, buffers, offset)
+    if done != want:  # short writes only happen on a full disk
+        joined = b"".join(bytes(b) for b in buffers)
+        while done < want:
+            n = os.pwrite(fd, joined[done:], offset + done)
+            if n == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            done += n
 
 
 class _ReadHints:
