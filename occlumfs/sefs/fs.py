@@ -51,6 +51,7 @@ from occlumfs.sefs.storage import Storage
 
 COMMIT_INTERVAL = 10.0  # seconds a change may wait for a commit unless fsync asks sooner
 LOG_STATE_INTERVAL = 1.0  # seconds between two trusted-state writes of a log position
+DIRTY_RECORDS_MAX = 8192  # changed records a commit waits for at most (they stay in memory)
 RESERVE_BLOCKS = 256  # free blocks kept for the next commit's pack, beyond the live packs' size
 READDIR_FETCH = 128  # children a listing reads in together (one pass over their pages)
 READAHEAD_KB = 1024  # kernel read-ahead of a mount (KiB): the largest READ libfuse takes
@@ -292,7 +293,10 @@ class SefsFS(Namespace):
     # == namespace hooks (occlumfs.namespace): what a change must record ===================
     def _changed(self) -> None:
         """After a change: commit when changes have waited long enough."""
-        if time.monotonic() - self._last_commit >= self._commit_interval:
+        if (
+            len(self._dirty_keys) > DIRTY_RECORDS_MAX
+            or time.monotonic() - self._last_commit >= self._commit_interval
+        ):
             self.commit()
 
     def _make_node(self, ino: int, mode: int, caller: Caller) -> Inode:

@@ -252,3 +252,21 @@ def test_a_listing_reads_its_children_together_as_one_by_one(sim):
     assert fs._pages.pages_read - before <= len(fs._pages.table)  # each page once at most
     assert all(listed[name].size == fs.getattr(attr.ino).size for name, attr in listed.items())
     fs.close()
+
+
+def test_a_burst_of_changes_commits_before_its_records_outgrow_the_bound(sim, monkeypatch):
+    from occlumfs.sefs import fs as sefs_fs
+
+    monkeypatch.setattr(sefs_fs, "DIRTY_RECORDS_MAX", 64)
+    fs = sim.open()
+    first = fs._pages.counter
+    for i in range(600):  # no fsync, no commit asked for, and far less than 10 s
+        write_file(fs, ROOT_INO, b"f%04d" % i, b"%d" % i)
+        # A create changes a few records (inode, entry, parent): never many past the bound.
+        assert len(fs._dirty_keys) <= 64 + 8
+    assert fs._pages.counter - first >= 600 // 64  # commits the burst made by itself
+    fs.close()
+    fs = sim.open(read_only=True)
+    assert all(read_path(fs, f"/f{i:04d}") == b"%d" % i for i in range(600))
+    fs.close()
+    assert fsck_problems(sim.open) == []
