@@ -97,13 +97,18 @@ def test_golden_v1_reads_back_exactly(tmp_path):
     _check_reads_back(vol, GOLDEN / "key", tmp_path / "state")
 
 
-def test_golden_v2_reads_back_exactly(tmp_path):
-    """Version 2 binds the whole sefs.json into the key wrap; everything else is v1's."""
-    golden = GOLDEN_DIR / "v2"
+def _golden_copy(version: int, tmp_path: Path) -> tuple[Path, Path]:
+    """(golden dir, a copy of its store in tmp_path) of version ``version``, checked."""
+    golden = GOLDEN_DIR / f"v{version}"
     vol = tmp_path / "fs"
     shutil.copytree(golden / "fs", vol)
-    config = json.loads((vol / "sefs.json").read_text())
-    assert config["version"] == 2
+    assert json.loads((vol / "sefs.json").read_text())["version"] == version
+    return golden, vol
+
+
+def test_golden_v2_reads_back_exactly(tmp_path):
+    """Version 2 binds the whole sefs.json into the key wrap; everything else is v1's."""
+    golden, vol = _golden_copy(2, tmp_path)
     assert (vol / "head").stat().st_size == fmt.HEAD_SIZE
     _check_reads_back(vol, golden / "key", tmp_path / "state")
 
@@ -114,11 +119,7 @@ def test_golden_v3_reads_back_exactly(tmp_path):
     from occlumfs.sefs import open_sefs_fs
     from sefs.helpers import read_path
 
-    golden = GOLDEN_DIR / "v3"
-    vol = tmp_path / "fs"
-    shutil.copytree(golden / "fs", vol)
-    config = json.loads((vol / "sefs.json").read_text())
-    assert config["version"] == 3
+    golden, vol = _golden_copy(3, tmp_path)
     head = fmt.unpack_head((vol / "head").read_bytes())
     log = (vol / fmt.LOG_NAME).read_bytes()
     assert fmt.parse_log_head(log) == (head.fs_id, head.counter, head.root.tag)
@@ -176,10 +177,8 @@ def test_golden_v4_reads_back_exactly(tmp_path):
     from occlumfs.sefs import open_sefs_fs
     from sefs.helpers import read_path
 
-    golden = GOLDEN_DIR / "v4"
-    vol = tmp_path / "fs"
-    shutil.copytree(golden / "fs", vol)
-    assert json.loads((vol / "sefs.json").read_text())["version"] == CONFIG_VERSION == 4
+    golden, vol = _golden_copy(4, tmp_path)
+    assert CONFIG_VERSION == 4
     head = fmt.unpack_head((vol / "head").read_bytes())
     _check_reads_back(vol, golden / "key", tmp_path / "state", logged=True)
     for read_only in (True, False, True):  # replayed; committed by the read-write open
