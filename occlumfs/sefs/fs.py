@@ -34,6 +34,7 @@ from occlumfs.namespace import Namespace, attr_of
 from occlumfs.sefs import format as fmt
 from occlumfs.sefs.blocks import BlockIO
 from occlumfs.sefs.format import BLOCK_SIZE
+from occlumfs.sefs.held import HeldWrites
 from occlumfs.sefs.inline import PENDING_MAX, InlineData, problems
 from occlumfs.sefs.inode import Inode, InodeTable, RecordedInode
 from occlumfs.sefs.journal import Dirty, Journal
@@ -178,13 +179,22 @@ class SefsFS(Namespace):
         )
         self._pages = PageTable(storage, keys.meta, keys.head_mac, keys.fs_id, self._nodes)
         self._pages.dirty = self._dirty_keys = Dirty()
+        # Version 3: an fsync's blocks go to the log and wait in memory for the commit.
+        self._held = HeldWrites(storage) if keys.version >= LOG_VERSION else None
+        data_storage: Storage = self._held or storage  # type: ignore[assignment]
         self._journal = (
-            Journal(storage, keys, self._pages, self._nodes)
+            Journal(data_storage, keys, self._pages, self._nodes)
             if keys.version >= LOG_VERSION
             else None
         )
         self._io = BlockIO(
-            storage, keys.data, keys.fs_id, self._nodes, self._dirty_keys, self.path_of, self._room
+            data_storage,
+            keys.data,
+            keys.fs_id,
+            self._nodes,
+            self._dirty_keys,
+            self.path_of,
+            self._room,
         )
         # Version 4: small files' data lives in their inode records (occlumfs.sefs.inline).
         self._inline = InlineData(self._io) if keys.version >= INLINE_VERSION else None
@@ -251,6 +261,8 @@ class SefsFS(Namespace):
         if self.read_only:
             return
         self._io.flush_all()
+        if self._held is not None:  # the blocks fsyncs logged go to their slots now
+            self._held.write_out(self._io.written())
         if not self._dirty_keys:
             if self._inline is not None:
                 self._inline.pending = 0
@@ -321,6 +333,8 @@ class SefsFS(Namespace):
 
     def _freed(self, node: Inode) -> None:
         self._io.forget(node)
+        if self._held is not None:  # its held blocks will never be written
+            self._held.forget(fmt.data_name(node.ino, slot) for slot in (fmt.SLOT_A, fmt.SLOT_B))
 
     # == offline inspection (fsck) ==========================================================
     def path_of(self, ino: int) -> str:
@@ -495,7 +509,12 @@ class SefsFS(Namespace):
         if journal is None or self.read_only:
             self.commit()
             return
-        self._io.flush_all()
+        held = self._held
+        held.holding = True  # type: ignore[union-attr]
+        try:
+            self._io.flush_all()  # small writes stay in memory: the log entry holds them
+        finally:
+            held.holding = False  # type: ignore[union-attr]
         logged = journal.append(self._next_ino) if self._dirty_keys else False
         if logged is None:
             self.commit()  # too much for the log, or it is unusable: a checkpoint
