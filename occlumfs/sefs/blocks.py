@@ -237,8 +237,9 @@ class BlockIO:
                     self.dirty_inodes.add(node.ino)
         node.size = size
 
-    def forget(self, node: Inode) -> None:
-        """``node`` is gone: drop its buffered blocks; its data files go after the next commit."""
+    def forget(self, node: Inode, on_host: bool = True) -> None:
+        """``node`` is gone: drop its buffered blocks; its data files go after the next
+        commit (unless the caller knows that neither is on the host: not ``on_host``)."""
         if self._behind.active:
             self._settle(report=False)
         self.dirty_blocks -= len(node.dirty)
@@ -247,7 +248,8 @@ class BlockIO:
         for slot in (SLOT_A, SLOT_B):
             name = fmt.data_name(node.ino, slot)
             self._written.discard(name)
-            self._doomed.add(name)
+            if on_host:
+                self._doomed.add(name)
 
     # == writing out =======================================================================
     def flush_all(self) -> None:

@@ -237,6 +237,7 @@ class SefsFS(Namespace):
                     self.commit()  # the log's entries become a commit: the log is stale
         if not read_only:
             self._io.measure()
+        self._first_new_ino = self._next_ino  # inodes from here on were made since the commit
 
     # == lifecycle ==========================================================================
     def started_serving(self) -> None:
@@ -275,6 +276,9 @@ class SefsFS(Namespace):
             raise
         self._nodes.committed()
         self._io.committed()
+        self._first_new_ino = self._next_ino
+        if self._held is not None:
+            self._held.passed.clear()  # all of their inodes are older than that now
         if self._inline is not None:
             self._inline.pending = 0
         if self._journal is not None:
@@ -332,9 +336,16 @@ class SefsFS(Namespace):
             self._dirty_keys.add(fmt.map_key(node.ino, c))
 
     def _freed(self, node: Inode) -> None:
-        self._io.forget(node)
-        if self._held is not None:  # its held blocks will never be written
-            self._held.forget(fmt.data_name(node.ino, slot) for slot in (fmt.SLOT_A, fmt.SLOT_B))
+        held = self._held
+        if held is None:
+            self._io.forget(node)
+            return
+        names = [fmt.data_name(node.ino, slot) for slot in (fmt.SLOT_A, fmt.SLOT_B)]
+        # An inode made since the last commit whose blocks were never written to the
+        # host (inline, or only held) has no data file to delete.
+        on_host = node.ino < self._first_new_ino or not held.passed.isdisjoint(names)
+        self._io.forget(node, on_host)
+        held.forget(names)  # its held blocks will never be written
 
     # == offline inspection (fsck) ==========================================================
     def path_of(self, ino: int) -> str:

@@ -47,6 +47,7 @@ class HeldWrites:
         self.count = 0  # blocks held
         self._blocks: dict[str, dict[int, bytes]] = {}  # name -> block number -> ciphertext
         self._lock = threading.Lock()  # the write-behind thread drops blocks it overwrites
+        self.passed: set[str] = set()  # data files written to the host since the commit
 
     def __getattr__(self, attr: str):
         return getattr(self.inner, attr)
@@ -65,6 +66,7 @@ class HeldWrites:
                 return
         if self._blocks:
             self._drop_range(name, offset, sum(map(len, buffers)))
+        self.passed.add(name)
         self.inner.pwritev(name, offset, buffers)
 
     def _hold(self, name: str, first: int, data: bytes, n: int) -> None:
@@ -90,7 +92,9 @@ class HeldWrites:
                 del self._blocks[name]
 
     def data_writer(self) -> DataWriter:
-        return _Writer(self.inner.data_writer(), self._drop_range, lambda: bool(self._blocks))
+        return _Writer(
+            self.inner.data_writer(), self._drop_range, lambda: bool(self._blocks), self.passed
+        )
 
     def write_out(self, keep: Iterable[str]) -> None:
         """Write every held block of the files in ``keep`` to the host (the commit makes
@@ -100,6 +104,7 @@ class HeldWrites:
             for name in sorted(self._blocks):
                 blocks = self._blocks[name]
                 if name in keep:
+                    self.passed.add(name)
                     _write_runs(self.inner, name, blocks)
                 del self._blocks[name]
                 self.count -= len(blocks)
@@ -157,14 +162,17 @@ class _Writer(DataWriter):
         inner: DataWriter,
         drop: Callable[[str, int, int], None],
         any_held: Callable[[], bool],
+        passed: set[str],
     ) -> None:
         self._inner = inner
         self._drop = drop
         self._any_held = any_held
+        self._passed = passed
 
     def pwritev(self, name: str, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
         if self._any_held():
             self._drop(name, offset, sum(map(len, buffers)))
+        self._passed.add(name)
         self._inner.pwritev(name, offset, buffers)
 
     def close(self) -> None:

@@ -215,3 +215,22 @@ def test_a_deleted_files_held_blocks_are_dropped_at_once(sim):
     fs.unlink(ROOT_INO, b"journal")
     assert fs._held.count == 0, "the budget is not spent on files that are gone"
     fs.close()
+
+
+def test_deleting_a_file_that_never_reached_the_host_unlinks_nothing(sim):
+    fs = sim.open(commit_interval=float("inf"))
+    old = write_file(fs, ROOT_INO, b"old", BIG)
+    fs.commit()
+    for name, data in ((b"inline", b"small"), (b"held", BIG)):
+        ino = write_file(fs, ROOT_INO, name, data)
+        _fsync(fs, ino)
+        fs.unlink(ROOT_INO, name)
+    discarded = []
+    real = sim.storage.discard
+    sim.storage.discard = lambda names: (discarded.extend(names), real(names))
+    fs.unlink(ROOT_INO, b"old")  # committed: its data files go
+    fs.commit()
+    gone = [name for name in discarded if name.startswith("d/")]
+    assert gone == [fmt.data_name(old, fmt.SLOT_A), fmt.data_name(old, fmt.SLOT_B)]
+    assert _data_files(sim) == set()
+    fs.close()
