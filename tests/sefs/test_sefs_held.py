@@ -32,6 +32,15 @@ def sim() -> SimVolume:
     return SimVolume()
 
 
+def _reopened_holds(sim: SimVolume, fs, path: str, want: bytes) -> None:
+    """Close ``fs``; the store opened again holds ``want`` at ``path`` and is sound."""
+    fs.close()
+    fs = sim.open()
+    assert read_path(fs, path) == want
+    fs.close()
+    assert fsck_problems(sim.open) == []
+
+
 def test_fsynced_blocks_reach_their_data_file_only_at_the_commit(sim):
     fs = sim.open(commit_interval=float("inf"))
     ino = write_file(fs, ROOT_INO, b"f", BIG)
@@ -43,11 +52,7 @@ def test_fsynced_blocks_reach_their_data_file_only_at_the_commit(sim):
     fs.commit()
     assert _data_files(sim) == {name}
     assert fs._held.count == 0
-    fs.close()
-    fs = sim.open()
-    assert read_path(fs, "/f") == BIG
-    fs.close()
-    assert fsck_problems(sim.open) == []
+    _reopened_holds(sim, fs, "/f", BIG)
 
 
 def test_a_power_cut_before_the_commit_replays_held_blocks_from_the_log(sim):
@@ -127,10 +132,7 @@ def test_a_write_behind_batch_replaces_held_blocks(sim):
     fs.flush(fh)
     fs.release(fh)
     assert fs._held.count == 0
-    fs.close()
-    fs = sim.open()
-    assert read_path(fs, "/f") == long
-    fs.close()
+    _reopened_holds(sim, fs, "/f", long)
 
 
 def test_past_the_budget_blocks_go_to_the_host_as_before(sim, monkeypatch):
@@ -163,11 +165,7 @@ def test_a_failed_write_out_keeps_the_blocks_held_for_the_next_commit(sim):
         fs.commit()
     assert fs._held.count == 3
     sim.storage.pwritev = real
-    fs.close()
-    fs = sim.open()
-    assert read_path(fs, "/f") == BIG
-    fs.close()
-    assert fsck_problems(sim.open) == []
+    _reopened_holds(sim, fs, "/f", BIG)
 
 
 def test_a_read_across_held_and_stored_blocks(sim):
@@ -185,10 +183,7 @@ def test_a_read_across_held_and_stored_blocks(sim):
     assert fs.read(fh, at, 5000) == want[at : at + 5000]
     fs.release(fh)
     assert fs._held.count == 2
-    fs.close()
-    fs = sim.open()
-    assert read_path(fs, "/f") == want
-    fs.close()
+    _reopened_holds(sim, fs, "/f", want)
 
 
 def test_deleting_another_file_leaves_held_blocks_alone(sim):
