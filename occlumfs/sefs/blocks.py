@@ -16,7 +16,7 @@ invariants:
   exceed that first writes everything out and measures again, so a full disk
   fails that write (ENOSPC), not a later commit that nobody waits for.
 * The buffer stays small: once a file has a batch of blocks buffered in order
-  (or 8 MiB of scattered ones) on a writable store, they are sealed and handed
+  (or 4 MiB of scattered ones) on a writable store, they are sealed and handed
   to the write-behind thread (occlumfs.sefs.writeback), which writes while
   requests go on. A batch keeps
   its plaintext until it is written; a failed write is raised by the next
@@ -58,7 +58,7 @@ from occlumfs.sefs.writeback import BATCH_BLOCKS, Batch, WriteBehind
 
 DIRTY_LIMIT_BLOCKS = 8192  # 32 MiB of plaintext buffered at most (write-behind keeps far less)
 _WRITE_RUN = 512  # blocks per preadv (below IOV_MAX)
-SCATTERED_BLOCKS = 2048  # 8 MiB: blocks of a file not written in order buffered at most
+SCATTERED_BLOCKS = 1024  # 4 MiB: blocks of a file not written in order buffered at most
 _THREAD_BLOCKS = 1024  # a flush of this many blocks or more writes in a thread as it seals
 
 
