@@ -52,7 +52,7 @@ from occlumfs.sefs.format import (
 )
 from occlumfs.sefs.inode import EMPTY, Inode
 from occlumfs.sefs.seal import STRIDE as _STRIDE
-from occlumfs.sefs.seal import pieces, seal
+from occlumfs.sefs.seal import note_committed_slot, pieces, seal
 from occlumfs.sefs.storage import Storage
 from occlumfs.sefs.writeback import BATCH_BLOCKS, Batch, WriteBehind
 
@@ -218,10 +218,7 @@ class BlockIO:
                 start = max(keep - c * CHUNK_BLOCKS, 0) * ENTRY_SIZE
                 for off in range(start, len(chunk), ENTRY_SIZE):
                     if chunk[off]:
-                        block = c * CHUNK_BLOCKS + off // ENTRY_SIZE
-                        if node.committed_slots is EMPTY:
-                            node.committed_slots = {}
-                        node.committed_slots.setdefault(block, chunk[off])
+                        note_committed_slot(node, c * CHUNK_BLOCKS + off // ENTRY_SIZE, chunk[off])
                         node.present -= 1
                 del chunk[start:]
                 if not chunk:
