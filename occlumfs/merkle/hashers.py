@@ -29,6 +29,7 @@ or its process died: no other process holds that end), and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -52,6 +53,7 @@ STREAK = 3  # sequential requests before the workers start
 _SLOT_BYTES = WINDOW_BLOCKS * BLOCK_SIZE
 _HASHES_BASE = DEPTH * _SLOT_BYTES
 _WORKER_SCRIPT = Path(__file__).with_name("hashworker.py")
+_WILLNEED = os.POSIX_FADV_WILLNEED
 
 
 def _worker_count() -> int:
@@ -131,7 +133,11 @@ class ReadAhead:
         while at < limit and self._free:
             window = _Window(at, min(WINDOW_BLOCKS, limit - at), self._free.pop(), self._turn)
             self._turn = (self._turn + 1) % self.workers
-            # The worker starts the disk on it as soon as it reads this ask.
+            # Start the disk on it now: a worker's pread would only ask when it gets there.
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(
+                    self.fd, window.first * BLOCK_SIZE, window.count * BLOCK_SIZE, _WILLNEED
+                )
             os.write(self._asks[window.worker], ASK.pack(window.slot, window.first, window.count))
             self._out[window.slot] = window
             self._chain.append(window)

@@ -7,18 +7,10 @@ and its two pipes. It answers each ask "slot, first block, count" by reading
 the blocks into the slot and writing the SHA-256 of each block at the slot's
 place in the hash area, then "slot, ok". It exits at end of file on its pipe:
 when the server closes it or dies.
-
-It asks the disk for every window it has been given as soon as it sees the
-ask (``POSIX_FADV_WILLNEED``), not when it gets to the window: the server asks
-up to ``DEPTH`` windows ahead, and starting their reads is the worker's job,
-not the request thread's (that call costs ~0.75 ms a 2 MiB window, most of the
-server's time on a cold 1 GiB read when it made it itself).
 """
 
-import contextlib
 import mmap
 import os
-import select
 import signal
 import struct
 import sys
@@ -37,24 +29,11 @@ def main(argv: list[str]) -> int:
     area = memoryview(mmap.mmap(area_fd, 0))
     os.close(area_fd)
     window_blocks = slot_bytes // block
-    os.set_blocking(ask, False)
-    pending: list[tuple[int, int, int]] = []
     while True:
-        if not pending:
-            select.select([ask], [], [])
-        try:
-            got = os.read(ask, ASK.size * 64)
-        except BlockingIOError:
-            got = None
-        if got == b"":
+        got = os.read(ask, ASK.size)
+        if len(got) != ASK.size:
             return 0  # end of file: the server closed the pipe or died
-        if got:
-            # Asks are written whole (16 bytes, under PIPE_BUF): never split.
-            for slot, first, count in ASK.iter_unpack(got):
-                with contextlib.suppress(OSError):  # a hint; the read says what is wrong
-                    os.posix_fadvise(image, first * block, count * block, os.POSIX_FADV_WILLNEED)
-                pending.append((slot, first, count))
-        slot, first, count = pending.pop(0)
+        slot, first, count = ASK.unpack(got)
         data = area[slot * slot_bytes : slot * slot_bytes + count * block]
         try:
             ok = os.preadv(image, [data], first * block) == len(data)
