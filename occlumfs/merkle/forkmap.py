@@ -4,7 +4,7 @@ Why: the builder hashes every 4 KiB block of every file with one ``sha256``
 call each; threads doing that contend for the GIL (two of them measured slower
 than one, docs/performance.md, issue 11), processes do not. A fork shares the
 parent's loaded modules and the list, so a worker starts in about a millisecond
-and needs no arguments sent; only the results travel back (pickled, over a
+and needs no arguments sent; only the results travel back (marshalled, or pickled, over a
 pipe per worker).
 
 Forking is only safe in a process with one thread (another thread could hold a
@@ -21,8 +21,8 @@ before it returns or raises, Ctrl-C included.
 from __future__ import annotations
 
 import contextlib
+import marshal
 import os
-import pickle
 import select
 import signal
 import struct
@@ -133,7 +133,7 @@ class _Child:
 
 
 def _send_plans(child: _Child, plans: dict[int, Any]) -> None:
-    data = memoryview(pickle.dumps(plans, pickle.HIGHEST_PROTOCOL))
+    data = memoryview(_dumps(plans))
     try:
         while data:
             data = data[os.write(child.plan_w, data) :]
@@ -169,7 +169,7 @@ def _unpack(child: _Child, results: list[Any], errors: dict, on_result) -> None:
         if len(buf) - at - _LENGTH.size < length:
             break
         at += _LENGTH.size
-        kind, index, value = pickle.loads(buf[at : at + length])
+        kind, index, value = _loads(buf[at : at + length])
         at += length
         if kind == "done":
             child.done = True
@@ -219,7 +219,7 @@ def _finish(finish, kept: dict, plans: int, out: int) -> None:
         chunks.append(chunk)
     if not chunks:
         return  # the parent gave up (an error in the first round)
-    for index, item_plan in sorted(pickle.loads(b"".join(chunks)).items()):
+    for index, item_plan in sorted(_loads(b"".join(chunks)).items()):
         try:
             finish(kept.pop(index), item_plan)
             answer = ("finished", index, None)
@@ -229,11 +229,32 @@ def _finish(finish, kept: dict, plans: int, out: int) -> None:
     _send(out, ("done", -1, None))
 
 
+def _dumps(value: Any) -> bytes:
+    """``value`` as bytes: by marshal when it holds only plain data (ints, bytes,
+    tuples, lists, dicts, None), else by pickle. Marshal is built in: the
+    builder's start-up does not load pickle (and the re module it loads).
+    Bytes-like values arrive as bytes."""
+    try:
+        return b"m" + marshal.dumps(value)
+    except ValueError:  # an exception, an instance: what pickle is for
+        import pickle
+
+        return b"p" + pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+
+
+def _loads(data: bytes | bytearray) -> Any:
+    if data[:1] == b"m":
+        return marshal.loads(memoryview(data)[1:])
+    import pickle
+
+    return pickle.loads(memoryview(data)[1:])
+
+
 def _send(fd: int, answer: tuple) -> None:
     try:
-        payload = pickle.dumps(answer, pickle.HIGHEST_PROTOCOL)
+        payload = _dumps(answer)
     except Exception as exc:  # an exception that does not pickle: keep its message
-        payload = pickle.dumps(("error", answer[1], OcclumfsError(str(exc))))
+        payload = _dumps(("error", answer[1], OcclumfsError(str(exc))))
     data = memoryview(_LENGTH.pack(len(payload)) + payload)
     while data:
         data = data[os.write(fd, data) :]
