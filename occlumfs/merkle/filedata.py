@@ -17,10 +17,10 @@ about what reading the file again saves (docs/performance.md, issue 11).
 
 from __future__ import annotations
 
+import _thread  # threading.local's own type, without loading threading
 import errno
 import hashlib
 import os
-import threading
 from collections.abc import Iterator
 
 from occlumfs.errors import OcclumfsError
@@ -64,7 +64,7 @@ def _data_segments(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
         pos = b
 
 
-_thread_state = threading.local()
+_thread_state = _thread._local()
 
 
 def _read_area() -> bytearray:
