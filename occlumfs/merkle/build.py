@@ -28,10 +28,10 @@ from collections.abc import Callable
 
 from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
 from occlumfs.merkle.filedata import (
+    Gatherer,
     Segment,
     Task,
     check_unchanged,
-    copy_segments,
     hash_and_keep,
     hash_batch,
     write_batch,
@@ -450,9 +450,11 @@ class _Builder:
             batch_bytes += p.content.size
 
         def copy(batch: list[_Placed]) -> None:
+            out = Gatherer(fd)
             for p in batch:
                 whole = (None, 0, p.content.size)
-                copy_segments(p.content, 0, _placed_segments(p, whole, layout.data_start), fd)
+                out.copy(p.content, 0, _placed_segments(p, whole, layout.data_start))
+            out.flush()
 
         self._map(copy, batches)
 
