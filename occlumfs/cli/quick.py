@@ -36,7 +36,9 @@ def source_date_epoch() -> int | None:
 
 
 def check_source(src: str | os.PathLike) -> None:
-    if not os.path.lexists(src):
+    from occlumfs.merkle.build import missing
+
+    if missing(src):
         raise NotFoundError(f"{src} does not exist")
 
 

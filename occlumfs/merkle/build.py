@@ -19,6 +19,7 @@ The build runs in passes so that the output depends only on the tree:
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import os
@@ -147,6 +148,18 @@ def path_text(path: str | os.PathLike) -> str:
     return str(Path(path))
 
 
+def missing(path: str | os.PathLike) -> bool:
+    """``not Path(path).exists() and not Path(path).is_symlink()``, without pathlib:
+    nothing there (a dangling symlink is there); other errors are raised, as there."""
+    try:
+        os.lstat(path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+            return True
+        raise
+    return False
+
+
 def build_image(
     source: str | os.PathLike,
     image: str | os.PathLike,
@@ -157,7 +170,7 @@ def build_image(
     progress: Callable[[int], None] | None = None,
 ) -> str:
     source, image = path_text(source), path_text(image)
-    if not os.path.lexists(source):
+    if missing(source):
         raise NotFoundError(f"{source} does not exist")
     jobs = jobs or os.cpu_count() or 1
     image_dir = os.path.dirname(image) or "."
