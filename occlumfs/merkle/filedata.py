@@ -33,6 +33,10 @@ ZERO_RUN = bytes(64)
 SMALL_FILE = 1 << 20
 READ = 1 << 20
 GATHER = 2 << 20  # bytes written to the image per pwrite at most
+# Source files a forked worker keeps open from hashing to copying (one open and
+# close less a file), at most half of what the process may open.
+KEEP_OPEN = max(0, os.sysconf("SC_OPEN_MAX") // 2 - 64)
+_kept_count = [0]  # kept open in this process
 
 Task = tuple[SourceNode, int, int]  # a file and the byte range [start, end) of it to hash
 Runs = list[tuple[int, bytes]]  # (first file block, hashes of the run) per run of data blocks
@@ -108,11 +112,18 @@ def _hash_buffer(buf: bytes | bytearray, got: int, first_block: int, out: list) 
         out.append((run_first, b"".join(run)))
 
 
-def _hash_chunk(content: Content, start: int, end: int) -> list[tuple[int, bytes]]:
-    """Hash logical bytes [start, end) of a file: [(first block, hashes of the run)]."""
+def _hash_chunk(
+    content: Content, start: int, end: int, kept: list[int] | None = None
+) -> list[tuple[int, bytes]]:
+    """Hash logical bytes [start, end) of a file: [(first block, hashes of the run)].
+
+    With ``kept``, the open source file is appended to it instead of closed
+    while the process may keep more (the copy reads from it later).
+    """
     out: list[tuple[int, bytes]] = []
     base = content.offset
     fd = os.open(content.path, os.O_RDONLY | os.O_NOFOLLOW)
+    keep = False
     try:
         area = _read_area()
         for seg_a, seg_b in _data_segments(fd, base + start, base + end):
@@ -124,8 +135,15 @@ def _hash_chunk(content: Content, start: int, end: int) -> list[tuple[int, bytes
                     raise OcclumfsError(f"{os.fsdecode(content.path)}: changed during the build")
                 _hash_buffer(area, got, (pos - base) // BLOCK_SIZE, out)
                 pos += want
+        keep = kept is not None and _kept_count[0] < KEEP_OPEN
     finally:
-        os.close(fd)
+        if keep:
+            kept.append(fd)
+            _kept_count[0] += 1
+        else:
+            os.close(fd)
+    if kept is not None and not keep:
+        kept.append(-1)
     return out
 
 
@@ -133,19 +151,32 @@ def hash_batch(batch: list[Task]) -> list[Runs]:
     return [_hash_chunk(node.content, start, end) for node, start, end in batch]
 
 
-def hash_and_keep(batch: list[Task]) -> tuple[list[Runs], list[Task]]:
-    """:func:`hash_batch` for fork_map's first round: the runs, and the batch kept
-    for the second (:func:`write_batch`)."""
-    return hash_batch(batch), batch
+def hash_and_keep(batch: list[Task]) -> tuple[list[Runs], tuple[list[Task], list[int]]]:
+    """:func:`hash_batch` for fork_map's first round: the runs, and what the second
+    (:func:`write_batch`) needs: the batch and its source files, kept open (-1:
+    closed, past the process's share of descriptors)."""
+    fds: list[int] = []
+    return [_hash_chunk(node.content, start, end, fds) for node, start, end in batch], (
+        batch,
+        fds,
+    )
 
 
-def write_batch(fd: int, batch: list[Task], plans: list[list[Segment] | None]) -> None:
+def write_batch(
+    fd: int, kept: tuple[list[Task], list[int]], plans: list[list[Segment] | None]
+) -> None:
     """Copy one batch's planned segments into the image ``fd`` from their source
     files, then check that none of the batch's files changed since the scan."""
+    batch, fds = kept
     out = Gatherer(fd)
-    for (node, start, _end), segments in zip(batch, plans, strict=True):
-        if segments:  # else its content is stored once, from another file
-            out.copy(node.content, start, segments)
+    try:
+        for (node, start, _end), src, segments in zip(batch, fds, plans, strict=True):
+            if segments:  # else its content is stored once, from another file
+                out.copy(node.content, start, segments, src)
+    finally:
+        for src in fds:
+            if src >= 0:
+                os.close(src)
     out.flush()
     for node, _start, _end in batch:
         check_unchanged(node.content)
@@ -186,8 +217,12 @@ class Gatherer:
         self.start = 0  # the image offset of buf[0]
         self.fill = 0
 
-    def copy(self, content: Content, start: int, segments: list[Segment]) -> None:
-        """Segments of file range [start, ...) of ``content``."""
+    def copy(self, content: Content, start: int, segments: list[Segment], src: int = -1) -> None:
+        """Segments of file range [start, ...) of ``content`` (from ``src`` when open)."""
+        if src >= 0:
+            for off, length, at in segments:
+                self._add(src, content.offset + start + off, length, at)
+            return
         src = os.open(content.path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             for off, length, at in segments:
