@@ -26,6 +26,7 @@ import os
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 
 from occlumfs.errors import FSError, IntegrityError
@@ -81,6 +82,24 @@ class StateWriter:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._pid = 0
+        _STATE_WRITERS.add(self)
+
+    def _before_fork(self) -> None:
+        """Settle before a fork: no state half-written, the lock held across it."""
+        self._cond.acquire()
+        if self._thread is not None and self._pid == os.getpid():
+            self._cond.wait_for(lambda: not self._busy)
+        if self._pending is not None:  # written here, once, not by two processes
+            pending, self._pending = self._pending, None
+            self._write(pending)
+
+    def _after_fork(self, child: bool) -> None:
+        if child:  # the lock was copied held and the thread did not come along
+            self._cond = threading.Condition()
+            self._thread = None
+            self._busy = False
+        else:
+            self._cond.release()
 
     def submit(self, counter: int, root_tag: bytes, log_seq: int = 0, log_tag: bytes = b"") -> None:
         with self._cond:
@@ -132,6 +151,24 @@ class StateWriter:
                 self._cond.notify_all()
                 if pending[2]:  # a log position: pace the next one
                     self._cond.wait_for(lambda: self._urgent, timeout=LOG_STATE_INTERVAL)
+
+
+_STATE_WRITERS: weakref.WeakSet[StateWriter] = weakref.WeakSet()
+
+
+def _each_writer(method: str, *args: bool) -> None:
+    for writer in list(_STATE_WRITERS):
+        getattr(writer, method)(*args)
+
+
+# The mount forks into the background after a commit may have started the
+# state thread: a lock that thread held at the fork would stay held in the
+# server for ever (the server hung in drain at unmount).
+os.register_at_fork(
+    before=lambda: _each_writer("_before_fork"),
+    after_in_parent=lambda: _each_writer("_after_fork", False),
+    after_in_child=lambda: _each_writer("_after_fork", True),
+)
 
 
 class _DirHandle:
