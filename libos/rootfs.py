@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import os
 import signal
 import stat
 import subprocess
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,9 +98,34 @@ def _clear_stale(mountpoint: Path) -> None:
             subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
 
 
-def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHandle:
+class _TrioOnDemand(types.ModuleType):
+    """Stands for trio until something uses it; then it is imported and stood for."""
+
+    def __getattr__(self, name: str):
+        if sys.modules.get("trio") is self:
+            del sys.modules["trio"]
+        real = importlib.import_module("trio")
+        self.__dict__.update(real.__dict__)
+        return getattr(real, name)
+
+
+def _import_serve():
+    """:func:`occlumfs.mount.serve`, without importing trio unless the process has.
+
+    pyfuse3 imports trio when it is imported (40-90 ms of ``occlum run``'s
+    start on the development machine), but the rootfs server runs
+    occlumfs/requestloop.py in trio's place and never touches it. ``occlum
+    start``'s server, which does use trio, has imported it before.
+    """
+    if "trio" not in sys.modules:
+        sys.modules["trio"] = _TrioOnDemand("trio")
     from occlumfs.mount import serve
 
+    return serve
+
+
+def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHandle:
+    serve = _import_serve()
     base = _runtime_dir(build)
     mountpoint = base / "root"
     mountpoint.mkdir(exist_ok=True)
