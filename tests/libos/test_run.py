@@ -123,6 +123,24 @@ def test_entry_points_are_enforced(built, occlum):
     assert missing.returncode == 14 and "no such program" in missing.stderr
 
 
+def test_plain_run_and_click_run_report_alike(built, occlum, tmp_path):
+    # `occlum run /PROGRAM ...` skips click (libos/entry.py); `occlum run -- /PROGRAM`
+    # goes through it: the same status, output, error lines and exit codes.
+    script = ["/bin/busybox", "sh", "-c", "echo $0; exit 3", "a"]
+    seen = []
+    for args in (["/bin/hello_world"], ["/bin/nope"], script):
+        plain = occlum("run", *args, cwd=built, check=False)
+        clicked = occlum("run", "--", *args, cwd=built, check=False)
+        assert (plain.returncode, plain.stdout) == (clicked.returncode, clicked.stdout), args
+        assert plain.stderr == clicked.stderr, args
+        seen.append((plain.returncode, plain.stdout))
+    assert seen == [(0, "Hello World!\n"), (14, ""), (3, "a\n")]
+    outside = occlum("run", "/bin/hello_world", cwd=tmp_path, check=False)
+    assert outside.returncode == 14
+    expected = f"{tmp_path}: not an Occlum instance (no Occlum.json); run 'occlum init'"
+    assert outside.stderr == f"occlum: error: {expected}\n"
+
+
 def test_run_reads_the_build_not_the_config(built, occlum):
     config = json.loads((built / "Occlum.json").read_text())
     config["entry_points"] = ["/sbin"]
