@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -167,7 +168,7 @@ def release_limits(limits: Limits) -> None:
     limits.cgroups = []
 
 
-def _enter_child(limits: Limits) -> None:
+def _enter_child(limits: Limits, reap: bool = False) -> None:
     """In bubblewrap's process, before exec: its own process group, and the limits.
 
     Its own group: the terminal's Ctrl-C goes to the caller's group only, not
@@ -175,6 +176,8 @@ def _enter_child(limits: Limits) -> None:
     it); the caller forwards the signal to the programs instead.
     """
     os.setpgid(0, 0)
+    if reap:
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     _enter_limits(limits)
 
 
@@ -277,11 +280,14 @@ class Sandbox:
         stdout: int | None = None,
         stderr: int | None = None,
         block_fd: int | None = None,
+        reap: bool = False,
     ) -> SandboxProcess:
         """Start ``command`` in the sandbox; stdio is inherited unless fds are given.
 
         ``block_fd``: the sandbox is set up, then waits for data (or EOF) on
-        this fd before it runs ``command``.
+        this fd before it runs ``command``. ``reap``: bubblewrap starts with
+        SIGCHLD ignored, so the kernel reaps the children of its processes,
+        the sandbox's init included, as they exit (see :meth:`hold`).
         """
         status_r, status_w = os.pipe()
         keep = [fd for fd in (status_w, self.pidns_fd, block_fd) if fd is not None]
@@ -293,7 +299,7 @@ class Sandbox:
                 stdout=stdout,
                 stderr=stderr,
                 pass_fds=keep,
-                preexec_fn=lambda: _enter_child(self.limits),
+                preexec_fn=lambda: _enter_child(self.limits, reap),
             )
         except BaseException:
             os.close(status_r)
@@ -308,6 +314,14 @@ class Sandbox:
         Its one process waits on a pipe whose write end (returned) the caller
         keeps; when that closes (the caller died), it execs ``/dev/null``,
         which fails, and the sandbox ends with everything in it.
+
+        That process is the namespace's init: a program's orphans (a daemon,
+        ``cmd &`` in a script that exits) become its children, and it waits
+        on the pipe, never for them. It ignores SIGCHLD (``reap``), so the
+        kernel reaps them as they exit: no zombies hold the sandbox's task
+        limit until ``occlum stop``. Its bubblewrap monitor, ignoring it too,
+        cannot learn that the init ended: :class:`_HeldMonitor` watches the
+        init instead.
         """
         block_r, block_w = os.pipe()
         try:
@@ -317,13 +331,46 @@ class Sandbox:
                 stdin=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 block_fd=block_r,
+                reap=True,
             )
         except BaseException:
             os.close(block_w)
             raise
         finally:
             os.close(block_r)
+        holder.proc = _HeldMonitor(holder.proc, holder.init_pid)
         return holder, block_w
+
+
+class _HeldMonitor:
+    """The held sandbox's bubblewrap, as much of :class:`subprocess.Popen` as is used:
+    its end is its init's (through a pidfd); the monitor is then ended."""
+
+    def __init__(self, proc: subprocess.Popen, init_pid: int | None) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.pidfd = None
+        if init_pid is not None:
+            with contextlib.suppress(ProcessLookupError):  # already gone
+                self.pidfd = os.pidfd_open(init_pid)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self) -> int:
+        if self.pidfd is not None:
+            select.select([self.pidfd], [], [])  # readable once the init has exited
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()  # it waits for a SIGCHLD it will never see
+        code = self.proc.wait()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        return code
 
 
 class SandboxProcess:

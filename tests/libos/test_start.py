@@ -227,6 +227,25 @@ def test_exec_programs_are_held_to_the_sandbox_limits(built, occlum):
     assert limits.stdout.split() == [str(24 * 1024), str(4 * 1024)]  # KiB: AS, stack
 
 
+def test_orphans_of_exec_programs_are_reaped(built, occlum):
+    """A program's orphans become children of the held sandbox's init, which has
+    them reaped as they exit: no zombies piling up against the task limit."""
+    config = json.loads((built / "Occlum.json").read_text())
+    config["resource_limits"]["max_num_of_threads"] = 8
+    (built / "Occlum.json").write_text(json.dumps(config))
+    occlum("build", cwd=built)
+    occlum("start", cwd=built)
+    try:
+        # echo is orphaned when its subshell exits; cat sees EOF once echo has exited.
+        orphan = "{ (busybox echo x &) ; } | busybox cat"
+        for _ in range(12):  # more than the 8 tasks
+            assert occlum("exec", SH, "sh", "-c", orphan, cwd=built).stdout == "x\n"
+        ps = occlum("exec", SH, "ps", "-o", "stat,comm", cwd=built).stdout.splitlines()
+    finally:
+        occlum("stop", cwd=built)
+    assert [line.split()[0][0] for line in ps[1:]] == ["S", "R"], ps  # the init, ps
+
+
 def test_start_refuses_a_broken_build_in_one_line(built, occlum):
     layer = built / "build/mount/__ROOT/image.layer"
     data = bytearray(layer.read_bytes())
