@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -449,16 +450,24 @@ class Spawner:
     cgroups once: no cgroup move and no fork of this (large) process per program.
 
     ``sandbox`` is a :meth:`Sandbox.joined` one; :meth:`spawn` is safe from
-    several threads at once. :meth:`close` ends the spawner (call it once every
+    several threads at once. A spawner that died (killed, or by the sandbox's
+    memory limit: it counts against it) is replaced by the next :meth:`spawn`,
+    and ``log`` told. :meth:`close` ends the spawner (call it once every
     program is gone, before :func:`release_limits`).
     """
 
-    def __init__(self, sandbox: Sandbox) -> None:
+    def __init__(self, sandbox: Sandbox, log=None) -> None:
         self.sandbox = replace(sandbox, pidns_fd=PIDNS_FD)  # its number in bubblewrap
+        self.pidns_fd = sandbox.pidns_fd
+        self.limits = json.dumps(_limits_spec(sandbox.limits))
+        self.log = log
+        self.lock = threading.Lock()
+        self._start()
+
+    def _start(self) -> None:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pass_fds = (theirs.fileno(), sandbox.pidns_fd)
-        limits = json.dumps(_limits_spec(sandbox.limits))
-        argv = [sys.executable, "-I", "-S", spawner.__file__, *map(str, pass_fds), limits]
+        pass_fds = (theirs.fileno(), self.pidns_fd)
+        argv = [sys.executable, "-I", "-S", spawner.__file__, *map(str, pass_fds), self.limits]
         try:
             self.proc = subprocess.Popen(
                 argv,
@@ -472,6 +481,27 @@ class Spawner:
         finally:
             theirs.close()
 
+    def _send(self, fds: list[int]) -> None:
+        """Hand one request's fds to the spawner, first replacing one that died."""
+        with self.lock:
+            for attempt in (1, 2):
+                if self.proc.poll() is not None:
+                    if self.log is not None:
+                        self.log(
+                            f"the spawner (pid {self.proc.pid}) died ({self.proc.returncode}); "
+                            "starting another"
+                        )
+                    self.sock.close()
+                    self._start()
+                try:
+                    socket.send_fds(self.sock, [b"x"], fds)
+                    return
+                except OSError:
+                    if attempt == 2:
+                        raise
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.proc.wait(timeout=5)  # it is dying: its socket is closed
+
     def spawn(
         self, command: list[str], env: dict[str, str], *, cwd: str, stdin: int, stdout: int,
         stderr: int,
@@ -481,7 +511,7 @@ class Spawner:
         status_r, status_w = os.pipe()
         mine, theirs = socket.socketpair()
         try:
-            socket.send_fds(self.sock, [b"x"], [theirs.fileno(), stdin, stdout, stderr, status_w])
+            self._send([theirs.fileno(), stdin, stdout, stderr, status_w])
             stream = mine.makefile("rwb")
             stream.write(json.dumps({"argv": argv, "env": env}).encode() + b"\n")
             stream.flush()

@@ -119,7 +119,7 @@ class Server:
         self.handle = handle
         self.sandbox = sandbox
         self.joined = sandbox.joined(holder)
-        self.spawner = Spawner(self.joined)
+        self.spawner = Spawner(self.joined, log)
         self.holder = holder
         self.block_w = block_w
         self.listener = listener
