@@ -81,8 +81,7 @@ def sefs_state_dir() -> Path:
 
 
 def _runtime_dir(build: VerifiedBuild) -> Path:
-    from occlumfs.mount import runtime_dir
-
+    runtime_dir = _mount_module().runtime_dir
     tag = hashlib.sha256(os.fsencode(build.instance.root)).hexdigest()[:16]
     path = runtime_dir() / "occlum" / tag
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -91,8 +90,7 @@ def _runtime_dir(build: VerifiedBuild) -> Path:
 
 def _clear_stale(mountpoint: Path) -> None:
     """A mount left by a crashed run (we hold the instance lock: nobody uses it)."""
-    from occlumfs.mount import mounted_paths
-
+    mounted_paths = _mount_module().mounted_paths
     with contextlib.suppress(OSError):
         if mountpoint.resolve() in mounted_paths():
             subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
@@ -109,8 +107,8 @@ class _TrioOnDemand(types.ModuleType):
         return getattr(real, name)
 
 
-def _import_serve():
-    """:func:`occlumfs.mount.serve`, without importing trio unless the process has.
+def _mount_module():
+    """:mod:`occlumfs.mount`, imported without importing trio unless the process has.
 
     pyfuse3 imports trio when it is imported (40-90 ms of ``occlum run``'s
     start on the development machine), but the rootfs server runs
@@ -119,15 +117,20 @@ def _import_serve():
     """
     if "trio" not in sys.modules:
         sys.modules["trio"] = _TrioOnDemand("trio")
-    from occlumfs.mount import serve
+    import occlumfs.mount
 
-    return serve
+    return occlumfs.mount
+
+
+def rootfs_mountpoint(build: VerifiedBuild) -> Path:
+    """Where :func:`mount_rootfs` mounts the instance's ``/``."""
+    return _runtime_dir(build) / "root"
 
 
 def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHandle:
-    serve = _import_serve()
-    base = _runtime_dir(build)
-    mountpoint = base / "root"
+    serve = _mount_module().serve
+    mountpoint = rootfs_mountpoint(build)
+    base = mountpoint.parent
     mountpoint.mkdir(exist_ok=True)
     _clear_stale(mountpoint)
     log_file = base / "server.log"
@@ -212,8 +215,7 @@ def unmount_rootfs(handle: RootfsHandle) -> None:
     A server that died leaves a dead mount: it is detached (lazily) so the next
     run can mount again, and the run fails all the same.
     """
-    from occlumfs.mount import umount
-
+    umount = _mount_module().umount
     problem = None
     try:
         umount(handle.mountpoint)

@@ -309,6 +309,46 @@ class Sandbox:
             os.close(status_w)
         return SandboxProcess(proc, status_r)
 
+    def prepare(self, command: list[str], env: dict[str, str]) -> Prepared:
+        """Bubblewrap's process for ``command``, forked now, started later.
+
+        It takes its own process group and joins the limits at once (a
+        cgroup move waits for an RCU grace period, ~14 ms on the development
+        machine, whatever the process), then waits: :meth:`Prepared.start`
+        lets it exec bubblewrap, :meth:`Prepared.cancel` ends it. ``occlum
+        run`` mounts the root in the meantime. stdio is inherited.
+        """
+        argv = self.argv(command, "/", STATUS_FD)
+        spec = _limits_spec(self.limits)
+        go_r, go_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        status_r, status_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # imports nothing, runs no handler: it only waits and execs
+            try:
+                for fd in (go_w, ready_r, status_r):
+                    os.close(fd)
+                os.setpgid(0, 0)
+                for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+                    signal.signal(signum, signal.SIG_DFL)
+                try:
+                    enter_limits(spec)
+                except OSError as exc:
+                    os.write(ready_w, f"cannot join the sandbox's limits: {exc}".encode())
+                    os._exit(1)
+                os.close(ready_w)
+                if os.read(go_r, 1) == b"1":
+                    if status_w == STATUS_FD:
+                        os.set_inheritable(status_w, True)
+                    else:
+                        os.dup2(status_w, STATUS_FD)  # inheritable
+                    os.execve(argv[0], argv, env)
+            finally:
+                os._exit(127)
+        for fd in (go_r, ready_w, status_w):
+            os.close(fd)
+        return Prepared(pid, go_w, ready_r, status_r)
+
     def hold(self) -> tuple[SandboxProcess, int]:
         """An empty sandbox that stays up: its pid namespace is for :meth:`joined`.
 
@@ -372,6 +412,60 @@ class _HeldMonitor:
             os.close(self.pidfd)
             self.pidfd = None
         return code
+
+
+class Prepared:
+    """A forked, waiting bubblewrap process (:meth:`Sandbox.prepare`)."""
+
+    def __init__(self, pid: int, go: int, ready: int, status: int) -> None:
+        self.proc = _Child(pid)
+        self._go, self._ready, self._status = go, ready, status
+
+    def start(self) -> SandboxProcess:
+        """Let it exec bubblewrap (once it is in the limits); the running sandbox."""
+        with os.fdopen(self._ready, "rb") as ready:
+            problem = ready.read()  # empty: it closed its end, in the limits
+        try:
+            if problem or os.write(self._go, b"1") != 1:
+                self.proc.wait()
+                os.close(self._status)
+                raise OcclumfsError(problem.decode(errors="replace") or "bubblewrap did not start")
+        finally:
+            os.close(self._go)
+        return SandboxProcess(self.proc, self._status)
+
+    def cancel(self) -> None:
+        """End it without running anything (when :meth:`start` was not called)."""
+        os.close(self._ready)
+        os.close(self._go)  # it reads end of file and exits
+        os.close(self._status)
+        self.proc.wait()
+
+
+class _Child:
+    """A forked child, as much of :class:`subprocess.Popen` as SandboxProcess uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _pid, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
 
 
 class SandboxProcess:

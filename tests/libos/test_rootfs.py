@@ -7,8 +7,8 @@ import sys
 
 PROBE = """
 import sys
-from libos.rootfs import _import_serve
-serve = _import_serve()
+from libos.rootfs import _mount_module
+serve = _mount_module().serve
 print(sorted(m for m in sys.modules if m == "trio" or m.startswith("trio.")))
 import trio  # a later user gets the real module, loaded on first use
 lock = trio.Lock()
