@@ -421,20 +421,27 @@ class Prepared:
         """Let it exec bubblewrap (once it is in the limits); the running sandbox."""
         with os.fdopen(self._ready, "rb") as ready:
             problem = ready.read()  # empty: it closed its end, in the limits
+        told = False
         try:
-            if problem or os.write(self._go, b"1") != 1:
-                self.proc.wait()
-                os.close(self._status)
-                raise OcclumfsError(problem.decode(errors="replace") or "bubblewrap did not start")
+            if not problem:
+                with contextlib.suppress(OSError):  # it died: said below
+                    told = os.write(self._go, b"1") == 1
         finally:
             os.close(self._go)
+        if not told:
+            self.proc.kill()
+            self.proc.wait()
+            os.close(self._status)
+            raise OcclumfsError(problem.decode(errors="replace") or "bubblewrap did not start")
         return SandboxProcess(self.proc, self._status)
 
     def cancel(self) -> None:
         """End it without running anything (when :meth:`start` was not called)."""
-        os.close(self._ready)
-        os.close(self._go)  # it reads end of file and exits
-        os.close(self._status)
+        for fd in (self._ready, self._go, self._status):
+            os.close(fd)
+        # Not by end of file alone: a process forked since (the rootfs server)
+        # may hold the write end of its pipe too.
+        self.proc.kill()
         self.proc.wait()
 
 
