@@ -118,7 +118,8 @@ def _mount_module():
     here reads (it says ``unknown`` in this process). Trio gets a stand-in
     that imports it on first use (``occlum start``'s server, which does use
     it, has imported it before); importlib.metadata one that answers "not
-    installed", for the length of the import only.
+    installed", for the length of the import only (every caller imports
+    this before it starts a thread: no other thread can see the stand-in).
     """
     if "occlumfs.mount" in sys.modules:
         return sys.modules["occlumfs.mount"]
