@@ -192,15 +192,16 @@ class ImageSuite:
         ours, floor = Contender(OURS), Contender(TAR_FLOOR)
         row = new_row(key, label, SECONDS, ours, [floor], Target("ratio_max", 1.5))
         digests: set[str] = set()
-        # Both read the tree from the page cache: the row compares the CPU and
-        # write cost of building, not the disk.
-        run(shell(f"tar -cf - -C '{src}' . | cat > /dev/null"))
-
         # The floor hashes with OpenSSL (SHA extensions, like hashlib); coreutils
         # sha256sum, the floor of earlier runs, uses neither and is shown for scale.
         sha256sum: list[float] = []
 
         def sample(subject: Subject) -> float:
+            # Both read the tree from the page cache: the row compares the CPU and
+            # write cost of building, not the disk. Read it again before every
+            # sample: on a shared machine another process may have dropped the
+            # caches since, and whoever ran first would read the disk for both.
+            run(shell(f"tar -cf - -C '{src}' . | cat > /dev/null"))
             if subject is floor:
                 if not shutil.which("openssl"):
                     raise Unavailable("unavailable: no openssl command")

@@ -20,10 +20,9 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import pyfuse3
-
 from occlumfs.errors import FSError, IntegrityError
 from occlumfs.fs import Attr, AttrChanges, Caller, Filesystem
+from occlumfs.fuselib import pyfuse3
 
 log = logging.getLogger("occlumfs.fuse")
 

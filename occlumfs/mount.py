@@ -32,8 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyfuse3
-
 from occlumfs.adapter import FuseOperations
 from occlumfs.errors import (
     ExitCode,
@@ -44,6 +42,7 @@ from occlumfs.errors import (
     OcclumfsError,
 )
 from occlumfs.fs import Filesystem
+from occlumfs.fuselib import pyfuse3
 from occlumfs.requestloop import STOP_SIGNALS, RequestLoop
 
 log = logging.getLogger("occlumfs.mount")

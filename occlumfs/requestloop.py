@@ -11,7 +11,7 @@ import os
 import select
 import signal
 
-import pyfuse3
+from occlumfs.fuselib import pyfuse3
 
 log = logging.getLogger("occlumfs.mount")
 

@@ -13,13 +13,14 @@ The public API:
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 from occlumfs.errors import FormatError
 from occlumfs.merkle.format import DESCRIPTOR_SIZE, MAGIC, Descriptor, digest_of
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from occlumfs.merkle.blocks import ImageReader
     from occlumfs.merkle.build import build_image
     from occlumfs.merkle.reader import ImageFS, open_image_fs
@@ -57,6 +58,8 @@ def is_image_file(path: Path) -> bool:
 
 def read_digest(image: Path) -> str:
     """The digest the image carries, from its header alone."""
+    from pathlib import Path
+
     from occlumfs.merkle.blocks import read_header
 
     header, _ = read_header(Path(image))

@@ -18,20 +18,21 @@ The build runs in passes so that the output depends only on the tree:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import os
 import stat
 import struct
 from collections.abc import Callable
-from pathlib import Path
 
 from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
 from occlumfs.merkle.filedata import (
+    Gatherer,
     Segment,
     Task,
     check_unchanged,
-    copy_segments,
     hash_and_keep,
     hash_batch,
     write_batch,
@@ -127,22 +128,54 @@ def _number_inodes(root: SourceNode) -> tuple[list[SourceNode], dict[int, int], 
     return order, ino_of, links
 
 
+def pathlib_form(path: str) -> bool:
+    """Whether ``str(Path(path))`` is ``path`` itself: no empty or ``.`` component
+    (``a//b``, ``./a``, ``a/``), so messages read the same without loading pathlib."""
+    if path == ".":
+        return True
+    parts = path.split("/")
+    if path.startswith("/"):
+        parts = parts[1:]  # a leading "//" keeps an empty part: pathlib's
+    return all(part not in ("", ".") for part in parts)
+
+
+def path_text(path: str | os.PathLike) -> str:
+    """``str(Path(path))``, without loading pathlib (~10 ms) for a plain string."""
+    if isinstance(path, str) and pathlib_form(path):
+        return path
+    from pathlib import Path
+
+    return str(Path(path))
+
+
+def missing(path: str | os.PathLike) -> bool:
+    """``not Path(path).exists() and not Path(path).is_symlink()``, without pathlib:
+    nothing there (a dangling symlink is there); other errors are raised, as there."""
+    try:
+        os.lstat(path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+            return True
+        raise
+    return False
+
+
 def build_image(
-    source: Path,
-    image: Path,
+    source: str | os.PathLike,
+    image: str | os.PathLike,
     *,
     key: bytes | None = None,
     source_date_epoch: int | None = None,
     jobs: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> str:
-    source, image = Path(source), Path(image)
-    if not source.exists() and not source.is_symlink():
+    source, image = path_text(source), path_text(image)
+    if missing(source):
         raise NotFoundError(f"{source} does not exist")
     jobs = jobs or os.cpu_count() or 1
-    image_dir = image.parent if str(image.parent) else Path(".")
+    image_dir = os.path.dirname(image) or "."
     try:
-        if source.is_dir():
+        if os.path.isdir(source):
             # Nothing is created before the scan: an image written inside SRC
             # must not find its own scratch files in the tree.
             tree = scan_directory(source)
@@ -150,7 +183,7 @@ def build_image(
         import tempfile  # only a tar source needs a scratch directory
 
         with tempfile.TemporaryDirectory(prefix=".occlumfs-build-", dir=image_dir) as scratch:
-            tree = scan_tar(source, Path(scratch) / "spool")
+            tree = scan_tar(source, os.path.join(scratch, "spool"))
             return _Builder(tree, key, source_date_epoch, jobs, progress).write(image)
     except OcclumfsError:
         raise
@@ -287,8 +320,8 @@ class _Builder:
         return bytes(table), bytes(heap)
 
     # -- writing ---------------------------------------------------------------------------
-    def write(self, image: Path) -> str:
-        tmp = image.with_name(f".{image.name}.tmp-{os.getpid()}")
+    def write(self, image: str) -> str:
+        tmp = os.path.join(os.path.dirname(image), f".{os.path.basename(image)}.tmp-{os.getpid()}")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             try:
@@ -306,7 +339,8 @@ class _Builder:
         except BaseException:
             if fd >= 0:
                 os.close(fd)
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
         return desc.digest()
 
@@ -429,9 +463,11 @@ class _Builder:
             batch_bytes += p.content.size
 
         def copy(batch: list[_Placed]) -> None:
+            out = Gatherer(fd)
             for p in batch:
                 whole = (None, 0, p.content.size)
-                copy_segments(p.content, 0, _placed_segments(p, whole, layout.data_start), fd)
+                out.copy(p.content, 0, _placed_segments(p, whole, layout.data_start))
+            out.flush()
 
         self._map(copy, batches)
 

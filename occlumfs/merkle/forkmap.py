@@ -4,7 +4,7 @@ Why: the builder hashes every 4 KiB block of every file with one ``sha256``
 call each; threads doing that contend for the GIL (two of them measured slower
 than one, docs/performance.md, issue 11), processes do not. A fork shares the
 parent's loaded modules and the list, so a worker starts in about a millisecond
-and needs no arguments sent; only the results travel back (pickled, over a
+and needs no arguments sent; only the results travel back (marshalled, or pickled, over a
 pipe per worker).
 
 Forking is only safe in a process with one thread (another thread could hold a
@@ -20,13 +20,13 @@ before it returns or raises, Ctrl-C included.
 
 from __future__ import annotations
 
+import _signal  # signal's numbers without its enums (~2 ms of start-up)
+import _thread
 import contextlib
+import marshal
 import os
-import pickle
 import select
-import signal
 import struct
-import threading
 from collections.abc import Callable, Sequence
 
 from occlumfs.errors import OcclumfsError
@@ -41,7 +41,9 @@ MAX_ITEMS = 65536 // _INDEX.size
 
 
 def can_fork() -> bool:
-    return hasattr(os, "fork") and threading.active_count() == 1
+    # Every Python thread but the main one, however started (threading starts
+    # them through _thread); asking threading would load it (~3 ms of start-up).
+    return hasattr(os, "fork") and _thread._count() == 0
 
 
 def fork_map(
@@ -111,7 +113,7 @@ def fork_map(
             if child.plan_w >= 0:
                 os.close(child.plan_w)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signal.SIGKILL)  # a worker still running has nothing to save
+                os.kill(child.pid, _signal.SIGKILL)  # a worker still running has nothing to save
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(child.pid, 0)
     if errors:
@@ -133,7 +135,7 @@ class _Child:
 
 
 def _send_plans(child: _Child, plans: dict[int, Any]) -> None:
-    data = memoryview(pickle.dumps(plans, pickle.HIGHEST_PROTOCOL))
+    data = memoryview(_dumps(plans))
     try:
         while data:
             data = data[os.write(child.plan_w, data) :]
@@ -169,7 +171,7 @@ def _unpack(child: _Child, results: list[Any], errors: dict, on_result) -> None:
         if len(buf) - at - _LENGTH.size < length:
             break
         at += _LENGTH.size
-        kind, index, value = pickle.loads(buf[at : at + length])
+        kind, index, value = _loads(buf[at : at + length])
         at += length
         if kind == "done":
             child.done = True
@@ -188,7 +190,7 @@ def _unpack(child: _Child, results: list[Any], errors: dict, on_result) -> None:
 def _work(func, items, todo: int, out: int, plans: int, finish) -> None:
     status = 0
     try:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C: the parent reports it
+        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)  # Ctrl-C: the parent reports it
         kept = {}
         while True:
             got = os.read(todo, _INDEX.size)
@@ -219,7 +221,7 @@ def _finish(finish, kept: dict, plans: int, out: int) -> None:
         chunks.append(chunk)
     if not chunks:
         return  # the parent gave up (an error in the first round)
-    for index, item_plan in sorted(pickle.loads(b"".join(chunks)).items()):
+    for index, item_plan in sorted(_loads(b"".join(chunks)).items()):
         try:
             finish(kept.pop(index), item_plan)
             answer = ("finished", index, None)
@@ -229,11 +231,32 @@ def _finish(finish, kept: dict, plans: int, out: int) -> None:
     _send(out, ("done", -1, None))
 
 
+def _dumps(value: Any) -> bytes:
+    """``value`` as bytes: by marshal when it holds only plain data (ints, bytes,
+    tuples, lists, dicts, None), else by pickle. Marshal is built in: the
+    builder's start-up does not load pickle (and the re module it loads).
+    Bytes-like values arrive as bytes."""
+    try:
+        return b"m" + marshal.dumps(value)
+    except ValueError:  # an exception, an instance: what pickle is for
+        import pickle
+
+        return b"p" + pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+
+
+def _loads(data: bytes | bytearray) -> Any:
+    if data[:1] == b"m":
+        return marshal.loads(memoryview(data)[1:])
+    import pickle
+
+    return pickle.loads(memoryview(data)[1:])
+
+
 def _send(fd: int, answer: tuple) -> None:
     try:
-        payload = pickle.dumps(answer, pickle.HIGHEST_PROTOCOL)
+        payload = _dumps(answer)
     except Exception as exc:  # an exception that does not pickle: keep its message
-        payload = pickle.dumps(("error", answer[1], OcclumfsError(str(exc))))
+        payload = _dumps(("error", answer[1], OcclumfsError(str(exc))))
     data = memoryview(_LENGTH.pack(len(payload)) + payload)
     while data:
         data = data[os.write(fd, data) :]

@@ -47,6 +47,7 @@ log = logging.getLogger("occlumfs.merkle")
 
 WINDOW_BLOCKS = 512  # 2 MiB: two of the kernel's 1 MiB requests per hand-off to a worker
 DEPTH = 8  # windows in flight or ready ahead of the reader (16 MiB)
+ADVISE_BLOCKS = 4096  # and the disk asked for 16 MiB more (page cache, not slots)
 MIN_REQUEST_BLOCKS = READ_AHEAD_MIN  # smaller requests are verified in place
 MAX_REQUEST_BLOCKS = 2 * WINDOW_BLOCKS  # and so are larger ones (not a kernel's request)
 STREAK = 3  # sequential requests before the workers start
@@ -92,6 +93,7 @@ class ReadAhead:
         self._free: list[int] = list(range(DEPTH))
         self._turn = 0
         self._last_end = -1
+        self._advised = -1  # blocks up to here were advised (WILLNEED)
         self._streak = 0
         self.broken = False  # set once a worker is gone; reads then verify in place
         self.served_blocks = 0  # blocks answered from the workers' windows
@@ -130,18 +132,28 @@ class ReadAhead:
         if self._area is None:
             self._start()
         at = self._chain[-1].end if self._chain else first
+        if not at <= self._advised <= limit:  # a jump, or another extent
+            self._advised = at
+        # Start the disk on the windows before asking for them (a worker's pread
+        # would only ask when it gets there), then ADVISE_BLOCKS past them: a
+        # busy disk needs more in flight than the slots hold.
+        self._advise(min(limit, at + len(self._free) * WINDOW_BLOCKS))
         while at < limit and self._free:
             window = _Window(at, min(WINDOW_BLOCKS, limit - at), self._free.pop(), self._turn)
             self._turn = (self._turn + 1) % self.workers
-            # Start the disk on it now: a worker's pread would only ask when it gets there.
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(
-                    self.fd, window.first * BLOCK_SIZE, window.count * BLOCK_SIZE, _WILLNEED
-                )
             os.write(self._asks[window.worker], ASK.pack(window.slot, window.first, window.count))
             self._out[window.slot] = window
             self._chain.append(window)
             at = window.end
+        self._advise(min(limit, at + ADVISE_BLOCKS))
+
+    def _advise(self, end: int) -> None:
+        """POSIX_FADV_WILLNEED on the blocks from the last advised up to ``end``."""
+        while self._advised < end:
+            n = min(WINDOW_BLOCKS, end - self._advised)
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self.fd, self._advised * BLOCK_SIZE, n * BLOCK_SIZE, _WILLNEED)
+            self._advised += n
 
     def _serve(self, first: int, count: int, expected) -> bytes | None:
         end = first + count

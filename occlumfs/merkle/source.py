@@ -12,7 +12,6 @@ import errno
 import os
 import stat
 import zlib
-from pathlib import Path
 
 from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
 from occlumfs.merkle.format import (
@@ -30,6 +29,10 @@ from occlumfs.merkle.format import (
     is_whiteout,
     name_problem,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 # Plain classes, not dataclasses: `occlumfs mkimage` starts faster without

@@ -16,7 +16,7 @@ invariants:
   exceed that first writes everything out and measures again, so a full disk
   fails that write (ENOSPC), not a later commit that nobody waits for.
 * The buffer stays small: once a file has a batch of blocks buffered in order
-  (or 8 MiB of scattered ones) on a writable store, they are sealed and handed
+  (or 4 MiB of scattered ones) on a writable store, they are sealed and handed
   to the write-behind thread (occlumfs.sefs.writeback), which writes while
   requests go on. A batch keeps
   its plaintext until it is written; a failed write is raised by the next
@@ -52,14 +52,15 @@ from occlumfs.sefs.format import (
 )
 from occlumfs.sefs.inode import EMPTY, Inode
 from occlumfs.sefs.seal import STRIDE as _STRIDE
-from occlumfs.sefs.seal import pieces, seal
+from occlumfs.sefs.seal import note_committed_slot, pieces, seal
 from occlumfs.sefs.storage import Storage
 from occlumfs.sefs.writeback import BATCH_BLOCKS, Batch, WriteBehind
 
 DIRTY_LIMIT_BLOCKS = 8192  # 32 MiB of plaintext buffered at most (write-behind keeps far less)
 _WRITE_RUN = 512  # blocks per preadv (below IOV_MAX)
-SCATTERED_BLOCKS = 2048  # 8 MiB: blocks of a file not written in order buffered at most
+SCATTERED_BLOCKS = 1024  # 4 MiB: blocks of a file not written in order buffered at most
 _THREAD_BLOCKS = 1024  # a flush of this many blocks or more writes in a thread as it seals
+_TAG_FAILED = "authentication failed (tampered, moved or rolled back)"
 
 
 def slot_run(node: Inode, block: int, last: int, slot: int) -> int:
@@ -217,10 +218,7 @@ class BlockIO:
                 start = max(keep - c * CHUNK_BLOCKS, 0) * ENTRY_SIZE
                 for off in range(start, len(chunk), ENTRY_SIZE):
                     if chunk[off]:
-                        block = c * CHUNK_BLOCKS + off // ENTRY_SIZE
-                        if node.committed_slots is EMPTY:
-                            node.committed_slots = {}
-                        node.committed_slots.setdefault(block, chunk[off])
+                        note_committed_slot(node, c * CHUNK_BLOCKS + off // ENTRY_SIZE, chunk[off])
                         node.present -= 1
                 del chunk[start:]
                 if not chunk:
@@ -237,8 +235,9 @@ class BlockIO:
                     self.dirty_inodes.add(node.ino)
         node.size = size
 
-    def forget(self, node: Inode) -> None:
-        """``node`` is gone: drop its buffered blocks; its data files go after the next commit."""
+    def forget(self, node: Inode, on_host: bool = True) -> None:
+        """``node`` is gone: drop its buffered blocks; its data files go after the next
+        commit (unless the caller knows that neither is on the host: not ``on_host``)."""
         if self._behind.active:
             self._settle(report=False)
         self.dirty_blocks -= len(node.dirty)
@@ -247,7 +246,8 @@ class BlockIO:
         for slot in (SLOT_A, SLOT_B):
             name = fmt.data_name(node.ino, slot)
             self._written.discard(name)
-            self._doomed.add(name)
+            if on_host:
+                self._doomed.add(name)
 
     # == writing out =======================================================================
     def flush_all(self) -> None:
@@ -386,7 +386,9 @@ class BlockIO:
             raw = self._raw_view = memoryview(self._raw_buf)
         ino = node.ino
         name = fmt.data_name(ino, slot)
-        iov = list(pieces(raw, _STRIDE, BLOCK_SIZE, count))
+        # One block (a random small read) is the common request: its iovec is built
+        # directly (0.1 us; the general form costs 0.8 us).
+        iov = [raw[:BLOCK_SIZE]] if count == 1 else list(pieces(raw, _STRIDE, BLOCK_SIZE, count))
         try:
             got = self.storage.preadv(name, first * BLOCK_SIZE, iov)
         except FileNotFoundError:
@@ -394,6 +396,20 @@ class BlockIO:
         if got != count * BLOCK_SIZE:
             block = first + got // BLOCK_SIZE
             raise self._corrupt(node, block, f"data file {name} is truncated")
+        if count == 1:  # a random small read, the commonest request: no loop to set up
+            chunk_no, off = fmt.chunk_of(first)
+            chunk = node.chunks[chunk_no]
+            raw[BLOCK_SIZE:_STRIDE] = chunk[off + ENTRY_TAG : off + ENTRY_SIZE]
+            try:
+                self._cipher.decrypt_into(
+                    chunk[off + ENTRY_NONCE : off + ENTRY_TAG],
+                    raw[:_STRIDE],
+                    self._prefix + fmt.DATA_AD_BLOCK.pack(ino, first),
+                    out,
+                )
+            except InvalidTag:
+                raise self._corrupt(node, first, _TAG_FAILED) from None
+            return
         decrypt_into = self._cipher.decrypt_into
         prefix = self._prefix
         pack_ad = fmt.DATA_AD_BLOCK.pack
@@ -423,9 +439,7 @@ class BlockIO:
                 off += ENTRY_SIZE
                 at += _STRIDE
         except InvalidTag:
-            raise self._corrupt(
-                node, block, "authentication failed (tampered, moved or rolled back)"
-            ) from None
+            raise self._corrupt(node, block, _TAG_FAILED) from None
 
     def read(self, node: Inode, first: int, last: int) -> bytearray:
         """Plaintext of blocks ``first..last``: buffered, decrypted in runs, or hole zeros."""

@@ -34,6 +34,7 @@ from occlumfs.namespace import Namespace, attr_of
 from occlumfs.sefs import format as fmt
 from occlumfs.sefs.blocks import BlockIO
 from occlumfs.sefs.format import BLOCK_SIZE
+from occlumfs.sefs.held import HeldWrites
 from occlumfs.sefs.inline import PENDING_MAX, InlineData, problems
 from occlumfs.sefs.inode import Inode, InodeTable, RecordedInode
 from occlumfs.sefs.journal import Dirty, Journal
@@ -178,13 +179,22 @@ class SefsFS(Namespace):
         )
         self._pages = PageTable(storage, keys.meta, keys.head_mac, keys.fs_id, self._nodes)
         self._pages.dirty = self._dirty_keys = Dirty()
+        # Version 3: an fsync's blocks go to the log and wait in memory for the commit.
+        self._held = HeldWrites(storage) if keys.version >= LOG_VERSION else None
+        data_storage: Storage = self._held or storage  # type: ignore[assignment]
         self._journal = (
-            Journal(storage, keys, self._pages, self._nodes)
+            Journal(data_storage, keys, self._pages, self._nodes)
             if keys.version >= LOG_VERSION
             else None
         )
         self._io = BlockIO(
-            storage, keys.data, keys.fs_id, self._nodes, self._dirty_keys, self.path_of, self._room
+            data_storage,
+            keys.data,
+            keys.fs_id,
+            self._nodes,
+            self._dirty_keys,
+            self.path_of,
+            self._room,
         )
         # Version 4: small files' data lives in their inode records (occlumfs.sefs.inline).
         self._inline = InlineData(self._io) if keys.version >= INLINE_VERSION else None
@@ -227,6 +237,7 @@ class SefsFS(Namespace):
                     self.commit()  # the log's entries become a commit: the log is stale
         if not read_only:
             self._io.measure()
+        self._first_new_ino = self._next_ino  # inodes from here on were made since the commit
 
     # == lifecycle ==========================================================================
     def started_serving(self) -> None:
@@ -251,6 +262,8 @@ class SefsFS(Namespace):
         if self.read_only:
             return
         self._io.flush_all()
+        if self._held is not None:  # the blocks fsyncs logged go to their slots now
+            self._held.write_out(self._io.written())
         if not self._dirty_keys:
             if self._inline is not None:
                 self._inline.pending = 0
@@ -263,6 +276,9 @@ class SefsFS(Namespace):
             raise
         self._nodes.committed()
         self._io.committed()
+        self._first_new_ino = self._next_ino
+        if self._held is not None:
+            self._held.passed.clear()  # all of their inodes are older than that now
         if self._inline is not None:
             self._inline.pending = 0
         if self._journal is not None:
@@ -320,7 +336,16 @@ class SefsFS(Namespace):
             self._dirty_keys.add(fmt.map_key(node.ino, c))
 
     def _freed(self, node: Inode) -> None:
-        self._io.forget(node)
+        held = self._held
+        if held is None:
+            self._io.forget(node)
+            return
+        names = [fmt.data_name(node.ino, slot) for slot in (fmt.SLOT_A, fmt.SLOT_B)]
+        # An inode made since the last commit whose blocks were never written to the
+        # host (inline, or only held) has no data file to delete.
+        on_host = node.ino < self._first_new_ino or not held.passed.isdisjoint(names)
+        self._io.forget(node, on_host)
+        held.forget(names)  # its held blocks will never be written
 
     # == offline inspection (fsck) ==========================================================
     def path_of(self, ino: int) -> str:
@@ -495,7 +520,12 @@ class SefsFS(Namespace):
         if journal is None or self.read_only:
             self.commit()
             return
-        self._io.flush_all()
+        held = self._held
+        held.holding = True  # type: ignore[union-attr]
+        try:
+            self._io.flush_all()  # small writes stay in memory: the log entry holds them
+        finally:
+            held.holding = False  # type: ignore[union-attr]
         logged = journal.append(self._next_ino) if self._dirty_keys else False
         if logged is None:
             self.commit()  # too much for the log, or it is unusable: a checkpoint

@@ -15,8 +15,10 @@ the file's, and bytes past ``len(target)`` up to ``size`` are zeros.
 
 A file goes to blocks when a write or a truncate takes it past INLINE_MAX:
 its inline bytes become a buffered write of block 0 (``BlockIO.write``) before
-the change itself. A file that has blocks stays in blocks when it shrinks (a
-truncate to 0 drops them all, and the file is inline again from its next write).
+the change itself. A truncate that cuts a file in blocks to at most INLINE_MAX
+bytes brings it back inline: its bytes move to the record and its blocks are
+dropped (a truncate to 0 drops them all, and the file is inline again from its
+next write). Its host data file stays until the file is deleted, as before.
 """
 
 from __future__ import annotations
@@ -106,16 +108,33 @@ class InlineData:
         node.target = b""
 
     def truncate(self, node: Inode, size: int) -> bool:
-        """Cut or extend ``node`` when it is inline; False when the blocks' truncate
-        should do it (the file has blocks, or grows past INLINE_MAX: moved first)."""
-        if not node.target or not stat.S_ISREG(node.mode):
+        """Cut or extend ``node`` when it is inline, or cut a file in blocks to at most
+        INLINE_MAX bytes (its bytes move inline, its blocks are dropped); False when the
+        blocks' truncate should do it (the file stays in blocks, or grows past
+        INLINE_MAX: moved first)."""
+        if not stat.S_ISREG(node.mode):
             return False
+        if not node.target:
+            return self._shrink(node, size)
         if size > INLINE_MAX:
             self.spill(node)
             return False
         if size < len(node.target):
             node.target = padded(node.target[:size])
         node.size = size
+        return True
+
+    def _shrink(self, node: Inode, size: int) -> bool:
+        """Bring a file in blocks cut to ``size`` (0 < size <= INLINE_MAX) back inline."""
+        if not 0 < size <= INLINE_MAX or size >= node.size or not in_blocks(node):
+            return False
+        data = padded(bytes(self._io.read(node, 0, 0)[:size]).rstrip(b"\0"))
+        if self.pending + len(data) > PENDING_MAX:
+            return False  # stays in blocks: the inline bytes waiting for a commit are bounded
+        self._io.truncate(node, 0)  # every block dropped (the committed slots are noted)
+        node.target = data
+        node.size = size
+        self.pending += len(data)
         return True
 
     @staticmethod

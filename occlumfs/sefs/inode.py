@@ -31,7 +31,8 @@ class Inode(Node):
         self.chunks: dict[int, bytearray] = EMPTY  # block map chunks (regular files)
         self.present = 0  # block map entries that are not holes
         self.dirty: dict[int, bytes | bytearray | memoryview] = EMPTY  # plaintext blocks
-        self.committed_slots: dict[int, int] = EMPTY
+        # chunk -> the slot each of its blocks had at the last commit (0: not noted)
+        self.committed_slots: dict[int, bytearray] = EMPTY
 
     @classmethod
     def recorded(cls, ino: int, fields: tuple, target: bytes = b"", xattrs: dict = EMPTY) -> Inode:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import os
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -32,8 +33,14 @@ _INODE_KIND, _ENTRY_KIND = b"i"[0], b"e"[0]
 PAGE_CACHE_PAGES = 64  # decrypted pages kept (~32 KiB of records each)
 PACK_OUT = 1 << 20  # a pack is written out in pieces of about this much (the peak memory)
 FRAME_CACHE_PAGES = 32  # pages whose records stay serialised between commits (~2 MiB)
+_FRAME_LATER = 1024  # bytes: a changed record's value this long is framed with its piece
 PARALLEL_FSYNC_MAX = 64  # files; a commit writing more syncs them with Storage.sync (syncfs)
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): threads do not survive fork
+
+
+def _frame_size(key: bytes, frame: bytes | int) -> int:
+    """The framed size of a record: ``frame`` is its frame, or the length of its value."""
+    return len(frame) if isinstance(frame, bytes) else len(fmt.frame_record(key, b"")) + frame
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -259,14 +266,14 @@ class PageTable:
         return nonce + self._cipher.encrypt(nonce, plain, ad)
 
     @staticmethod
-    def _split(keys: list[bytes], frames: dict[bytes, bytes]) -> list[list[bytes]]:
+    def _split(keys: list[bytes], frames: dict[bytes, bytes | int]) -> list[list[bytes]]:
         """One page's keys (sorted), cut into pages of about PAGE_SPLIT bytes if too big."""
-        if sum(map(len, frames.values())) <= fmt.PAGE_MAX:
+        sizes = [_frame_size(key, frames[key]) for key in keys]
+        if sum(sizes) <= fmt.PAGE_MAX:
             return [keys]
         pieces: list[list[bytes]] = [[]]
         size = 0
-        for key in keys:
-            grown = len(frames[key])
+        for key, grown in zip(keys, sizes, strict=True):
             if pieces[-1] and size + grown > fmt.PAGE_SPLIT:
                 pieces.append([])
                 size = 0
@@ -278,9 +285,11 @@ class PageTable:
         """The framed records of page ``page`` (of ``starts``/``table``, as committed):
         the cached frames of its last seal, else its committed records read back,
         updated with the records of the ``changed`` keys. A fresh dict (a commit may
-        fail). Each record is made as it is framed: a large change (the block map of
-        a 1 GiB write is 7.5 MB) is not held twice."""
+        fail). A large changed record (a block-map chunk, ~7 KiB) stands as the length
+        of its value until its piece of the page is sealed (:meth:`_framed`): the
+        block map of a 1 GiB write (7.5 MB) is never held framed whole."""
         cached = self._frame_cache.get(starts[page])
+        frames: dict[bytes, bytes | int]
         if cached is None:
             keys, values = self._read_page(page, starts, table)
             frames = {k: fmt.frame_record(k, v) for k, v in zip(keys, values, strict=True)}
@@ -290,9 +299,23 @@ class PageTable:
             value = self.record(key)
             if value is None:
                 frames.pop(key, None)
+            elif len(value) > _FRAME_LATER:
+                frames[key] = len(value)
             else:
                 frames[key] = fmt.frame_record(key, value)
         return frames
+
+    def _framed(self, keys: list[bytes], frames: dict[bytes, bytes | int]) -> dict[bytes, bytes]:
+        """The frames of ``keys``, framing the records :meth:`_frames` left for later."""
+        out = {}
+        for key in keys:
+            frame = frames[key]
+            if not isinstance(frame, bytes):
+                value = self.record(key)
+                assert value is not None and len(value) == frame  # nothing changes mid-commit
+                frame = fmt.frame_record(key, value)
+            out[key] = frame
+        return out
 
     def commit(self, next_ino: int, data_files: Sequence[str] = ()) -> None:
         """Seal the dirty pages and a new root into one pack, then switch the head to it.
@@ -314,6 +337,10 @@ class PageTable:
         counter = self.counter + 1
         starts, table = list(self.starts), list(self.table)
         sealed: dict[bytes, dict[bytes, bytes] | None] = {}  # page start -> its frames now
+        # Only the frames of the newest FRAME_CACHE_PAGES pages sealed stay cached
+        # (_remember): the older ones are let go as the commit goes, not held to its
+        # end (a 1 GiB file's block map is 7.5 MB of frames).
+        kept: deque[bytes] = deque()
         name = fmt.pack_name(counter)
         pack = bytearray()  # the pack's bytes not in its file yet
         flushed = 0  # ...and those that are: a large pack goes out a MiB at a time
@@ -329,13 +356,16 @@ class PageTable:
             firsts = [starts[page]] + [piece[0] for piece in pieces[1:]]
             refs = []
             for piece, first in zip(pieces, firsts, strict=True):
-                piece_frames = {key: frames[key] for key in piece}
+                piece_frames = self._framed(piece, frames)
                 plain = fmt.pack_framed(list(piece_frames.values()))
                 obj = self._seal(plain, fmt.page_ad(self._fs_id, counter, first))
                 at = flushed + len(pack)
                 refs.append(fmt.ObjectRef(counter, at, len(obj), obj[-fmt.TAG_SIZE :]))
                 pack += obj
                 sealed[first] = piece_frames
+                kept.append(first)
+                if len(kept) > FRAME_CACHE_PAGES:
+                    sealed[kept.popleft()] = None  # stale in the cache: dropped from it
                 if len(pack) >= PACK_OUT:
                     flushed = self._pack_out(name, pack, flushed)
             starts[page : page + 1] = firsts

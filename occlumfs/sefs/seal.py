@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from occlumfs.sefs import format as fmt
 from occlumfs.sefs.format import (
     BLOCK_SIZE,
+    CHUNK_BLOCKS,
     CHUNK_MASK,
     CHUNK_SHIFT,
     ENTRY_NONCE,
@@ -101,10 +102,10 @@ def seal(
     if node.committed_slots is EMPTY:
         node.committed_slots = {}
     committed = node.committed_slots
-    if contiguous and committed.keys().isdisjoint(range(first, first + n)):
+    if contiguous and _none_noted(committed, first, n):
         was = bytes(_entries_of(node.chunks, first, n)[0::ENTRY_SIZE])
         if was.count(0) != n:  # the first touch of committed blocks: remember their slots
-            committed.update((b, w) for b, w in zip(range(first, first + n), was, strict=True) if w)
+            _note_run(committed, first, was)
         old = was
         node.present += was.count(0)
     else:
@@ -161,13 +162,57 @@ def _committed_slots(node: Inode, blocks: list[int]) -> bytes:
     present = 0
     for j, block in enumerate(blocks):
         was = node.slot(block)
+        marks = committed.get(block >> CHUNK_SHIFT)
         if was:
-            out[j] = committed.setdefault(block, was)
+            if marks is None:
+                marks = committed[block >> CHUNK_SHIFT] = bytearray(CHUNK_BLOCKS)
+            at = block & CHUNK_MASK
+            if not marks[at]:
+                marks[at] = was
+            out[j] = marks[at]
         else:  # a hole now; one at the last commit too unless truncated since
-            out[j] = committed.get(block, SLOT_HOLE)
+            out[j] = marks[block & CHUNK_MASK] if marks is not None else SLOT_HOLE
             present += 1
     node.present += present
     return bytes(out)
+
+
+def note_committed_slot(node: Inode, block: int, slot: int) -> None:
+    """Remember ``slot`` as ``block``'s slot at the last commit, unless one is noted:
+    the block is about to lose it (truncate), so its next write must avoid it."""
+    if node.committed_slots is EMPTY:
+        node.committed_slots = {}
+    marks = node.committed_slots.get(block >> CHUNK_SHIFT)
+    if marks is None:
+        marks = node.committed_slots[block >> CHUNK_SHIFT] = bytearray(CHUNK_BLOCKS)
+    if not marks[block & CHUNK_MASK]:
+        marks[block & CHUNK_MASK] = slot
+
+
+def _none_noted(committed: dict[int, bytearray], first: int, n: int) -> bool:
+    """Whether no block of ``first..first+n-1`` has its committed slot noted."""
+    block, end = first, first + n
+    while block < end:
+        stop = min(end, ((block >> CHUNK_SHIFT) + 1) << CHUNK_SHIFT)
+        marks = committed.get(block >> CHUNK_SHIFT)
+        at = block & CHUNK_MASK
+        if marks is not None and marks.count(0, at, at + stop - block) != stop - block:
+            return False
+        block = stop
+    return True
+
+
+def _note_run(committed: dict[int, bytearray], first: int, was: bytes) -> None:
+    """Note ``was`` as the committed slots of ``first..`` (none noted yet; 0: a hole)."""
+    block, end = first, first + len(was)
+    while block < end:
+        stop = min(end, ((block >> CHUNK_SHIFT) + 1) << CHUNK_SHIFT)
+        marks = committed.get(block >> CHUNK_SHIFT)
+        if marks is None:
+            marks = committed[block >> CHUNK_SHIFT] = bytearray(CHUNK_BLOCKS)
+        at = block & CHUNK_MASK
+        marks[at : at + stop - block] = was[block - first : stop - first]
+        block = stop
 
 
 def _set_entries(node: Inode, first: int, n: int, entries: bytearray, j: int) -> None:

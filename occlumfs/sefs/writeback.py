@@ -40,7 +40,7 @@ _libc = ctypes.CDLL(None)
 # a streak, before a commit allocates its own (the server's peak RSS is the sum).
 _trim = getattr(_libc, "malloc_trim", None)  # glibc's
 
-BATCH_BLOCKS = 256  # 1 MiB of plaintext a batch; one pwritev when its blocks are contiguous
+BATCH_BLOCKS = 128  # 512 KiB of plaintext a batch; one pwritev when its blocks are contiguous
 BATCHES = 2  # batches out at a time: one being written while the next is sealed
 
 

@@ -301,6 +301,27 @@ def test_a_plain_mkimage_loads_no_click(tmp_path):
     assert digest == run_cli("digest", tmp_path / "img").stdout.strip()
 
 
+def test_a_plain_mkimage_loads_no_pathlib_pickle_or_threading(tmp_path):
+    # Each costs milliseconds of start-up (pathlib and pickle load re); the
+    # plain build needs none of them. Modules the interpreter had already
+    # loaded before ours (a site hook may load pathlib) do not count.
+    src = make_golden_tree(tmp_path / "src")
+    done = _python(
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        "from occlumfs.cli.quick import run_plain\n"
+        "code = run_plain(sys.argv[1:])\n"
+        "names = ('pathlib', 'pickle', 're', 'threading', 'signal', 'enum', 'typing')\n"
+        "print(code, sorted(m for m in names if m in sys.modules and m not in before))\n",
+        "mkimage",
+        src,
+        tmp_path / "img",
+    )
+    digest, loaded = done.stdout.splitlines()
+    assert loaded == "0 []", done.stderr
+    assert digest == run_cli("digest", tmp_path / "img").stdout.strip()
+
+
 def test_a_plain_mkimage_fails_as_through_click(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -225,3 +225,35 @@ def test_inline_bytes_waiting_for_a_commit_are_bounded(sim):
     fs = sim.open()
     assert read_path(fs, f"f{count - 1}") == bytes([(count - 1) % 256]) * INLINE_MAX
     fs.close()
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["committed blocks", "logged blocks"])
+def test_a_file_cut_back_under_the_limit_is_inline_again(sim, committed):
+    fs = sim.open(commit_interval=float("inf"))
+    big = bytes(range(256)) * 40  # three blocks
+    ino = write_file(fs, ROOT_INO, b"f", big)
+    fh = fs.open(ino, os.O_RDWR)
+    fs.fsync(fh, False)
+    if committed:
+        fs.commit()
+    fs.setattr(ino, AttrChanges(size=INLINE_MAX + 1))  # still past the limit: blocks
+    node = fs._nodes[ino]
+    assert not node.target and node.present
+    fs.setattr(ino, AttrChanges(size=1000))
+    assert len(node.target) == 1024 and not node.present and not node.chunks
+    assert fs.read(fh, 0, 5000) == big[:1000]
+    fs.setattr(ino, AttrChanges(size=2000))  # grows inline: zeros
+    assert fs.read(fh, 0, 5000) == big[:1000] + bytes(1000)
+    fs.fsync(fh, False)
+    fs.release(fh)
+    sim.storage.power_loss()  # the log holds the cut: replayed
+    fs = sim.open()
+    assert read_path(fs, "/f") == big[:1000] + bytes(1000)
+    assert len(fs._nodes[ino].target) == 1024
+    fs.close()
+    assert fsck_problems(sim.open) == []
+    fs = sim.open()
+    assert read_path(fs, "/f") == big[:1000] + bytes(1000)
+    fs.unlink(ROOT_INO, b"f")
+    fs.close()
+    assert not [n for n in sim.storage.files() if n.startswith("d/")], "its data file went"

@@ -224,9 +224,9 @@ def test_scattered_writes_wait_for_more_before_they_are_written_behind() -> None
     assert storage.changes == 0 and io.buffered == len(blocks)  # a pwrite each: not yet
     other = Inode(6, stat.S_IFREG | 0o644)
     io._inodes[6] = other
-    data = os.urandom(MiB)
+    data = os.urandom(BATCH_BLOCKS * BLOCK_SIZE)
     _write(io, other, 0, data)  # in order: written behind at once
-    assert io.read(other, 0, MiB // BLOCK_SIZE - 1) == data  # (a read waits for it)
+    assert io.read(other, 0, BATCH_BLOCKS - 1) == data  # (a read waits for it)
     assert storage.changes == 1 and io.buffered == len(blocks)
     io.flush(node)
     assert io.buffered == 0
