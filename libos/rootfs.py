@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import os
 import signal
 import stat
 import subprocess
 import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,64 +94,12 @@ def _clear_stale(mountpoint: Path) -> None:
             subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
 
 
-class _TrioOnDemand(types.ModuleType):
-    """Stands for trio until something uses it; then it is imported and stood for."""
-
-    def __getattr__(self, name: str):
-        if sys.modules.get("trio") is self:
-            del sys.modules["trio"]
-        real = importlib.import_module("trio")
-        self.__dict__.update(real.__dict__)
-        return getattr(real, name)
-
-
 def _mount_module():
-    """:mod:`occlumfs.mount`, imported without what the rootfs server never uses.
+    """:mod:`occlumfs.mount`, imported when first needed (occlumfs/fuselib.py keeps
+    pyfuse3's import from loading trio and importlib.metadata)."""
+    import occlumfs.mount
 
-    pyfuse3, when imported, imports trio (40-90 ms of ``occlum run``'s start
-    on the development machine), although the server runs
-    occlumfs/requestloop.py in trio's place; and it looks up its own version
-    with :mod:`importlib.metadata` (which imports email, zipfile, csv and
-    scans ``sys.path``: 10-20 ms) for ``pyfuse3.__version__``, which nothing
-    here reads (it says ``unknown`` in this process). Trio gets a stand-in
-    that imports it on first use (``occlum start``'s server, which does use
-    it, has imported it before); importlib.metadata one that answers "not
-    installed", for the length of the import only (every caller imports
-    this before it starts a thread: no other thread can see the stand-in).
-    """
-    if "occlumfs.mount" in sys.modules:
-        return sys.modules["occlumfs.mount"]
-    if "trio" not in sys.modules:
-        sys.modules["trio"] = _TrioOnDemand("trio")
-    if "importlib.metadata" in sys.modules or "pyfuse3" in sys.modules:
-        import occlumfs.mount
-
-        return occlumfs.mount
-    sys.modules["importlib.metadata"] = _NO_METADATA
-    try:
-        import occlumfs.mount
-    except ImportError:  # a pyfuse3 that wants more of it: the real one, then
-        sys.modules.pop("importlib.metadata", None)
-        for name in [m for m in sys.modules if m == "pyfuse3" or m.startswith("pyfuse3.")]:
-            del sys.modules[name]
-        import occlumfs.mount
-    finally:
-        if sys.modules.get("importlib.metadata") is _NO_METADATA:
-            del sys.modules["importlib.metadata"]
     return occlumfs.mount
-
-
-class _NotInstalled(Exception):
-    pass
-
-
-def _not_installed(name: str) -> str:
-    raise _NotInstalled(name)
-
-
-_NO_METADATA = types.ModuleType("importlib.metadata")
-_NO_METADATA.PackageNotFoundError = _NotInstalled
-_NO_METADATA.version = _not_installed
 
 
 def rootfs_mountpoint(build: VerifiedBuild) -> Path:

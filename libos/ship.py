@@ -35,7 +35,7 @@ def mount_instance(
     from libos.rootfs import _mount_module, _open_rootfs
     from libos.run import lock_instance, rebase_and_say
 
-    mount = _mount_module()  # without trio and importlib.metadata (libos/rootfs.py)
+    mount = _mount_module()
     check_mountpoint, serve = mount.check_mountpoint, mount.serve
 
     sock = connect(instance)  # started: refused by the lock; dead: cleaned up
