@@ -79,8 +79,7 @@ def sefs_state_dir() -> Path:
 
 
 def _runtime_dir(build: VerifiedBuild) -> Path:
-    from occlumfs.mount import runtime_dir
-
+    runtime_dir = _mount_module().runtime_dir
     tag = hashlib.sha256(os.fsencode(build.instance.root)).hexdigest()[:16]
     path = runtime_dir() / "occlum" / tag
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -89,18 +88,29 @@ def _runtime_dir(build: VerifiedBuild) -> Path:
 
 def _clear_stale(mountpoint: Path) -> None:
     """A mount left by a crashed run (we hold the instance lock: nobody uses it)."""
-    from occlumfs.mount import mounted_paths
-
+    mounted_paths = _mount_module().mounted_paths
     with contextlib.suppress(OSError):
         if mountpoint.resolve() in mounted_paths():
             subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
 
 
-def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHandle:
-    from occlumfs.mount import serve
+def _mount_module():
+    """:mod:`occlumfs.mount`, imported when first needed (occlumfs/fuselib.py keeps
+    pyfuse3's import from loading trio and importlib.metadata)."""
+    import occlumfs.mount
 
-    base = _runtime_dir(build)
-    mountpoint = base / "root"
+    return occlumfs.mount
+
+
+def rootfs_mountpoint(build: VerifiedBuild) -> Path:
+    """Where :func:`mount_rootfs` mounts the instance's ``/``."""
+    return _runtime_dir(build) / "root"
+
+
+def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHandle:
+    serve = _mount_module().serve
+    mountpoint = rootfs_mountpoint(build)
+    base = mountpoint.parent
     mountpoint.mkdir(exist_ok=True)
     _clear_stale(mountpoint)
     log_file = base / "server.log"
@@ -185,8 +195,7 @@ def unmount_rootfs(handle: RootfsHandle) -> None:
     A server that died leaves a dead mount: it is detached (lazily) so the next
     run can mount again, and the run fails all the same.
     """
-    from occlumfs.mount import umount
-
+    umount = _mount_module().umount
     problem = None
     try:
         umount(handle.mountpoint)

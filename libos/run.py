@@ -20,8 +20,8 @@ from libos.config import Config
 from libos.instance import Instance
 from libos.protocol import FORWARDED
 from libos.rebase import rebase_store
-from libos.rootfs import mount_rootfs, sefs_state_dir, unmount_rootfs
-from libos.sandbox import Limits, Sandbox, apply_limits, release_limits
+from libos.rootfs import mount_rootfs, rootfs_mountpoint, sefs_state_dir, unmount_rootfs
+from libos.sandbox import Limits, Prepared, Sandbox, apply_limits, release_limits
 from occlumfs.errors import InUseError, NotFoundError, UsageError
 
 
@@ -155,26 +155,33 @@ def run(instance: Instance, program: str, args: list[str], image_key: Path | Non
         build = verify_build(instance, image_key)
         check_entry_point(program, build.config.entry_points)
         rebase_and_say(build)
-        handle = mount_rootfs(build)
-        status = None
+        sandbox = sandbox_for(build, rootfs_mountpoint(build))
+        apply_limits(sandbox.limits, f"occlum-{os.getpid()}")
         try:
-            inside = handle.mountpoint / posixpath.relpath(program, "/")
-            if not os.path.lexists(inside):
-                raise NotFoundError(f"{program}: no such program in the instance")
-            sandbox = sandbox_for(build, handle.mountpoint)
-            apply_limits(sandbox.limits, f"occlum-{os.getpid()}")
-            print(f"occlum: {sandbox.limits.describe()}", file=sys.stderr, flush=True)
+            # Bubblewrap's process joins the limits while the root is mounted.
+            prepared = sandbox.prepare([program, *args], program_env(build.config))
+            started = False
             try:
-                status = _run_program(sandbox, [program, *args], program_env(build.config))
+                handle = mount_rootfs(build)
+                try:
+                    inside = handle.mountpoint / posixpath.relpath(program, "/")
+                    if not os.path.lexists(inside):
+                        raise NotFoundError(f"{program}: no such program in the instance")
+                    print(f"occlum: {sandbox.limits.describe()}", file=sys.stderr, flush=True)
+                    started = True
+                    return _run_program(prepared)
+                finally:
+                    unmount_rootfs(handle)
             finally:
-                release_limits(sandbox.limits)
+                if not started:
+                    prepared.cancel()
         finally:
-            unmount_rootfs(handle)
-        return status
+            release_limits(sandbox.limits)
 
 
-def _run_program(sandbox: Sandbox, command: list[str], env: dict[str, str]) -> int:
-    """Run ``command`` to its end, forwarding signals to it; its status."""
+def _run_program(prepared: Prepared) -> int:
+    """Start the prepared sandbox and run it to its end, forwarding signals to it;
+    its status."""
     proc = None
 
     def forward(signum, _frame):
@@ -183,10 +190,13 @@ def _run_program(sandbox: Sandbox, command: list[str], env: dict[str, str]) -> i
 
     saved = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
-        proc = sandbox.spawn(command, env)
+        proc = prepared.start()
         return proc.wait()
     finally:
-        if proc is not None and proc.proc.poll() is None:
+        if proc is None:
+            prepared.proc.kill()
+            prepared.proc.wait()
+        elif proc.proc.poll() is None:
             proc.kill()
             proc.proc.wait()
         for signum, handler in saved.items():

@@ -25,16 +25,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from libos import spawner
-from libos.spawner import PIDNS_FD, STATUS_FD, enter_limits
+from libos.spawner import STATUS_FD, enter_limits
 from occlumfs.errors import NotFoundError, OcclumfsError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -167,7 +165,7 @@ def release_limits(limits: Limits) -> None:
     limits.cgroups = []
 
 
-def _enter_child(limits: Limits) -> None:
+def _enter_child(limits: Limits, reap: bool = False) -> None:
     """In bubblewrap's process, before exec: its own process group, and the limits.
 
     Its own group: the terminal's Ctrl-C goes to the caller's group only, not
@@ -175,6 +173,8 @@ def _enter_child(limits: Limits) -> None:
     it); the caller forwards the signal to the programs instead.
     """
     os.setpgid(0, 0)
+    if reap:
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     _enter_limits(limits)
 
 
@@ -277,11 +277,14 @@ class Sandbox:
         stdout: int | None = None,
         stderr: int | None = None,
         block_fd: int | None = None,
+        reap: bool = False,
     ) -> SandboxProcess:
         """Start ``command`` in the sandbox; stdio is inherited unless fds are given.
 
         ``block_fd``: the sandbox is set up, then waits for data (or EOF) on
-        this fd before it runs ``command``.
+        this fd before it runs ``command``. ``reap``: bubblewrap starts with
+        SIGCHLD ignored, so the kernel reaps the children of its processes,
+        the sandbox's init included, as they exit (see :meth:`hold`).
         """
         status_r, status_w = os.pipe()
         keep = [fd for fd in (status_w, self.pidns_fd, block_fd) if fd is not None]
@@ -293,7 +296,7 @@ class Sandbox:
                 stdout=stdout,
                 stderr=stderr,
                 pass_fds=keep,
-                preexec_fn=lambda: _enter_child(self.limits),
+                preexec_fn=lambda: _enter_child(self.limits, reap),
             )
         except BaseException:
             os.close(status_r)
@@ -302,12 +305,60 @@ class Sandbox:
             os.close(status_w)
         return SandboxProcess(proc, status_r)
 
+    def prepare(self, command: list[str], env: dict[str, str]) -> Prepared:
+        """Bubblewrap's process for ``command``, forked now, started later.
+
+        It takes its own process group and joins the limits at once (a
+        cgroup move waits for an RCU grace period, ~14 ms on the development
+        machine, whatever the process), then waits: :meth:`Prepared.start`
+        lets it exec bubblewrap, :meth:`Prepared.cancel` ends it. ``occlum
+        run`` mounts the root in the meantime. stdio is inherited.
+        """
+        argv = self.argv(command, "/", STATUS_FD)
+        spec = _limits_spec(self.limits)
+        go_r, go_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        status_r, status_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # imports nothing, runs no handler: it only waits and execs
+            try:
+                for fd in (go_w, ready_r, status_r):
+                    os.close(fd)
+                os.setpgid(0, 0)
+                for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+                    signal.signal(signum, signal.SIG_DFL)
+                try:
+                    enter_limits(spec)
+                except OSError as exc:
+                    os.write(ready_w, f"cannot join the sandbox's limits: {exc}".encode())
+                    os._exit(1)
+                os.close(ready_w)
+                if os.read(go_r, 1) == b"1":
+                    if status_w == STATUS_FD:
+                        os.set_inheritable(status_w, True)
+                    else:
+                        os.dup2(status_w, STATUS_FD)  # inheritable
+                    os.execve(argv[0], argv, env)
+            finally:
+                os._exit(127)
+        for fd in (go_r, ready_w, status_w):
+            os.close(fd)
+        return Prepared(pid, go_w, ready_r, status_r)
+
     def hold(self) -> tuple[SandboxProcess, int]:
         """An empty sandbox that stays up: its pid namespace is for :meth:`joined`.
 
         Its one process waits on a pipe whose write end (returned) the caller
         keeps; when that closes (the caller died), it execs ``/dev/null``,
         which fails, and the sandbox ends with everything in it.
+
+        That process is the namespace's init: a program's orphans (a daemon,
+        ``cmd &`` in a script that exits) become its children, and it waits
+        on the pipe, never for them. It ignores SIGCHLD (``reap``), so the
+        kernel reaps them as they exit: no zombies hold the sandbox's task
+        limit until ``occlum stop``. Its bubblewrap monitor, ignoring it too,
+        cannot learn that the init ended: :class:`_HeldMonitor` watches the
+        init instead.
         """
         block_r, block_w = os.pipe()
         try:
@@ -317,13 +368,107 @@ class Sandbox:
                 stdin=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 block_fd=block_r,
+                reap=True,
             )
         except BaseException:
             os.close(block_w)
             raise
         finally:
             os.close(block_r)
+        holder.proc = _HeldMonitor(holder.proc, holder.init_pid)
         return holder, block_w
+
+
+class _HeldMonitor:
+    """The held sandbox's bubblewrap, as much of :class:`subprocess.Popen` as is used:
+    its end is its init's (through a pidfd); the monitor is then ended."""
+
+    def __init__(self, proc: subprocess.Popen, init_pid: int | None) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.pidfd = None
+        if init_pid is not None:
+            with contextlib.suppress(ProcessLookupError):  # already gone
+                self.pidfd = os.pidfd_open(init_pid)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self) -> int:
+        if self.pidfd is not None:
+            select.select([self.pidfd], [], [])  # readable once the init has exited
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()  # it waits for a SIGCHLD it will never see
+        code = self.proc.wait()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        return code
+
+
+class Prepared:
+    """A forked, waiting bubblewrap process (:meth:`Sandbox.prepare`)."""
+
+    def __init__(self, pid: int, go: int, ready: int, status: int) -> None:
+        self.proc = _Child(pid)
+        self._go, self._ready, self._status = go, ready, status
+
+    def start(self) -> SandboxProcess:
+        """Let it exec bubblewrap (once it is in the limits); the running sandbox."""
+        with os.fdopen(self._ready, "rb") as ready:
+            problem = ready.read()  # empty: it closed its end, in the limits
+        told = False
+        try:
+            if not problem:
+                with contextlib.suppress(OSError):  # it died: said below
+                    told = os.write(self._go, b"1") == 1
+        finally:
+            os.close(self._go)
+        if not told:
+            self.proc.kill()
+            self.proc.wait()
+            os.close(self._status)
+            raise OcclumfsError(problem.decode(errors="replace") or "bubblewrap did not start")
+        return SandboxProcess(self.proc, self._status)
+
+    def cancel(self) -> None:
+        """End it without running anything (when :meth:`start` was not called)."""
+        for fd in (self._ready, self._go, self._status):
+            os.close(fd)
+        # Not by end of file alone: a process forked since (the rootfs server)
+        # may hold the write end of its pipe too.
+        self.proc.kill()
+        self.proc.wait()
+
+
+class _Child:
+    """A forked child, as much of :class:`subprocess.Popen` as SandboxProcess uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _pid, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
 
 
 class SandboxProcess:
@@ -395,86 +540,3 @@ class SandboxProcess:
         if code != 0 and self.init_pid is None:
             raise OcclumfsError("the sandbox could not be set up (see bwrap's message above)")
         return code
-
-
-class Spawner:
-    """Programs started by libos/spawner.py, a process that joined ``sandbox``'s
-    cgroups once: no cgroup move and no fork of this (large) process per program.
-
-    ``sandbox`` is a :meth:`Sandbox.joined` one; :meth:`spawn` is safe from
-    several threads at once. :meth:`close` ends the spawner (call it once every
-    program is gone, before :func:`release_limits`).
-    """
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self.sandbox = replace(sandbox, pidns_fd=PIDNS_FD)  # its number in bubblewrap
-        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pass_fds = (theirs.fileno(), sandbox.pidns_fd)
-        limits = json.dumps(_limits_spec(sandbox.limits))
-        argv = [sys.executable, "-I", "-S", spawner.__file__, *map(str, pass_fds), limits]
-        try:
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                pass_fds=pass_fds,
-            )
-        except BaseException:
-            self.sock.close()
-            raise
-        finally:
-            theirs.close()
-
-    def spawn(
-        self, command: list[str], env: dict[str, str], *, cwd: str, stdin: int, stdout: int,
-        stderr: int,
-    ) -> SandboxProcess:  # fmt: skip
-        """As :meth:`Sandbox.spawn`, with the given stdio."""
-        argv = self.sandbox.argv(command, cwd, STATUS_FD)
-        status_r, status_w = os.pipe()
-        mine, theirs = socket.socketpair()
-        try:
-            socket.send_fds(self.sock, [b"x"], [theirs.fileno(), stdin, stdout, stderr, status_w])
-            stream = mine.makefile("rwb")
-            stream.write(json.dumps({"argv": argv, "env": env}).encode() + b"\n")
-            stream.flush()
-            answer = json.loads(stream.readline() or b"{}")
-            if "pid" not in answer:
-                raise OcclumfsError(answer.get("error", "the instance's spawner is gone"))
-        except (OSError, ValueError) as exc:
-            mine.close()
-            os.close(status_r)
-            raise OcclumfsError(f"the instance's spawner failed: {exc}") from None
-        except BaseException:
-            mine.close()
-            os.close(status_r)
-            raise
-        finally:
-            theirs.close()
-            os.close(status_w)
-        return SandboxProcess(_Spawned(int(answer["pid"]), mine, stream), status_r)
-
-    def close(self) -> None:
-        self.sock.close()
-        self.proc.wait()
-
-
-class _Spawned:
-    """A spawner's child, as much of :class:`subprocess.Popen` as SandboxProcess uses."""
-
-    def __init__(self, pid: int, sock: socket.socket, stream) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-        self._sock, self._stream = sock, stream
-
-    def wait(self) -> int:
-        if self.returncode is None:
-            try:
-                line = self._stream.readline()
-                if not line:
-                    raise OcclumfsError("the instance's spawner died; the program's status is lost")
-                self.returncode = int(json.loads(line)["status"])
-            finally:
-                self._stream.close()
-                self._sock.close()
-        return self.returncode

@@ -35,7 +35,8 @@ from libos.build import VerifiedBuild
 from libos.protocol import DEFAULT_STOP_TIMEOUT, SOCKET_NAME
 from libos.rootfs import RootfsHandle, is_dir_inside, unmount_rootfs
 from libos.run import check_entry_point, program_env
-from libos.sandbox import Sandbox, SandboxProcess, Spawner, release_limits
+from libos.sandbox import Sandbox, SandboxProcess, release_limits
+from libos.spawning import Spawner
 from occlumfs.errors import InUseError, NotFoundError, OcclumfsError, UsageError
 
 MAX_FDS = 3
@@ -119,7 +120,7 @@ class Server:
         self.handle = handle
         self.sandbox = sandbox
         self.joined = sandbox.joined(holder)
-        self.spawner = Spawner(self.joined)
+        self.spawner = Spawner(self.joined, log)
         self.holder = holder
         self.block_w = block_w
         self.listener = listener

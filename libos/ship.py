@@ -32,9 +32,11 @@ def mount_instance(
     """Serve the instance's ``/`` at ``mountpoint`` in the background."""
     from libos.build import verify_build
     from libos.control import connect
-    from libos.rootfs import _open_rootfs
+    from libos.rootfs import _mount_module, _open_rootfs
     from libos.run import lock_instance, rebase_and_say
-    from occlumfs.mount import check_mountpoint, serve
+
+    mount = _mount_module()
+    check_mountpoint, serve = mount.check_mountpoint, mount.serve
 
     sock = connect(instance)  # started: refused by the lock; dead: cleaned up
     if sock is not None:

@@ -12,7 +12,7 @@ against the sandbox's memory limit.
 It is run as ``python -I -S spawner.py CONTROL_FD PIDNS_FD LIMITS`` and
 imports only the standard library; it joins the cgroups (or sets the rlimits)
 itself once started, so the memory that starting Python took stays charged
-outside the sandbox. The server (libos/sandbox.py, :class:`Spawner`) sends
+outside the sandbox. The server (libos/spawning.py, :class:`Spawner`) sends
 one SEQPACKET message per program: a byte, with the fds of a reply socket,
 the program's stdin, stdout and stderr and bubblewrap's status pipe. The
 spawner reads the request from the reply socket (one JSON line: bubblewrap's

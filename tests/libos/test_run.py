@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from libos_fixtures import *  # noqa: F403 (the fixtures of tests/libos)
 from libos_fixtures import assert_no_leftover_mounts
+
+from libos.sandbox import _own_cgroup
 
 pytestmark = pytest.mark.fuse  # occlum run serves the rootfs over FUSE
 
@@ -121,6 +125,38 @@ def test_entry_points_are_enforced(built, occlum):
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     missing = occlum("run", "/bin/nope", cwd=built, check=False)
     assert missing.returncode == 14 and "no such program" in missing.stderr
+
+
+def test_plain_run_and_click_run_report_alike(built, occlum, tmp_path):
+    # `occlum run /PROGRAM ...` skips click (libos/entry.py); `occlum run -- /PROGRAM`
+    # goes through it: the same status, output, error lines and exit codes.
+    script = ["/bin/busybox", "sh", "-c", "echo $0; exit 3", "a"]
+    seen = []
+    for args in (["/bin/hello_world"], ["/bin/nope"], script):
+        plain = occlum("run", *args, cwd=built, check=False)
+        clicked = occlum("run", "--", *args, cwd=built, check=False)
+        assert (plain.returncode, plain.stdout) == (clicked.returncode, clicked.stdout), args
+        assert plain.stderr == clicked.stderr, args
+        seen.append((plain.returncode, plain.stdout))
+    assert seen == [(0, "Hello World!\n"), (14, ""), (3, "a\n")]
+    outside = occlum("run", "/bin/hello_world", cwd=tmp_path, check=False)
+    assert outside.returncode == 14
+    expected = f"{tmp_path}: not an Occlum instance (no Occlum.json); run 'occlum init'"
+    assert outside.stderr == f"occlum: error: {expected}\n"
+
+
+def test_a_refused_run_leaves_no_cgroup_and_no_process(built):
+    # occlum run forks bubblewrap's process into the cgroups before the mount; a
+    # program found missing after the mount ends it, then removes the cgroups.
+    cmd = [sys.executable, "-m", "libos", "run", "/bin/nope"]
+    proc = subprocess.Popen(cmd, cwd=built, stderr=subprocess.PIPE, text=True)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 14, err
+    assert err.splitlines()[-1] == "occlum: error: /bin/nope: no such program in the instance"
+    mine = [_own_cgroup(c) for c in ("", "memory", "pids")]
+    left = [p / f"occlum-{proc.pid}" for p in mine if p is not None]
+    assert not [p for p in left if p.exists()], left
+    assert "resource limits via" not in err  # said only when the program runs
 
 
 def test_run_reads_the_build_not_the_config(built, occlum):

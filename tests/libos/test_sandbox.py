@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 
 from libos_fixtures import *  # noqa: F403 (the fixtures of tests/libos)
 
@@ -54,3 +55,34 @@ def test_status_is_the_programs_or_128_plus_signal(tmp_path):
     assert sandbox.spawn(["/bin/busybox", "sh", "-c", "exit 3"], {}).wait() == 3
     killed = sandbox.spawn(["/bin/busybox", "sh", "-c", "kill -TERM $$; sleep 5"], {})
     assert killed.wait() == 128 + 15
+
+
+CANCEL = """
+import os, sys
+from pathlib import Path
+from libos.sandbox import Limits, Sandbox
+prepared = Sandbox(root=Path(sys.argv[1]), limits=Limits()).prepare(["/bin/busybox", "true"], {})
+r, w = os.pipe()
+server = os.fork()
+if server == 0:  # as the rootfs server, forked after prepare: it holds every fd
+    os.close(w)
+    os.read(r, 1)
+    os._exit(0)
+prepared.cancel()
+print(prepared.proc.returncode)
+os.close(w)
+os.waitpid(server, 0)
+"""
+
+
+def test_a_prepared_sandbox_is_started_or_cancelled(tmp_path):
+    root = _rootfs(tmp_path)
+    prepared = Sandbox(root=root, limits=Limits()).prepare(
+        ["/bin/busybox", "sh", "-c", "exit 7"], {}
+    )
+    assert prepared.start().wait() == 7
+    # Cancelled while another process holds its pipe's write end: it ends all the same.
+    done = subprocess.run(
+        [sys.executable, "-c", CANCEL, str(root)], capture_output=True, text=True, timeout=30
+    )
+    assert done.stdout == "-9\n", done.stderr

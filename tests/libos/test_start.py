@@ -227,6 +227,58 @@ def test_exec_programs_are_held_to_the_sandbox_limits(built, occlum):
     assert limits.stdout.split() == [str(24 * 1024), str(4 * 1024)]  # KiB: AS, stack
 
 
+def test_orphans_of_exec_programs_are_reaped(built, occlum):
+    """A program's orphans become children of the held sandbox's init, which has
+    them reaped as they exit: no zombies piling up against the task limit."""
+    config = json.loads((built / "Occlum.json").read_text())
+    config["resource_limits"]["max_num_of_threads"] = 8
+    (built / "Occlum.json").write_text(json.dumps(config))
+    occlum("build", cwd=built)
+    occlum("start", cwd=built)
+    try:
+        # echo is orphaned when its subshell exits; cat sees EOF once echo has exited.
+        orphan = "{ (busybox echo x &) ; } | busybox cat"
+        for _ in range(12):  # more than the 8 tasks
+            assert occlum("exec", SH, "sh", "-c", orphan, cwd=built).stdout == "x\n"
+        ps = occlum("exec", SH, "ps", "-o", "stat,comm", cwd=built).stdout.splitlines()
+    finally:
+        occlum("stop", cwd=built)
+    assert [line.split()[0][0] for line in ps[1:]] == ["S", "R"], ps  # the init, ps
+
+
+def spawner_pid(inst: Path) -> int:
+    """The instance's spawner: the server's child running libos/spawner.py."""
+    tasks = Path(f"/proc/{server_pid(inst)}/task").glob("*/children")  # any thread's
+    children = [c for task in tasks for c in task.read_text().split()]
+    found = [int(c) for c in children if b"spawner.py" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(found) == 1, children
+    return found[0]
+
+
+def test_a_dead_spawner_is_replaced_by_the_next_exec(built, occlum):
+    occlum("start", cwd=built)
+    try:
+        waiting = exec_popen(built, SH, "sh", "-c", "echo ready; read line; echo got $line")
+        assert waiting.stdout.readline() == b"ready\n"  # started by the spawner
+        dead = spawner_pid(built)
+        os.kill(dead, signal.SIGKILL)
+        wait_for_exit(dead)
+        # The exec that waited on it cannot learn its program's status: one line, exit 1.
+        waiting.stdin.write(b"late\n")
+        out, err = waiting.communicate(timeout=30)
+        assert waiting.returncode == 1, (out, err)
+        assert err == b"occlum: error: the instance's spawner died; the program's status is lost\n"
+        # The next exec starts another spawner, in the same sandbox.
+        again = occlum("exec", SH, "sh", "-c", "echo fine; exit 5", cwd=built, check=False)
+        assert (again.returncode, again.stdout) == (5, "fine\n")
+        assert spawner_pid(built) != dead
+        log = (built / "run/occlum.log").read_text()
+        assert f"the spawner (pid {dead}) died (-9); starting another" in log
+    finally:
+        occlum("stop", cwd=built)
+    assert_no_leftover_mounts(built)
+
+
 def test_start_refuses_a_broken_build_in_one_line(built, occlum):
     layer = built / "build/mount/__ROOT/image.layer"
     data = bytearray(layer.read_bytes())
