@@ -200,7 +200,9 @@ class ReadAhead:
         """Whether every worker has said it is up, waiting at most ``timeout`` s."""
         while self._ready < len(self._workers):
             fd = self._answers[self._ready]
-            if not select.select([fd], [], [], timeout)[0]:
+            poller = select.poll()  # not select(): the server may hold descriptors past 1024
+            poller.register(fd, select.POLLIN)
+            if not poller.poll(None if timeout is None else int(timeout * 1000)):
                 return False
             if os.read(fd, DONE.size) != READY:
                 raise OSError(f"worker {self._workers[self._ready].pid} exited")

@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import random
+import resource
 import signal
 import subprocess
 from contextlib import contextmanager
@@ -297,3 +298,27 @@ def test_workers_end_with_their_server(tree, tmp_path, signum):
         assert mnt.resolve() not in mounted_paths()
         text = log.read_text()
         assert "unmounted" in text and "WARNING" not in text and "Traceback" not in text
+
+
+def test_workers_whose_pipes_are_past_descriptor_1024_still_serve(tree, tmp_path, caplog):
+    """A server with many files open gets pipes numbered past select()'s limit."""
+    src, data = tree
+    image, digest = _built(src, tmp_path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.fail(f"the descriptor limit ({hard}) is too low for this test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    null = os.open(os.devnull, os.O_RDONLY)
+    held = [os.dup(null) for _ in range(1100)]
+    try:
+        with _opened(image, digest, None) as (fs, fh):
+            with caplog.at_level(logging.WARNING, logger="occlumfs.merkle"):
+                for off in range(0, SIZE, MiB):
+                    assert _read(fs, fh, off) == data[off : off + MiB], off
+            ahead = fs.reader.read_ahead
+            assert min(ahead._answers) > 1024 and ahead.served_blocks > 0
+            assert not caplog.records and not ahead.broken
+    finally:
+        for fd in [*held, null]:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
