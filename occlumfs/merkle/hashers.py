@@ -20,11 +20,15 @@ messages come from one place, and a worker never decides what is served.
 
 Lifetime: workers are started (fresh interpreters running
 :mod:`occlumfs.merkle.hashworker`, so a threaded caller can start them too)
-once a reader has read ``STREAK`` large requests in a row sequentially, never
-on a one-core machine. They hold only the image, the memfd and their two
-pipes; they exit when their ask pipe reaches end of file (the reader closed it,
-or its process died: no other process holds that end), and
-:meth:`ReadAhead.close` (the image's close, at unmount) kills and reaps them.
+once one sequential stream has read ``START_BLOCKS`` (32 MiB), never on a
+one-core machine: a program's start reads its binary and libraries (a few MB
+each) cold, and starting two interpreters beside it cost more than hashing
+them here (issue 11: a cold ``occlum run python3``, 289 vs 319 ms). Nothing
+waits for them to come up: each says "ready" first, and until all have, the
+request thread goes on verifying in place. They hold only the image, the
+memfd and their two pipes; they exit when their ask pipe reaches end of file
+(the reader closed it, or its process died: no other process holds that end),
+and :meth:`ReadAhead.close` (the image's close, at unmount) kills and reaps them.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import contextlib
 import logging
 import mmap
 import os
+import select
 import subprocess
 import sys
 from collections import deque
@@ -41,7 +46,7 @@ from pathlib import Path
 from occlumfs.errors import FSError
 from occlumfs.merkle.blocks import READ_AHEAD_MIN
 from occlumfs.merkle.format import BLOCK_SIZE, HASH_SIZE
-from occlumfs.merkle.hashworker import ASK, DONE
+from occlumfs.merkle.hashworker import ASK, DONE, READY
 
 log = logging.getLogger("occlumfs.merkle")
 
@@ -50,7 +55,7 @@ DEPTH = 8  # windows in flight or ready ahead of the reader (16 MiB)
 ADVISE_BLOCKS = 4096  # and the disk asked for 16 MiB more (page cache, not slots)
 MIN_REQUEST_BLOCKS = READ_AHEAD_MIN  # smaller requests are verified in place
 MAX_REQUEST_BLOCKS = 2 * WINDOW_BLOCKS  # and so are larger ones (not a kernel's request)
-STREAK = 3  # sequential requests before the workers start
+START_BLOCKS = 8192  # 32 MiB read in one sequential stream before the workers start
 _SLOT_BYTES = WINDOW_BLOCKS * BLOCK_SIZE
 _HASHES_BASE = DEPTH * _SLOT_BYTES
 _WORKER_SCRIPT = Path(__file__).with_name("hashworker.py")
@@ -94,7 +99,8 @@ class ReadAhead:
         self._turn = 0
         self._last_end = -1
         self._advised = -1  # blocks up to here were advised (WILLNEED)
-        self._streak = 0
+        self._run = 0  # blocks read by the current sequential stream
+        self._ready = 0  # workers that said they are up (the first ones of self._workers)
         self.broken = False  # set once a worker is gone; reads then verify in place
         self.served_blocks = 0  # blocks answered from the workers' windows
 
@@ -107,12 +113,16 @@ class ReadAhead:
         """
         sequential = first == self._last_end
         self._last_end = first + count
-        self._streak = self._streak + 1 if sequential else 0
+        self._run = self._run + count if sequential else count
         if self.broken or not MIN_REQUEST_BLOCKS <= count <= MAX_REQUEST_BLOCKS:
             return None
-        if self._area is None and (self._streak < STREAK or not self.workers):
-            return None
         try:
+            if self._area is None:
+                if self._run >= START_BLOCKS and self.workers:
+                    self._start()  # and this request is verified in place: they are not up yet
+                return None
+            if self._ready < len(self._workers) and not self._poll_ready(0):
+                return None  # still starting: never wait for them
             while self._chain and self._chain[0].end <= first:
                 self._release(self._chain.popleft())
             if self._chain and not self._chain[0].first <= first:
@@ -129,8 +139,6 @@ class ReadAhead:
 
     def _top_up(self, first: int, limit: int) -> None:
         """Keep up to DEPTH windows asked for, from ``first`` (or the chain's end) to ``limit``."""
-        if self._area is None:
-            self._start()
         at = self._chain[-1].end if self._chain else first
         if not at <= self._advised <= limit:  # a jump, or another extent
             self._advised = at
@@ -187,6 +195,27 @@ class ReadAhead:
             return None
         self.served_blocks += count
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _poll_ready(self, timeout: float | None) -> bool:
+        """Whether every worker has said it is up, waiting at most ``timeout`` s."""
+        while self._ready < len(self._workers):
+            fd = self._answers[self._ready]
+            poller = select.poll()  # not select(): the server may hold descriptors past 1024
+            poller.register(fd, select.POLLIN)
+            if not poller.poll(None if timeout is None else int(timeout * 1000)):
+                return False
+            if os.read(fd, DONE.size) != READY:
+                raise OSError(f"worker {self._workers[self._ready].pid} exited")
+            self._ready += 1
+        return True
+
+    def wait_ready(self) -> bool:
+        """Wait until the started workers are up (tests); False if none were started."""
+        try:
+            return bool(self._workers) and self._poll_ready(None)
+        except OSError as exc:
+            self._break(f"read-ahead workers failed ({exc}); verifying on the request thread")
+            return False
 
     def _wait(self, window: _Window) -> None:
         fd = self._answers[window.worker]
@@ -262,6 +291,7 @@ class ReadAhead:
             worker.kill()
             worker.wait()
         self._workers = []
+        self._ready = 0
         self._out.clear()
 
     def close(self) -> None:

@@ -1,5 +1,6 @@
 """Sequential reads hashed by worker processes (occlumfs.merkle.hashers): the same bytes
-and the same errors as verifying in place, and no worker outlives its image."""
+and the same errors as verifying in place, no worker outlives its image, and only a
+long stream starts them (a program's few-MB binary never does), without waiting."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import errno
 import logging
 import os
 import random
+import resource
 import signal
 import subprocess
 from contextlib import contextmanager
@@ -19,11 +21,12 @@ from merkle.trees import big_file_tree
 from occlumfs.errors import IntegrityError
 from occlumfs.merkle import build_image, open_image_fs
 from occlumfs.merkle.format import BLOCK_SIZE
-from occlumfs.merkle.hashers import STREAK, _worker_count
+from occlumfs.merkle.hashers import START_BLOCKS, _worker_count
 from occlumfs.mount import mount_record, mounted_paths, wait_for_exit
 
 MiB = 1 << 20
-SIZE = 24 * MiB + 5 * BLOCK_SIZE + 3
+START = START_BLOCKS * BLOCK_SIZE  # bytes of one stream before workers start
+SIZE = START + 8 * MiB + 5 * BLOCK_SIZE + 3
 KEY = bytes(range(16))
 
 
@@ -63,6 +66,16 @@ def _flip(image: Path, digest: str, key: bytes | None, file_block: int) -> None:
         f.write(bytes([byte[0] ^ 0x08]))
 
 
+def _read(fs, fh, off: int) -> bytes:
+    """fs.read of 1 MiB; once that started the workers, wait until they are up, so the
+    reads after it are the workers' (the server itself never waits for them)."""
+    chunk = fs.read(fh, off, MiB)
+    ahead = fs.reader.read_ahead
+    if ahead is not None and ahead.pids:
+        assert ahead.wait_ready()
+    return chunk
+
+
 def _workers_of(pid: int) -> list[int]:
     """Children of ``pid`` running the hashing worker."""
     found = []
@@ -89,12 +102,20 @@ def test_workers_serve_sequential_reads_and_die_with_the_image(tree, tmp_path, k
     src, data = tree
     image, digest = _built(src, tmp_path, key)
     with _opened(image, digest, key) as (fs, fh):
-        assert fs.read(fh, 0, MiB) == data[:MiB]
-        assert fs.reader.read_ahead.pids == []  # not before a streak of sequential reads
-        for off in range(MiB, SIZE, MiB):
+        ahead = None
+        for off in range(0, START - MiB, MiB):
             assert fs.read(fh, off, MiB) == data[off : off + MiB], off
-        pids = fs.reader.read_ahead.pids
+            ahead = fs.reader.read_ahead
+            assert ahead.pids == []  # a stream shorter than START_BLOCKS: verified in place
+        # The read that completes START_BLOCKS starts them and does not wait for them.
+        assert fs.read(fh, START - MiB, MiB) == data[START - MiB : START]
+        pids = ahead.pids
         assert len(pids) == _expected_workers()
+        assert ahead.served_blocks == 0
+        assert ahead.wait_ready()
+        for off in range(START, SIZE, MiB):
+            assert fs.read(fh, off, MiB) == data[off : off + MiB], off
+        assert ahead.served_blocks >= (SIZE - START) // BLOCK_SIZE - 256  # but the last one
         assert sorted(_workers_of(os.getpid())) == sorted(pids)
         # Reading backwards or at random is answered in place, still right.
         for off in (20 * MiB, 3 * MiB + 5, 0):
@@ -104,7 +125,7 @@ def test_workers_serve_sequential_reads_and_die_with_the_image(tree, tmp_path, k
 
 
 @pytest.mark.parametrize("key", [None, KEY], ids=["plain", "encrypted"])
-@pytest.mark.parametrize("bad_block", [STREAK * 256 + 3, 4096, 6143, 6144])
+@pytest.mark.parametrize("bad_block", [4096, START_BLOCKS + 3, START_BLOCKS + 1535, 10240])
 def test_a_flipped_block_hashed_by_a_worker_fails_exactly_its_read(tree, tmp_path, key, bad_block):
     src, data = tree
     image, digest = _built(src, tmp_path, key)
@@ -118,8 +139,10 @@ def test_a_flipped_block_hashed_by_a_worker_fails_exactly_its_read(tree, tmp_pat
                 where = f"/big.bin: data at offset {bad_block * BLOCK_SIZE} "
                 assert where in str(raised.value)
             else:
-                assert fs.read(fh, off, MiB) == data[off : off + MiB], off
+                assert _read(fs, fh, off) == data[off : off + MiB], off
         assert len(fs.reader.read_ahead.pids) == _expected_workers()
+        if bad_block >= START_BLOCKS:  # the workers hashed it and the server caught it
+            assert fs.reader.read_ahead.served_blocks > 0
 
 
 def test_jumps_between_sequential_runs_keep_the_workers_serving(tree, tmp_path, caplog):
@@ -129,16 +152,18 @@ def test_jumps_between_sequential_runs_keep_the_workers_serving(tree, tmp_path, 
     rng = random.Random(3)
     try:
         fh = fs.open(fs.lookup(1, b"big.bin").ino, os.O_RDONLY)
+        for off in range(0, START, MiB):  # one long stream starts the workers
+            assert _read(fs, fh, off) == data[off : off + MiB], off
+        assert fs.reader.read_ahead.pids
         with caplog.at_level(logging.WARNING, logger="occlumfs.merkle"):
             for _ in range(40):
                 start = rng.randrange(0, SIZE - 6 * MiB, BLOCK_SIZE * rng.choice([1, 256]))
-                before = fs.reader.read_ahead.served_blocks if fs.reader.read_ahead else 0
+                before = fs.reader.read_ahead.served_blocks
                 for off in range(start, start + 6 * MiB, MiB):
                     assert fs.read(fh, off, MiB) == data[off : off + MiB], off
-                if fs.reader.read_ahead.pids:
-                    # Every run long enough for a streak is served by the workers:
-                    # no slot was lost to a window left behind by a jump.
-                    assert fs.reader.read_ahead.served_blocks - before >= 2 * 256
+                # Once started, the workers serve every sequential run after its first
+                # request: no slot was lost to a window left behind by a jump.
+                assert fs.reader.read_ahead.served_blocks - before >= 5 * 256
         assert not caplog.records
         assert len(fs.reader.read_ahead.pids) == _expected_workers()
     finally:
@@ -153,9 +178,10 @@ def test_a_bad_tree_block_is_the_images_fault_not_the_workers(tree, tmp_path, ca
         rec = fs.record(fs.lookup(1, b"big.bin").ino)
         ((_, first, _),) = list(fs.extents(rec))
         first += fs.reader.layout.data_start
-        # The level-0 tree block holding the hash of file block 3000 (128 hashes a
-        # block; hash k is of image block k + 1): every read of a block it covers fails.
-        index = (first + 3000 - 1) // 128
+        # The level-0 tree block holding the hash of file block START_BLOCKS + 1000 (128
+        # hashes a block; hash k is of image block k + 1): every read of a block it
+        # covers fails, also when a worker hashed that block.
+        index = (first + START_BLOCKS + 1000 - 1) // 128
         tree_block = fs.reader.layout.tree_block(0, index)
         covered = range(index * 128 + 1 - first, (index + 1) * 128 + 1 - first)
     finally:
@@ -170,25 +196,26 @@ def test_a_bad_tree_block_is_the_images_fault_not_the_workers(tree, tmp_path, ca
         with caplog.at_level(logging.WARNING, logger="occlumfs.merkle"):
             for off in range(0, SIZE, MiB):
                 try:
-                    assert fs.read(fh, off, MiB) == data[off : off + MiB], off
+                    assert _read(fs, fh, off) == data[off : off + MiB], off
                 except IntegrityError as exc:
                     assert "merkle tree level 0" in str(exc)
                     failed.append(off // MiB)
         assert failed == sorted({b * BLOCK_SIZE // MiB for b in covered})
         assert not caplog.records and not fs.reader.read_ahead.broken
+        assert fs.reader.read_ahead.served_blocks > 0
 
 
 def test_a_killed_worker_means_verifying_in_place(tree, tmp_path, caplog):
     src, data = tree
     image, digest = _built(src, tmp_path)
     with _opened(image, digest, None) as (fs, fh):
-        for off in range(0, 8 * MiB, MiB):
-            assert fs.read(fh, off, MiB) == data[off : off + MiB]
+        for off in range(0, START, MiB):
+            assert _read(fs, fh, off) == data[off : off + MiB]
         pids = fs.reader.read_ahead.pids
-        assert pids
+        assert pids  # started and up, and not asked for anything yet
         os.kill(pids[0], signal.SIGKILL)
         with caplog.at_level(logging.WARNING, logger="occlumfs.merkle"):
-            for off in range(8 * MiB, SIZE, MiB):
+            for off in range(START, SIZE, MiB):
                 assert fs.read(fh, off, MiB) == data[off : off + MiB], off
         assert fs.reader.read_ahead.broken
         assert [r.levelname for r in caplog.records] == ["WARNING"]
@@ -225,7 +252,7 @@ def _read_through(path: Path, data: bytes) -> list[int]:
 def test_a_mount_hashes_in_workers_catches_tampering_and_reaps_them(tree, tmp_path, mount):
     src, data = tree
     image, digest = _built(src, tmp_path)
-    bad_block = 5000
+    bad_block = START_BLOCKS + 1000
     _flip(image, digest, None, bad_block)
     log = tmp_path / "server.log"
     with mount(image, "--digest", digest, log_file=log, allow_log_errors=True) as mnt:
@@ -257,7 +284,7 @@ def test_workers_end_with_their_server(tree, tmp_path, signum):
     try:
         server = int(mount_record(mnt)["pid"])
         with open(mnt / "big.bin", "rb") as f:
-            assert f.read(8 * MiB) == data[: 8 * MiB]
+            assert f.read(START + 4 * MiB) == data[: START + 4 * MiB]
         workers = _workers_of(server)  # started, and kept while the image is served
         assert len(workers) == _expected_workers()
         os.kill(server, signum)
@@ -271,3 +298,27 @@ def test_workers_end_with_their_server(tree, tmp_path, signum):
         assert mnt.resolve() not in mounted_paths()
         text = log.read_text()
         assert "unmounted" in text and "WARNING" not in text and "Traceback" not in text
+
+
+def test_workers_whose_pipes_are_past_descriptor_1024_still_serve(tree, tmp_path, caplog):
+    """A server with many files open gets pipes numbered past select()'s limit."""
+    src, data = tree
+    image, digest = _built(src, tmp_path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.fail(f"the descriptor limit ({hard}) is too low for this test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    null = os.open(os.devnull, os.O_RDONLY)
+    held = [os.dup(null) for _ in range(1100)]
+    try:
+        with _opened(image, digest, None) as (fs, fh):
+            with caplog.at_level(logging.WARNING, logger="occlumfs.merkle"):
+                for off in range(0, SIZE, MiB):
+                    assert _read(fs, fh, off) == data[off : off + MiB], off
+            ahead = fs.reader.read_ahead
+            assert min(ahead._answers) > 1024 and ahead.served_blocks > 0
+            assert not caplog.records and not ahead.broken
+    finally:
+        for fd in [*held, null]:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
