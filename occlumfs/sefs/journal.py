@@ -79,14 +79,13 @@ class Journal:
         if not isinstance(pages.dirty, Dirty):
             raise TypeError("the page table's dirty keys must be a journal.Dirty")
         self._dirty: Dirty = pages.dirty
-        self.stale = False  # the host's log is one a commit since holds all of (discard_stale)
-        self.size = 0
+        self._ours = False  # the host's log is one this store read or wrote (a regular file)
         self.reset()
 
     def reset(self) -> None:
         """A commit took every change: the log on the host is stale from now on."""
-        # A log this store wrote (or found stale at open) names an older head now: removable.
-        self.stale = self.stale or self.size > 0
+        # A log this store wrote or read (a regular file) names an older head now: removable.
+        self.stale = self._ours
         self.size = 0  # bytes of the current log on the host; 0: none follows this head
         self.allocated = 0  # ...and bytes written so far, the zeros after its entries included
         self.seq = 0  # entries in it
@@ -184,6 +183,7 @@ class Journal:
                 data = fmt.pack_log_head(self._fs_id, pages.counter, pages.root_tag) + entry
                 zeros = bytes(-len(data) % LOG_FIRST_STEP or LOG_FIRST_STEP)
                 self.storage.replace(fmt.LOG_NAME, data + zeros, fmt.LOG_TMP_NAME)
+                self._ours = True
                 self.size, self.allocated = len(data), len(data) + len(zeros)
             else:
                 end = self.size + len(entry)
@@ -210,7 +210,7 @@ class Journal:
         to LOG_MAX bytes of history. A power cut that loses the removal leaves that
         stale log, which replay ignores; no barrier is needed."""
         if self.stale and not self.broken:
-            self.stale = False
+            self.stale = self._ours = False
             with contextlib.suppress(FileNotFoundError):
                 self.storage.unlink(fmt.LOG_NAME)
 
@@ -246,6 +246,7 @@ class Journal:
             got = self.storage.preadv(fmt.LOG_NAME, 0, [memoryview(header)])
         except FileNotFoundError:
             return None
+        self._ours = True
         is_log = got == len(header) and header.startswith(fmt.LOG_MAGIC)
         if is_log and not self._follows_head(bytes(header)):
             self.stale = True
