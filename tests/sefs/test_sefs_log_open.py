@@ -153,15 +153,21 @@ def test_power_cut_at_every_write_of_the_close_keeps_the_fsynced_state():
     assert writes > 3 and not probe.storage.exists(fmt.LOG_NAME)
     for cut in range(writes):
         sim, fs, load = logged()
-        sim.storage.cut_power_after(cut)
-        with pytest.raises(PowerCut):
-            fs.close()
-        sim.storage.power_loss()
+        what = f"cut after write {cut} of the close"
+        _power_cut_in(sim, cut, fs.close)
         fs = sim.open()
-        assert snapshot(fs) == load.durable, f"cut after write {cut} of the close"
-        fs.close()
-        assert not sim.storage.exists(fmt.LOG_NAME)
-        assert fsck_problems(sim.open) == [], f"cut after write {cut} of the close"
+        assert snapshot(fs) == load.durable, what
+        fs.close()  # (this one, uncut, removes the log)
+        assert not sim.storage.exists(fmt.LOG_NAME), what
+        assert fsck_problems(sim.open) == [], what
+
+
+def _power_cut_in(sim: SimVolume, cut: int, action) -> None:
+    """Run ``action`` with the power going out after ``cut`` writes, then lose the cache."""
+    sim.storage.cut_power_after(cut)
+    with pytest.raises(PowerCut):
+        action()
+    sim.storage.power_loss()
 
 
 @pytest.mark.fuse
