@@ -272,6 +272,7 @@ class SefsFS(Namespace):
                 if replayed is not None:
                     self._io.measure()
                     self.commit()  # the log's entries become a commit: the log is stale
+                    self._journal.discard_stale()  # type: ignore[union-attr]
         if not read_only:
             self._io.measure()
         self._first_new_ino = self._next_ino  # inodes from here on were made since the commit
@@ -285,6 +286,8 @@ class SefsFS(Namespace):
         try:
             if not self.read_only:
                 self.commit()
+                if self._journal is not None:
+                    self._journal.discard_stale()  # the next open has no log to read
         finally:
             try:
                 self._state_writer.drain()  # the last commit's state is written

@@ -19,6 +19,7 @@ stay untouched until the commit that follows.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Callable
@@ -78,10 +79,13 @@ class Journal:
         if not isinstance(pages.dirty, Dirty):
             raise TypeError("the page table's dirty keys must be a journal.Dirty")
         self._dirty: Dirty = pages.dirty
+        self._ours = False  # the host's log is one this store read or wrote (a regular file)
         self.reset()
 
     def reset(self) -> None:
         """A commit took every change: the log on the host is stale from now on."""
+        # A log this store wrote or read (a regular file) names an older head now: removable.
+        self.stale = self._ours
         self.size = 0  # bytes of the current log on the host; 0: none follows this head
         self.allocated = 0  # ...and bytes written so far, the zeros after its entries included
         self.seq = 0  # entries in it
@@ -164,6 +168,7 @@ class Journal:
             out.append((ino, block, block_entry, bytes(buf[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE])))
 
     def _write(self, body: bytes) -> None:
+        self.stale = False  # from here on the host's log may follow the head, or be torn
         pages = self._pages
         prev = self.prev if self.seq else pages.root_tag
         ad = fmt.log_ad(self._fs_id, pages.counter, pages.root_tag, self.seq, prev)
@@ -178,6 +183,7 @@ class Journal:
                 data = fmt.pack_log_head(self._fs_id, pages.counter, pages.root_tag) + entry
                 zeros = bytes(-len(data) % LOG_FIRST_STEP or LOG_FIRST_STEP)
                 self.storage.replace(fmt.LOG_NAME, data + zeros, fmt.LOG_TMP_NAME)
+                self._ours = True
                 self.size, self.allocated = len(data), len(data) + len(zeros)
             else:
                 end = self.size + len(entry)
@@ -198,14 +204,21 @@ class Journal:
         if self.storage.exists(fmt.LOG_TMP_NAME):
             self.storage.unlink(fmt.LOG_TMP_NAME)
 
+    def discard_stale(self) -> None:
+        """Delete the host's log once a durable commit holds all of it (a read-write
+        open's replay, a clean close), so that the next open finds none instead of up
+        to LOG_MAX bytes of history. A power cut that loses the removal leaves that
+        stale log, which replay ignores; no barrier is needed."""
+        if self.stale and not self.broken:
+            self.stale = self._ours = False
+            with contextlib.suppress(FileNotFoundError):
+                self.storage.unlink(fmt.LOG_NAME)
+
     # == replaying ==========================================================================
     def replay(self, state: TrustedState | None, write: Callable[[Inode, int, bytes], None]):
         """Apply the entries that follow the loaded head; the logged next inode number,
         or None when there were none. ``write`` buffers a block's data (BlockIO.write)."""
-        try:
-            raw = self.storage.read(fmt.LOG_NAME)
-        except FileNotFoundError:
-            raw = None
+        raw = self._live_log()
         bodies = self._entries(raw) if raw is not None else []
         if state is not None:
             self._check_state(state)
@@ -224,6 +237,38 @@ class Journal:
             self._dirty.add(key)
         return next_ino
 
+    def _live_log(self) -> bytes | None:
+        """The whole log when it may follow the loaded head; None when there is none or
+        its header says a later commit holds all of it (stale). Only the header of a
+        stale log is read: its entries, up to LOG_MAX bytes, are history."""
+        header = bytearray(fmt.LOG_HEAD_SIZE)
+        try:
+            got = self.storage.preadv(fmt.LOG_NAME, 0, [memoryview(header)])
+        except FileNotFoundError:
+            return None
+        self._ours = True
+        is_log = got == len(header) and header.startswith(fmt.LOG_MAGIC)
+        if is_log and not self._follows_head(bytes(header)):
+            self.stale = True
+            return None
+        return self.storage.read(fmt.LOG_NAME)  # (not a log at all: refused with its size)
+
+    def _follows_head(self, raw: bytes) -> bool:
+        """Whether a log starting with ``raw`` follows the loaded head (False: it is
+        stale); one that cannot be this store's log after this head is an error."""
+        pages = self._pages
+        fs_id, counter, root_tag = fmt.parse_log_head(raw)
+        if fs_id != self._fs_id:
+            raise IntegrityError("log: belongs to another filesystem")
+        if counter < pages.counter:
+            return False  # stale: the commit after it took all of it
+        if counter != pages.counter or root_tag != pages.root_tag:
+            raise IntegrityError(
+                f"log: follows commit {counter}, not the head's {pages.counter} "
+                "(head rolled back, or a log spliced in)"
+            )
+        return True
+
     def _entries(self, raw: bytes) -> list[bytes]:
         """The plaintexts of the log's entries, if it follows the committed head.
 
@@ -233,17 +278,10 @@ class Journal:
         is one whose fsync never returned. Any other entry that fails is
         tampering. A zero length ends the entries (the zeros written ahead).
         """
-        pages = self._pages
-        fs_id, counter, root_tag = fmt.parse_log_head(raw)
-        if fs_id != self._fs_id:
-            raise IntegrityError("log: belongs to another filesystem")
-        if counter < pages.counter:
-            return []  # stale: the commit after it took all of it
-        if counter != pages.counter or root_tag != pages.root_tag:
-            raise IntegrityError(
-                f"log: follows commit {counter}, not the head's {pages.counter} "
-                "(head rolled back, or a log spliced in)"
-            )
+        if not self._follows_head(raw):
+            self.stale = True
+            return []  # changed on the host since its header was read: stale now
+        fs_id, counter, root_tag = self._fs_id, self._pages.counter, self._pages.root_tag
         bodies = []
         tags = self._tags = [root_tag]  # the chain: the head's tag, then each entry's
         pos = fmt.LOG_HEAD_SIZE
