@@ -11,8 +11,9 @@ from occlumfs.cli.union import union_arguments, union_options
 from occlumfs.errors import MountpointNotEmptyError
 from occlumfs.open import KINDS, needs_secret, open_filesystem, resolve_kind
 
-# occlumfs.mount pulls in pyfuse3 and trio (~0.4 s): imported by the two
-# commands that serve or unmount, so every other command starts fast.
+# occlumfs.mount pulls in pyfuse3 (occlumfs/fuselib.py) and the request loop:
+# imported by the two commands that serve or unmount, so every other command
+# starts fast.
 
 
 def _warn(message: str) -> None:
