@@ -22,9 +22,10 @@ STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 BUSY_POLL_ENV = "OCCLUMFS_BUSY_POLL_US"
 BUSY_POLL_DEFAULT_US = 100
 BUSY_POLL_MAX_US = 10_000
-# A gap this long between two polls means the server was taken off its CPU
-# while polling: other work wants the CPUs, so it stops polling for a while.
-PREEMPTED_NS = 20_000
+# A gap this long between two polls (each a few hundred ns) means the server
+# was taken off its CPU while polling, for longer than an interrupt takes:
+# other work wants the CPUs, so it stops polling for a while.
+PREEMPTED_NS = 50_000
 BACKOFF_WAITS = 1000
 
 
@@ -194,10 +195,10 @@ class RequestLoop:
         ready = poll(0)
         while not ready:
             then, now = now, time.perf_counter_ns()
-            if now >= deadline:
-                break
-            if now - then > PREEMPTED_NS:
+            if now - then > PREEMPTED_NS:  # first: a preemption often outlasts the window
                 self._backoff = BACKOFF_WAITS
+                break
+            if now >= deadline:
                 break
             ready = poll(0)
         return ready

@@ -88,9 +88,12 @@ def test_polling_gives_up_after_its_window_with_nothing_ready(pipe_loop):
     assert time.perf_counter_ns() - started >= 10_000_000 or loop._backoff == BACKOFF_WAITS
 
 
-def test_losing_the_cpu_while_polling_stops_polling_for_a_while(pipe_loop):
-    """Pinned to one CPU beside a busy process, the poller is preempted within its window."""
-    loop, _ = pipe_loop
+def test_losing_the_cpu_while_polling_stops_polling_for_a_while():
+    """Pinned to one CPU beside a busy process, the poller is preempted; a preemption
+    lasts a scheduler slice, far longer than the window, and is still noticed."""
+    loop = RequestLoop(busy_poll=100_000)
+    r, w = os.pipe()
+    loop._poll.register(r, select.POLLIN)
     cpu = min(os.sched_getaffinity(0))
     saved = os.sched_getaffinity(0)
     hog = subprocess.Popen(
@@ -98,7 +101,7 @@ def test_losing_the_cpu_while_polling_stops_polling_for_a_while(pipe_loop):
     )
     try:
         os.sched_setaffinity(0, {cpu})
-        for _ in range(20):  # each window is 10 ms; a scheduler slice is a few ms
+        for _ in range(5000):  # 100 us windows: 0.5 s at most; a slice is a few ms
             if loop._busy_poll_once(time.perf_counter_ns()) == [] and loop._backoff:
                 break
         assert loop._backoff == BACKOFF_WAITS
@@ -106,6 +109,9 @@ def test_losing_the_cpu_while_polling_stops_polling_for_a_while(pipe_loop):
         os.sched_setaffinity(0, saved)
         hog.kill()
         hog.wait()
+        loop.close()
+        os.close(r)
+        os.close(w)
 
 
 # -- a mount that polls -------------------------------------------------------------------
