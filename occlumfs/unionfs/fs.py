@@ -461,6 +461,8 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
             handle.below, handle.below_of = below, stack
         elif handle.below_of == stack:
             below = handle.below
+        if below is not None and len(stack) == 1 and self._nothing_new_above(handle, below):
+            return
         last = n + 1
         start = cookie if phase == last else 0
         for entry in self.upper.readdir(self._layer_dir_fh(handle, -1, node.upper), start):
@@ -472,6 +474,15 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
             fresh = self._upper_node(node, name, entry.attr)
             attr = self._counted(self._attr(self._remember(fresh), entry.attr))
             yield DirEntry(name, attr, L.pack_cookie(last, entry.next_offset))
+
+    def _nothing_new_above(self, handle: DirHandle, below: set[bytes] | frozenset) -> bool:
+        """Whether the upper phase of a listing would show nothing: every name the
+        upper holds is a whiteout, hidden, or one the lower phases show."""
+        is_root = handle.node.ino == ROOT_INO
+        for name, whiteout in self._upper_names(handle).items():
+            if not (whiteout or name in below or (is_root and name == L.PRIVATE_DIR)):
+                return False
+        return True
 
     def _upper_names(self, handle: DirHandle) -> dict[bytes, bool]:
         """The names in the upper directory of a listing -> whether each is a whiteout."""
