@@ -36,6 +36,11 @@ class FileHandle:
 class DirHandle:
     node: Node
     layer_fhs: dict[int, int] = field(default_factory=dict)  # layer (-1: upper) -> handle
-    # The upper directory's names, and its (mtime, ctime) when they were read.
-    upper_names: frozenset[bytes] = frozenset()
+    # The upper directory's names (-> whether each is a whiteout), and its
+    # (mtime, ctime) when they were read.
+    upper_names: dict[bytes, bool] = field(default_factory=dict)
     upper_stamp: tuple[int, int] | None = None
+    # The names the lower phases of the listing show, and the node's lower stack
+    # they were gathered over (see UnionFS.readdir).
+    below: frozenset[bytes] | set[bytes] = frozenset()
+    below_of: tuple[tuple[int, int], ...] | None = None
