@@ -23,8 +23,6 @@ import errno
 import functools
 import hashlib
 import os
-import stat
-import struct
 from collections.abc import Callable
 
 from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
@@ -41,58 +39,20 @@ from occlumfs.merkle.forkmap import MAX_ITEMS, can_fork, fork_map
 from occlumfs.merkle.format import (
     BLOCK_SIZE,
     DESCRIPTOR_SIZE,
-    DIRENT,
-    DIRENT_SIZE,
-    EXTENT,
     FLAG_ENCRYPTED,
     FLAG_XATTRS,
     HASH_SIZE,
-    INODE,
     SEAL_SIZE,
     Descriptor,
     Layout,
-    dir_size,
-    name_problem,
-    pack_xattrs,
 )
-from occlumfs.merkle.source import Content, SourceNode, scan_directory, scan_tar
+from occlumfs.merkle.placement import Metadata, Placed, Placement
+from occlumfs.merkle.source import SourceNode, scan_directory, scan_tar
 from occlumfs.merkle.tree import build_levels, hash_blocks, pad_block
 
 BATCH_BYTES = 4 << 20
 BATCH_FILES = 256
 CHUNK = 8 << 20  # one hashing task reads at most this much of a file
-
-
-class _Hashed:
-    """A file's non-zero blocks: runs of (first file block, count) and their hashes."""
-
-    __slots__ = ("hashes", "runs")
-
-    def __init__(self) -> None:
-        self.runs: list[list[int]] = []
-        self.hashes: list[bytes] = []
-
-    def add(self, first: int, hashes: bytes) -> None:
-        count = len(hashes) // HASH_SIZE
-        if self.runs and self.runs[-1][0] + self.runs[-1][1] == first:
-            self.runs[-1][1] += count
-        else:
-            self.runs.append([first, count])
-        self.hashes.append(hashes)
-
-
-class _Placed:
-    """A distinct content in the data region (``data_block``: its first block,
-    relative to the data region)."""
-
-    __slots__ = ("content", "data_block", "hashes", "heap_ref", "runs")
-
-    def __init__(self, content: Content, data_block: int, runs: list, hashes: bytes) -> None:
-        self.content = content
-        self.data_block = data_block
-        self.runs = runs
-        self.hashes = hashes
-        self.heap_ref = -1
 
 
 def _number_inodes(root: SourceNode) -> tuple[list[SourceNode], dict[int, int], dict[int, int]]:
@@ -249,76 +209,6 @@ class _Builder:
             self._pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="mkimage")
         return self._pool
 
-    # -- pass 4: metadata ----------------------------------------------------------------
-    def _metadata(self, of_node: dict[int, _Placed]) -> tuple[bytes, bytes]:
-        heap = bytearray()
-        table = bytearray()
-        parent_of = {1: 1}
-        links = self.links
-        for ino, node in enumerate(self.order, start=1):
-            mtime = node.mtime_ns
-            if self.clamp_ns is not None and mtime > self.clamp_ns:
-                mtime = self.clamp_ns
-            # The InodeRecord fields, packed straight into the table.
-            size = aux = ref = count = xattr_count = xattr_ref = 0
-            kind = stat.S_IFMT(node.mode)
-            if kind == stat.S_IFDIR:
-                names = sorted(node.children)
-                aux = parent_of[ino]
-                ref = len(heap)
-                count = len(names)
-                name_off = ref + DIRENT_SIZE * len(names)
-                entries = bytearray()
-                for name in names:
-                    problem = name_problem(name)
-                    if problem is not None:
-                        raise FormatError(f"a name in the source {problem}: {name[:80]!r}")
-                    child = node.children[name]
-                    child_ino = self.ino_of[id(child)]
-                    if child.is_dir:
-                        parent_of[child_ino] = ino
-                    entries += DIRENT.pack(child_ino, len(name), name_off)
-                    name_off += len(name)
-                heap += entries
-                heap += b"".join(names)
-                size = dir_size(len(names), name_off - ref - len(entries))
-            elif kind == stat.S_IFREG:
-                placed = of_node[id(node)]
-                size = node.content.size
-                count = len(placed.runs)
-                aux = len(placed.hashes) // HASH_SIZE
-                if placed.heap_ref < 0:
-                    placed.heap_ref = len(heap)
-                    block = placed.data_block
-                    for first, n in placed.runs:
-                        heap += EXTENT.pack(first, block, n)
-                        block += n
-                ref = placed.heap_ref if placed.runs else 0
-            elif kind == stat.S_IFLNK:
-                size = count = len(node.target)
-                ref = len(heap)
-                heap += node.target
-            elif kind in (stat.S_IFCHR, stat.S_IFBLK):
-                aux = node.rdev
-            if node.xattrs:
-                xattr_count = len(node.xattrs)
-                xattr_ref = len(heap)
-                heap += pack_xattrs(node.xattrs)
-            table += INODE.pack(
-                node.mode,
-                links[id(node)],
-                node.uid,
-                node.gid,
-                size,
-                mtime,
-                aux,
-                ref,
-                count,
-                xattr_count,
-                xattr_ref,
-            )
-        return bytes(table), bytes(heap)
-
     # -- writing ---------------------------------------------------------------------------
     def write(self, image: str) -> str:
         tmp = os.path.join(os.path.dirname(image), f".{os.path.basename(image)}.tmp-{os.getpid()}")
@@ -351,11 +241,12 @@ class _Builder:
             if node.content is not None:
                 check_unchanged(node.content)
 
-    def _lay_out(self, fd: int, placement: _Placement) -> tuple:
-        """Pass 4 once every file is placed: placed contents, the table, the heap, the layout."""
+    def _lay_out(self, fd: int, placement: Placement) -> tuple:
+        """Once every file is placed (and so every inode serialised): placed contents,
+        the table, the heap, the layout."""
         placed, of_node = placement.placed, placement.of_node
-        assert len(of_node) == len(placement.hashed)
-        table, heap = self._metadata(of_node)
+        assert placement.done
+        table, heap = bytes(placement.meta.table), bytes(placement.meta.heap)
         data_blocks = sum(len(p.hashes) // HASH_SIZE for p in placed)
         layout = Layout.compute(len(self.order), len(heap), data_blocks, self.keys is not None)
         os.ftruncate(fd, layout.image_blocks * BLOCK_SIZE)
@@ -363,7 +254,8 @@ class _Builder:
 
     def _write_into(self, fd: int) -> Descriptor:
         batches = self._batches()
-        placement = _Placement(self.order, batches, self.progress)
+        meta = Metadata(self.ino_of, self.links, self.clamp_ns)
+        placement = Placement(self.order, batches, self.progress, meta)
         if self.keys is None and self._may_fork(batches):
             # The hashing processes copy the data too, once it is placed (files
             # are placed as their hashes come in); meanwhile this process writes
@@ -450,9 +342,9 @@ class _Builder:
         at = (first_block - 1) * HASH_SIZE
         leaves[at : at + len(data) // BLOCK_SIZE * HASH_SIZE] = hash_blocks(data)
 
-    def _copy_data(self, fd, layout: Layout, placed: list[_Placed]) -> None:
+    def _copy_data(self, fd, layout: Layout, placed: list[Placed]) -> None:
         """Copy each placed content from its source file, in the thread pool."""
-        batches: list[list[_Placed]] = [[]]
+        batches: list[list[Placed]] = [[]]
         batch_bytes = 0
         for p in placed:
             # Small contents travel in batches: one pool hand-off per few MiB.
@@ -462,7 +354,7 @@ class _Builder:
             batches[-1].append(p)
             batch_bytes += p.content.size
 
-        def copy(batch: list[_Placed]) -> None:
+        def copy(batch: list[Placed]) -> None:
             out = Gatherer(fd)
             for p in batch:
                 whole = (None, 0, p.content.size)
@@ -507,69 +399,7 @@ class _Builder:
             pass
 
 
-class _Placement:
-    """Passes 2 and 3 as the hashes come in: each batch's runs are taken in batch
-    order, and each file is placed once all its runs are in, in inode order (so a
-    forked build places files while its workers still hash)."""
-
-    def __init__(self, order: list[SourceNode], batches: list[list[Task]], progress) -> None:
-        self.order = order
-        self.batches = batches
-        self.progress = progress
-        self.mapped: list = [None] * len(batches)
-        self.folded = 0  # batches taken
-        self.hashed = {id(n): _Hashed() for n in order if n.content is not None}
-        # Files with every run in (an empty file has none to wait for).
-        self.complete = {id(n) for n in order if n.content is not None and not n.content.size}
-        self.placed: list[_Placed] = []
-        self.by_content: dict[bytes, _Placed] = {}
-        self.of_node: dict[int, _Placed] = {}
-        self.next_block = 0
-        self.at = 0  # the next inode to place
-        self._place_ready()  # a tree of empty files has no batches
-
-    def add(self, index: int, batch_runs: list) -> None:
-        self.mapped[index] = batch_runs
-        while self.folded < len(self.batches) and self.mapped[self.folded] is not None:
-            batch = self.batches[self.folded]
-            for (node, start, end), runs in zip(batch, self.mapped[self.folded], strict=True):
-                hashed = self.hashed[id(node)]
-                for first, hashes in runs:
-                    hashed.add(first, hashes)
-                if end == node.content.size:
-                    self.complete.add(id(node))
-                if self.progress is not None:
-                    self.progress(end - start)
-            self.mapped[self.folded] = ()
-            self.folded += 1
-        self._place_ready()
-
-    def _place_ready(self) -> None:
-        while self.at < len(self.order):
-            node = self.order[self.at]
-            if node.content is not None:
-                if id(node) not in self.complete:
-                    break
-                self._place(node)
-            self.at += 1
-
-    def _place(self, node: SourceNode) -> None:
-        h = self.hashed[id(node)]
-        hashes = b"".join(h.hashes)
-        ident = hashlib.sha256(
-            struct.pack("<Q", node.content.size)
-            + b"".join(struct.pack("<QQ", a, n) for a, n in h.runs)
-            + hashes
-        ).digest()
-        known = self.by_content.get(ident)
-        if known is None:
-            known = self.by_content[ident] = _Placed(node.content, self.next_block, h.runs, hashes)
-            self.placed.append(known)
-            self.next_block += len(hashes) // HASH_SIZE
-        self.of_node[id(node)] = known
-
-
-def _segments(of_node: dict[int, _Placed], task: Task, data_start: int) -> list[Segment] | None:
+def _segments(of_node: dict[int, Placed], task: Task, data_start: int) -> list[Segment] | None:
     """Where the bytes a hashing task read go in the image; None if the task's
     file is not the one its content is copied from (a duplicate)."""
     node = task[0]
@@ -579,7 +409,7 @@ def _segments(of_node: dict[int, _Placed], task: Task, data_start: int) -> list[
     return _placed_segments(p, task, data_start)
 
 
-def _placed_segments(p: _Placed, task: Task, data_start: int) -> list[Segment]:
+def _placed_segments(p: Placed, task: Task, data_start: int) -> list[Segment]:
     """The stored runs of ``p`` within the task's byte range [start, end), as segments."""
     _, start, end = task
     out = []
