@@ -28,7 +28,6 @@ from collections.abc import Callable
 from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
 from occlumfs.merkle.filedata import (
     Gatherer,
-    Segment,
     Task,
     check_unchanged,
     hash_and_keep,
@@ -46,7 +45,7 @@ from occlumfs.merkle.format import (
     Descriptor,
     Layout,
 )
-from occlumfs.merkle.placement import Metadata, Placed, Placement
+from occlumfs.merkle.placement import Metadata, Placed, Placement, placed_segments
 from occlumfs.merkle.source import SourceNode, scan_directory, scan_tar
 from occlumfs.merkle.tree import build_levels, hash_blocks, pad_block
 
@@ -255,7 +254,7 @@ class _Builder:
     def _write_into(self, fd: int) -> Descriptor:
         batches = self._batches()
         meta = Metadata(self.ino_of, self.links, self.clamp_ns)
-        placement = Placement(self.order, batches, self.progress, meta)
+        placement = Placement(self.order, batches, self.progress, meta, CHUNK)
         if self.keys is None and self._may_fork(batches):
             # The hashing processes copy the data too, once it is placed (files
             # are placed as their hashes come in); meanwhile this process writes
@@ -265,8 +264,10 @@ class _Builder:
             def plan(mapped: list) -> list:
                 parts = self._lay_out(fd, placement)
                 done.append(parts)
-                data_start = parts[4].data_start
-                return [[_segments(parts[1], task, data_start) for task in b] for b in batches]
+                # Each batch: the data region's offset, and where each of its
+                # tasks' bytes go in the region (worked out as files were placed).
+                base, where = parts[4].data_start * BLOCK_SIZE, placement.segments
+                return [(base, [where.get((id(t[0]), t[1])) for t in b]) for b in batches]
 
             fork_map(
                 hash_and_keep,
@@ -358,7 +359,7 @@ class _Builder:
             out = Gatherer(fd)
             for p in batch:
                 whole = (None, 0, p.content.size)
-                out.copy(p.content, 0, _placed_segments(p, whole, layout.data_start))
+                out.copy(p.content, 0, placed_segments(p, whole, layout.data_start))
             out.flush()
 
         self._map(copy, batches)
@@ -397,27 +398,3 @@ class _Builder:
 
         for _ in self._threads().map(seal, tasks):
             pass
-
-
-def _segments(of_node: dict[int, Placed], task: Task, data_start: int) -> list[Segment] | None:
-    """Where the bytes a hashing task read go in the image; None if the task's
-    file is not the one its content is copied from (a duplicate)."""
-    node = task[0]
-    p = of_node[id(node)]
-    if p.content is not node.content:
-        return None
-    return _placed_segments(p, task, data_start)
-
-
-def _placed_segments(p: Placed, task: Task, data_start: int) -> list[Segment]:
-    """The stored runs of ``p`` within the task's byte range [start, end), as segments."""
-    _, start, end = task
-    out = []
-    block = data_start + p.data_block
-    for first, count in p.runs:
-        a = max(start, first * BLOCK_SIZE)
-        b = min(end, (first + count) * BLOCK_SIZE, p.content.size)
-        if a < b:
-            out.append((a - start, b - a, (block + a // BLOCK_SIZE - first) * BLOCK_SIZE))
-        block += count
-    return out

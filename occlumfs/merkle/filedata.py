@@ -163,16 +163,18 @@ def hash_and_keep(batch: list[Task]) -> tuple[list[Runs], tuple[list[Task], list
 
 
 def write_batch(
-    fd: int, kept: tuple[list[Task], list[int]], plans: list[list[Segment] | None]
+    fd: int, kept: tuple[list[Task], list[int]], plan: tuple[int, list[list[Segment] | None]]
 ) -> None:
-    """Copy one batch's planned segments into the image ``fd`` from their source
-    files, then check that none of the batch's files changed since the scan."""
+    """Copy one batch's planned segments (their image offsets counted from
+    ``plan[0]``) into the image ``fd`` from their source files, then check that
+    none of the batch's files changed since the scan."""
     batch, fds = kept
+    base, plans = plan
     out = Gatherer(fd)
     try:
         for (node, start, _end), src, segments in zip(batch, fds, plans, strict=True):
             if segments:  # else its content is stored once, from another file
-                out.copy(node.content, start, segments, src)
+                out.copy(node.content, start, segments, src, base)
     finally:
         for src in fds:
             if src >= 0:
@@ -217,16 +219,19 @@ class Gatherer:
         self.start = 0  # the image offset of buf[0]
         self.fill = 0
 
-    def copy(self, content: Content, start: int, segments: list[Segment], src: int = -1) -> None:
-        """Segments of file range [start, ...) of ``content`` (from ``src`` when open)."""
+    def copy(
+        self, content: Content, start: int, segments: list[Segment], src: int = -1, base: int = 0
+    ) -> None:
+        """Segments of file range [start, ...) of ``content`` (from ``src`` when open),
+        their image offsets counted from ``base``."""
         if src >= 0:
             for off, length, at in segments:
-                self._add(src, content.offset + start + off, length, at)
+                self._add(src, content.offset + start + off, length, base + at)
             return
         src = os.open(content.path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             for off, length, at in segments:
-                self._add(src, content.offset + start + off, length, at)
+                self._add(src, content.offset + start + off, length, base + at)
         finally:
             os.close(src)
 

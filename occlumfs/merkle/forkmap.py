@@ -83,7 +83,7 @@ def fork_map(
         for _ in range(max(1, min(workers, len(items)))):
             child = _Child()
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            plan_r, child.plan_w = os.pipe2(os.O_CLOEXEC) if finish else (-1, -1)
+            plan_r, child.plan_w = _plan_pipe() if finish else (-1, -1)
             child.pid = os.fork()
             if child.pid == 0:  # the worker: never returns
                 # Not the other workers' pipes: a plan pipe still open here would
@@ -119,6 +119,18 @@ def fork_map(
     if errors:
         raise errors[min(errors)]
     return results
+
+
+def _plan_pipe() -> tuple[int, int]:
+    """A pipe for a worker's plans, made large enough that sending them does not
+    wait for the worker to be scheduled (a stdlib build's plans are ~70 KiB; a
+    pipe holds 64 KiB by default)."""
+    import fcntl
+
+    r, w = os.pipe2(os.O_CLOEXEC)
+    with contextlib.suppress(OSError):  # beyond the host's pipe-max-size: keep 64 KiB
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
+    return r, w
 
 
 class _Child:

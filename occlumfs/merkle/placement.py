@@ -11,13 +11,12 @@ issue 11).
 
 from __future__ import annotations
 
-import hashlib
 import stat
-import struct
 
 from occlumfs.errors import FormatError
-from occlumfs.merkle.filedata import Task
+from occlumfs.merkle.filedata import Segment, Task
 from occlumfs.merkle.format import (
+    BLOCK_SIZE,
     DIRENT,
     DIRENT_SIZE,
     EXTENT,
@@ -76,7 +75,7 @@ class Metadata:
 
     def add(self, ino: int, node: SourceNode, placed: Placed | None) -> None:
         """Serialise inode ``ino`` (``placed``: where a regular file's content is)."""
-        heap = self.heap
+        heap, ino_of = self.heap, self.ino_of
         mtime = node.mtime_ns
         if self.clamp_ns is not None and mtime > self.clamp_ns:
             mtime = self.clamp_ns
@@ -95,8 +94,8 @@ class Metadata:
                 if problem is not None:
                     raise FormatError(f"a name in the source {problem}: {name[:80]!r}")
                 child = node.children[name]
-                child_ino = self.ino_of[id(child)]
-                if child.is_dir:
+                child_ino = ino_of[id(child)]
+                if child.children is not None:  # a directory
                     self.parent_of[child_ino] = ino
                 entries += DIRENT.pack(child_ino, len(name), name_off)
                 name_off += len(name)
@@ -146,9 +145,15 @@ class Placement:
     inode order (so a forked build places files while its workers still hash)."""
 
     def __init__(
-        self, order: list[SourceNode], batches: list[list[Task]], progress, meta: Metadata
+        self,
+        order: list[SourceNode],
+        batches: list[list[Task]],
+        progress,
+        meta: Metadata,
+        chunk: int,
     ) -> None:
         self.order = order
+        self.chunk = chunk  # the tasks of a file: its bytes [k * chunk, (k + 1) * chunk)
         self.batches = batches
         self.progress = progress
         self.meta = meta
@@ -158,8 +163,11 @@ class Placement:
         # Files with every run in (an empty file has none to wait for).
         self.complete = {id(n) for n in order if n.content is not None and not n.content.size}
         self.placed: list[Placed] = []
-        self.by_content: dict[bytes, Placed] = {}
+        self.by_content: dict[tuple, Placed] = {}
         self.of_node: dict[int, Placed] = {}
+        # (id(node), start) of each task of a file whose content is stored from
+        # it: where its bytes go, relative to the data region.
+        self.segments: dict[tuple[int, int], list[Segment]] = {}
         self.next_block = 0
         self.at = 0  # the next inode to place
         self._place_ready()  # a tree of empty files has no batches
@@ -200,15 +208,31 @@ class Placement:
     def _place(self, node: SourceNode) -> Placed:
         h = self.hashed.pop(id(node))
         hashes = b"".join(h.hashes)
-        ident = hashlib.sha256(
-            struct.pack("<Q", node.content.size)
-            + b"".join(struct.pack("<QQ", a, n) for a, n in h.runs)
-            + hashes
-        ).digest()
+        # Equal size, runs and block hashes: the same content, stored once.
+        ident = (node.content.size, tuple(map(tuple, h.runs)), hashes)
         known = self.by_content.get(ident)
         if known is None:
             known = self.by_content[ident] = Placed(node.content, self.next_block, h.runs, hashes)
             self.placed.append(known)
             self.next_block += len(hashes) // HASH_SIZE
+            size = node.content.size
+            for start in range(0, size, self.chunk):
+                task = (node, start, min(size, start + self.chunk))
+                self.segments[id(node), start] = placed_segments(known, task, 0)
         self.of_node[id(node)] = known
         return known
+
+
+def placed_segments(p: Placed, task: Task, data_start: int) -> list[Segment]:
+    """The stored runs of ``p`` within the task's byte range [start, end), as segments
+    (image offsets counted from block ``data_start``)."""
+    _, start, end = task
+    out = []
+    block = data_start + p.data_block
+    for first, count in p.runs:
+        a = max(start, first * BLOCK_SIZE)
+        b = min(end, (first + count) * BLOCK_SIZE, p.content.size)
+        if a < b:
+            out.append((a - start, b - a, (block + a // BLOCK_SIZE - first) * BLOCK_SIZE))
+        block += count
+    return out
