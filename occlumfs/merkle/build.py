@@ -32,6 +32,7 @@ from occlumfs.merkle.filedata import (
     check_unchanged,
     hash_and_keep,
     hash_batch,
+    hash_payload,
     write_batch,
 )
 from occlumfs.merkle.forkmap import MAX_ITEMS, can_fork, fork_map
@@ -47,6 +48,7 @@ from occlumfs.merkle.format import (
 )
 from occlumfs.merkle.placement import Metadata, Placed, Placement, placed_segments
 from occlumfs.merkle.source import SourceNode, scan_directory, scan_tar
+from occlumfs.merkle.streampool import StreamPool
 from occlumfs.merkle.tree import build_levels, hash_blocks, pad_block
 
 BATCH_BYTES = 4 << 20
@@ -134,16 +136,19 @@ def build_image(
     jobs = jobs or os.cpu_count() or 1
     image_dir = os.path.dirname(image) or "."
     try:
+        builder = _Builder(key, source_date_epoch, jobs, progress)
         if os.path.isdir(source):
-            # Nothing is created before the scan: an image written inside SRC
-            # must not find its own scratch files in the tree.
-            tree = scan_directory(source)
-            return _Builder(tree, key, source_date_epoch, jobs, progress).write(image)
+            if _within(image_dir, source):
+                # Nothing is created before the scan: an image written inside
+                # SRC must not find its scratch file (or a new mtime) in the tree.
+                builder.number(scan_directory(source))
+                return builder.write(image)
+            return builder.write(image, source)  # scanned (and hashed) once it is open
         import tempfile  # only a tar source needs a scratch directory
 
         with tempfile.TemporaryDirectory(prefix=".occlumfs-build-", dir=image_dir) as scratch:
-            tree = scan_tar(source, os.path.join(scratch, "spool"))
-            return _Builder(tree, key, source_date_epoch, jobs, progress).write(image)
+            builder.number(scan_tar(source, os.path.join(scratch, "spool")))
+            return builder.write(image)
     except OcclumfsError:
         raise
     except OSError as exc:
@@ -152,8 +157,26 @@ def build_image(
         raise OcclumfsError(f"mkimage: {where}: {exc.strerror or exc}") from None
 
 
+def _within(path: str, root: str) -> bool:
+    """Whether directory ``path`` is ``root`` or below it (by device and inode,
+    so symlinks and bind mounts count as what they show)."""
+    top = os.stat(root)
+    at = os.path.realpath(path)
+    while True:
+        try:
+            st = os.stat(at)
+        except OSError:
+            st = None  # not there (yet): its parent decides
+        if st is not None and (st.st_dev, st.st_ino) == (top.st_dev, top.st_ino):
+            return True
+        parent = os.path.dirname(at)
+        if parent == at:
+            return False
+        at = parent
+
+
 class _Builder:
-    def __init__(self, tree, key, source_date_epoch, jobs, progress) -> None:
+    def __init__(self, key, source_date_epoch, jobs, progress) -> None:
         self.keys = None
         if key is not None:
             from occlumfs.merkle.crypto import ImageKeys  # only encrypted builds pay for it
@@ -164,6 +187,8 @@ class _Builder:
         self._pool = None
         self._checked = False
         self.progress = progress
+
+    def number(self, tree: SourceNode) -> None:
         self.order, self.ino_of, self.links = _number_inodes(tree)
 
     # -- pass 2: hashing -------------------------------------------------------------
@@ -209,12 +234,14 @@ class _Builder:
         return self._pool
 
     # -- writing ---------------------------------------------------------------------------
-    def write(self, image: str) -> str:
+    def write(self, image: str, source: str | None = None) -> str:
+        """Write the image of the numbered tree, or of directory ``source``
+        (scanned here: the scan leaves out the scratch file)."""
         tmp = os.path.join(os.path.dirname(image), f".{os.path.basename(image)}.tmp-{os.getpid()}")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             try:
-                desc = self._write_into(fd)
+                desc = self._scan_and_write(fd, source) if source else self._write_into(fd)
             finally:
                 if self._pool is not None:
                     self._pool.shutdown()
@@ -250,6 +277,20 @@ class _Builder:
         layout = Layout.compute(len(self.order), len(heap), data_blocks, self.keys is not None)
         os.ftruncate(fd, layout.image_blocks * BLOCK_SIZE)
         return placed, of_node, table, heap, layout
+
+    def _scan_and_write(self, fd: int, source: str) -> Descriptor:
+        if self.keys is not None or self.jobs == 1 or not can_fork():
+            self.number(scan_directory(source))
+            return self._write_into(fd)
+        stream = _Stream(self, fd)
+        try:
+            tree = scan_directory(source, stream.add)
+            self.number(tree)
+            if stream.pool is None:  # at most one batch: no workers needed
+                return self._write_into(fd)
+            return stream.finish()
+        finally:
+            stream.close()
 
     def _write_into(self, fd: int) -> Descriptor:
         batches = self._batches()
@@ -398,3 +439,68 @@ class _Builder:
 
         for _ in self._threads().map(seal, tasks):
             pass
+
+
+class _Stream:
+    """A forked build that hashes while the scan goes on (streampool.py): the
+    scan hands over each regular file in inode order; each full batch goes to a
+    worker at once, the first one starting the workers; once every file is
+    placed, the workers copy what they hashed while this process writes the rest."""
+
+    def __init__(self, builder: _Builder, fd: int) -> None:
+        self.builder = builder
+        self.fd = fd
+        self.pool: StreamPool | None = None
+        self.batches: list[list[Task]] = []
+        self.batch: list[Task] = []
+        self.batch_bytes = 0
+        self.results: dict[int, list] = {}
+
+    def add(self, node: SourceNode) -> None:
+        size = node.content.size
+        for start in range(0, size, CHUNK):
+            end = min(size, start + CHUNK)
+            self.batch.append((node, start, end))
+            self.batch_bytes += end - start
+            if self.batch_bytes >= BATCH_BYTES or len(self.batch) >= BATCH_FILES:
+                self._send()
+
+    def _send(self) -> None:
+        if self.pool is None:
+            hash_it = hash_payload
+            self.pool = StreamPool(
+                hash_it, functools.partial(write_batch, self.fd), self.builder.jobs, self._keep
+            )
+        index = len(self.batches)
+        self.batches.append(self.batch)
+        payload = [
+            (n.content.path, n.content.offset, n.content.size, n.content.stamp, a, b)
+            for n, a, b in self.batch
+        ]
+        self.pool.submit(index, payload, self.batch_bytes)
+        self.batch, self.batch_bytes = [], 0
+
+    def _keep(self, index: int, runs: list) -> None:
+        self.results[index] = runs
+
+    def finish(self) -> Descriptor:
+        b, pool, batches = self.builder, self.pool, self.batches
+        if self.batch:
+            self._send()
+        meta = Metadata(b.ino_of, b.links, b.clamp_ns)
+        placement = Placement(b.order, batches, b.progress, meta, CHUNK)
+        for index, runs in self.results.items():
+            placement.add(index, runs)
+        pool.on_result = placement.add
+        pool.gather()
+        parts = b._lay_out(self.fd, placement)
+        base, where = parts[4].data_start * BLOCK_SIZE, placement.segments
+        pool.send_plans(lambda i: (base, [where.get((id(t[0]), t[1])) for t in batches[i]]))
+        desc = b._write_the_rest(self.fd, *parts)
+        pool.wait()
+        b._checked = True
+        return desc
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()

@@ -22,6 +22,7 @@ import _thread  # threading.local's own type, without loading threading
 import errno
 import hashlib
 import os
+import stat
 from collections.abc import Iterator
 
 from occlumfs.errors import OcclumfsError
@@ -160,6 +161,16 @@ def hash_and_keep(batch: list[Task]) -> tuple[list[Runs], tuple[list[Task], list
         batch,
         fds,
     )
+
+
+def hash_payload(payload: list[tuple]) -> tuple[list[Runs], tuple[list[Task], list[int]]]:
+    """:func:`hash_and_keep` of a batch sent as data: (path, offset, size, stamp,
+    start, end) per task."""
+    batch = [
+        (SourceNode(stat.S_IFREG, content=Content(path, offset, size, stamp)), start, end)
+        for path, offset, size, stamp, start, end in payload
+    ]
+    return hash_and_keep(batch)
 
 
 def write_batch(

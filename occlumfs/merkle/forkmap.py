@@ -83,7 +83,7 @@ def fork_map(
         for _ in range(max(1, min(workers, len(items)))):
             child = _Child()
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            plan_r, child.plan_w = _plan_pipe() if finish else (-1, -1)
+            plan_r, child.plan_w = _large_pipe() if finish else (-1, -1)
             child.pid = os.fork()
             if child.pid == 0:  # the worker: never returns
                 # Not the other workers' pipes: a plan pipe still open here would
@@ -121,10 +121,10 @@ def fork_map(
     return results
 
 
-def _plan_pipe() -> tuple[int, int]:
-    """A pipe for a worker's plans, made large enough that sending them does not
-    wait for the worker to be scheduled (a stdlib build's plans are ~70 KiB; a
-    pipe holds 64 KiB by default)."""
+def _large_pipe() -> tuple[int, int]:
+    """A pipe of 1 MiB, e.g. for a worker's plans: sending them does not wait for
+    the worker to be scheduled (a stdlib build's plans are ~70 KiB; a pipe holds
+    64 KiB by default)."""
     import fcntl
 
     r, w = os.pipe2(os.O_CLOEXEC)

@@ -32,6 +32,7 @@ from occlumfs.merkle.format import (
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
 
@@ -68,6 +69,7 @@ class SourceNode:
         "mode",
         "mtime_ns",
         "rdev",
+        "seen",
         "target",
         "uid",
         "xattrs",
@@ -94,6 +96,7 @@ class SourceNode:
         self.target = target
         self.content = content
         self.children = children
+        self.seen = False  # handed to a scan's on_file
 
     @property
     def is_dir(self) -> bool:
@@ -166,35 +169,56 @@ def _node_from_stat(path: bytes, st: os.stat_result) -> SourceNode:
     return node
 
 
-def scan_directory(root: Path) -> SourceNode:
-    """The tree under directory ``root``; hard links become shared nodes."""
+def scan_directory(
+    root: Path | str, on_file: Callable[[SourceNode], None] | None = None
+) -> SourceNode:
+    """The tree under directory ``root``; hard links become shared nodes.
+
+    Directories are visited depth first in byte order of names, the order of the
+    image's inode numbers, and ``on_file(node)`` is called for each regular file
+    the first time it is met, in that order (so its hashing can start while the
+    scan goes on).
+    """
     top = os.fsencode(os.path.abspath(root))
     st = os.stat(top)  # SRC itself may be a symlink the user named; nothing below is followed
     if not stat.S_ISDIR(st.st_mode):
         raise FormatError(f"{root}: not a directory")
     tree = _node_from_stat(top, st)
     by_inode: dict[tuple[int, int], SourceNode] = {}
-    pending = [(top, tree)]
-    while pending:
-        path, node = pending.pop()
-        with os.scandir(path) as it:
-            entries = list(it)
-        for entry in entries:
-            name = entry.name
+    stack = [(top, tree, _list_directory(top, tree, by_inode))]
+    while stack:
+        path, node, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            continue
+        child = node.children[name]
+        if child.children is not None:
             child_path = path + b"/" + name
-            st = entry.stat(follow_symlinks=False)
-            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-                known = by_inode.get((st.st_dev, st.st_ino))
-                if known is not None:
-                    node.children[name] = known
-                    continue
-            child = _node_from_stat(child_path, st)
-            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-                by_inode[(st.st_dev, st.st_ino)] = child
-            node.children[name] = child
-            if child.is_dir:
-                pending.append((child_path, child))
+            stack.append((child_path, child, _list_directory(child_path, child, by_inode)))
+        elif on_file is not None and child.content is not None and not child.seen:
+            child.seen = True  # a hard link's later names are not files to hash again
+            on_file(child)
     return tree
+
+
+def _list_directory(path: bytes, node: SourceNode, by_inode: dict) -> Iterator[bytes]:
+    """Read directory ``path`` into ``node.children``: its names in byte order."""
+    with os.scandir(path) as it:
+        entries = list(it)
+    for entry in entries:
+        name = entry.name
+        st = entry.stat(follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+            known = by_inode.get((st.st_dev, st.st_ino))
+            if known is not None:
+                node.children[name] = known
+                continue
+        child = _node_from_stat(path + b"/" + name, st)
+        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+            by_inode[(st.st_dev, st.st_ino)] = child
+        node.children[name] = child
+    return iter(sorted(node.children))
 
 
 # -- tar ------------------------------------------------------------------------------

@@ -143,22 +143,33 @@ def second_round_errors() -> None:
 def build_forked(src: str, image: str) -> None:
     """Build with forked hashing and copying (checked), print the digest."""
     calls = []
-    real = build.fork_map
-    build.fork_map = lambda func, *a, **kw: calls.append(func.__name__) or real(func, *a, **kw)
+
+    def spy(real):
+        return lambda func, *a, **kw: calls.append(func.__name__) or real(func, *a, **kw)
+
+    build.fork_map, build.StreamPool = spy(build.fork_map), spy(build.StreamPool)
     print(build_image(Path(src), Path(image), jobs=2))
-    assert calls == ["hash_and_keep"], calls  # one set of workers hashes and copies
+    # One set of workers, started during the scan, hashes and copies.
+    assert calls == ["hash_payload"], calls
     assert no_children_left()
 
 
-def _build_after_scan(src: str, image: str, between) -> None:
-    """Build with forked workers, calling ``between()`` right after the scan;
-    print the one-line error."""
+def _build_after_scan(src: str, image: str, victim: str, between) -> None:
+    """Build with forked workers, calling ``between()`` once the scan has seen
+    ``victim``, before it is handed over to be hashed (the workers hash while
+    the scan goes on); print the one-line error."""
     scan = build.scan_directory
+    victim_path = os.fsencode(os.path.abspath(victim))
 
-    def scan_then(root):
-        tree = scan(root)
-        between()
-        return tree
+    def scan_then(root, on_file=None):
+        assert on_file is not None  # a streamed build
+
+        def hand_over(node):
+            if node.content.path == victim_path:
+                between()
+            on_file(node)
+
+        return scan(root, hand_over)
 
     build.scan_directory = scan_then
     assert can_fork()
@@ -170,14 +181,14 @@ def _build_after_scan(src: str, image: str, between) -> None:
 
 
 def build_error(src: str, image: str, victim: str) -> None:
-    """Delete ``victim`` between the scan and the hashing; print the one-line error."""
-    _build_after_scan(src, image, lambda: os.unlink(victim))
+    """Delete ``victim`` between its scan and its hashing; print the one-line error."""
+    _build_after_scan(src, image, victim, lambda: os.unlink(victim))
 
 
 def build_changed(src: str, image: str, victim: str) -> None:
-    """Rewrite ``victim`` (same size) between the scan and the hashing; print the error."""
+    """Rewrite ``victim`` (same size) between its scan and its hashing; print the error."""
     path = Path(victim)
-    _build_after_scan(src, image, lambda: path.write_bytes(path.read_bytes()[::-1]))
+    _build_after_scan(src, image, victim, lambda: path.write_bytes(path.read_bytes()[::-1]))
 
 
 if __name__ == "__main__":
