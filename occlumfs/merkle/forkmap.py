@@ -108,17 +108,22 @@ def fork_map(
         os.close(todo_r)
         if todo_w >= 0:
             os.close(todo_w)
-        for fd, child in children.items():
-            os.close(fd)
-            if child.plan_w >= 0:
-                os.close(child.plan_w)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, _signal.SIGKILL)  # a worker still running has nothing to save
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(child.pid, 0)
+        end_workers(children)
     if errors:
         raise errors[min(errors)]
     return results
+
+
+def end_workers(children: dict[int, _Child]) -> None:
+    """Close each worker's pipes (keyed by its answer pipe), kill it and reap it."""
+    for fd, child in children.items():
+        os.close(fd)
+        if child.plan_w >= 0:
+            os.close(child.plan_w)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, _signal.SIGKILL)  # a worker still running has nothing to save
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(child.pid, 0)
 
 
 def _large_pipe() -> tuple[int, int]:
@@ -233,7 +238,13 @@ def _finish(finish, kept: dict, plans: int, out: int) -> None:
         chunks.append(chunk)
     if not chunks:
         return  # the parent gave up (an error in the first round)
-    for index, item_plan in sorted(_loads(b"".join(chunks)).items()):
+    run_plans(finish, kept, _loads(b"".join(chunks)), out)
+
+
+def run_plans(finish, kept: dict, plans: dict, out: int) -> None:
+    """``finish(kept[i], plan)`` for each item's plan, in item order, each answered
+    on ``out``, then the end of the round."""
+    for index, item_plan in sorted(plans.items()):
         try:
             finish(kept.pop(index), item_plan)
             answer = ("finished", index, None)

@@ -19,13 +19,22 @@ every worker, Ctrl-C included.
 from __future__ import annotations
 
 import _signal
-import contextlib
 import os
 import select
 from collections.abc import Callable
 
 from occlumfs.errors import OcclumfsError
-from occlumfs.merkle.forkmap import _LENGTH, _Child, _dumps, _large_pipe, _loads, _send, can_fork
+from occlumfs.merkle.forkmap import (
+    _LENGTH,
+    _Child,
+    _dumps,
+    _large_pipe,
+    _loads,
+    _send,
+    can_fork,
+    end_workers,
+    run_plans,
+)
 
 AHEAD = 4  # batches sent to one worker and not answered yet, at most
 
@@ -155,15 +164,8 @@ class StreamPool:
                     self._read(fd)
 
     def close(self) -> None:
-        for fd, child in self.workers.items():
-            os.close(fd)
-            if child.plan_w >= 0:
-                os.close(child.plan_w)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, _signal.SIGKILL)  # a worker still running has nothing to save
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(child.pid, 0)
-        self.workers = {}
+        workers, self.workers = self.workers, {}
+        end_workers(workers)
 
     def __enter__(self) -> StreamPool:
         return self
@@ -212,12 +214,5 @@ def _handle(message: tuple, func: Callable, finish: Callable, kept: dict, out: i
         except Exception as exc:
             answer = ("error", index, exc)
         _send(out, answer)
-        return
-    for index, plan in sorted(message[1].items()):
-        try:
-            finish(kept.pop(index), plan)
-            answer = ("finished", index, None)
-        except Exception as exc:
-            answer = ("error", index, exc)
-        _send(out, answer)
-    _send(out, ("done", -1, None))
+    else:  # the plans
+        run_plans(finish, kept, message[1], out)
