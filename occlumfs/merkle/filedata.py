@@ -31,6 +31,7 @@ from occlumfs.merkle.source import Content, SourceNode
 from occlumfs.merkle.tree import hash_blocks
 
 ZERO_RUN = bytes(64)
+_ZEROS = memoryview(ZERO_BLOCK)  # sliced without a copy, for a file's last block
 SMALL_FILE = 1 << 20
 READ = 1 << 20
 GATHER = 2 << 20  # bytes written to the image per pwrite at most
@@ -97,8 +98,7 @@ def _hash_buffer(buf: bytes | bytearray, got: int, first_block: int, out: list) 
         first_off = full
     for off in range(first_off, got, BLOCK_SIZE):
         n = min(BLOCK_SIZE, got - off)
-        zeros = ZERO_BLOCK if n == BLOCK_SIZE else ZERO_BLOCK[:n]
-        if buf.startswith(zeros, off, off + n):  # an all-zero block becomes a hole
+        if buf.startswith(_ZEROS[:n], off, off + n):  # an all-zero block becomes a hole
             if run:
                 out.append((run_first, b"".join(run)))
                 run = []
@@ -107,7 +107,7 @@ def _hash_buffer(buf: bytes | bytearray, got: int, first_block: int, out: list) 
             run_first = first_block + off // BLOCK_SIZE
         h = hashlib.sha256(mv[off : off + n])
         if n < BLOCK_SIZE:
-            h.update(ZERO_BLOCK[n:])
+            h.update(_ZEROS[n:])
         run.append(h.digest())
     if run:
         out.append((run_first, b"".join(run)))
