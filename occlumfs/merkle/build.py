@@ -7,10 +7,14 @@ The build runs in passes so that the output depends only on the tree:
    number of its first occurrence);
 2. hash every regular file in ``jobs`` forked processes (or, where this
    process may not fork, threads: the per-block Python work holds the GIL),
-   skipping holes and all-zero blocks, which become holes in the image;
-3. place each distinct content once in the data region, in inode order;
-4. serialise the inode table and the heap, then write the data (written by the
-   processes that hashed it, from the bytes they still hold, or copied, or
+   skipping holes and all-zero blocks, which become holes in the image. A
+   plain directory build scans in that same order and hands each batch of
+   files to a worker as soon as it is scanned (:class:`_Stream`), so hashing
+   runs while the scan goes on;
+3. place each distinct content once in the data region, in inode order, and
+   serialise the inode table and the heap as files are placed
+   (:mod:`occlumfs.merkle.placement`);
+4. write the data (copied by the processes that hashed it, or copied, or
    sealed in parallel for an encrypted image), the seal table, the Merkle tree
    and last the header (with its MAC under the image key when encrypted), into
    a temporary file renamed over the target.
