@@ -136,7 +136,7 @@ class StreamPool:
         child = self.workers[fd]
         got = os.read(fd, 1 << 20)
         if not got:
-            raise OcclumfsError(f"a hashing worker (pid {child.pid}) died before finishing")
+            raise _died(child)
         child.buf += got
         for kind, index, value in _take_messages(child.buf):
             if kind == "done":
@@ -156,6 +156,8 @@ class StreamPool:
         while data:
             try:
                 data = data[os.write(child.plan_w, data) :]
+            except BrokenPipeError:
+                raise _died(child) from None
             except BlockingIOError:
                 # Its pipe is full: take answers (the worker may be waiting to
                 # send one) until it has room.
@@ -172,6 +174,10 @@ class StreamPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _died(child: _Worker) -> OcclumfsError:
+    return OcclumfsError(f"a hashing worker (pid {child.pid}) died before finishing")
 
 
 def _take_messages(buf: bytearray) -> list:

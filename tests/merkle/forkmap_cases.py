@@ -14,6 +14,7 @@ from pathlib import Path
 from occlumfs.errors import OcclumfsError
 from occlumfs.merkle import build, build_image
 from occlumfs.merkle.forkmap import MAX_ITEMS, can_fork, fork_map
+from occlumfs.merkle.streampool import StreamPool
 
 
 def no_children_left() -> bool:
@@ -138,6 +139,77 @@ def second_round_errors() -> None:
     else:
         raise AssertionError("no error")
     assert no_children_left()
+
+
+def _stream(func, finish, n: int):
+    """Items 0..n-1 through a StreamPool of 2 (costs uneven), both rounds; the
+    first-round results and the plans each worker finished, by item."""
+    results: dict[int, object] = {}
+    with StreamPool(func, finish, 2, results.__setitem__) as pool:
+        for i in range(n):
+            pool.submit(i, {"n": i}, cost=1 + i % 5)  # sent as data, not shared memory
+        pool.gather()
+        pool.send_plans(lambda i: i + 1000)
+        pool.wait()
+    return results
+
+
+def stream_pool() -> None:
+    """Every item's result comes back once; each kept value reaches its plan in the
+    worker that computed it; both workers take items; none is left running."""
+    seen_r, seen_w = os.pipe()
+
+    def func(payload):
+        return payload["n"] * 2, (payload["n"], os.getpid())
+
+    def finish(kept, plan) -> None:
+        n, pid = kept
+        assert pid == os.getpid() and plan == n + 1000, (kept, plan)
+        os.write(seen_w, f"{n} {pid}\n".encode())
+
+    results = _stream(func, finish, 300)
+    os.close(seen_w)
+    with os.fdopen(seen_r) as seen:
+        finished = [tuple(map(int, line.split())) for line in seen]
+    assert results == {n: n * 2 for n in range(300)}
+    assert sorted(n for n, _ in finished) == list(range(300))
+    assert len({pid for _, pid in finished} - {os.getpid()}) == 2
+    assert no_children_left()
+
+
+def stream_pool_errors() -> None:
+    """The lowest failing item's error, from either round; a dead worker is one
+    clear error; workers reaped either way."""
+
+    def first(payload):
+        if payload["n"] in (40, 17):
+            raise OcclumfsError(f"item {payload['n']} is bad")
+        return payload["n"], payload["n"]
+
+    for func, finish, want in (
+        (first, lambda kept, plan: None, "item 17 is bad"),
+        (lambda p: (p["n"], p["n"]), _fail_on_nine_or_four, "cannot finish 4"),
+        (_die_on_fifty, lambda kept, plan: None, "died before finishing"),
+        (lambda p: (p["n"], p["n"]), lambda kept, plan: os._exit(3), "died before finishing"),
+    ):
+        try:
+            _stream(func, finish, 120)
+        except OcclumfsError as exc:
+            assert want in str(exc), (want, exc)
+        else:
+            raise AssertionError(f"no error, wanted {want!r}")
+        assert no_children_left()
+
+
+def _fail_on_nine_or_four(kept, plan) -> None:
+    if kept in (9, 4):
+        raise OcclumfsError(f"cannot finish {kept}")
+
+
+def _die_on_fifty(payload):
+    if payload["n"] == 50:
+        os._exit(3)
+    return payload["n"], payload["n"]
 
 
 def build_forked(src: str, image: str) -> None:
