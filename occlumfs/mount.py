@@ -43,7 +43,7 @@ from occlumfs.errors import (
 )
 from occlumfs.fs import Filesystem
 from occlumfs.fuselib import pyfuse3
-from occlumfs.requestloop import STOP_SIGNALS, RequestLoop
+from occlumfs.requestloop import STOP_SIGNALS, RequestLoop, busy_poll_ns
 
 log = logging.getLogger("occlumfs.mount")
 
@@ -259,6 +259,7 @@ def serve(
     the filesystem's final commit failed.
     """
     target = check_mountpoint(mountpoint, nonempty=nonempty)
+    busy_poll = busy_poll_ns()
     if log_file is not None:
         log_file = Path(os.path.abspath(log_file))
         try:  # fail here, in the foreground, not in the detached server
@@ -298,7 +299,7 @@ def serve(
             if ready is None:
                 return MountHandle(server, target, log_file)
         try:
-            status = _serve_mounted(fs, target, record, ready, log_file, debug, mask)
+            status = _serve_mounted(fs, target, record, ready, log_file, debug, mask, busy_poll)
         except BaseException:
             if foreground:
                 raise
@@ -322,6 +323,7 @@ def _serve_mounted(
     log_file: Path | None,
     debug: bool,
     unblocked_mask: set[signal.Signals],
+    busy_poll: int,
 ) -> int:
     """Serve the mount made by :func:`serve` until unmounted; the exit status."""
     _configure_logging(log_file, debug)
@@ -341,7 +343,7 @@ def _serve_mounted(
         if ready is not None:
             os.write(ready, b"1")
             os.close(ready)
-        loop = RequestLoop()
+        loop = RequestLoop(busy_poll)
         readahead_kb = fs.info.readahead_kb
         if readahead_kb:
             loop.after_init = lambda: set_readahead(target, readahead_kb)

@@ -210,7 +210,8 @@ def test_the_python3_repl_on_a_terminal(tmp_path, occlum):
         pty_expect(fd, b">>> ", seen)
         os.write(fd, b"import ssl, os; print('tty', os.isatty(0), ssl.OPENSSL_VERSION[:7])\n")
         pty_expect(fd, b"tty True OpenSSL", seen)
-        os.write(fd, b"input('waiting> ')\n")
+        # The prompt is put together so that the echo of this line cannot match it.
+        os.write(fd, b"input('wait' + 'ing> ')\n")
         pty_expect(fd, b"waiting> ", seen)
         os.write(fd, b"\x03")  # Ctrl-C reaches the REPL, not occlum run or bubblewrap
         pty_expect(fd, b"KeyboardInterrupt", seen)

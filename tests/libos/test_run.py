@@ -172,6 +172,14 @@ def _one_line(done, code: int, words: str) -> None:
     assert len(lines) == 1 and words in lines[0] and "Traceback" not in done.stderr, lines
 
 
+def test_a_malformed_busy_poll_setting_is_a_usage_error_before_anything_runs(built, occlum):
+    env = {"OCCLUMFS_BUSY_POLL_US": "fast"}
+    done = occlum("run", "/bin/hello_world", cwd=built, env=env, check=False)
+    _one_line(done, 2, "OCCLUMFS_BUSY_POLL_US")
+    assert done.stdout == ""
+    assert_no_leftover_mounts(built)
+
+
 def test_refuses_when_not_built(tmp_path, occlum):
     occlum("new", "i", cwd=tmp_path)
     _one_line(occlum("run", "/bin/x", cwd=tmp_path / "i", check=False), 14, "not built")
