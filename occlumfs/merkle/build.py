@@ -30,7 +30,7 @@ import hashlib
 import os
 from collections.abc import Callable
 
-from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
+from occlumfs.errors import NotFoundError, OcclumfsError
 from occlumfs.merkle.filedata import (
     Gatherer,
     Task,
@@ -52,46 +52,13 @@ from occlumfs.merkle.format import (
     Layout,
 )
 from occlumfs.merkle.placement import Metadata, Placed, Placement, placed_segments
-from occlumfs.merkle.source import SourceNode, scan_directory, scan_tar
+from occlumfs.merkle.source import Numbering, SourceNode, number_tree, scan_directory, scan_tar
 from occlumfs.merkle.streampool import StreamPool
 from occlumfs.merkle.tree import build_levels, hash_blocks, pad_block
 
 BATCH_BYTES = 4 << 20
 BATCH_FILES = 256
 CHUNK = 8 << 20  # one hashing task reads at most this much of a file
-
-
-def _number_inodes(root: SourceNode) -> tuple[list[SourceNode], dict[int, int], dict[int, int]]:
-    """Inodes in depth-first pre-order of sorted names; ino and link count by node id.
-
-    Depth first is the order `find`, `tar` and `cp -r` visit a tree, and file
-    data is laid out in inode order, so such a walk reads the image front to
-    back (the host's read-ahead then works for it).
-    """
-    order = [root]
-    ino_of = {id(root): 1}
-    links = {id(root): 2}
-    stack = [(root, iter(sorted(root.children)))]
-    while stack:
-        node, names = stack[-1]
-        name = next(names, None)
-        if name is None:
-            stack.pop()
-            continue
-        child = node.children[name]
-        if child.is_dir:
-            links[id(node)] += 1
-        if id(child) not in ino_of:
-            ino_of[id(child)] = len(order) + 1
-            order.append(child)
-            links[id(child)] = 2 if child.is_dir else 1
-            if child.is_dir:
-                stack.append((child, iter(sorted(child.children))))
-        elif not child.is_dir:
-            links[id(child)] += 1
-        else:
-            raise FormatError("a directory appears twice in the source tree")
-    return order, ino_of, links
 
 
 def pathlib_form(path: str) -> bool:
@@ -147,13 +114,13 @@ def build_image(
                 if _within(image_dir, source):
                     # Nothing is created before the scan: an image written inside
                     # SRC must not find its scratch file (or a new mtime) in the tree.
-                    builder.number(scan_directory(source))
+                    builder.numbering = scan_directory(source)[1]
                     return builder.write(image)
                 return builder.write(image, source)  # scanned (and hashed) once it is open
             import tempfile  # only a tar source needs a scratch directory
 
             with tempfile.TemporaryDirectory(prefix=".occlumfs-build-", dir=image_dir) as scratch:
-                builder.number(scan_tar(source, os.path.join(scratch, "spool")))
+                builder.numbering = number_tree(scan_tar(source, os.path.join(scratch, "spool")))
                 return builder.write(image)
         except OcclumfsError:
             raise
@@ -208,8 +175,13 @@ class _Builder:
         self._checked = False
         self.progress = progress
 
-    def number(self, tree: SourceNode) -> None:
-        self.order, self.ino_of, self.links = _number_inodes(tree)
+    @property
+    def numbering(self) -> Numbering:
+        return self.order, self.ino_of, self.links
+
+    @numbering.setter
+    def numbering(self, numbering: Numbering) -> None:
+        self.order, self.ino_of, self.links = numbering
 
     # -- pass 2: hashing -------------------------------------------------------------
     def _batches(self) -> list[list[Task]]:
@@ -300,12 +272,11 @@ class _Builder:
 
     def _scan_and_write(self, fd: int, source: str) -> Descriptor:
         if self.keys is not None or self.jobs == 1 or not can_fork():
-            self.number(scan_directory(source))
+            self.numbering = scan_directory(source)[1]
             return self._write_into(fd)
         stream = _Stream(self, fd)
         try:
-            tree = scan_directory(source, stream.add)
-            self.number(tree)
+            self.numbering = scan_directory(source, stream.add)[1]
             if stream.pool is None:  # at most one batch: no workers needed
                 return self._write_into(fd)
             return stream.finish()

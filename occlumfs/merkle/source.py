@@ -69,7 +69,6 @@ class SourceNode:
         "mode",
         "mtime_ns",
         "rdev",
-        "seen",
         "target",
         "uid",
         "xattrs",
@@ -96,7 +95,6 @@ class SourceNode:
         self.target = target
         self.content = content
         self.children = children
-        self.seen = False  # handed to a scan's on_file
 
     @property
     def is_dir(self) -> bool:
@@ -169,15 +167,69 @@ def _node_from_stat(path: bytes, st: os.stat_result) -> SourceNode:
     return node
 
 
+Numbering = tuple  # (inodes in order, ino by node id, link count by node id)
+
+
+def number_tree(
+    root: SourceNode,
+    expand: Callable[[bytes, SourceNode], Iterator[bytes]] | None = None,
+    top: bytes = b"",
+    on_file: Callable[[SourceNode], None] | None = None,
+) -> Numbering:
+    """Inodes in depth-first pre-order of byte-sorted names (root = 1; a hard link
+    takes the number of its first occurrence): the inodes in order, and the ino and
+    link count of each by node id.
+
+    Depth first is the order `find`, `tar` and `cp -r` visit a tree, and file
+    data is laid out in inode order, so such a walk reads the image front to back
+    (the host's read-ahead then works for it). With ``expand(path, node)``, each
+    directory (``top``/...) is read when the walk enters it and gives its names;
+    ``on_file(node)``: each regular file when first met.
+    """
+    order = [root]
+    ino_of = {id(root): 1}
+    links = {id(root): 2}
+    stack = [(root, top, expand(top, root) if expand else iter(sorted(root.children)))]
+    while stack:
+        node, path, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            continue
+        child = node.children[name]
+        key = id(child)
+        is_dir = child.children is not None
+        if is_dir:
+            links[id(node)] += 1
+        if key not in ino_of:
+            ino_of[key] = len(order) + 1
+            order.append(child)
+            if is_dir:
+                links[key] = 2
+                sub = path + b"/" + name if expand else path
+                stack.append(
+                    (child, sub, expand(sub, child) if expand else iter(sorted(child.children)))
+                )
+            else:
+                links[key] = 1
+                if on_file is not None and child.content is not None:
+                    on_file(child)
+        elif not is_dir:
+            links[key] += 1
+        else:
+            raise FormatError("a directory appears twice in the source tree")
+    return order, ino_of, links
+
+
 def scan_directory(
     root: Path | str, on_file: Callable[[SourceNode], None] | None = None
-) -> SourceNode:
-    """The tree under directory ``root``; hard links become shared nodes.
+) -> tuple[SourceNode, Numbering]:
+    """The tree under directory ``root`` (hard links become shared nodes) and its
+    numbering (:func:`number_tree`).
 
-    Directories are visited depth first in byte order of names, the order of the
-    image's inode numbers, and ``on_file(node)`` is called for each regular file
-    the first time it is met, in that order (so its hashing can start while the
-    scan goes on).
+    Each directory is read as the numbering walk enters it, so ``on_file(node)``
+    is called for each regular file in inode order while the scan goes on (its
+    hashing can start at once).
     """
     top = os.fsencode(os.path.abspath(root))
     st = os.stat(top)  # SRC itself may be a symlink the user named; nothing below is followed
@@ -185,21 +237,11 @@ def scan_directory(
         raise FormatError(f"{root}: not a directory")
     tree = _node_from_stat(top, st)
     by_inode: dict[tuple[int, int], SourceNode] = {}
-    stack = [(top, tree, _list_directory(top, tree, by_inode))]
-    while stack:
-        path, node, names = stack[-1]
-        name = next(names, None)
-        if name is None:
-            stack.pop()
-            continue
-        child = node.children[name]
-        if child.children is not None:
-            child_path = path + b"/" + name
-            stack.append((child_path, child, _list_directory(child_path, child, by_inode)))
-        elif on_file is not None and child.content is not None and not child.seen:
-            child.seen = True  # a hard link's later names are not files to hash again
-            on_file(child)
-    return tree
+
+    def expand(path: bytes, node: SourceNode) -> Iterator[bytes]:
+        return _list_directory(path, node, by_inode)
+
+    return tree, number_tree(tree, expand, top, on_file)
 
 
 def _list_directory(path: bytes, node: SourceNode, by_inode: dict) -> Iterator[bytes]:
