@@ -458,16 +458,14 @@ class _Stream:
 
     def _send(self) -> None:
         if self.pool is None:
-            hash_it = hash_payload
-            self.pool = StreamPool(
-                hash_it, functools.partial(write_batch, self.fd), self.builder.jobs, self._keep
-            )
+            finish = functools.partial(write_batch, self.fd)
+            self.pool = StreamPool(hash_payload, finish, self.builder.jobs, self._keep)
         index = len(self.batches)
         self.batches.append(self.batch)
-        payload = [
-            (n.content.path, n.content.offset, n.content.size, n.content.stamp, a, b)
-            for n, a, b in self.batch
-        ]
+        payload = []  # what a worker needs of each task, as plain data
+        for node, start, end in self.batch:
+            c = node.content
+            payload.append((c.path, c.offset, c.size, c.stamp, start, end))
         self.pool.submit(index, payload, self.batch_bytes)
         self.batch, self.batch_bytes = [], 0
 
