@@ -186,20 +186,21 @@ def write_batch(
         for (node, start, _end), src, segments in zip(batch, fds, plans, strict=True):
             if segments:  # else its content is stored once, from another file
                 out.copy(node.content, start, segments, src, base)
+        out.flush()
+        for (node, _start, _end), src in zip(batch, fds, strict=True):
+            check_unchanged(node.content, src)
     finally:
         for src in fds:
             if src >= 0:
                 os.close(src)
-    out.flush()
-    for node, _start, _end in batch:
-        check_unchanged(node.content)
 
 
-def check_unchanged(content: Content) -> None:
+def check_unchanged(content: Content, src: int = -1) -> None:
     """Raise if a source file's size or times moved since the scan (it changed
-    while the build read it)."""
+    while the build read it). ``src``: the file as the build opened and read it
+    (one path lookup less; a file put in its place after that was not read)."""
     if content.stamp is not None:
-        st = os.lstat(content.path)
+        st = os.fstat(src) if src >= 0 else os.lstat(content.path)
         if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != content.stamp:
             raise OcclumfsError(f"{os.fsdecode(content.path)}: changed during the build")
 
