@@ -8,10 +8,10 @@ paths and numbers, nothing from the parent's memory), then keeps scanning.
 
 Two rounds, as with fork_map: ``func(payload)`` returns ``(result, kept)``; the
 result goes back to the caller (``on_result(index, result)``), ``kept`` stays in
-the worker; later :meth:`finish` sends each worker one plan per item it
-computed and it runs ``finish(kept, plan)``. A batch goes to the worker with
-the least work outstanding (``cost``: bytes to hash), at most :data:`AHEAD`
-batches ahead of it. Errors travel back as in fork_map; the lowest item's is
+the worker; later :meth:`send_plans` sends each worker one plan per item it
+computed and it runs ``finish(kept, plan)`` (:meth:`wait` for the end). A batch
+goes to the worker with the least work outstanding (``cost``: bytes to hash), at
+most :data:`AHEAD` batches ahead of it. Errors travel back as in fork_map; the lowest item's is
 raised. A worker that dies makes the call fail; :meth:`close` kills and reaps
 every worker, Ctrl-C included.
 """
