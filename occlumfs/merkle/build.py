@@ -7,10 +7,14 @@ The build runs in passes so that the output depends only on the tree:
    number of its first occurrence);
 2. hash every regular file in ``jobs`` forked processes (or, where this
    process may not fork, threads: the per-block Python work holds the GIL),
-   skipping holes and all-zero blocks, which become holes in the image;
-3. place each distinct content once in the data region, in inode order;
-4. serialise the inode table and the heap, then write the data (written by the
-   processes that hashed it, from the bytes they still hold, or copied, or
+   skipping holes and all-zero blocks, which become holes in the image. A
+   plain directory build scans in that same order and hands each batch of
+   files to a worker as soon as it is scanned (:class:`_Stream`), so hashing
+   runs while the scan goes on;
+3. place each distinct content once in the data region, in inode order, and
+   serialise the inode table and the heap as files are placed
+   (:mod:`occlumfs.merkle.placement`);
+4. write the data (copied by the processes that hashed it, or copied, or
    sealed in parallel for an encrypted image), the seal table, the Merkle tree
    and last the header (with its MAC under the image key when encrypted), into
    a temporary file renamed over the target.
@@ -21,111 +25,40 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import gc
 import hashlib
 import os
-import stat
-import struct
 from collections.abc import Callable
 
-from occlumfs.errors import FormatError, NotFoundError, OcclumfsError
+from occlumfs.errors import NotFoundError, OcclumfsError
 from occlumfs.merkle.filedata import (
     Gatherer,
-    Segment,
     Task,
     check_unchanged,
     hash_and_keep,
     hash_batch,
+    hash_payload,
     write_batch,
 )
 from occlumfs.merkle.forkmap import MAX_ITEMS, can_fork, fork_map
 from occlumfs.merkle.format import (
     BLOCK_SIZE,
     DESCRIPTOR_SIZE,
-    DIRENT,
-    DIRENT_SIZE,
-    EXTENT,
     FLAG_ENCRYPTED,
     FLAG_XATTRS,
     HASH_SIZE,
-    INODE,
     SEAL_SIZE,
     Descriptor,
     Layout,
-    dir_size,
-    name_problem,
-    pack_xattrs,
 )
-from occlumfs.merkle.source import Content, SourceNode, scan_directory, scan_tar
+from occlumfs.merkle.placement import Metadata, Placed, Placement, placed_segments
+from occlumfs.merkle.source import Numbering, SourceNode, number_tree, scan_directory, scan_tar
+from occlumfs.merkle.streampool import StreamPool
 from occlumfs.merkle.tree import build_levels, hash_blocks, pad_block
 
 BATCH_BYTES = 4 << 20
 BATCH_FILES = 256
 CHUNK = 8 << 20  # one hashing task reads at most this much of a file
-
-
-class _Hashed:
-    """A file's non-zero blocks: runs of (first file block, count) and their hashes."""
-
-    __slots__ = ("hashes", "runs")
-
-    def __init__(self) -> None:
-        self.runs: list[list[int]] = []
-        self.hashes: list[bytes] = []
-
-    def add(self, first: int, hashes: bytes) -> None:
-        count = len(hashes) // HASH_SIZE
-        if self.runs and self.runs[-1][0] + self.runs[-1][1] == first:
-            self.runs[-1][1] += count
-        else:
-            self.runs.append([first, count])
-        self.hashes.append(hashes)
-
-
-class _Placed:
-    """A distinct content in the data region (``data_block``: its first block,
-    relative to the data region)."""
-
-    __slots__ = ("content", "data_block", "hashes", "heap_ref", "runs")
-
-    def __init__(self, content: Content, data_block: int, runs: list, hashes: bytes) -> None:
-        self.content = content
-        self.data_block = data_block
-        self.runs = runs
-        self.hashes = hashes
-        self.heap_ref = -1
-
-
-def _number_inodes(root: SourceNode) -> tuple[list[SourceNode], dict[int, int], dict[int, int]]:
-    """Inodes in depth-first pre-order of sorted names; ino and link count by node id.
-
-    Depth first is the order `find`, `tar` and `cp -r` visit a tree, and file
-    data is laid out in inode order, so such a walk reads the image front to
-    back (the host's read-ahead then works for it).
-    """
-    order = [root]
-    ino_of = {id(root): 1}
-    links = {id(root): 2}
-    stack = [(root, iter(sorted(root.children)))]
-    while stack:
-        node, names = stack[-1]
-        name = next(names, None)
-        if name is None:
-            stack.pop()
-            continue
-        child = node.children[name]
-        if child.is_dir:
-            links[id(node)] += 1
-        if id(child) not in ino_of:
-            ino_of[id(child)] = len(order) + 1
-            order.append(child)
-            links[id(child)] = 2 if child.is_dir else 1
-            if child.is_dir:
-                stack.append((child, iter(sorted(child.children))))
-        elif not child.is_dir:
-            links[id(child)] += 1
-        else:
-            raise FormatError("a directory appears twice in the source tree")
-    return order, ino_of, links
 
 
 def pathlib_form(path: str) -> bool:
@@ -174,27 +107,63 @@ def build_image(
         raise NotFoundError(f"{source} does not exist")
     jobs = jobs or os.cpu_count() or 1
     image_dir = os.path.dirname(image) or "."
-    try:
-        if os.path.isdir(source):
-            # Nothing is created before the scan: an image written inside SRC
-            # must not find its own scratch files in the tree.
-            tree = scan_directory(source)
-            return _Builder(tree, key, source_date_epoch, jobs, progress).write(image)
-        import tempfile  # only a tar source needs a scratch directory
+    with _cycle_collector_off():
+        try:
+            builder = _Builder(key, source_date_epoch, jobs, progress)
+            if os.path.isdir(source):
+                if _within(image_dir, source):
+                    # Nothing is created before the scan: an image written inside
+                    # SRC must not find its scratch file (or a new mtime) in the tree.
+                    builder.numbering = scan_directory(source)[1]
+                    return builder.write(image)
+                return builder.write(image, source)  # scanned (and hashed) once it is open
+            import tempfile  # only a tar source needs a scratch directory
 
-        with tempfile.TemporaryDirectory(prefix=".occlumfs-build-", dir=image_dir) as scratch:
-            tree = scan_tar(source, os.path.join(scratch, "spool"))
-            return _Builder(tree, key, source_date_epoch, jobs, progress).write(image)
-    except OcclumfsError:
-        raise
-    except OSError as exc:
-        # Unreadable source files, a full or read-only target: one line, no traceback.
-        where = os.fsdecode(exc.filename) if exc.filename else str(image)
-        raise OcclumfsError(f"mkimage: {where}: {exc.strerror or exc}") from None
+            with tempfile.TemporaryDirectory(prefix=".occlumfs-build-", dir=image_dir) as scratch:
+                builder.numbering = number_tree(scan_tar(source, os.path.join(scratch, "spool")))
+                return builder.write(image)
+        except OcclumfsError:
+            raise
+        except OSError as exc:
+            # Unreadable source files, a full or read-only target: one line, no traceback.
+            where = os.fsdecode(exc.filename) if exc.filename else str(image)
+            raise OcclumfsError(f"mkimage: {where}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def _cycle_collector_off():
+    """Python's cycle collector paused for a build: the scan makes ~10 objects a
+    file and no cycles, and each collection walks all of them (in a forked
+    worker, writing to pages it shares with the builder): ~5 ms of a stdlib build."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _within(path: str, root: str) -> bool:
+    """Whether directory ``path`` is ``root`` or below it (by device and inode,
+    so symlinks and bind mounts count as what they show)."""
+    top = os.stat(root)
+    at = os.path.realpath(path)
+    while True:
+        try:
+            st = os.stat(at)
+        except OSError:
+            st = None  # not there (yet): its parent decides
+        if st is not None and (st.st_dev, st.st_ino) == (top.st_dev, top.st_ino):
+            return True
+        parent = os.path.dirname(at)
+        if parent == at:
+            return False
+        at = parent
 
 
 class _Builder:
-    def __init__(self, tree, key, source_date_epoch, jobs, progress) -> None:
+    def __init__(self, key, source_date_epoch, jobs, progress) -> None:
         self.keys = None
         if key is not None:
             from occlumfs.merkle.crypto import ImageKeys  # only encrypted builds pay for it
@@ -205,7 +174,14 @@ class _Builder:
         self._pool = None
         self._checked = False
         self.progress = progress
-        self.order, self.ino_of, self.links = _number_inodes(tree)
+
+    @property
+    def numbering(self) -> Numbering:
+        return self.order, self.ino_of, self.links
+
+    @numbering.setter
+    def numbering(self, numbering: Numbering) -> None:
+        self.order, self.ino_of, self.links = numbering
 
     # -- pass 2: hashing -------------------------------------------------------------
     def _batches(self) -> list[list[Task]]:
@@ -249,83 +225,15 @@ class _Builder:
             self._pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="mkimage")
         return self._pool
 
-    # -- pass 4: metadata ----------------------------------------------------------------
-    def _metadata(self, of_node: dict[int, _Placed]) -> tuple[bytes, bytes]:
-        heap = bytearray()
-        table = bytearray()
-        parent_of = {1: 1}
-        links = self.links
-        for ino, node in enumerate(self.order, start=1):
-            mtime = node.mtime_ns
-            if self.clamp_ns is not None and mtime > self.clamp_ns:
-                mtime = self.clamp_ns
-            # The InodeRecord fields, packed straight into the table.
-            size = aux = ref = count = xattr_count = xattr_ref = 0
-            kind = stat.S_IFMT(node.mode)
-            if kind == stat.S_IFDIR:
-                names = sorted(node.children)
-                aux = parent_of[ino]
-                ref = len(heap)
-                count = len(names)
-                name_off = ref + DIRENT_SIZE * len(names)
-                entries = bytearray()
-                for name in names:
-                    problem = name_problem(name)
-                    if problem is not None:
-                        raise FormatError(f"a name in the source {problem}: {name[:80]!r}")
-                    child = node.children[name]
-                    child_ino = self.ino_of[id(child)]
-                    if child.is_dir:
-                        parent_of[child_ino] = ino
-                    entries += DIRENT.pack(child_ino, len(name), name_off)
-                    name_off += len(name)
-                heap += entries
-                heap += b"".join(names)
-                size = dir_size(len(names), name_off - ref - len(entries))
-            elif kind == stat.S_IFREG:
-                placed = of_node[id(node)]
-                size = node.content.size
-                count = len(placed.runs)
-                aux = len(placed.hashes) // HASH_SIZE
-                if placed.heap_ref < 0:
-                    placed.heap_ref = len(heap)
-                    block = placed.data_block
-                    for first, n in placed.runs:
-                        heap += EXTENT.pack(first, block, n)
-                        block += n
-                ref = placed.heap_ref if placed.runs else 0
-            elif kind == stat.S_IFLNK:
-                size = count = len(node.target)
-                ref = len(heap)
-                heap += node.target
-            elif kind in (stat.S_IFCHR, stat.S_IFBLK):
-                aux = node.rdev
-            if node.xattrs:
-                xattr_count = len(node.xattrs)
-                xattr_ref = len(heap)
-                heap += pack_xattrs(node.xattrs)
-            table += INODE.pack(
-                node.mode,
-                links[id(node)],
-                node.uid,
-                node.gid,
-                size,
-                mtime,
-                aux,
-                ref,
-                count,
-                xattr_count,
-                xattr_ref,
-            )
-        return bytes(table), bytes(heap)
-
     # -- writing ---------------------------------------------------------------------------
-    def write(self, image: str) -> str:
+    def write(self, image: str, source: str | None = None) -> str:
+        """Write the image of the numbered tree, or of directory ``source``
+        (scanned here: the scan leaves out the scratch file)."""
         tmp = os.path.join(os.path.dirname(image), f".{os.path.basename(image)}.tmp-{os.getpid()}")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             try:
-                desc = self._write_into(fd)
+                desc = self._scan_and_write(fd, source) if source else self._write_into(fd)
             finally:
                 if self._pool is not None:
                     self._pool.shutdown()
@@ -351,19 +259,34 @@ class _Builder:
             if node.content is not None:
                 check_unchanged(node.content)
 
-    def _lay_out(self, fd: int, placement: _Placement) -> tuple:
-        """Pass 4 once every file is placed: placed contents, the table, the heap, the layout."""
+    def _lay_out(self, fd: int, placement: Placement) -> tuple:
+        """Once every file is placed (and so every inode serialised): placed contents,
+        the table, the heap, the layout."""
         placed, of_node = placement.placed, placement.of_node
-        assert len(of_node) == len(placement.hashed)
-        table, heap = self._metadata(of_node)
+        assert placement.done
+        table, heap = bytes(placement.meta.table), bytes(placement.meta.heap)
         data_blocks = sum(len(p.hashes) // HASH_SIZE for p in placed)
         layout = Layout.compute(len(self.order), len(heap), data_blocks, self.keys is not None)
         os.ftruncate(fd, layout.image_blocks * BLOCK_SIZE)
         return placed, of_node, table, heap, layout
 
+    def _scan_and_write(self, fd: int, source: str) -> Descriptor:
+        if self.keys is not None or self.jobs == 1 or not can_fork():
+            self.numbering = scan_directory(source)[1]
+            return self._write_into(fd)
+        stream = _Stream(self, fd)
+        try:
+            self.numbering = scan_directory(source, stream.add)[1]
+            if stream.pool is None:  # at most one batch: no workers needed
+                return self._write_into(fd)
+            return stream.finish()
+        finally:
+            stream.close()
+
     def _write_into(self, fd: int) -> Descriptor:
         batches = self._batches()
-        placement = _Placement(self.order, batches, self.progress)
+        meta = Metadata(self.ino_of, self.links, self.clamp_ns)
+        placement = Placement(self.order, batches, self.progress, meta, CHUNK)
         if self.keys is None and self._may_fork(batches):
             # The hashing processes copy the data too, once it is placed (files
             # are placed as their hashes come in); meanwhile this process writes
@@ -373,8 +296,10 @@ class _Builder:
             def plan(mapped: list) -> list:
                 parts = self._lay_out(fd, placement)
                 done.append(parts)
-                data_start = parts[4].data_start
-                return [[_segments(parts[1], task, data_start) for task in b] for b in batches]
+                # Each batch: the data region's offset, and where each of its
+                # tasks' bytes go in the region (worked out as files were placed).
+                base, where = parts[4].data_start * BLOCK_SIZE, placement.segments
+                return [(base, [where.get((id(t[0]), t[1])) for t in b]) for b in batches]
 
             fork_map(
                 hash_and_keep,
@@ -450,9 +375,9 @@ class _Builder:
         at = (first_block - 1) * HASH_SIZE
         leaves[at : at + len(data) // BLOCK_SIZE * HASH_SIZE] = hash_blocks(data)
 
-    def _copy_data(self, fd, layout: Layout, placed: list[_Placed]) -> None:
+    def _copy_data(self, fd, layout: Layout, placed: list[Placed]) -> None:
         """Copy each placed content from its source file, in the thread pool."""
-        batches: list[list[_Placed]] = [[]]
+        batches: list[list[Placed]] = [[]]
         batch_bytes = 0
         for p in placed:
             # Small contents travel in batches: one pool hand-off per few MiB.
@@ -462,11 +387,11 @@ class _Builder:
             batches[-1].append(p)
             batch_bytes += p.content.size
 
-        def copy(batch: list[_Placed]) -> None:
+        def copy(batch: list[Placed]) -> None:
             out = Gatherer(fd)
             for p in batch:
                 whole = (None, 0, p.content.size)
-                out.copy(p.content, 0, _placed_segments(p, whole, layout.data_start))
+                out.copy(p.content, 0, placed_segments(p, whole, layout.data_start))
             out.flush()
 
         self._map(copy, batches)
@@ -507,87 +432,64 @@ class _Builder:
             pass
 
 
-class _Placement:
-    """Passes 2 and 3 as the hashes come in: each batch's runs are taken in batch
-    order, and each file is placed once all its runs are in, in inode order (so a
-    forked build places files while its workers still hash)."""
+class _Stream:
+    """A forked build that hashes while the scan goes on (streampool.py): the
+    scan hands over each regular file in inode order; each full batch goes to a
+    worker at once, the first one starting the workers; once every file is
+    placed, the workers copy what they hashed while this process writes the rest."""
 
-    def __init__(self, order: list[SourceNode], batches: list[list[Task]], progress) -> None:
-        self.order = order
-        self.batches = batches
-        self.progress = progress
-        self.mapped: list = [None] * len(batches)
-        self.folded = 0  # batches taken
-        self.hashed = {id(n): _Hashed() for n in order if n.content is not None}
-        # Files with every run in (an empty file has none to wait for).
-        self.complete = {id(n) for n in order if n.content is not None and not n.content.size}
-        self.placed: list[_Placed] = []
-        self.by_content: dict[bytes, _Placed] = {}
-        self.of_node: dict[int, _Placed] = {}
-        self.next_block = 0
-        self.at = 0  # the next inode to place
-        self._place_ready()  # a tree of empty files has no batches
+    def __init__(self, builder: _Builder, fd: int) -> None:
+        self.builder = builder
+        self.fd = fd
+        self.pool: StreamPool | None = None
+        self.batches: list[list[Task]] = []
+        self.batch: list[Task] = []
+        self.batch_bytes = 0
+        self.results: dict[int, list] = {}
 
-    def add(self, index: int, batch_runs: list) -> None:
-        self.mapped[index] = batch_runs
-        while self.folded < len(self.batches) and self.mapped[self.folded] is not None:
-            batch = self.batches[self.folded]
-            for (node, start, end), runs in zip(batch, self.mapped[self.folded], strict=True):
-                hashed = self.hashed[id(node)]
-                for first, hashes in runs:
-                    hashed.add(first, hashes)
-                if end == node.content.size:
-                    self.complete.add(id(node))
-                if self.progress is not None:
-                    self.progress(end - start)
-            self.mapped[self.folded] = ()
-            self.folded += 1
-        self._place_ready()
+    def add(self, node: SourceNode) -> None:
+        size = node.content.size
+        for start in range(0, size, CHUNK):
+            end = min(size, start + CHUNK)
+            self.batch.append((node, start, end))
+            self.batch_bytes += end - start
+            if self.batch_bytes >= BATCH_BYTES or len(self.batch) >= BATCH_FILES:
+                self._send()
 
-    def _place_ready(self) -> None:
-        while self.at < len(self.order):
-            node = self.order[self.at]
-            if node.content is not None:
-                if id(node) not in self.complete:
-                    break
-                self._place(node)
-            self.at += 1
+    def _send(self) -> None:
+        if self.pool is None:
+            finish = functools.partial(write_batch, self.fd)
+            self.pool = StreamPool(hash_payload, finish, self.builder.jobs, self._keep)
+        index = len(self.batches)
+        self.batches.append(self.batch)
+        payload = []  # what a worker needs of each task, as plain data
+        for node, start, end in self.batch:
+            c = node.content
+            payload.append((c.path, c.offset, c.size, c.stamp, start, end))
+        self.pool.submit(index, payload, self.batch_bytes)
+        self.batch, self.batch_bytes = [], 0
 
-    def _place(self, node: SourceNode) -> None:
-        h = self.hashed[id(node)]
-        hashes = b"".join(h.hashes)
-        ident = hashlib.sha256(
-            struct.pack("<Q", node.content.size)
-            + b"".join(struct.pack("<QQ", a, n) for a, n in h.runs)
-            + hashes
-        ).digest()
-        known = self.by_content.get(ident)
-        if known is None:
-            known = self.by_content[ident] = _Placed(node.content, self.next_block, h.runs, hashes)
-            self.placed.append(known)
-            self.next_block += len(hashes) // HASH_SIZE
-        self.of_node[id(node)] = known
+    def _keep(self, index: int, runs: list) -> None:
+        self.results[index] = runs
 
+    def finish(self) -> Descriptor:
+        b, pool, batches = self.builder, self.pool, self.batches
+        if self.batch:
+            self._send()
+        meta = Metadata(b.ino_of, b.links, b.clamp_ns)
+        placement = Placement(b.order, batches, b.progress, meta, CHUNK)
+        for index, runs in self.results.items():
+            placement.add(index, runs)
+        pool.on_result = placement.add
+        pool.gather()
+        parts = b._lay_out(self.fd, placement)
+        base, where = parts[4].data_start * BLOCK_SIZE, placement.segments
+        pool.send_plans(lambda i: (base, [where.get((id(t[0]), t[1])) for t in batches[i]]))
+        desc = b._write_the_rest(self.fd, *parts)
+        pool.wait()
+        b._checked = True
+        return desc
 
-def _segments(of_node: dict[int, _Placed], task: Task, data_start: int) -> list[Segment] | None:
-    """Where the bytes a hashing task read go in the image; None if the task's
-    file is not the one its content is copied from (a duplicate)."""
-    node = task[0]
-    p = of_node[id(node)]
-    if p.content is not node.content:
-        return None
-    return _placed_segments(p, task, data_start)
-
-
-def _placed_segments(p: _Placed, task: Task, data_start: int) -> list[Segment]:
-    """The stored runs of ``p`` within the task's byte range [start, end), as segments."""
-    _, start, end = task
-    out = []
-    block = data_start + p.data_block
-    for first, count in p.runs:
-        a = max(start, first * BLOCK_SIZE)
-        b = min(end, (first + count) * BLOCK_SIZE, p.content.size)
-        if a < b:
-            out.append((a - start, b - a, (block + a // BLOCK_SIZE - first) * BLOCK_SIZE))
-        block += count
-    return out
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()

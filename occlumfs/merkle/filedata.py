@@ -22,6 +22,7 @@ import _thread  # threading.local's own type, without loading threading
 import errno
 import hashlib
 import os
+import stat
 from collections.abc import Iterator
 
 from occlumfs.errors import OcclumfsError
@@ -30,6 +31,7 @@ from occlumfs.merkle.source import Content, SourceNode
 from occlumfs.merkle.tree import hash_blocks
 
 ZERO_RUN = bytes(64)
+_ZEROS = memoryview(ZERO_BLOCK)  # sliced without a copy, for a file's last block
 SMALL_FILE = 1 << 20
 READ = 1 << 20
 GATHER = 2 << 20  # bytes written to the image per pwrite at most
@@ -96,8 +98,7 @@ def _hash_buffer(buf: bytes | bytearray, got: int, first_block: int, out: list) 
         first_off = full
     for off in range(first_off, got, BLOCK_SIZE):
         n = min(BLOCK_SIZE, got - off)
-        zeros = ZERO_BLOCK if n == BLOCK_SIZE else ZERO_BLOCK[:n]
-        if buf.startswith(zeros, off, off + n):  # an all-zero block becomes a hole
+        if buf.startswith(_ZEROS[:n], off, off + n):  # an all-zero block becomes a hole
             if run:
                 out.append((run_first, b"".join(run)))
                 run = []
@@ -106,7 +107,7 @@ def _hash_buffer(buf: bytes | bytearray, got: int, first_block: int, out: list) 
             run_first = first_block + off // BLOCK_SIZE
         h = hashlib.sha256(mv[off : off + n])
         if n < BLOCK_SIZE:
-            h.update(ZERO_BLOCK[n:])
+            h.update(_ZEROS[n:])
         run.append(h.digest())
     if run:
         out.append((run_first, b"".join(run)))
@@ -162,31 +163,44 @@ def hash_and_keep(batch: list[Task]) -> tuple[list[Runs], tuple[list[Task], list
     )
 
 
+def hash_payload(payload: list[tuple]) -> tuple[list[Runs], tuple[list[Task], list[int]]]:
+    """:func:`hash_and_keep` of a batch sent as data: (path, offset, size, stamp,
+    start, end) per task."""
+    batch = [
+        (SourceNode(stat.S_IFREG, content=Content(path, offset, size, stamp)), start, end)
+        for path, offset, size, stamp, start, end in payload
+    ]
+    return hash_and_keep(batch)
+
+
 def write_batch(
-    fd: int, kept: tuple[list[Task], list[int]], plans: list[list[Segment] | None]
+    fd: int, kept: tuple[list[Task], list[int]], plan: tuple[int, list[list[Segment] | None]]
 ) -> None:
-    """Copy one batch's planned segments into the image ``fd`` from their source
-    files, then check that none of the batch's files changed since the scan."""
+    """Copy one batch's planned segments (their image offsets counted from
+    ``plan[0]``) into the image ``fd`` from their source files, then check that
+    none of the batch's files changed since the scan."""
     batch, fds = kept
+    base, plans = plan
     out = Gatherer(fd)
     try:
         for (node, start, _end), src, segments in zip(batch, fds, plans, strict=True):
             if segments:  # else its content is stored once, from another file
-                out.copy(node.content, start, segments, src)
+                out.copy(node.content, start, segments, src, base)
+        out.flush()
+        for (node, _start, _end), src in zip(batch, fds, strict=True):
+            check_unchanged(node.content, src)
     finally:
         for src in fds:
             if src >= 0:
                 os.close(src)
-    out.flush()
-    for node, _start, _end in batch:
-        check_unchanged(node.content)
 
 
-def check_unchanged(content: Content) -> None:
+def check_unchanged(content: Content, src: int = -1) -> None:
     """Raise if a source file's size or times moved since the scan (it changed
-    while the build read it)."""
+    while the build read it). ``src``: the file as the build opened and read it
+    (one path lookup less; a file put in its place after that was not read)."""
     if content.stamp is not None:
-        st = os.lstat(content.path)
+        st = os.fstat(src) if src >= 0 else os.lstat(content.path)
         if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != content.stamp:
             raise OcclumfsError(f"{os.fsdecode(content.path)}: changed during the build")
 
@@ -217,16 +231,19 @@ class Gatherer:
         self.start = 0  # the image offset of buf[0]
         self.fill = 0
 
-    def copy(self, content: Content, start: int, segments: list[Segment], src: int = -1) -> None:
-        """Segments of file range [start, ...) of ``content`` (from ``src`` when open)."""
+    def copy(
+        self, content: Content, start: int, segments: list[Segment], src: int = -1, base: int = 0
+    ) -> None:
+        """Segments of file range [start, ...) of ``content`` (from ``src`` when open),
+        their image offsets counted from ``base``."""
         if src >= 0:
             for off, length, at in segments:
-                self._add(src, content.offset + start + off, length, at)
+                self._add(src, content.offset + start + off, length, base + at)
             return
         src = os.open(content.path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             for off, length, at in segments:
-                self._add(src, content.offset + start + off, length, at)
+                self._add(src, content.offset + start + off, length, base + at)
         finally:
             os.close(src)
 

@@ -83,7 +83,7 @@ def fork_map(
         for _ in range(max(1, min(workers, len(items)))):
             child = _Child()
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            plan_r, child.plan_w = os.pipe2(os.O_CLOEXEC) if finish else (-1, -1)
+            plan_r, child.plan_w = _large_pipe() if finish else (-1, -1)
             child.pid = os.fork()
             if child.pid == 0:  # the worker: never returns
                 # Not the other workers' pipes: a plan pipe still open here would
@@ -108,17 +108,34 @@ def fork_map(
         os.close(todo_r)
         if todo_w >= 0:
             os.close(todo_w)
-        for fd, child in children.items():
-            os.close(fd)
-            if child.plan_w >= 0:
-                os.close(child.plan_w)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, _signal.SIGKILL)  # a worker still running has nothing to save
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(child.pid, 0)
+        end_workers(children)
     if errors:
         raise errors[min(errors)]
     return results
+
+
+def end_workers(children: dict[int, _Child]) -> None:
+    """Close each worker's pipes (keyed by its answer pipe), kill it and reap it."""
+    for fd, child in children.items():
+        os.close(fd)
+        if child.plan_w >= 0:
+            os.close(child.plan_w)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, _signal.SIGKILL)  # a worker still running has nothing to save
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(child.pid, 0)
+
+
+def _large_pipe() -> tuple[int, int]:
+    """A pipe of 1 MiB, e.g. for a worker's plans: sending them does not wait for
+    the worker to be scheduled (a stdlib build's plans are ~70 KiB; a pipe holds
+    64 KiB by default)."""
+    import fcntl
+
+    r, w = os.pipe2(os.O_CLOEXEC)
+    with contextlib.suppress(OSError):  # beyond the host's pipe-max-size: keep 64 KiB
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
+    return r, w
 
 
 class _Child:
@@ -221,7 +238,13 @@ def _finish(finish, kept: dict, plans: int, out: int) -> None:
         chunks.append(chunk)
     if not chunks:
         return  # the parent gave up (an error in the first round)
-    for index, item_plan in sorted(_loads(b"".join(chunks)).items()):
+    run_plans(finish, kept, _loads(b"".join(chunks)), out)
+
+
+def run_plans(finish, kept: dict, plans: dict, out: int) -> None:
+    """``finish(kept[i], plan)`` for each item's plan, in item order, each answered
+    on ``out``, then the end of the round."""
+    for index, item_plan in sorted(plans.items()):
         try:
             finish(kept.pop(index), item_plan)
             answer = ("finished", index, None)

@@ -32,6 +32,7 @@ from occlumfs.merkle.format import (
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without loading typing
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
 
@@ -166,35 +167,100 @@ def _node_from_stat(path: bytes, st: os.stat_result) -> SourceNode:
     return node
 
 
-def scan_directory(root: Path) -> SourceNode:
-    """The tree under directory ``root``; hard links become shared nodes."""
+Numbering = tuple  # (inodes in order, ino by node id, link count by node id)
+
+
+def number_tree(
+    root: SourceNode,
+    expand: Callable[[bytes, SourceNode], Iterator[bytes]] | None = None,
+    top: bytes = b"",
+    on_file: Callable[[SourceNode], None] | None = None,
+) -> Numbering:
+    """Inodes in depth-first pre-order of byte-sorted names (root = 1; a hard link
+    takes the number of its first occurrence): the inodes in order, and the ino and
+    link count of each by node id.
+
+    Depth first is the order `find`, `tar` and `cp -r` visit a tree, and file
+    data is laid out in inode order, so such a walk reads the image front to back
+    (the host's read-ahead then works for it). With ``expand(path, node)``, each
+    directory (``top``/...) is read when the walk enters it and gives its names;
+    ``on_file(node)``: each regular file when first met.
+    """
+    order = [root]
+    ino_of = {id(root): 1}
+    links = {id(root): 2}
+    stack = [(root, top, expand(top, root) if expand else iter(sorted(root.children)))]
+    while stack:
+        node, path, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            continue
+        child = node.children[name]
+        key = id(child)
+        is_dir = child.children is not None
+        if is_dir:
+            links[id(node)] += 1
+        if key not in ino_of:
+            ino_of[key] = len(order) + 1
+            order.append(child)
+            if is_dir:
+                links[key] = 2
+                sub = path + b"/" + name if expand else path
+                stack.append(
+                    (child, sub, expand(sub, child) if expand else iter(sorted(child.children)))
+                )
+            else:
+                links[key] = 1
+                if on_file is not None and child.content is not None:
+                    on_file(child)
+        elif not is_dir:
+            links[key] += 1
+        else:
+            raise FormatError("a directory appears twice in the source tree")
+    return order, ino_of, links
+
+
+def scan_directory(
+    root: Path | str, on_file: Callable[[SourceNode], None] | None = None
+) -> tuple[SourceNode, Numbering]:
+    """The tree under directory ``root`` (hard links become shared nodes) and its
+    numbering (:func:`number_tree`).
+
+    Each directory is read as the numbering walk enters it, so ``on_file(node)``
+    is called for each regular file in inode order while the scan goes on (its
+    hashing can start at once).
+    """
     top = os.fsencode(os.path.abspath(root))
     st = os.stat(top)  # SRC itself may be a symlink the user named; nothing below is followed
     if not stat.S_ISDIR(st.st_mode):
         raise FormatError(f"{root}: not a directory")
     tree = _node_from_stat(top, st)
     by_inode: dict[tuple[int, int], SourceNode] = {}
-    pending = [(top, tree)]
-    while pending:
-        path, node = pending.pop()
-        with os.scandir(path) as it:
-            entries = list(it)
-        for entry in entries:
-            name = entry.name
-            child_path = path + b"/" + name
-            st = entry.stat(follow_symlinks=False)
-            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-                known = by_inode.get((st.st_dev, st.st_ino))
-                if known is not None:
-                    node.children[name] = known
-                    continue
-            child = _node_from_stat(child_path, st)
-            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-                by_inode[(st.st_dev, st.st_ino)] = child
-            node.children[name] = child
-            if child.is_dir:
-                pending.append((child_path, child))
-    return tree
+
+    def expand(path: bytes, node: SourceNode) -> Iterator[bytes]:
+        return _list_directory(path, node, by_inode)
+
+    return tree, number_tree(tree, expand, top, on_file)
+
+
+def _list_directory(path: bytes, node: SourceNode, by_inode: dict) -> Iterator[bytes]:
+    """Read directory ``path`` into ``node.children``: its names in byte order."""
+    with os.scandir(path) as it:
+        entries = list(it)
+    for entry in entries:
+        name = entry.name
+        st = entry.stat(follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+            known = by_inode.get((st.st_dev, st.st_ino))
+            if known is not None:
+                node.children[name] = known
+                continue
+        child = _node_from_stat(path + b"/" + name, st)
+        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+            by_inode[(st.st_dev, st.st_ino)] = child
+        node.children[name] = child
+    return iter(sorted(node.children))
 
 
 # -- tar ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 from occlumfs.errors import OcclumfsError
 from occlumfs.merkle import build, build_image
 from occlumfs.merkle.forkmap import MAX_ITEMS, can_fork, fork_map
+from occlumfs.merkle.streampool import StreamPool
 
 
 def no_children_left() -> bool:
@@ -140,25 +141,107 @@ def second_round_errors() -> None:
     assert no_children_left()
 
 
-def build_forked(src: str, image: str) -> None:
-    """Build with forked hashing and copying (checked), print the digest."""
-    calls = []
-    real = build.fork_map
-    build.fork_map = lambda func, *a, **kw: calls.append(func.__name__) or real(func, *a, **kw)
-    print(build_image(Path(src), Path(image), jobs=2))
-    assert calls == ["hash_and_keep"], calls  # one set of workers hashes and copies
+def _stream(func, finish, n: int):
+    """Items 0..n-1 through a StreamPool of 2 (costs uneven), both rounds; the
+    first-round results and the plans each worker finished, by item."""
+    results: dict[int, object] = {}
+    with StreamPool(func, finish, 2, results.__setitem__) as pool:
+        for i in range(n):
+            pool.submit(i, {"n": i}, cost=1 + i % 5)  # sent as data, not shared memory
+        pool.gather()
+        pool.send_plans(lambda i: i + 1000)
+        pool.wait()
+    return results
+
+
+def stream_pool() -> None:
+    """Every item's result comes back once; each kept value reaches its plan in the
+    worker that computed it; both workers take items; none is left running."""
+    seen_r, seen_w = os.pipe()
+
+    def func(payload):
+        return payload["n"] * 2, (payload["n"], os.getpid())
+
+    def finish(kept, plan) -> None:
+        n, pid = kept
+        assert pid == os.getpid() and plan == n + 1000, (kept, plan)
+        os.write(seen_w, f"{n} {pid}\n".encode())
+
+    results = _stream(func, finish, 300)
+    os.close(seen_w)
+    with os.fdopen(seen_r) as seen:
+        finished = [tuple(map(int, line.split())) for line in seen]
+    assert results == {n: n * 2 for n in range(300)}
+    assert sorted(n for n, _ in finished) == list(range(300))
+    assert len({pid for _, pid in finished} - {os.getpid()}) == 2
     assert no_children_left()
 
 
-def _build_after_scan(src: str, image: str, between) -> None:
-    """Build with forked workers, calling ``between()`` right after the scan;
-    print the one-line error."""
-    scan = build.scan_directory
+def stream_pool_errors() -> None:
+    """The lowest failing item's error, from either round; a dead worker is one
+    clear error; workers reaped either way."""
 
-    def scan_then(root):
-        tree = scan(root)
-        between()
-        return tree
+    def first(payload):
+        if payload["n"] in (40, 17):
+            raise OcclumfsError(f"item {payload['n']} is bad")
+        return payload["n"], payload["n"]
+
+    for func, finish, want in (
+        (first, lambda kept, plan: None, "item 17 is bad"),
+        (lambda p: (p["n"], p["n"]), _fail_on_nine_or_four, "cannot finish 4"),
+        (_die_on_fifty, lambda kept, plan: None, "died before finishing"),
+        (lambda p: (p["n"], p["n"]), lambda kept, plan: os._exit(3), "died before finishing"),
+    ):
+        try:
+            _stream(func, finish, 120)
+        except OcclumfsError as exc:
+            assert want in str(exc), (want, exc)
+        else:
+            raise AssertionError(f"no error, wanted {want!r}")
+        assert no_children_left()
+
+
+def _fail_on_nine_or_four(kept, plan) -> None:
+    if kept in (9, 4):
+        raise OcclumfsError(f"cannot finish {kept}")
+
+
+def _die_on_fifty(payload):
+    if payload["n"] == 50:
+        os._exit(3)
+    return payload["n"], payload["n"]
+
+
+def build_forked(src: str, image: str) -> None:
+    """Build with forked hashing and copying (checked), print the digest."""
+    calls = []
+
+    def spy(real):
+        return lambda func, *a, **kw: calls.append(func.__name__) or real(func, *a, **kw)
+
+    build.fork_map, build.StreamPool = spy(build.fork_map), spy(build.StreamPool)
+    print(build_image(Path(src), Path(image), jobs=2))
+    # One set of workers, started during the scan, hashes and copies.
+    assert calls == ["hash_payload"], calls
+    assert no_children_left()
+
+
+def _build_after_scan(src: str, image: str, victim: str, between) -> None:
+    """Build with forked workers, calling ``between()`` once the scan has seen
+    ``victim``, before it is handed over to be hashed (the workers hash while
+    the scan goes on); print the one-line error."""
+    scan = build.scan_directory
+    victim_path = os.fsencode(os.path.abspath(victim))
+
+    def scan_then(root, on_file=None):
+        assert on_file is not None  # a streamed build
+
+        def hand_over(node):
+            if node.content.path == victim_path:
+                between()
+            on_file(node)
+
+        return scan(root, hand_over)
 
     build.scan_directory = scan_then
     assert can_fork()
@@ -170,14 +253,14 @@ def _build_after_scan(src: str, image: str, between) -> None:
 
 
 def build_error(src: str, image: str, victim: str) -> None:
-    """Delete ``victim`` between the scan and the hashing; print the one-line error."""
-    _build_after_scan(src, image, lambda: os.unlink(victim))
+    """Delete ``victim`` between its scan and its hashing; print the one-line error."""
+    _build_after_scan(src, image, victim, lambda: os.unlink(victim))
 
 
 def build_changed(src: str, image: str, victim: str) -> None:
-    """Rewrite ``victim`` (same size) between the scan and the hashing; print the error."""
+    """Rewrite ``victim`` (same size) between its scan and its hashing; print the error."""
     path = Path(victim)
-    _build_after_scan(src, image, lambda: path.write_bytes(path.read_bytes()[::-1]))
+    _build_after_scan(src, image, victim, lambda: path.write_bytes(path.read_bytes()[::-1]))
 
 
 if __name__ == "__main__":

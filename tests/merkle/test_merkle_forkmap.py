@@ -39,7 +39,16 @@ def _fresh(case: str, *args: object) -> str:
 
 @pytest.mark.parametrize(
     "case",
-    ["order", "first_error", "dead_worker", "too_many_items", "two_rounds", "second_round_errors"],
+    [
+        "order",
+        "first_error",
+        "dead_worker",
+        "too_many_items",
+        "two_rounds",
+        "second_round_errors",
+        "stream_pool",
+        "stream_pool_errors",
+    ],
 )
 def test_fork_map(case):
     _fresh(case)
