@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -144,3 +145,28 @@ def test_a_polling_server_answers_back_to_back_requests_and_stops_on_a_signal(tm
     assert Path(os.path.abspath(mnt)) not in mounted_paths()
     text = log.read_text()
     assert "received SIGTERM" in text and "Traceback" not in text
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+@pytest.mark.fuse
+def test_an_idle_server_sleeps_after_a_burst(tmp_path):
+    """The polling ends with the burst: an idle server spends no CPU (here over 1 s)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run_cli("mount", "-t", "mem", "x", mnt, env={BUSY_POLL_ENV: "10000"})
+    try:
+        pid = int(mount_record(mnt)["pid"])
+        for i in range(500):
+            with contextlib.suppress(FileNotFoundError):
+                os.stat(mnt / f"absent{i}")
+        before = _cpu_ticks(pid)
+        time.sleep(1.0)  # an observation window, not a wait for anything
+        spent = _cpu_ticks(pid) - before
+        # A server still polling would spend the whole second (~100 ticks).
+        assert spent <= 5, f"idle server spent {spent} ticks in 1 s"
+    finally:
+        run_cli("umount", mnt)
