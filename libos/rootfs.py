@@ -108,10 +108,11 @@ def rootfs_mountpoint(build: VerifiedBuild) -> Path:
 
 
 def mount_rootfs(build: VerifiedBuild, *, read_only: bool = False) -> RootfsHandle:
-    serve = _mount_module().serve
+    mount = _mount_module()
+    serve = mount.serve
     # A malformed $OCCLUMFS_BUSY_POLL_US is the user's error, said here, not
     # a server that failed to start.
-    _mount_module().busy_poll_ns()
+    mount.busy_poll_ns()
     mountpoint = rootfs_mountpoint(build)
     base = mountpoint.parent
     mountpoint.mkdir(exist_ok=True)

@@ -15,7 +15,7 @@ import pytest
 from conftest import run_cli
 
 from occlumfs.errors import ExitCode, UsageError
-from occlumfs.mount import mount_record, mounted_paths
+from occlumfs.mount import mount_record, mounted_paths, wait_for_exit
 from occlumfs.requestloop import (
     BACKOFF_WAITS,
     BUSY_POLL_DEFAULT_US,
@@ -62,16 +62,25 @@ def test_mount_refuses_a_malformed_setting_before_mounting(tmp_path):
 # -- the loop's polling -----------------------------------------------------------------
 
 
-@pytest.fixture
-def pipe_loop():
-    """A loop polling one pipe as it would poll /dev/fuse, with a 10 ms window."""
-    loop = RequestLoop(busy_poll=10_000_000)
+@contextlib.contextmanager
+def _pipe_loop(window_ns: int):
+    """A loop polling one pipe as it would poll /dev/fuse; yields it and the write end."""
+    loop = RequestLoop(busy_poll=window_ns)
     r, w = os.pipe()
     loop._poll.register(r, select.POLLIN)
-    yield loop, w
-    loop.close()
-    os.close(r)
-    os.close(w)
+    try:
+        yield loop, w
+    finally:
+        loop.close()
+        os.close(r)
+        os.close(w)
+
+
+@pytest.fixture
+def pipe_loop():
+    """With a 10 ms window."""
+    with _pipe_loop(10_000_000) as made:
+        yield made
 
 
 def test_polling_returns_what_is_ready_at_once(pipe_loop):
@@ -92,9 +101,6 @@ def test_polling_gives_up_after_its_window_with_nothing_ready(pipe_loop):
 def test_losing_the_cpu_while_polling_stops_polling_for_a_while():
     """Pinned to one CPU beside a busy process, the poller is preempted; a preemption
     lasts a scheduler slice, far longer than the window, and is still noticed."""
-    loop = RequestLoop(busy_poll=100_000)
-    r, w = os.pipe()
-    loop._poll.register(r, select.POLLIN)
     cpu = min(os.sched_getaffinity(0))
     saved = os.sched_getaffinity(0)
     hog = subprocess.Popen(
@@ -102,17 +108,15 @@ def test_losing_the_cpu_while_polling_stops_polling_for_a_while():
     )
     try:
         os.sched_setaffinity(0, {cpu})
-        for _ in range(5000):  # 100 us windows: 0.5 s at most; a slice is a few ms
-            if loop._busy_poll_once(time.perf_counter_ns()) == [] and loop._backoff:
-                break
-        assert loop._backoff == BACKOFF_WAITS
+        with _pipe_loop(100_000) as (loop, _):
+            for _ in range(5000):  # 100 us windows: 0.5 s at most; a slice is a few ms
+                if loop._busy_poll_once(time.perf_counter_ns()) == [] and loop._backoff:
+                    break
+            assert loop._backoff == BACKOFF_WAITS
     finally:
         os.sched_setaffinity(0, saved)
         hog.kill()
         hog.wait()
-        loop.close()
-        os.close(r)
-        os.close(w)
 
 
 # -- a mount that polls -------------------------------------------------------------------
@@ -133,12 +137,8 @@ def test_a_polling_server_answers_back_to_back_requests_and_stops_on_a_signal(tm
         assert sorted(os.listdir(mnt)) == sorted(f"f{i}" for i in range(300))
         assert all((mnt / f"f{i}").read_bytes() == b"%d" % i for i in range(300))
         os.kill(pid, signal.SIGTERM)
-        # The server unmounts on its way out: wait for it through its pidfd.
-        fd = os.pidfd_open(pid)
-        try:
-            assert select.select([fd], [], [], 30)[0], "server still running 30 s after SIGTERM"
-        finally:
-            os.close(fd)
+        # The server unmounts on its way out.
+        assert wait_for_exit(pid, 30), "server still running 30 s after SIGTERM"
     finally:
         if Path(os.path.abspath(mnt)) in mounted_paths():
             subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)
@@ -153,12 +153,10 @@ def _cpu_ticks(pid: int) -> int:
 
 
 @pytest.mark.fuse
-def test_an_idle_server_sleeps_after_a_burst(tmp_path):
+def test_an_idle_server_sleeps_after_a_burst(mount, monkeypatch):
     """The polling ends with the burst: an idle server spends no CPU (here over 1 s)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    run_cli("mount", "-t", "mem", "x", mnt, env={BUSY_POLL_ENV: "10000"})
-    try:
+    monkeypatch.setenv(BUSY_POLL_ENV, "10000")
+    with mount("x", "-t", "mem") as mnt:
         pid = int(mount_record(mnt)["pid"])
         for i in range(500):
             with contextlib.suppress(FileNotFoundError):
@@ -168,5 +166,3 @@ def test_an_idle_server_sleeps_after_a_burst(tmp_path):
         spent = _cpu_ticks(pid) - before
         # A server still polling would spend the whole second (~100 ticks).
         assert spent <= 5, f"idle server spent {spent} ticks in 1 s"
-    finally:
-        run_cli("umount", mnt)
