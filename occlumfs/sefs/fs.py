@@ -79,6 +79,7 @@ class StateWriter:
         self._pending: tuple[int, bytes, int, bytes] | None = None
         self._busy = False
         self._urgent = False  # a commit's state or a drain waits: no pacing
+        self._pacing = False  # the thread waits out the interval after a log position
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -97,7 +98,7 @@ class StateWriter:
         if child:  # the lock was copied held and the thread did not come along
             self._cond = threading.Condition()
             self._thread = None
-            self._busy = False
+            self._busy = self._pacing = False
         else:
             self._cond.release()
 
@@ -109,10 +110,13 @@ class StateWriter:
             # Threads do not survive the mount's fork: start one in whoever commits.
             if self._thread is None or self._pid != os.getpid():
                 self._pid = os.getpid()
-                self._busy = False
+                self._busy = self._pacing = False
                 self._thread = threading.Thread(target=self._run, name="sefs-state", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            # A thread pacing log positions takes this one when its wait ends: waking
+            # it for each fsync would only hand it the GIL to go back to sleep.
+            if self._urgent or not self._pacing:
+                self._cond.notify()
 
     def drain(self) -> None:
         """Wait until every submitted state is written; raise the failure if one failed."""
@@ -150,7 +154,9 @@ class StateWriter:
                 self._busy = False
                 self._cond.notify_all()
                 if pending[2]:  # a log position: pace the next one
+                    self._pacing = True
                     self._cond.wait_for(lambda: self._urgent, timeout=LOG_STATE_INTERVAL)
+                    self._pacing = False
 
 
 _STATE_WRITERS: weakref.WeakSet[StateWriter] = weakref.WeakSet()
