@@ -433,8 +433,25 @@ class Journal:
 
 def _changed_blocks(key: bytes, old: bytes, new: bytes, out: list[tuple[int, int, bytes]]) -> None:
     """The blocks of map record ``key`` whose entry differs from ``old`` and is not a hole."""
+    size = len(new)
+    if len(old) != size:
+        old = bytes(old[:size]).ljust(size, b"\0")
+    if old == new:
+        return
     ino = int.from_bytes(key[1:9], "big")
     base = int.from_bytes(key[9:17], "big") * CHUNK_BLOCKS
-    for at in range(0, len(new), ENTRY_SIZE):
-        if new[at] and new[at : at + ENTRY_SIZE] != old[at : at + ENTRY_SIZE]:
-            out.append((ino, base + at // ENTRY_SIZE, bytes(new[at : at + ENTRY_SIZE])))
+    # Halves that compare equal (memcmp) are skipped whole: an fsync of a large file
+    # changes a few of its chunk's 256 entries, and comparing every entry in Python
+    # cost ~50 us an fsync.
+    spans = [(0, size // ENTRY_SIZE)]
+    while spans:
+        lo, hi = spans.pop()
+        if old[lo * ENTRY_SIZE : hi * ENTRY_SIZE] == new[lo * ENTRY_SIZE : hi * ENTRY_SIZE]:
+            continue
+        if hi - lo > 16:  # (a chunk rewritten whole still costs one pass, plus 10%)
+            mid = (lo + hi) // 2
+            spans += ((mid, hi), (lo, mid))  # the lower half next: blocks in order
+            continue
+        for at in range(lo * ENTRY_SIZE, hi * ENTRY_SIZE, ENTRY_SIZE):
+            if new[at] and new[at : at + ENTRY_SIZE] != old[at : at + ENTRY_SIZE]:
+                out.append((ino, base + at // ENTRY_SIZE, bytes(new[at : at + ENTRY_SIZE])))
