@@ -118,6 +118,11 @@ class HeldWrites:
         first, end = offset // BLOCK_SIZE, -(-(offset + want) // BLOCK_SIZE)
         inside = [b for b in range(first, end) if b in blocks]
         if len(inside) == end - first and not offset % BLOCK_SIZE:
+            if len(buffers) == 1 and not want % BLOCK_SIZE:  # the log's read of what it logs
+                view = memoryview(buffers[0]).cast("B")
+                for i, block in enumerate(inside):
+                    view[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE] = blocks[block]
+                return want
             got = 0  # all of it is held: the host file may not even exist
         else:
             try:
