@@ -16,6 +16,7 @@ through a mount, and exits 13 from an offline command.
 from __future__ import annotations
 
 import errno as _errno
+import functools
 import os
 
 
@@ -35,11 +36,14 @@ class ExitCode:
     FSCK = 26  # fsck found problems
 
 
+_strerror = functools.cache(os.strerror)  # a negative lookup raises one of these
+
+
 class FSError(OSError):
     """A POSIX error from a filesystem operation: ``FSError(errno.ENOENT)``."""
 
     def __init__(self, errno: int, message: str | None = None) -> None:
-        super().__init__(errno, message or os.strerror(errno))
+        super().__init__(errno, message or _strerror(errno))
 
 
 class OcclumfsError(Exception):
