@@ -26,11 +26,11 @@ import stat
 from collections.abc import Iterator
 
 from occlumfs.errors import OcclumfsError
-from occlumfs.merkle.format import BLOCK_SIZE, ZERO_BLOCK
+from occlumfs.merkle.format import BLOCK_SIZE, HASH_SIZE, ZERO_BLOCK
 from occlumfs.merkle.source import Content, SourceNode
 from occlumfs.merkle.tree import hash_blocks
 
-ZERO_RUN = bytes(64)
+ZERO_HASH = hashlib.sha256(ZERO_BLOCK).digest()  # the hash of an all-zero block
 _ZEROS = memoryview(ZERO_BLOCK)  # sliced without a copy, for a file's last block
 SMALL_FILE = 1 << 20
 READ = 1 << 20
@@ -83,34 +83,33 @@ def _read_area() -> bytearray:
     return area
 
 
-def _hash_buffer(buf: bytes | bytearray, got: int, first_block: int, out: list) -> None:
+def _hash_buffer(buf: bytearray, got: int, first_block: int, out: list) -> None:
     """Append (first block, hashes of the run) for each run of non-zero blocks of
-    ``buf[:got]``, whose first block is file block ``first_block``."""
-    mv = memoryview(buf)[:got]
-    run_first = first_block
-    run: list[bytes] = []
-    first_off = 0
-    full = got - got % BLOCK_SIZE
-    if full and buf.find(ZERO_RUN, 0, full) < 0:
-        # No all-zero block can hide in a buffer without 64 zeros in a row:
-        # hash its whole blocks as one run, without copies.
-        run.append(hash_blocks(mv[:full]))
-        first_off = full
-    for off in range(first_off, got, BLOCK_SIZE):
-        n = min(BLOCK_SIZE, got - off)
-        if buf.startswith(_ZEROS[:n], off, off + n):  # an all-zero block becomes a hole
-            if run:
-                out.append((run_first, b"".join(run)))
-                run = []
-            continue
-        if not run:
-            run_first = first_block + off // BLOCK_SIZE
-        h = hashlib.sha256(mv[off : off + n])
-        if n < BLOCK_SIZE:
-            h.update(_ZEROS[n:])
-        run.append(h.digest())
-    if run:
-        out.append((run_first, b"".join(run)))
+    ``buf[:got]``, whose first block is file block ``first_block``.
+
+    ``buf`` must have room up to the block boundary after ``got``: a short last
+    block is padded with zeros there, as it is stored, and every block is hashed
+    by one :func:`hash_blocks` call. An all-zero block (a hole in the image) is
+    the block whose hash is :data:`ZERO_HASH`: finding it among the hashes reads
+    1/128 of what searching the bytes for zeros did (~5 ms of a stdlib build,
+    and the per-block Python of each file's last block, ~4 ms more)."""
+    end = -(-got // BLOCK_SIZE) * BLOCK_SIZE
+    if end > got:
+        buf[got:end] = _ZEROS[: end - got]
+    hashes = hash_blocks(memoryview(buf)[:end])
+    found = hashes.find(ZERO_HASH)
+    if found < 0:
+        if hashes:
+            out.append((first_block, hashes))
+        return
+    start = 0  # of the current run of non-zero blocks, in bytes of ``hashes``
+    for at in range(found - found % HASH_SIZE, len(hashes), HASH_SIZE):
+        if hashes[at : at + HASH_SIZE] == ZERO_HASH:
+            if at > start:
+                out.append((first_block + start // HASH_SIZE, hashes[start:at]))
+            start = at + HASH_SIZE
+    if start < len(hashes):
+        out.append((first_block + start // HASH_SIZE, hashes[start:]))
 
 
 def _hash_chunk(
