@@ -38,6 +38,7 @@ from occlumfs.merkle.filedata import (
     hash_and_keep,
     hash_batch,
     hash_payload,
+    reserve,
     write_batch,
 )
 from occlumfs.merkle.forkmap import MAX_ITEMS, can_fork, fork_map
@@ -267,7 +268,7 @@ class _Builder:
         table, heap = bytes(placement.meta.table), bytes(placement.meta.heap)
         data_blocks = sum(len(p.hashes) // HASH_SIZE for p in placed)
         layout = Layout.compute(len(self.order), len(heap), data_blocks, self.keys is not None)
-        os.ftruncate(fd, layout.image_blocks * BLOCK_SIZE)
+        reserve(fd, layout.image_blocks * BLOCK_SIZE)
         return placed, of_node, table, heap, layout
 
     def _scan_and_write(self, fd: int, source: str) -> Descriptor:

@@ -197,6 +197,39 @@ def write_batch(
                 os.close(src)
 
 
+# Filesystems whose fallocate(2) allocates extents (glibc's posix_fallocate
+# elsewhere writes a byte into every block: slow, and on a FUSE mount one
+# request a block).
+_FALLOCATE_FS = frozenset([b"ext4", b"xfs", b"btrfs", b"tmpfs", b"f2fs"])
+
+
+def reserve(fd: int, size: int) -> None:
+    """Make the image file ``size`` bytes long, its blocks allocated up front
+    where the filesystem can (fallocate): the data's buffered writes then skip
+    the delayed-allocation reservation of each page (the stdlib's 100 MiB on
+    ext4: 41 -> 34 ms of CPU). Every byte is written all the same; a block never
+    written reads as zeros either way. Elsewhere: ``ftruncate``, a sparse file."""
+    os.ftruncate(fd, size)
+    if size and _filesystem_type(fd) in _FALLOCATE_FS:
+        os.posix_fallocate(fd, 0, size)
+
+
+def _filesystem_type(fd: int) -> bytes | None:
+    """The type of the filesystem holding ``fd`` (``/proc/self/mountinfo``), or None."""
+    st = os.fstat(fd)
+    device = b"%d:%d" % (os.major(st.st_dev), os.minor(st.st_dev))
+    try:
+        with open("/proc/self/mountinfo", "rb") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == device and b"-" in fields:
+                    at = fields.index(b"-")
+                    return fields[at + 1] if at + 1 < len(fields) else None
+    except OSError:
+        pass
+    return None
+
+
 def check_unchanged(content: Content, src: int = -1) -> None:
     """Raise if a source file's size or times moved since the scan (it changed
     while the build read it). ``src``: the file as the build opened and read it

@@ -7,6 +7,7 @@ import io
 import os
 import random
 import stat
+import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from merkle.trees import T0, GiB, make_golden_tree, pattern, set_times
 from occlumfs.errors import FormatError, FSError, NotFoundError
 from occlumfs.fs import ROOT_INO, iter_dir, lookup_path, read_all
 from occlumfs.merkle import build_image, open_image_fs, read_digest, verify_image
+from occlumfs.merkle.filedata import _filesystem_type, reserve
 from occlumfs.merkle.format import BLOCK_SIZE
 from occlumfs.merkle.reader import ImageReader
 
@@ -268,6 +270,36 @@ def test_all_zero_blocks_of_any_length_are_holes_and_others_are_not(tmp_path, jo
         assert b"".join(read_all(fs, attr.ino)) == data
     fs.close()
     verify_image(tmp_path / "img", digest=digest, key=None)
+
+
+@pytest.mark.parametrize("where", ["tmp_path", "/dev/shm"])
+def test_the_image_file_is_allocated_up_front_where_its_filesystem_can(tmp_path, where):
+    """reserve() sizes the image and allocates its blocks on filesystems whose
+    fallocate allocates (ext4, tmpfs...): the data's writes then skip per-page
+    reservations. The file reads as zeros either way."""
+    directory = tmp_path if where == "tmp_path" else Path(where)
+    fstypes = subprocess.run(
+        ["findmnt", "-n", "-o", "FSTYPE", "--target", str(directory)],
+        capture_output=True,
+        check=True,
+        text=True,
+    ).stdout.split()  # one a mount: stacked mounts give several
+    path = directory / f"reserve-test-{os.getpid()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fstype = _filesystem_type(fd).decode()
+        assert fstype in fstypes
+        reserve(fd, 10 * BLOCK_SIZE)
+        st = os.fstat(fd)
+        assert st.st_size == 10 * BLOCK_SIZE
+        assert os.pread(fd, 11 * BLOCK_SIZE, 0) == bytes(10 * BLOCK_SIZE)
+        if fstype in ("ext4", "xfs", "tmpfs", "f2fs"):
+            assert st.st_blocks * 512 >= 10 * BLOCK_SIZE
+        else:
+            assert st.st_blocks == 0
+    finally:
+        os.close(fd)
+        path.unlink()
 
 
 def test_source_date_epoch_clamps_newer_mtimes_only(tmp_path):
