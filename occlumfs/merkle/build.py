@@ -286,8 +286,8 @@ class _Builder:
 
     def _write_into(self, fd: int) -> Descriptor:
         batches = self._batches()
-        meta = Metadata(self.ino_of, self.links, self.clamp_ns)
-        placement = Placement(self.order, batches, self.progress, meta, CHUNK)
+        placement = Placement(batches, self.progress, CHUNK)
+        placement.number(self.order, Metadata(self.ino_of, self.links, self.clamp_ns))
         if self.keys is None and self._may_fork(batches):
             # The hashing processes copy the data too, once it is placed (files
             # are placed as their hashes come in); meanwhile this process writes
@@ -449,7 +449,9 @@ class _Stream:
         self.batches: list[list[Task]] = []
         self.batch: list[Task] = []
         self.batch_bytes = 0
-        self.results: dict[int, list] = {}
+        # Files are placed as their hashes come in, while the scan goes on: by
+        # the last hash only the inodes are left to serialise.
+        self.placement = Placement(self.batches, builder.progress, CHUNK)
 
     def add(self, node: SourceNode) -> None:
         size = node.content.size
@@ -463,7 +465,7 @@ class _Stream:
     def _send(self) -> None:
         if self.pool is None:
             finish = functools.partial(write_batch, self.fd)
-            self.pool = StreamPool(hash_payload, finish, self.builder.jobs, self._keep)
+            self.pool = StreamPool(hash_payload, finish, self.builder.jobs, self.placement.add)
         index = len(self.batches)
         self.batches.append(self.batch)
         payload = []  # what a worker needs of each task, as plain data
@@ -473,18 +475,11 @@ class _Stream:
         self.pool.submit(index, payload, self.batch_bytes)
         self.batch, self.batch_bytes = [], 0
 
-    def _keep(self, index: int, runs: list) -> None:
-        self.results[index] = runs
-
     def finish(self) -> Descriptor:
-        b, pool, batches = self.builder, self.pool, self.batches
+        b, pool, batches, placement = self.builder, self.pool, self.batches, self.placement
         if self.batch:
             self._send()
-        meta = Metadata(b.ino_of, b.links, b.clamp_ns)
-        placement = Placement(b.order, batches, b.progress, meta, CHUNK)
-        for index, runs in self.results.items():
-            placement.add(index, runs)
-        pool.on_result = placement.add
+        placement.number(b.order, Metadata(b.ino_of, b.links, b.clamp_ns))
         pool.gather()
         parts = b._lay_out(self.fd, placement)
         base, where = parts[4].data_start * BLOCK_SIZE, placement.segments
