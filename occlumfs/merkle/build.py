@@ -11,13 +11,14 @@ The build runs in passes so that the output depends only on the tree:
    plain directory build scans in that same order and hands each batch of
    files to a worker as soon as it is scanned (:class:`_Stream`), so hashing
    runs while the scan goes on;
-3. place each distinct content once in the data region, in inode order, and
-   serialise the inode table and the heap as files are placed
-   (:mod:`occlumfs.merkle.placement`);
+3. place each distinct content once in the data region, in inode order, as
+   its last hash comes in (during a streamed scan too), and serialise the inode
+   table and the heap once the tree is numbered (:mod:`occlumfs.merkle.placement`);
 4. write the data (copied by the processes that hashed it, or copied, or
    sealed in parallel for an encrypted image), the seal table, the Merkle tree
    and last the header (with its MAC under the image key when encrypted), into
-   a temporary file renamed over the target.
+   a temporary file (its blocks allocated up front where the filesystem can:
+   :func:`~occlumfs.merkle.filedata.reserve`) renamed over the target.
 """
 
 from __future__ import annotations
