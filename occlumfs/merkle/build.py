@@ -11,13 +11,14 @@ The build runs in passes so that the output depends only on the tree:
    plain directory build scans in that same order and hands each batch of
    files to a worker as soon as it is scanned (:class:`_Stream`), so hashing
    runs while the scan goes on;
-3. place each distinct content once in the data region, in inode order, and
-   serialise the inode table and the heap as files are placed
-   (:mod:`occlumfs.merkle.placement`);
+3. place each distinct content once in the data region, in inode order, as
+   its last hash comes in (during a streamed scan too), and serialise the inode
+   table and the heap once the tree is numbered (:mod:`occlumfs.merkle.placement`);
 4. write the data (copied by the processes that hashed it, or copied, or
    sealed in parallel for an encrypted image), the seal table, the Merkle tree
    and last the header (with its MAC under the image key when encrypted), into
-   a temporary file renamed over the target.
+   a temporary file (its blocks allocated up front where the filesystem can:
+   :func:`~occlumfs.merkle.filedata.reserve`) renamed over the target.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from occlumfs.merkle.filedata import (
     hash_and_keep,
     hash_batch,
     hash_payload,
+    reserve,
     write_batch,
 )
 from occlumfs.merkle.forkmap import MAX_ITEMS, can_fork, fork_map
@@ -267,7 +269,7 @@ class _Builder:
         table, heap = bytes(placement.meta.table), bytes(placement.meta.heap)
         data_blocks = sum(len(p.hashes) // HASH_SIZE for p in placed)
         layout = Layout.compute(len(self.order), len(heap), data_blocks, self.keys is not None)
-        os.ftruncate(fd, layout.image_blocks * BLOCK_SIZE)
+        reserve(fd, layout.image_blocks * BLOCK_SIZE)
         return placed, of_node, table, heap, layout
 
     def _scan_and_write(self, fd: int, source: str) -> Descriptor:
@@ -285,8 +287,8 @@ class _Builder:
 
     def _write_into(self, fd: int) -> Descriptor:
         batches = self._batches()
-        meta = Metadata(self.ino_of, self.links, self.clamp_ns)
-        placement = Placement(self.order, batches, self.progress, meta, CHUNK)
+        placement = Placement(batches, self.progress, CHUNK)
+        placement.number(self.order, Metadata(self.ino_of, self.links, self.clamp_ns))
         if self.keys is None and self._may_fork(batches):
             # The hashing processes copy the data too, once it is placed (files
             # are placed as their hashes come in); meanwhile this process writes
@@ -324,7 +326,9 @@ class _Builder:
         tree and header."""
         encrypted = self.keys is not None
         data_blocks = layout.seal_start - layout.data_start
-        leaves = bytearray(layout.covered_blocks * HASH_SIZE)
+        # Level 0 of the tree, already padded to whole blocks: no copies of it
+        # (~850 KB for the stdlib: fresh memory costs a page fault a 4 KiB).
+        leaves = bytearray(layout.tree.counts[0] * BLOCK_SIZE)
         seals = bytearray((layout.seal_start - 1) * SEAL_SIZE) if encrypted else None
 
         self._write_plain_region(fd, layout.inode_start, pad_block(table), leaves, seals)
@@ -337,11 +341,12 @@ class _Builder:
             leaves[at : at + layout.seal_blocks * HASH_SIZE] = hash_blocks(seal_bytes)
         else:
             at = (layout.data_start - 1) * HASH_SIZE
-            hashes = b"".join(p.hashes for p in placed)
-            leaves[at : at + len(hashes)] = hashes
+            for p in placed:
+                leaves[at : at + len(p.hashes)] = p.hashes
+                at += len(p.hashes)
 
-        levels, root = build_levels(bytes(leaves), layout.tree)
-        os.pwrite(fd, b"".join(levels), layout.tree_start * BLOCK_SIZE)
+        levels, root = build_levels(leaves, layout.tree)
+        os.pwritev(fd, levels, layout.tree_start * BLOCK_SIZE)
         desc = Descriptor(
             flags=(FLAG_ENCRYPTED if encrypted else 0)
             | (FLAG_XATTRS if any(n.xattrs for n in self.order) else 0),
@@ -445,7 +450,9 @@ class _Stream:
         self.batches: list[list[Task]] = []
         self.batch: list[Task] = []
         self.batch_bytes = 0
-        self.results: dict[int, list] = {}
+        # Files are placed as their hashes come in, while the scan goes on: by
+        # the last hash only the inodes are left to serialise.
+        self.placement = Placement(self.batches, builder.progress, CHUNK)
 
     def add(self, node: SourceNode) -> None:
         size = node.content.size
@@ -459,7 +466,7 @@ class _Stream:
     def _send(self) -> None:
         if self.pool is None:
             finish = functools.partial(write_batch, self.fd)
-            self.pool = StreamPool(hash_payload, finish, self.builder.jobs, self._keep)
+            self.pool = StreamPool(hash_payload, finish, self.builder.jobs, self.placement.add)
         index = len(self.batches)
         self.batches.append(self.batch)
         payload = []  # what a worker needs of each task, as plain data
@@ -469,18 +476,11 @@ class _Stream:
         self.pool.submit(index, payload, self.batch_bytes)
         self.batch, self.batch_bytes = [], 0
 
-    def _keep(self, index: int, runs: list) -> None:
-        self.results[index] = runs
-
     def finish(self) -> Descriptor:
-        b, pool, batches = self.builder, self.pool, self.batches
+        b, pool, batches, placement = self.builder, self.pool, self.batches, self.placement
         if self.batch:
             self._send()
-        meta = Metadata(b.ino_of, b.links, b.clamp_ns)
-        placement = Placement(b.order, batches, b.progress, meta, CHUNK)
-        for index, runs in self.results.items():
-            placement.add(index, runs)
-        pool.on_result = placement.add
+        placement.number(b.order, Metadata(b.ino_of, b.links, b.clamp_ns))
         pool.gather()
         parts = b._lay_out(self.fd, placement)
         base, where = parts[4].data_start * BLOCK_SIZE, placement.segments

@@ -1,12 +1,13 @@
 """A build's passes 3 and 4 as the hashes come in: placing each distinct content
 in the data region, and the inode table and heap, inode by inode.
 
-Files are placed in inode order, each once all its runs are in, and every inode
-is serialised as soon as everything before it is placed. So when the last hash
-arrives the metadata is already written out and the data region's start is
-known: a forked build hands the copy plans to its workers at once instead of
-keeping them idle while this process serialises ~2,800 inodes (docs/performance.md,
-issue 11).
+Files are placed in inode order (the order of their hashing tasks), each as soon
+as its last run is in, even while the scan still numbers the tree; every inode
+is serialised once the numbering is known and everything before it is placed.
+So when the last hash arrives the metadata is already written out and the data
+region's start is known: a forked build hands the copy plans to its workers at
+once instead of keeping them idle while this process places ~2,450 files and
+serialises ~2,600 inodes (docs/performance.md, issue 11).
 """
 
 from __future__ import annotations
@@ -141,27 +142,20 @@ class Metadata:
 
 class Placement:
     """Passes 2 and 3 (and 4, into ``meta``) as the hashes come in: each batch's runs
-    are taken in batch order, and each file is placed once all its runs are in, in
-    inode order (so a forked build places files while its workers still hash)."""
+    are taken in batch order and each file is placed with its last run (so a
+    forked build places files while its workers still hash, and while a streamed
+    scan still goes on); inodes are serialised in inode order once :meth:`number`
+    gave the numbering."""
 
-    def __init__(
-        self,
-        order: list[SourceNode],
-        batches: list[list[Task]],
-        progress,
-        meta: Metadata,
-        chunk: int,
-    ) -> None:
-        self.order = order
+    def __init__(self, batches: list[list[Task]], progress, chunk: int) -> None:
+        self.order: list[SourceNode] | None = None  # until number()
+        self.meta: Metadata | None = None
         self.chunk = chunk  # the tasks of a file: its bytes [k * chunk, (k + 1) * chunk)
-        self.batches = batches
+        self.batches = batches  # may still grow (a streamed build)
         self.progress = progress
-        self.meta = meta
-        self.mapped: list = [None] * len(batches)
+        self.mapped: list = []
         self.folded = 0  # batches taken
-        self.hashed = {id(n): Hashed() for n in order if n.content is not None}
-        # Files with every run in (an empty file has none to wait for).
-        self.complete = {id(n) for n in order if n.content is not None and not n.content.size}
+        self.hashed: dict[int, Hashed] = {}  # files with some runs in, not placed yet
         self.placed: list[Placed] = []
         self.by_content: dict[tuple, Placed] = {}
         self.of_node: dict[int, Placed] = {}
@@ -169,44 +163,57 @@ class Placement:
         # it: where its bytes go, relative to the data region.
         self.segments: dict[tuple[int, int], list[Segment]] = {}
         self.next_block = 0
-        self.at = 0  # the next inode to place
-        self._place_ready()  # a tree of empty files has no batches
+        self.at = 0  # the next inode to serialise
+
+    def number(self, order: list[SourceNode], meta: Metadata) -> None:
+        """The inodes in order (the scan is over): serialise what is placed."""
+        self.order, self.meta = order, meta
+        self._serialise_ready()  # a tree of empty files has no batches
 
     @property
     def done(self) -> bool:
         """Every inode placed and serialised."""
-        return self.at == len(self.order)
+        return self.order is not None and self.at == len(self.order)
 
     def add(self, index: int, batch_runs: list) -> None:
-        self.mapped[index] = batch_runs
-        while self.folded < len(self.batches) and self.mapped[self.folded] is not None:
+        mapped = self.mapped
+        if len(mapped) <= index:
+            mapped.extend([None] * (index + 1 - len(mapped)))
+        mapped[index] = batch_runs
+        hashed = self.hashed
+        while self.folded < len(mapped) and mapped[self.folded] is not None:
             batch = self.batches[self.folded]
-            for (node, start, end), runs in zip(batch, self.mapped[self.folded], strict=True):
-                hashed = self.hashed[id(node)]
+            for (node, start, end), runs in zip(batch, mapped[self.folded], strict=True):
+                h = hashed.get(id(node))
+                if h is None:
+                    h = hashed[id(node)] = Hashed()
                 for first, hashes in runs:
-                    hashed.add(first, hashes)
+                    h.add(first, hashes)
                 if end == node.content.size:
-                    self.complete.add(id(node))
+                    self._place(node)  # its last run: files end in inode order
                 if self.progress is not None:
                     self.progress(end - start)
-            self.mapped[self.folded] = ()
+            mapped[self.folded] = ()
             self.folded += 1
-        self._place_ready()
+        if self.order is not None:
+            self._serialise_ready()
 
-    def _place_ready(self) -> None:
-        order, meta = self.order, self.meta
+    def _serialise_ready(self) -> None:
+        order, meta, of_node = self.order, self.meta, self.of_node
         while self.at < len(order):
             node = order[self.at]
             placed = None
             if node.content is not None:
-                if id(node) not in self.complete:
-                    break
-                placed = self._place(node)
+                placed = of_node.get(id(node))
+                if placed is None:
+                    if node.content.size:
+                        break  # its hashes are not all in yet
+                    placed = self._place(node)  # an empty file: no runs to wait for
             self.at += 1
             meta.add(self.at, node, placed)
 
     def _place(self, node: SourceNode) -> Placed:
-        h = self.hashed.pop(id(node))
+        h = self.hashed.pop(id(node), None) or Hashed()
         hashes = b"".join(h.hashes)
         # Equal size, runs and block hashes: the same content, stored once.
         ident = (node.content.size, tuple(map(tuple, h.runs)), hashes)

@@ -33,9 +33,14 @@ def pad_block(data: bytes) -> bytes:
     return data + bytes(rest) if rest else data
 
 
-def build_levels(leaf_hashes: bytes, geometry: TreeGeometry) -> tuple[list[bytes], bytes]:
-    """All tree levels (each padded to whole blocks) and the root hash."""
-    assert len(leaf_hashes) == geometry.leaves * HASH_SIZE
+def build_levels(
+    leaf_hashes: bytes | bytearray, geometry: TreeGeometry
+) -> tuple[list[bytes | bytearray], bytes]:
+    """All tree levels (each padded to whole blocks) and the root hash.
+
+    ``leaf_hashes`` may come padded with zeros to whole blocks already (then it
+    is level 0 itself, not a copy)."""
+    assert len(leaf_hashes) in (geometry.leaves * HASH_SIZE, geometry.counts[0] * BLOCK_SIZE)
     levels = []
     current = pad_block(leaf_hashes)
     for count in geometry.counts:

@@ -7,6 +7,7 @@ import io
 import os
 import random
 import stat
+import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from merkle.trees import T0, GiB, make_golden_tree, pattern, set_times
 from occlumfs.errors import FormatError, FSError, NotFoundError
 from occlumfs.fs import ROOT_INO, iter_dir, lookup_path, read_all
 from occlumfs.merkle import build_image, open_image_fs, read_digest, verify_image
+from occlumfs.merkle.filedata import _filesystem_type, reserve
 from occlumfs.merkle.format import BLOCK_SIZE
 from occlumfs.merkle.reader import ImageReader
 
@@ -235,6 +237,69 @@ def test_sparse_and_dense_zeros_give_the_same_image(tmp_path):
     with pytest.raises(FSError):
         fs.read(attr.ino, -1, 10)
     fs.close()
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_all_zero_blocks_of_any_length_are_holes_and_others_are_not(tmp_path, jobs):
+    """The builder finds all-zero blocks by their hash among the hashes of every
+    block (a short last block padded with zeros first): a zero block anywhere, a
+    short all-zero last block, a file of a few zero bytes become holes; a block
+    with one non-zero byte (first, last, or in a short last block) is stored."""
+    one_at = [bytes(BLOCK_SIZE - 1) + b"x", b"x" + bytes(BLOCK_SIZE - 1)]
+    files = {
+        "ten_zeros": (bytes(10), 0),
+        "zero_tail": (b"a" * BLOCK_SIZE + bytes(100), 1),
+        "zero_middle": (b"a" * BLOCK_SIZE + bytes(BLOCK_SIZE) + b"b" * 7, 2),
+        "nonzero_edges": (one_at[0] + bytes(2 * BLOCK_SIZE) + one_at[1], 2),
+        "tail_last_byte": (bytes(BLOCK_SIZE) + bytes(99) + b"z", 1),
+        # Larger than a read (1 MiB): the zero blocks sit in the second read.
+        "big": (b"c" * (1 << 20) + bytes(3 * BLOCK_SIZE) + b"d" * 5000, 256 + 2),
+    }
+    # Enough files for several batches, so that a forked build hashes in workers.
+    files.update({f"pad{i:03}": (b"p%03d" % i * 3000, 3) for i in range(300)})
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, (data, _) in files.items():
+        (src / name).write_bytes(data)
+    set_times(src)
+    digest = build_image(src, tmp_path / "img", jobs=jobs)
+    fs = open_image_fs(tmp_path / "img", digest=digest, key=None)
+    for name, (data, stored) in files.items():
+        attr = lookup_path(fs, name)
+        assert (name, attr.blocks) == (name, stored * 8)
+        assert b"".join(read_all(fs, attr.ino)) == data
+    fs.close()
+    verify_image(tmp_path / "img", digest=digest, key=None)
+
+
+@pytest.mark.parametrize("where", ["tmp_path", "/dev/shm"])
+def test_the_image_file_is_allocated_up_front_where_its_filesystem_can(tmp_path, where):
+    """reserve() sizes the image and allocates its blocks on filesystems whose
+    fallocate allocates (ext4, tmpfs...): the data's writes then skip per-page
+    reservations. The file reads as zeros either way."""
+    directory = tmp_path if where == "tmp_path" else Path(where)
+    fstypes = subprocess.run(
+        ["findmnt", "-n", "-o", "FSTYPE", "--target", str(directory)],
+        capture_output=True,
+        check=True,
+        text=True,
+    ).stdout.split()  # one a mount: stacked mounts give several
+    path = directory / f"reserve-test-{os.getpid()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fstype = _filesystem_type(fd).decode()
+        assert fstype in fstypes
+        reserve(fd, 10 * BLOCK_SIZE)
+        st = os.fstat(fd)
+        assert st.st_size == 10 * BLOCK_SIZE
+        assert os.pread(fd, 11 * BLOCK_SIZE, 0) == bytes(10 * BLOCK_SIZE)
+        if fstype in ("ext4", "xfs", "tmpfs", "f2fs"):
+            assert st.st_blocks * 512 >= 10 * BLOCK_SIZE
+        else:
+            assert st.st_blocks == 0
+    finally:
+        os.close(fd)
+        path.unlink()
 
 
 def test_source_date_epoch_clamps_newer_mtimes_only(tmp_path):

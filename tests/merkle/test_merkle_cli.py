@@ -345,3 +345,25 @@ def test_a_plain_mkimage_fails_as_through_click(tmp_path):
             pid.sub("", other.stderr),
         ), case
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "src"]  # nothing written
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_mkimage_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, jobs):
+    """The image file is allocated up front where the filesystem can (tmpfs can):
+    a disk too small for the image fails there, before any data is copied, with
+    one line, exit 1, and no scratch file left; the same as when a write fails."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(60):  # two batches (6 MB): a forked build with -j 2
+        (src / f"f{i:02}").write_bytes(pattern(f"f{i}", 100_000))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", disk], check=True)
+    try:
+        done = run_cli("mkimage", "-j", jobs, src, disk / "img", check=False)
+        assert done.returncode == ExitCode.ERROR
+        assert done.stderr == f"occlumfs: error: mkimage: {disk / 'img'}: No space left on device\n"
+        assert done.stdout == ""
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", disk], check=False)
