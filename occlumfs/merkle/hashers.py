@@ -6,8 +6,9 @@ only ~1.2 cores (each hash is too short for the GIL hand-off it releases;
 docs/performance.md, issue 11). A worker process has its own interpreter.
 
 How: the reader (:class:`ReadAhead`) owns a shared mapping (a memfd) cut into
-slots of one window (``WINDOW_BLOCKS`` blocks plus their hashes). It asks a
-worker, over a pipe, for "window at image block B, N blocks, into slot S"; the
+slots of one window (``WINDOW_BLOCKS`` blocks plus their hashes). It asks for
+"window at image block B, N blocks, into slot S" on a pipe all workers read
+from (each ask is read whole by one of them: whichever is free); the
 worker ``preadv``\\ s the blocks into the slot (with ``O_DIRECT`` where the
 image's filesystem allows it: the page cache would only hold a second copy),
 hashes each leaf, writes the hashes beside it and answers "slot S done". The
@@ -74,13 +75,12 @@ def _worker_count() -> int:
 
 
 class _Window:
-    __slots__ = ("count", "first", "slot", "state", "worker")
+    __slots__ = ("count", "first", "slot", "state")
 
-    def __init__(self, first: int, count: int, slot: int, worker: int) -> None:
+    def __init__(self, first: int, count: int, slot: int) -> None:
         self.first = first
         self.count = count
         self.slot = slot
-        self.worker = worker
         self.state = "pending"  # then "ok" or "failed"
 
     @property
@@ -97,12 +97,16 @@ class ReadAhead:
         self._area: mmap.mmap | None = None
         self._view = memoryview(b"")  # of self._area once started
         self._workers: list[subprocess.Popen] = []
-        self._asks: list[int] = []
-        self._answers: list[int] = []
+        # One ask pipe all workers take from (whoever is free takes the next
+        # window: a worker slowed by the disk or by losing its CPU holds up only
+        # the window it has), one answer pipe, and a pidfd per worker (poll
+        # shows one that exited: it may have taken an ask it will never answer).
+        self._ask = -1
+        self._answer = -1
+        self._pidfds: list[int] = []
         self._chain: deque[_Window] = deque()  # contiguous, ascending, from the reader's position
         self._out: dict[int, _Window] = {}  # slot -> window a worker still works on
         self._free: list[int] = list(range(DEPTH))
-        self._turn = 0
         self._last_end = -1
         self._advised = -1  # blocks up to here were advised (WILLNEED)
         self._run = 0  # blocks read by the current sequential stream
@@ -159,9 +163,8 @@ class ReadAhead:
         # busy disk needs more in flight than the slots hold.
         self._advise(min(limit, at + len(self._free) * WINDOW_BLOCKS))
         while at < limit and self._free:
-            window = _Window(at, min(WINDOW_BLOCKS, limit - at), self._free.pop(), self._turn)
-            self._turn = (self._turn + 1) % self.workers
-            os.write(self._asks[window.worker], ASK.pack(window.slot, window.first, window.count))
+            window = _Window(at, min(WINDOW_BLOCKS, limit - at), self._free.pop())
+            os.write(self._ask, ASK.pack(window.slot, window.first, window.count))
             self._out[window.slot] = window
             self._chain.append(window)
             at = window.end
@@ -210,15 +213,27 @@ class ReadAhead:
     def _poll_ready(self, timeout: float | None) -> bool:
         """Whether every worker has said it is up, waiting at most ``timeout`` s."""
         while self._ready < len(self._workers):
-            fd = self._answers[self._ready]
-            poller = select.poll()  # not select(): the server may hold descriptors past 1024
-            poller.register(fd, select.POLLIN)
-            if not poller.poll(None if timeout is None else int(timeout * 1000)):
+            if not self._answers_waiting(timeout):
                 return False
-            if os.read(fd, DONE.size) != READY:
-                raise OSError(f"worker {self._workers[self._ready].pid} exited")
-            self._ready += 1
+            got = os.read(self._answer, DONE.size * len(self._workers))
+            # Each says READY before it takes an ask, and nothing is asked before all have.
+            if not got or got != READY * (len(got) // DONE.size):
+                raise OSError("a worker failed to start")
+            self._ready += len(got) // DONE.size
         return True
+
+    def _answers_waiting(self, timeout: float | None) -> bool:
+        """Whether answers wait in the pipe (within ``timeout`` s; None: no limit),
+        OSError once a worker has exited."""
+        poller = select.poll()  # not select(): the server may hold descriptors past 1024
+        poller.register(self._answer, select.POLLIN)
+        for pidfd in self._pidfds:
+            poller.register(pidfd, select.POLLIN)
+        events = poller.poll(None if timeout is None else int(timeout * 1000))
+        for fd, _ in events:
+            if fd != self._answer:
+                raise OSError(f"worker {self.pids[self._pidfds.index(fd)]} exited")
+        return bool(events)
 
     def wait_ready(self) -> bool:
         """Wait until the started workers are up (tests); False if none were started."""
@@ -229,11 +244,11 @@ class ReadAhead:
             return False
 
     def _wait(self, window: _Window) -> None:
-        fd = self._answers[window.worker]
         while window.state == "pending":
-            got = os.read(fd, DONE.size * DEPTH)
+            self._answers_waiting(None)
+            got = os.read(self._answer, DONE.size * DEPTH)
             if not got:
-                raise OSError(f"worker {self._workers[window.worker].pid} exited")
+                raise OSError("the workers exited")
             # Answers are a few bytes, written whole: never split across reads.
             for slot, ok in DONE.iter_unpack(got):
                 self._out.pop(slot).state = "ok" if ok else "failed"
@@ -265,8 +280,7 @@ class ReadAhead:
             self._view = memoryview(self._area)
             image_fd = self._direct_fd()
             try:
-                for _ in range(self.workers):
-                    self._spawn(image_fd, area_fd)
+                self._spawn(image_fd, area_fd)
             finally:
                 if image_fd != self.fd:
                     os.close(image_fd)
@@ -299,34 +313,32 @@ class ReadAhead:
         return fd
 
     def _spawn(self, image_fd: int, area_fd: int) -> None:
-        ask_r, ask_w = os.pipe2(os.O_CLOEXEC)
-        answer_r, answer_w = os.pipe2(os.O_CLOEXEC)
+        ask_r, self._ask = os.pipe2(os.O_CLOEXEC)
+        self._answer, answer_w = os.pipe2(os.O_CLOEXEC)
         try:
-            # A fresh interpreter (not a fork): safe from a threaded caller, and
-            # it holds only these four descriptors, never /dev/fuse.
+            # Fresh interpreters (not forks): safe from a threaded caller, and
+            # they hold only these four descriptors, never /dev/fuse.
             args = (image_fd, area_fd, ask_r, answer_w, BLOCK_SIZE, _SLOT_BYTES, _HASHES_BASE)
-            worker = subprocess.Popen(
-                [sys.executable, "-I", "-S", str(_WORKER_SCRIPT), *map(str, args)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                pass_fds=(image_fd, area_fd, ask_r, answer_w),
-            )
-        except BaseException:
-            os.close(ask_w)
-            os.close(answer_r)
-            raise
+            for _ in range(self.workers):
+                worker = subprocess.Popen(
+                    [sys.executable, "-I", "-S", str(_WORKER_SCRIPT), *map(str, args)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    pass_fds=(image_fd, area_fd, ask_r, answer_w),
+                )
+                self._workers.append(worker)
+                self._pidfds.append(os.pidfd_open(worker.pid))
         finally:
             os.close(ask_r)
             os.close(answer_w)
-        self._workers.append(worker)
-        self._asks.append(ask_w)
-        self._answers.append(answer_r)
 
     def _stop(self) -> None:
         """Close the pipes (workers exit on their end of file), then reap the workers."""
-        for fd in self._asks + self._answers:
-            os.close(fd)
-        self._asks, self._answers = [], []
+        for fd in [self._ask, self._answer, *self._pidfds]:
+            if fd >= 0:
+                os.close(fd)
+        self._ask = self._answer = -1
+        self._pidfds = []
         for worker in self._workers:
             # A worker may be in the middle of a window: it has nothing to save.
             worker.kill()

@@ -5,7 +5,8 @@ machine: ``signal`` would load ``enum``, ``hashlib`` all its constructors) and
 is started as
 ``python -I -S hashworker.py IMAGE_FD AREA_FD ASK_FD ANSWER_FD BLOCK SLOT_BYTES HASHES_BASE``,
 with those descriptors inherited: the image, a memfd holding the shared slots,
-and its two pipes. It first answers ``READY`` (the server does not wait for
+and its two pipes, which all workers share (an ask, a few bytes written whole,
+is read whole by one of them). It first answers ``READY`` (the server does not wait for
 it: until then it verifies on its own thread), then each ask "slot, first
 block, count" by reading the blocks into the slot and writing the SHA-256 of
 each block at the slot's place in the hash area, then "slot, ok". It exits

@@ -316,7 +316,7 @@ def test_workers_whose_pipes_are_past_descriptor_1024_still_serve(tree, tmp_path
                 for off in range(0, SIZE, MiB):
                     assert _read(fs, fh, off) == data[off : off + MiB], off
             ahead = fs.reader.read_ahead
-            assert min(ahead._answers) > 1024 and ahead.served_blocks > 0
+            assert min(ahead._answer, *ahead._pidfds) > 1024 and ahead.served_blocks > 0
             assert not caplog.records and not ahead.broken
     finally:
         for fd in [*held, null]:
@@ -415,3 +415,27 @@ def test_closing_the_image_while_a_lent_view_is_held(tree, tmp_path):
     lent.release()
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}")
+
+
+@pytest.mark.timeout(120)
+def test_windows_go_to_whichever_worker_is_free(tree, tmp_path, caplog):
+    """Workers take windows from one queue: a worker that gets no CPU (here: stopped
+    before it took any) delays nothing; the others serve the whole stream."""
+    src, data = tree
+    image, digest = _built(src, tmp_path)
+    with _opened(image, digest, None) as (fs, fh):
+        _start_workers(fs, fh, data)
+        ahead = fs.reader.read_ahead
+        stopped = ahead.pids[0]
+        os.kill(stopped, signal.SIGSTOP)
+        # Stopped for sure (a signal is delivered when the target next runs)
+        # before anything is asked: it holds no window.
+        os.waitid(os.P_PID, stopped, os.WSTOPPED | os.WNOWAIT)
+        try:
+            with caplog.at_level(logging.WARNING, logger="occlumfs.merkle"):
+                for off in range(START, SIZE, MiB):
+                    assert fs.read(fh, off, MiB) == data[off : off + MiB], off
+            assert ahead.served_blocks >= (SIZE - START) // BLOCK_SIZE - 256
+            assert not caplog.records and not ahead.broken
+        finally:
+            os.kill(stopped, signal.SIGCONT)
