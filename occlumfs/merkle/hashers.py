@@ -30,8 +30,8 @@ each) cold, and starting two interpreters beside it cost more than hashing
 them here (issue 11: a cold ``occlum run python3``, 289 vs 319 ms). Nothing
 waits for them to come up: each says "ready" first, and until all have, the
 request thread goes on verifying in place. They hold only the image, the
-memfd and their two pipes; they exit when their ask pipe reaches end of file
-(the reader closed it, or its process died: no other process holds that end),
+memfd and the two pipes they share; they exit when the ask pipe reaches end of
+file (the reader closed it, or its process died: no other process holds that end),
 and :meth:`ReadAhead.close` (the image's close, at unmount) kills and reaps them.
 """
 
