@@ -231,6 +231,12 @@ class Filesystem:
     def read(self, fh: int, offset: int, size: int) -> bytes:
         raise NotImplementedError
 
+    def read_for_reply(self, fh: int, offset: int, size: int) -> bytes | memoryview:
+        """:meth:`read` for a caller that is done with the result before its next call
+        into this filesystem (the FUSE adapter, which writes the reply at once): the
+        result may be a view of memory the filesystem reuses after that call."""
+        return self.read(fh, offset, size)
+
     def release(self, fh: int) -> None:
         pass
 

@@ -235,7 +235,9 @@ class ImageReader:
             raise IntegrityError(f"{self.path}: {what(first_block + bad)} failed verification")
         return buf
 
-    def read_data(self, first_block: int, count: int, what, limit: int = 0) -> bytes:
+    def read_data(
+        self, first_block: int, count: int, what, limit: int = 0, borrow: bool = False
+    ) -> bytes | memoryview:
         """File data: ``count`` covered blocks from ``first_block``, verified and opened.
 
         ``limit`` is the end of the extent the blocks belong to: how far a
@@ -245,6 +247,8 @@ class ImageReader:
         reads and hashes (threads measured slower: one 4 KiB hash is too short
         for the GIL hand-off it costs; docs/performance.md, issue 11). An
         encrypted run fetches its seals once and opens its blocks in one loop.
+        With ``borrow`` the result may be a view of the workers' memory, valid
+        until the next call only (:meth:`ReadAhead.read`).
         """
         buf = None
         if count >= READ_AHEAD_MIN and first_block + count <= limit <= self.layout.tree_start:
@@ -253,7 +257,9 @@ class ImageReader:
                 from occlumfs.merkle.hashers import ReadAhead
 
                 ahead = self.read_ahead = ReadAhead(self.fd)
-            buf = ahead.read(first_block, count, limit, self.expected_hashes)
+            # Opening copies the plaintext out at once: a borrowed view is safe there.
+            borrow = borrow or self.keys is not None
+            buf = ahead.read(first_block, count, limit, self.expected_hashes, borrow)
         if buf is None:
             buf = self.read_verified(first_block, count, what)
         if self.keys is None:

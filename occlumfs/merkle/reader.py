@@ -365,6 +365,14 @@ class ImageFS(Filesystem):
         return lo
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
+        return self._read(fh, offset, size, False)
+
+    def read_for_reply(self, fh: int, offset: int, size: int) -> bytes | memoryview:
+        # Large sequential reads come as a view of the hashing workers' slot
+        # (no 1 MiB copy): the FUSE reply is written before the next request.
+        return self._read(fh, offset, size, True)
+
+    def _read(self, fh: int, offset: int, size: int, borrow: bool) -> bytes | memoryview:
         ino = fh
         rec = self.record(ino)
         if not stat.S_ISREG(rec.mode):
@@ -380,7 +388,7 @@ class ImageFS(Filesystem):
             return bytes(end - offset)
         if rec.count * EXTENT_SIZE > self.reader.heap_bytes:
             raise MalformedImageError(f"{self.reader.path}: file inode {ino} overruns the heap")
-        pieces: list[tuple[int, bytes]] = []
+        pieces: list[tuple[int, bytes | memoryview]] = []
         i = self._first_extent(ino, rec, first_block)
         data_blocks = self.reader.desc.data_blocks
         data_start = self.reader.layout.data_start
@@ -400,7 +408,11 @@ class ImageFS(Filesystem):
                 self._last_extent[ino] = (i, e_first, e_count)
                 block = data_start + e_data + (a - e_first)
                 limit = data_start + e_data + e_count
-                pieces.append((a, self.read_data(ino, block, a, b - a, limit)))
+                if borrow and pieces:
+                    # The next read may give the slot the last piece lies in back
+                    # to a worker: keep its bytes first.
+                    pieces[-1] = (pieces[-1][0], bytes(pieces[-1][1]))
+                pieces.append((a, self.read_data(ino, block, a, b - a, limit, borrow)))
             i += 1
         if len(self._last_extent) > 1024:
             self._last_extent.clear()
@@ -418,17 +430,24 @@ class ImageFS(Filesystem):
         return bytes(out[lo : lo + end - offset])
 
     def read_data(
-        self, ino: int, block_no: int, file_block: int, count: int, limit: int = 0
-    ) -> bytes:
+        self,
+        ino: int,
+        block_no: int,
+        file_block: int,
+        count: int,
+        limit: int = 0,
+        borrow: bool = False,
+    ) -> bytes | memoryview:
         """``count`` data blocks from absolute block ``block_no`` (file block ``file_block``
         of ``ino``), verified and, for an encrypted image, opened; ``limit``: the
-        extent's end (absolute), how far a sequential reader may be read ahead."""
+        extent's end (absolute), how far a sequential reader may be read ahead;
+        ``borrow``: see :meth:`ImageReader.read_data`."""
 
         def what(bad: int) -> str:
             off = (file_block + bad - block_no) * BLOCK_SIZE
             return f"{self.path_of(ino)}: data at offset {off} (image block {bad})"
 
-        return self.reader.read_data(block_no, count, what, limit)
+        return self.reader.read_data(block_no, count, what, limit, borrow)
 
     def statfs(self) -> StatFs:
         desc = self.reader.desc

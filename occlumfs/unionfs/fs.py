@@ -534,6 +534,15 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
         return FileHandle(node, -1, self.upper.open(node.upper, flags))
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
+        layer, layer_fh, size = self._read_source(fh, offset, size)
+        return layer.read(layer_fh, offset, size)
+
+    def read_for_reply(self, fh: int, offset: int, size: int) -> bytes | memoryview:
+        layer, layer_fh, size = self._read_source(fh, offset, size)
+        return layer.read_for_reply(layer_fh, offset, size)
+
+    def _read_source(self, fh: int, offset: int, size: int) -> tuple[Filesystem, int, int]:
+        """The layer a read of handle ``fh`` goes to, its handle there, and the size to ask."""
         handle = self._handle(fh, FileHandle)
         if handle.layer >= 0 and handle.node.lower is None and handle.node.upper is not None:
             # Copied up since it was opened: read what the union shows now.
@@ -541,12 +550,12 @@ class UnionFS(UnionChanges, CopyUp, Filesystem):
             fresh = self._read_handle(handle.node, os.O_RDONLY)
             handle.layer, handle.fh = fresh.layer, fresh.fh
         if handle.layer < 0:
-            return self.upper.read(handle.fh, offset, size)
+            return self.upper, handle.fh, size
         if handle.node.upper is not None:
             # A metadata-only copy: its size is the upper's (a truncate that
             # was cut short by a crash must not show the lower's tail).
             size = max(0, min(size, self.upper.getattr(handle.node.upper).size - offset))
-        return self.lowers[handle.layer].read(handle.fh, offset, size)
+        return self.lowers[handle.layer], handle.fh, size
 
     def _file_fs(self, handle: FileHandle) -> Filesystem:
         return self.upper if handle.layer < 0 else self.lowers[handle.layer]
