@@ -287,6 +287,21 @@ class HostDir:
         self.close()
 
 
+WILLNEED_PIECE = 128 * 1024  # within every host's read-ahead size (see willneed)
+
+
+def willneed(fd: int, offset: int, length: int) -> None:
+    """Ask the host to start reading ``length`` bytes at ``offset`` into its page cache.
+
+    One ``POSIX_FADV_WILLNEED`` per 128 KiB: the host reads at most its
+    read-ahead size per call (the larger of the device's ``read_ahead_kb`` and
+    ``max_sectors_kb``; 128 KiB by default) and silently drops the rest.
+    """
+    end = offset + length
+    for at in range(offset, end, WILLNEED_PIECE):
+        os.posix_fadvise(fd, at, min(WILLNEED_PIECE, end - at), os.POSIX_FADV_WILLNEED)
+
+
 def write_all(fd: int, data: bytes | memoryview) -> None:
     """Write every byte of ``data`` at the descriptor's position (a zero write is ENOSPC)."""
     view = memoryview(data)

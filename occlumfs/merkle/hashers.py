@@ -48,6 +48,7 @@ from collections import deque
 from pathlib import Path
 
 from occlumfs.errors import FSError
+from occlumfs.hostio import willneed
 from occlumfs.merkle.blocks import READ_AHEAD_MIN
 from occlumfs.merkle.format import BLOCK_SIZE, HASH_SIZE
 from occlumfs.merkle.hashworker import ASK, DONE, READY
@@ -63,7 +64,6 @@ START_BLOCKS = 8192  # 32 MiB read in one sequential stream before the workers s
 _SLOT_BYTES = WINDOW_BLOCKS * BLOCK_SIZE
 _HASHES_BASE = DEPTH * _SLOT_BYTES
 _WORKER_SCRIPT = Path(__file__).with_name("hashworker.py")
-_WILLNEED = os.POSIX_FADV_WILLNEED
 
 
 def _worker_count() -> int:
@@ -177,7 +177,7 @@ class ReadAhead:
         while self._advised < end:
             n = min(WINDOW_BLOCKS, end - self._advised)
             with contextlib.suppress(OSError):
-                os.posix_fadvise(self.fd, self._advised * BLOCK_SIZE, n * BLOCK_SIZE, _WILLNEED)
+                willneed(self.fd, self._advised * BLOCK_SIZE, n * BLOCK_SIZE)
             self._advised += n
 
     def _serve(self, first: int, count: int, expected, borrow: bool) -> bytes | memoryview | None:

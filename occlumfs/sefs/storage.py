@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
-from occlumfs.hostio import HostDir
+from occlumfs.hostio import HostDir, willneed
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _sync_file_range = _libc.sync_file_range
@@ -209,11 +209,11 @@ class DiskStorage(Storage):
                 if not seen[byte] & bit:
                     seen[byte] |= bit
                     start = window * self.READ_AROUND
-                    os.posix_fadvise(fd, start, self.READ_AROUND, os.POSIX_FADV_WILLNEED)
+                    willneed(fd, start, self.READ_AROUND)
         elif offset == hints.expect and hints.advised - end < self.READ_AHEAD // 2:
-            start = max(hints.advised, end)  # advised in halves: one call per 2 MiB read
+            start = max(hints.advised, end)  # advised in halves: once per 2 MiB read
             hints.advised = end + self.READ_AHEAD
-            os.posix_fadvise(fd, start, hints.advised - start, os.POSIX_FADV_WILLNEED)
+            willneed(fd, start, hints.advised - start)
         hints.expect = end
 
     def read(self, name: str) -> bytes:
