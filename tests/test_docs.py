@@ -14,6 +14,7 @@ import pytest
 
 from libos.cli import copy_bom_command
 from libos.cli import main as occlum_main
+from libos.protocol import _CWD_FLAGS, _ENV_FLAGS
 from occlumfs.cli import main as occlumfs_main
 from occlumfs.errors import ExitCode
 
@@ -98,7 +99,7 @@ def test_every_option_in_a_synopsis_exists(prog, root):
             command = _resolve(root, [w for w in words[1:] if not w.startswith(("-", "["))])
             known = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
             if command.name == "exec":  # parsed by hand: Docker's options (docs/libos.md)
-                known |= {"-w", "-e", "--"}
+                known |= {*_CWD_FLAGS, *_ENV_FLAGS, "--"}
             named = set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", part))
             assert named <= known, f"{first!r}: no such option {sorted(named - known)}"
 
