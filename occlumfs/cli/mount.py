@@ -143,8 +143,9 @@ class _Unlooked(click.ParamType):
 def umount_command(mountpoint: Path, lazy: bool) -> None:
     """Unmount MOUNTPOINT and wait for its server to commit and exit.
 
-    Exits 17 when the final commit failed or the server exited without
-    confirming it: changes not synced before the unmount were not saved.
+    Exits 16 when the mount is busy (an open file, a working directory in it;
+    see --lazy), and 17 when the final commit failed or the server exited
+    without confirming it: changes not synced before the unmount were not saved.
     """
     from occlumfs.mount import umount
 
