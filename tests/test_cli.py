@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 import pytest
 from click.testing import CliRunner
@@ -124,3 +126,24 @@ def test_the_exit_codes_docs_cli_md_gives_for_images(tmp_path):
         assert done.returncode == code, (args, done.stderr)
         assert len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr
     assert not (tmp_path / "no").exists()
+
+
+def test_mount_refuses_what_it_would_not_check(tmp_path):
+    image, key, store = tmp_path / "x.img", tmp_path / "k", tmp_path / "store"
+    (tmp_path / "src").mkdir()
+    digest = run_cli("mkimage", tmp_path / "src", image).stdout.split()[-1]
+    run_cli("keygen", key)
+    run_cli("sefs", "create", store, "--key-file", key, "--state-dir", tmp_path / "state")
+    (tmp_path / "mnt").mkdir()
+    pinned = run_cli("mount", store, tmp_path / "mnt", "--key-file", key, "--digest", digest,
+                     "--state-dir", tmp_path / "state", check=False)  # fmt: skip
+    assert pinned.returncode == ExitCode.USAGE
+    assert pinned.stderr == f"occlumfs: error: --digest pins an image; {store} is mounted as sefs\n"
+    as_sefs = run_cli(
+        "mount", "-t", "sefs", image, tmp_path / "mnt", "--key-file", key, check=False
+    )
+    assert as_sefs.stderr.strip().endswith(
+        ": is a regular file, not a directory: refusing to use it"
+    )
+    assert len(as_sefs.stderr.splitlines()) == 1 and as_sefs.returncode == ExitCode.INTEGRITY
+    assert not os.path.ismount(tmp_path / "mnt")
