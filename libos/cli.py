@@ -216,7 +216,8 @@ def exec_command(command: tuple[str, ...]) -> None:
 
     \b
     Options, before COMMAND:
-      -w, --cwd DIR          run in DIR (absolute, inside the instance; default /)
+      -w, --cwd DIR          run in DIR (absolute, inside the instance; default /;
+                             also --workdir)
       -e, --env NAME[=VALUE] set NAME (only names in env.untrusted of Occlum.json);
                              NAME alone passes this shell's value"""
     from libos.instance import Instance

@@ -51,6 +51,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 def _kind(mode: int) -> str:
     for test, name in (
+        (stat.S_ISREG, "a regular file"),  # where a directory was expected
         (stat.S_ISLNK, "a symlink"),
         (stat.S_ISDIR, "a directory"),
         (stat.S_ISFIFO, "a fifo"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 import pytest
 from click.testing import CliRunner
@@ -98,3 +100,50 @@ def test_unforeseen_bugs_are_one_line_too():
     assert result.output == (
         "occlumfs: error: internal error: ValueError: nonce must be 12 bytes (-v shows where)\n"
     )
+
+
+def test_the_exit_codes_docs_cli_md_gives_for_images(tmp_path):
+    src = tmp_path / "src"
+    (src / "dir").mkdir(parents=True)
+    (src / "dir" / "file").write_bytes(b"x")
+    plain, encrypted, key = tmp_path / "plain.img", tmp_path / "enc.img", tmp_path / "k"
+    run_cli("mkimage", src, plain)
+    run_cli("keygen", key)
+    run_cli("mkimage", "--key-file", key, src, encrypted)
+    damaged = tmp_path / "damaged.img"
+    raw = bytearray(plain.read_bytes())
+    raw[8] ^= 0xFF  # the version field: the header no longer parses
+    damaged.write_bytes(raw)
+    cases = [
+        (("cat", plain, "/dir"), ExitCode.USAGE, "/dir: not a regular file in"),
+        (("cat", encrypted, "/dir/file"), ExitCode.WRONG_KEY, "is encrypted: give its key"),
+        (("verify", damaged), ExitCode.FORMAT, "format version"),
+        (("digest", damaged), ExitCode.FORMAT, "format version"),
+        (("mkimage", src, tmp_path / "no" / "x.img"), ExitCode.NOT_FOUND, "no such directory"),
+    ]
+    for args, code, message in cases:
+        done = run_cli(*args, check=False)
+        assert done.returncode == code, (args, done.stderr)
+        assert len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr
+    assert not (tmp_path / "no").exists()
+
+
+def test_mount_refuses_what_it_would_not_check(tmp_path):
+    image, key, store = tmp_path / "x.img", tmp_path / "k", tmp_path / "store"
+    (tmp_path / "src").mkdir()
+    digest = run_cli("mkimage", tmp_path / "src", image).stdout.split()[-1]
+    run_cli("keygen", key)
+    run_cli("sefs", "create", store, "--key-file", key, "--state-dir", tmp_path / "state")
+    (tmp_path / "mnt").mkdir()
+    pinned = run_cli("mount", store, tmp_path / "mnt", "--key-file", key, "--digest", digest,
+                     "--state-dir", tmp_path / "state", check=False)  # fmt: skip
+    assert pinned.returncode == ExitCode.USAGE
+    assert pinned.stderr == f"occlumfs: error: --digest pins an image; {store} is mounted as sefs\n"
+    as_sefs = run_cli(
+        "mount", "-t", "sefs", image, tmp_path / "mnt", "--key-file", key, check=False
+    )
+    assert as_sefs.stderr.strip().endswith(
+        ": is a regular file, not a directory: refusing to use it"
+    )
+    assert len(as_sefs.stderr.splitlines()) == 1 and as_sefs.returncode == ExitCode.INTEGRITY
+    assert not os.path.ismount(tmp_path / "mnt")

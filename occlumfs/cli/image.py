@@ -118,7 +118,7 @@ def mkimage(src: Path, image: Path, key_file: Path | None, jobs: int | None) -> 
 @IMAGE
 @_one_line_errors
 def digest(image: Path) -> None:
-    """Print the digest IMAGE carries (reads the header only)."""
+    """Print the digest IMAGE's header carries; checks nothing else ('verify' does)."""
     from occlumfs.merkle import read_digest
 
     click.echo(read_digest(image))
@@ -188,7 +188,7 @@ def _long(attr: Attr, name: bytes, fs) -> bytes:
 def ls_command(
     image: Path, path: str, long: bool, digest: str | None, key_file: Path | None
 ) -> None:
-    """List directory PATH of IMAGE (default: the root), verified, without mounting."""
+    """List directory PATH of IMAGE (default: the root; a file: itself), verified, unmounted."""
     fs = _open(image, digest, key_file)
     try:
         attr = _lookup(fs, image, path)

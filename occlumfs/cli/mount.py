@@ -8,7 +8,7 @@ import click
 
 from occlumfs.cli.options import Secret, read_secret, secret_options, state_dir_option
 from occlumfs.cli.union import union_arguments, union_options
-from occlumfs.errors import MountpointNotEmptyError
+from occlumfs.errors import MountpointNotEmptyError, UsageError
 from occlumfs.open import KINDS, needs_secret, open_filesystem, resolve_kind
 
 # occlumfs.mount pulls in pyfuse3 (occlumfs/fuselib.py) and the request loop:
@@ -99,6 +99,8 @@ def mount(
     )
     digest = None if kind == "union" else (digests[0] if digests else None)
     kind = resolve_kind(kind, source)
+    if digest is not None and kind != "image":  # silently unchecked, it would look pinned
+        raise UsageError(f"--digest pins an image; {source} is mounted as {kind}")
     secret = read_secret(key_file, passphrase_file, ask=False)
     try:  # before asking for a passphrase; serve checks again
         check_mountpoint(mountpoint, nonempty=nonempty)
@@ -143,8 +145,9 @@ class _Unlooked(click.ParamType):
 def umount_command(mountpoint: Path, lazy: bool) -> None:
     """Unmount MOUNTPOINT and wait for its server to commit and exit.
 
-    Exits 17 when the final commit failed or the server exited without
-    confirming it: changes not synced before the unmount were not saved.
+    Exits 16 when the mount is busy (an open file, a working directory in it;
+    see --lazy), and 17 when the final commit failed or the server exited
+    without confirming it: changes not synced before the unmount were not saved.
     """
     from occlumfs.mount import umount
 

@@ -40,7 +40,8 @@ def secret_options(
 def state_dir_option(
     help: str = (
         "Trusted state directory, outside the SEFS directory "
-        "(default $OCCLUMFS_STATE_DIR or ~/.local/state/occlumfs/sefs)."
+        "(default $OCCLUMFS_STATE_DIR, else $XDG_STATE_HOME/occlumfs/sefs, else "
+        "~/.local/state/occlumfs/sefs)."
     ),
 ) -> Callable:
     return click.option("--state-dir", type=_DIR, help=help)

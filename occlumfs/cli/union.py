@@ -13,28 +13,37 @@ from occlumfs.errors import UsageError
 _FILE = click.Path(path_type=Path, dir_okay=False)
 
 
-def union_options(command: Callable) -> Callable:
+def _union_options(lower_help: str, upper_help: str) -> Callable:
     """``--lower`` (repeated, bottom first), ``--lower-key-file`` (repeated) and ``--upper``."""
-    command = click.option(
-        "--upper",
-        type=click.Path(path_type=Path, file_okay=False),
-        help="Union: the SEFS store taking every change; a missing or empty directory "
-        "becomes a new store under --key-file/--passphrase-file.",
-    )(command)
-    command = click.option(
-        "--lower-key-file",
-        "lower_key_files",
-        multiple=True,
-        type=_FILE,
-        help="Union: key of an encrypted --lower; one for all, or one per --lower in order.",
-    )(command)
-    return click.option(
-        "--lower",
-        "lowers",
-        multiple=True,
-        type=_FILE,
-        help="Union: a read-only image layer, repeated bottom first (implies --type union).",
-    )(command)
+
+    def decorate(command: Callable) -> Callable:
+        command = click.option(
+            "--upper", type=click.Path(path_type=Path, file_okay=False), help=upper_help
+        )(command)
+        command = click.option(
+            "--lower-key-file",
+            "lower_key_files",
+            multiple=True,
+            type=_FILE,
+            help="Union: key of an encrypted --lower; one for all, or one per --lower in order.",
+        )(command)
+        return click.option("--lower", "lowers", multiple=True, type=_FILE, help=lower_help)(
+            command
+        )
+
+    return decorate
+
+
+union_options = _union_options(
+    "Union: a read-only image layer, repeated bottom first (implies --type union).",
+    "Union: the SEFS store taking every change; a missing or empty directory "
+    "becomes a new store under --key-file/--passphrase-file.",
+)
+# commit reads an existing upper and has no --type.
+_commit_union_options = _union_options(
+    "A read-only image layer the upper was made over, repeated bottom first.",
+    "The union's upper: an existing SEFS store (opened read-only).",
+)
 
 
 def union_arguments(
@@ -82,7 +91,7 @@ def union_arguments(
 
 @click.command("commit")
 @click.argument("new_image", type=_FILE)
-@union_options
+@_commit_union_options
 @click.option(
     "--digest",
     "digests",

@@ -109,6 +109,8 @@ def build_image(
         raise NotFoundError(f"{source} does not exist")
     jobs = jobs or os.cpu_count() or 1
     image_dir = os.path.dirname(image) or "."
+    if not os.path.isdir(image_dir):  # else the error would name the scratch file
+        raise NotFoundError(f"{image}: no such directory {image_dir}")
     with _cycle_collector_off():
         try:
             builder = _Builder(key, source_date_epoch, jobs, progress)
