@@ -43,7 +43,13 @@ import stat
 import threading
 from collections.abc import Iterator
 
-from occlumfs.errors import FormatError, IntegrityError, NotFoundError, OcclumfsError
+from occlumfs.errors import (
+    FormatError,
+    IntegrityError,
+    NotFoundError,
+    OcclumfsError,
+    UsageError,
+)
 
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -83,7 +89,9 @@ class HostDir:
     def open(cls, path: os.PathLike | str, *, follow: bool = False) -> HostDir:
         """Open directory ``path``; its last component may be a symlink only if ``follow``.
 
-        A missing directory is a NotFoundError; anything else in its place an IntegrityError.
+        A missing directory is a NotFoundError; a symlink in its place (where
+        not followed) an IntegrityError; any other file a UsageError: the caller
+        named a file where a directory belongs.
         """
         path = os.fspath(path)
         flags = _DIR_FLAGS | (0 if follow else os.O_NOFOLLOW)
@@ -94,8 +102,13 @@ class HostDir:
         except OSError as exc:
             if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
-            kind = _kind(os.lstat(path).st_mode)
-        raise IntegrityError(f"{path}: is {kind}, not a directory: refusing to use it")
+            try:
+                mode = os.lstat(path).st_mode
+            except NotADirectoryError:
+                raise UsageError(f"{path}: a component of the path is not a directory") from None
+        if stat.S_ISLNK(mode):  # where only a directory was asked for: planted
+            raise IntegrityError(f"{path}: is a symlink, not a directory: refusing to use it")
+        raise UsageError(f"{path}: is {_kind(mode)}, not a directory")  # the caller named it
 
     def subdir(self, name: str) -> HostDir:
         """The directory ``name`` inside this one (never through a symlink)."""

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from occlumfs.errors import FormatError, IntegrityError, NotFoundError
+from occlumfs.errors import FormatError, IntegrityError, NotFoundError, UsageError
 from occlumfs.hostio import HostDir, read_named_file
 from occlumfs.keys import load_key_file, write_key_file
 
@@ -50,6 +50,20 @@ def test_every_way_in_refuses_an_entry_that_is_not_a_lone_regular_file(tmp_path,
                 attempt()
     assert victim.read_bytes() == b"important\n"
     assert os.path.lexists(store / "x") and not (store / "y").exists()
+
+
+def test_a_file_named_where_a_directory_belongs_is_the_callers_mistake(tmp_path):
+    (tmp_path / "f").write_bytes(b"")
+    os.mkfifo(tmp_path / "p")
+    for path, message in (
+        (tmp_path / "f", "is a regular file, not a directory"),
+        (tmp_path / "p", "is a fifo, not a directory"),
+        (tmp_path / "f" / "x", "a component of the path is not a directory"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            HostDir.open(path)
+        with pytest.raises(UsageError, match=message):
+            HostDir.open(path, follow=True)
 
 
 def test_a_directory_through_a_symlink_is_refused_unless_followed(tmp_path):
