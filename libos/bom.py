@@ -20,6 +20,7 @@ import fnmatch
 import hashlib
 import logging
 import os
+import re
 import shutil
 import stat
 import sys
@@ -196,6 +197,13 @@ def _file_entry(item, where: str) -> dict:
         for key in item:
             if key not in FILE_KEYS:
                 raise FormatError(f"{where}{key}: unknown key")
+        want = item.get("hash")
+        if isinstance(want, int) and not isinstance(want, bool):
+            want = str(want)  # YAML reads a hash of decimal digits alone as a number
+        if want is not None:
+            if not (isinstance(want, str) and re.fullmatch(r"[0-9a-fA-F]{64}", want.strip())):
+                raise FormatError(f"{where}hash: expected a sha256 of 64 hex digits, got {want!r}")
+            item = {**item, "hash": want}
         return item
     raise FormatError(f"{where}: expected a file name or {{name, hash, autodep, rename}}")
 
@@ -205,7 +213,7 @@ def _check_hash(src: Path, want: str, where: str) -> None:
     with open(src, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    if h.hexdigest() != str(want).strip().lower():
+    if h.hexdigest() != want.strip().lower():
         raise IntegrityError(f"{where}: {src}: sha256 mismatch (the BOM pins another file)")
 
 

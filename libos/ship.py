@@ -82,7 +82,7 @@ def package(instance: Instance, output: Path | None, *, with_run: bool = False) 
     name = instance.root.name
     output = Path(os.path.abspath(output or f"{name}.tar.gz"))
     if not output.name.endswith((".tar.gz", ".tgz")):
-        raise UsageError(f"{output}: the package's name must end in .tar.gz")
+        raise UsageError(f"{output}: the package's name must end in .tar.gz or .tgz")
     if {instance.build, instance.run} & set(output.parents):
         raise UsageError(f"{output}: the package cannot be written inside what it packs")
     lock_fd = lock_instance(instance) if with_run else None

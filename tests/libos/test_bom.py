@@ -86,11 +86,17 @@ def test_a_wrong_hash_refuses(tmp_path, tree, occlum):
     bom = _bom(
         tmp_path,
         "targets:\n  - target: /\n    copy:\n      - from: src\n        files:\n"
-        f"          - name: file.txt\n            hash: {'0' * 64}\n",
+        f"          - name: file.txt\n            hash: {'f' * 64}\n",
     )
     done = occlum("-f", bom, "--root", tmp_path / "image", module="libos.bom", check=False)
     _fails(done, 13, "sha256 mismatch")
     assert not (tmp_path / "image/file.txt").exists()
+
+
+_HASHED = (
+    "targets:\n  - target: /\n    copy:\n      - from: src\n        files:\n"
+    "          - name: file.txt\n            hash: {}\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -101,6 +107,8 @@ def test_a_wrong_hash_refuses(tmp_path, tree, occlum):
         ("includes: [missing.yaml]\n", 14, "missing.yaml"),
         ("targets:\n  - target: /\n    copy:\n      - files: [/nonexistent]\n", 14, "nonexistent"),
         ("targets:\n  - target: /\n    mkdirs: [../../escape]\n", 15, "'..'"),
+        (_HASHED.format("00"), 15, "files[0].hash: expected a sha256 of 64 hex digits, got '0'"),
+        (_HASHED.format("g" * 64), 15, "files[0].hash: expected a sha256 of 64 hex digits"),
     ],
 )
 def test_bad_boms_are_one_line(tmp_path, tree, occlum, text, code, words):
