@@ -169,6 +169,8 @@ class _Copier:
                     self.soft_deps.append(s)
 
     def autodep(self, src: Path, strict: bool) -> None:
+        if elfdeps.is_static(src):
+            return
         loader = elfdeps.interpreter(src)
         if loader is not None:
             self.loaders.add(loader)

@@ -319,6 +319,7 @@ class Sandbox:
         go_r, go_w = os.pipe()
         ready_r, ready_w = os.pipe()
         status_r, status_w = os.pipe()
+        fd_limit = os.sysconf("SC_OPEN_MAX")
         pid = os.fork()
         if pid == 0:  # imports nothing, runs no handler: it only waits and execs
             try:
@@ -338,6 +339,10 @@ class Sandbox:
                         os.set_inheritable(status_w, True)
                     else:
                         os.dup2(status_w, STATUS_FD)  # inheritable
+                    # Only stdio goes in: whatever else the caller left open (a
+                    # directory fd opens the host's files via /proc/self/fd).
+                    os.closerange(3, STATUS_FD)
+                    os.closerange(STATUS_FD + 1, fd_limit)
                     os.execve(argv[0], argv, env)
             finally:
                 os._exit(127)

@@ -214,6 +214,14 @@ class Namespace(Filesystem):
         pnode = self._dir(parent)
         if name in pnode.entries:
             raise FSError(errno.EEXIST)
+        if pnode.mode & stat.S_ISGID:
+            # A setgid directory (the kernel leaves this to the filesystem, as its
+            # inode_init_owner does): the new entry takes the directory's group,
+            # and a new directory keeps the bit. The kernel already cleared a
+            # setgid bit the caller may not set on a new file.
+            caller = Caller(caller.uid, pnode.gid, caller.pid)
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
         ino = self._next_ino
         self._next_ino += 1
         node = self._make_node(ino, mode, caller)

@@ -323,7 +323,9 @@ class BlockIO:
                 node, plain, buf, seal(self._cipher, self._prefix, node, plain, group, buf)
             )
             self._sealed += len(group)
-            for c in range(group[0] >> CHUNK_SHIFT, (group[-1] >> CHUNK_SHIFT) + 1):
+            # The chunks of the group's blocks, not every chunk between its first and
+            # last: a sparse file's blocks may be terabytes apart.
+            for c in {b >> CHUNK_SHIFT for b in group}:
                 self._dirty_keys.add(fmt.map_key(node.ino, c))
             self._slot_touched.add(node.ino)
             if behind:

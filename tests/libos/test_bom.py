@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 
 import pytest
 from libos_fixtures import *  # noqa: F403 (the fixtures of tests/libos)
@@ -124,3 +125,22 @@ def test_autodep_of_a_musl_program(tmp_path, hello_world, occlum):
     bom = _bom(tmp_path, "targets:\n  - target: /bin\n    copy:\n      - files: [bin/hello]\n")
     occlum("-f", bom, "--root", tmp_path / "image", module="libos.bom")
     assert (tmp_path / "image/lib/ld-musl-x86_64.so.1").is_file()
+
+
+def test_a_static_program_has_no_dependencies(tmp_path, occlum):
+    """busybox-static names no interpreter and no dynamic section: the host's glibc
+    loader, asked to list it, crashes; a static program needs nothing copied."""
+    (tmp_path / "tools").mkdir()
+    shutil.copy("/bin/busybox", tmp_path / "tools/busybox")
+    bom = _bom(
+        tmp_path,
+        "targets:\n  - target: /bin\n    copy:\n      - files: [/bin/busybox]\n"
+        "  - target: /opt\n    copy:\n      - dirs: [tools]\n",
+    )
+    done = occlum("-f", bom, "--root", tmp_path / "image", module="libos.bom", check=False)
+    assert done.returncode == 0 and "warning" not in done.stderr.lower(), done.stderr
+    image = tmp_path / "image"
+    assert sorted(str(p.relative_to(image)) for p in image.rglob("*") if p.is_file()) == [
+        "bin/busybox",
+        "opt/tools/busybox",
+    ]
