@@ -323,9 +323,14 @@ class BlockIO:
                 node, plain, buf, seal(self._cipher, self._prefix, node, plain, group, buf)
             )
             self._sealed += len(group)
-            # The chunks of the group's blocks, not every chunk between its first and
-            # last: a sparse file's blocks may be terabytes apart.
-            for c in {b >> CHUNK_SHIFT for b in group}:
+            # The chunks of the group's blocks. Those between its first and last
+            # when that is fewer steps than blocks (dense writes: one or two), else
+            # each block's: a sparse file's blocks may be terabytes apart.
+            lo, hi = group[0] >> CHUNK_SHIFT, group[-1] >> CHUNK_SHIFT
+            chunks = (
+                range(lo, hi + 1) if hi - lo < len(group) else {b >> CHUNK_SHIFT for b in group}
+            )
+            for c in chunks:
                 self._dirty_keys.add(fmt.map_key(node.ino, c))
             self._slot_touched.add(node.ino)
             if behind:
