@@ -12,6 +12,11 @@ from occlumfs.fs import BLOCK_SIZE
 
 VERSION = 1
 CHUNK_SHIFT = 8
+# A file's ciphertext sits at its plaintext offsets in one host file, so a file
+# may be as large as the host's: ext4's limit with 4 KiB blocks, the smallest of
+# the usual hosts. Past it a write or truncate fails EFBIG, before anything is
+# buffered that no host write could ever store.
+MAX_FILE_SIZE = (1 << 44) - 4096
 CHUNK_BLOCKS = 1 << CHUNK_SHIFT  # block-map entries per map record (1 MiB of data)
 CHUNK_MASK = CHUNK_BLOCKS - 1  # block & CHUNK_MASK: the block's index in its chunk
 NONCE_SIZE = 12

@@ -365,6 +365,8 @@ class SefsFS(Namespace):
         return Inode(ino, mode, caller.uid, caller.gid)
 
     def _truncate(self, node: Inode, size: int) -> None:
+        if size > fmt.MAX_FILE_SIZE:
+            raise FSError(errno.EFBIG)
         if self._inline is None or not self._inline.truncate(node, size):
             self._io.truncate(node, size)
 
@@ -533,6 +535,11 @@ class SefsFS(Namespace):
         size = len(data)
         if size == 0:
             return 0
+        if offset + size > fmt.MAX_FILE_SIZE:  # as the kernel does at a file system's limit:
+            if offset >= fmt.MAX_FILE_SIZE:  # what fits is written, the rest refused
+                raise FSError(errno.EFBIG)
+            size = fmt.MAX_FILE_SIZE - offset
+            data = data[:size]
         inline = self._inline
         if inline is not None and not inline.fits(node, offset, size):
             self.commit()  # bounds the inline bytes in memory; a full disk fails this write

@@ -3,6 +3,7 @@ what the kernel's own filesystems do (ext4, tmpfs: the oracle)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -62,3 +63,34 @@ def test_a_sparse_file_written_at_both_ends_records_only_the_chunks_it_changed(v
     assert fs.read(fh, far - 4, 100) == bytes(4) + b"tail"
     fs.release(fh)
     fs.close()
+
+
+@pytest.mark.fuse
+def test_a_write_past_the_largest_file_fails_alone_and_the_store_still_commits(volume, mount):
+    """A write no host could store (ext4 stops at 16 TiB) is refused EFBIG up front, as a
+    kernel filesystem refuses it at its limit; before, the block stayed buffered, every
+    later commit failed with it and the unmount lost every file's unsynced changes."""
+    limit = fmt.MAX_FILE_SIZE
+    with mount(*volume.mount_args()) as mnt:
+        fd = os.open(mnt / "huge", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            with pytest.raises(OSError) as refused:
+                os.pwrite(fd, b"x", 1 << 44)
+                os.fsync(fd)  # the writeback cache may take the write and fail it here
+            assert refused.value.errno == errno.EFBIG
+            assert os.pwrite(fd, b"abcd", limit - 2) in (2, 4)  # what fits is written
+            os.fsync(fd)
+            with pytest.raises(OSError) as cut:
+                os.truncate(mnt / "huge", limit + 1)
+            assert cut.value.errno == errno.EFBIG
+        finally:
+            os.close(fd)
+        (mnt / "other").write_text("saved")
+        os.sync()
+    with mount(*volume.mount_args()) as mnt:  # the unmount above committed everything
+        assert (mnt / "other").read_text() == "saved"
+        # (The kernel's writeback cache had taken the refused write's size as its own.)
+        assert os.stat(mnt / "huge").st_size == limit
+        with open(mnt / "huge", "rb") as f:
+            f.seek(limit - 2)
+            assert f.read() == b"ab"
