@@ -252,10 +252,12 @@ class Sandbox:
         ]
         if self.proc:
             args += ["--proc", "/proc"]
+        # Shared scratch is world-writable and sticky (1777), as on any Linux:
+        # bubblewrap's own are 0755.
         if self.dev:
-            args += ["--dev", "/dev"]
+            args += ["--dev", "/dev", "--perms", "1777", "--tmpfs", "/dev/shm"]
         for path in self.tmpfs:
-            args += ["--tmpfs", path]
+            args += ["--perms", "1777", "--tmpfs", path]
         for host, inside in self.binds:
             args += ["--bind", str(host), inside]
             if (host / HIDDEN).is_dir():

@@ -37,3 +37,28 @@ def test_descriptors_the_caller_left_open_stay_outside(built, tmp_path):
     # stdio, and the fd ls has open on /proc/self/fd
     assert sorted(map(int, done.stdout.split())) == [0, 1, 2, 3], done.stdout
     assert done.returncode == 1, done.stderr  # cat found neither
+
+
+def test_shared_scratch_directories_are_sticky_and_world_writable(built):
+    """/tmp and /dev/shm are 1777 on any Linux (``test -k``, mktemp's checks, programs
+    that drop privileges and still need a scratch file); bubblewrap makes them 0755."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "libos",
+            "run",
+            "/bin/busybox",
+            "stat",
+            "-c",
+            "%a %n",
+            "/tmp",
+            "/dev/shm",
+        ],
+        cwd=built,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["1777 /tmp", "1777 /dev/shm"]
