@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import stat
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -91,6 +92,8 @@ class FuseOperations(pyfuse3.Operations):
         self._has_xattrs = fs.info.has_xattrs
         self._timeout = fs.info.cache_timeout
         self._immutable = fs.info.immutable
+        self._dir_handles: dict[int, tuple[int, int]] = {}  # ours: (the fs's handle, ino)
+        self._next_dir_handle = 1
         # Pages of a file stay true across opens when nothing but this mount
         # changes it: a file read again is not read again through the server.
         self._keep_cache = fs.info.immutable or fs.info.exclusive
@@ -158,19 +161,49 @@ class FuseOperations(pyfuse3.Operations):
     def readlink(self, inode, ctx):
         return self.fs.readlink(inode)
 
+    # A listing starts with "." and ".." as on any kernel filesystem (`ls -a`, and
+    # code that counts a directory's entries to find it empty). They take the
+    # cookies 1 and 2; the filesystem's own cookie c is c + 2 here. The kernel
+    # neither links nor counts "." and ".." entries of READDIRPLUS, so only their
+    # inode numbers and type matter. Directory handles are the adapter's own, to
+    # know which directory a handle lists.
+    _DOTS = 2
+
     @_handler
     def opendir(self, inode, ctx):
-        return self.fs.opendir(inode)
+        fh = self.fs.opendir(inode)
+        handle = self._next_dir_handle
+        self._next_dir_handle += 1
+        self._dir_handles[handle] = (fh, inode)
+        return handle
 
     @_handler
-    def readdir(self, fh, start_id, token):
-        for entry in self.fs.readdir(fh, start_id):
+    def readdir(self, handle, start_id, token):
+        fh, ino = self._dir_handles[handle]
+        if start_id < self._DOTS:
+            for name, of, cookie in ((b".", ino, 1), (b"..", None, 2))[start_id:]:
+                dot = pyfuse3.EntryAttributes()
+                dot.st_ino = self._parent(ino) if of is None else of
+                dot.st_mode = stat.S_IFDIR
+                if not pyfuse3.readdir_reply(token, name, dot, cookie):
+                    return
+        dots = self._DOTS
+        for entry in self.fs.readdir(fh, max(0, start_id - dots)):
             attr = self._entry(entry.attr)
-            if not pyfuse3.readdir_reply(token, entry.name, attr, entry.next_offset):
+            if not pyfuse3.readdir_reply(token, entry.name, attr, entry.next_offset + dots):
                 break
 
+    def _parent(self, ino: int) -> int:
+        if ino == pyfuse3.ROOT_INODE:
+            return ino  # the mount's root: the kernel shows what is above it
+        try:
+            return self.fs.lookup(ino, b"..").ino
+        except FSError:
+            return ino
+
     @_handler
-    def releasedir(self, fh):
+    def releasedir(self, handle):
+        fh, _ = self._dir_handles.pop(handle)
         self.fs.releasedir(fh)
 
     @_handler
@@ -246,8 +279,8 @@ class FuseOperations(pyfuse3.Operations):
         self.fs.fsync(fh, datasync)
 
     @_handler
-    def fsyncdir(self, fh, datasync):
-        self.fs.fsyncdir(fh, datasync)
+    def fsyncdir(self, handle, datasync):
+        self.fs.fsyncdir(self._dir_handles[handle][0], datasync)
 
     @_handler
     def create(self, parent_inode, name, mode, flags, ctx):

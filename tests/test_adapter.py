@@ -246,3 +246,31 @@ def test_acls_are_not_supported_and_ls_stops_asking(counting_mount):
     # ls learns "not supported" once for the mount instead of asking for every file.
     assert counts()[asked] - before <= 1
     assert counts()["request getxattr security.selinux"] >= 20  # still answered per file
+
+
+@pytest.mark.fuse
+def test_a_listing_starts_with_dot_and_dotdot_and_resumes_across_requests(mount):
+    """`ls -a` and code that counts entries to find a directory empty see "." and ".."
+    as on ext4; a listing spread over many READDIR requests returns every name once."""
+    with mount("x", "-t", "mem") as mnt:
+        (mnt / "d").mkdir()
+        names = {f"entry-{i:05d}" for i in range(3000)}  # ~100 READDIR requests
+        for name in names:
+            (mnt / "d" / name).write_bytes(b"")
+        (mnt / "empty").mkdir()
+        for path, parent, expected in (
+            (mnt / "d", mnt, names),
+            (mnt / "empty", mnt, set()),
+            (mnt, None, {"d", "empty"}),
+        ):
+            out = subprocess.run(
+                ["ls", "-1fi", str(path)], check=True, capture_output=True, text=True
+            ).stdout
+            listed = [line.split(maxsplit=1) for line in out.splitlines()]
+            got = [name for _, name in listed]
+            assert got[:2] == [".", ".."], got[:5]
+            assert sorted(got[2:]) == sorted(expected)  # each once
+            inos = dict((name, int(ino)) for ino, name in listed[:2])
+            assert inos["."] == os.stat(path).st_ino
+            if parent is not None:
+                assert inos[".."] == os.stat(parent).st_ino
