@@ -39,6 +39,16 @@ def test_occlum_edmm_style_sizes_and_optional_keys_are_accepted():
         (lambda d: d["mount"][1].update(type="nfs"), "mount[1].type"),
         (lambda d: d["mount"][0]["options"]["layers"][0].update(bogus=1), "layers[0].bogus"),
         (lambda d: d.update(entry_points=["bin"]), "entry_points[0]"),
+        # Limits the sandbox could not set (run failed: "bubblewrap did not start").
+        (
+            lambda d: d["resource_limits"].update(max_num_of_threads=10**30),
+            "resource_limits.max_num_of_threads",
+        ),
+        (
+            lambda d: d["resource_limits"].update(user_space_size="9000000TB"),
+            "resource_limits.user_space_size",
+        ),
+        (lambda d: d["process"].update(default_stack_size="1" + "0" * 30), "default_stack_size"),
     ],
 )
 def test_bad_keys_and_values_name_the_key_path_and_line(edit, path):
