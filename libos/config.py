@@ -362,9 +362,13 @@ def check_config(data: object, where: str, lines: dict[str, int] | None = None) 
     checker = _Checker(where, lines)
     checker.check(data, SCHEMA, "")
     config = Config(data, None, lines)
+    # What execve cannot pass (a run failed with "the sandbox could not be set up").
     for i, env in enumerate(config.env_default):
-        if "=" not in env:
-            raise checker.fail(f"env.default[{i}]", "expected NAME=value")
+        if "=" not in env or env.startswith("=") or "\0" in env:
+            raise checker.fail(f"env.default[{i}]", "expected NAME=value (no NUL)")
+    for i, name in enumerate(config.env_untrusted):
+        if not name or "=" in name or "\0" in name:
+            raise checker.fail(f"env.untrusted[{i}]", "expected a variable's NAME")
     for i, ep in enumerate(config.entry_points):
         if not ep.startswith("/"):
             raise checker.fail(f"entry_points[{i}]", "not an absolute path")
