@@ -20,48 +20,16 @@ import stat
 from pathlib import Path
 
 from libos.elfdeps import ELF_MAGIC, interpreter
+from libos.rootfs import resolve_inside
 from occlumfs.errors import NotFoundError, OcclumfsError
 
 CANNOT_EXECUTE = 126  # as sh and docker
-MAX_LINKS = 40  # the kernel's ELOOP bound
 MAX_INTERPRETERS = 4  # the kernel's nesting of #! interpreters
 BINPRM_BUF_SIZE = 256  # what the kernel reads of a #! line
 
 
 class CannotExecuteError(OcclumfsError):
     exit_code = CANNOT_EXECUTE
-
-
-def resolve_inside(root: Path, path: str) -> str | None:
-    """``path`` with every symbolic link followed inside ``root`` (an absolute link
-    starts again at ``root``); None when a component is missing or links loop."""
-    done: list[str] = []
-    todo = [p for p in path.split("/") if p][::-1]
-    links = 0
-    while todo:
-        part = todo.pop()
-        if part == ".":
-            continue
-        if part == "..":
-            if done:
-                done.pop()
-            continue
-        here = root.joinpath(*done, part)
-        try:
-            mode = os.lstat(here).st_mode
-        except OSError:
-            return None
-        if not stat.S_ISLNK(mode):
-            done.append(part)
-            continue
-        links += 1
-        if links > MAX_LINKS:
-            return None
-        target = os.readlink(here)
-        if target.startswith("/"):
-            done = []
-        todo.extend(p for p in reversed(target.split("/")) if p)
-    return "/" + "/".join(done)
 
 
 def check_executable(root: Path, program: str, covered: tuple[str, ...] = ()) -> None:

@@ -12,7 +12,7 @@ import pytest
 from libos_fixtures import *  # noqa: F403 (the fixtures of tests/libos)
 from libos_fixtures import assert_no_leftover_mounts
 
-from libos.execcheck import resolve_inside
+from libos.rootfs import resolve_inside
 
 pytestmark = pytest.mark.fuse
 
