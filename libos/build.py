@@ -290,6 +290,8 @@ def build_status(instance: Instance) -> str:
     """``not built``, ``built`` or ``built, config changed since`` (from build/ alone)."""
     if not instance.manifest.exists() or not instance.signature.exists():
         return "not built"
+    if not instance.image.is_dir():  # an unpacked package: nothing to rebuild from
+        return "built"
     state = _read_json(instance.build_state) or {}
     try:
         current = config_digest(instance.config_path)

@@ -167,6 +167,13 @@ _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
+# The sandbox's limits are rlimits or cgroup files: a size past 2**63 - 1 bytes
+# cannot be set (it failed as "bubblewrap did not start"), nor a task count
+# past the kernel's PID_MAX_LIMIT (pids.max refuses it).
+MAX_SIZE = (1 << 63) - 1
+MAX_TASKS = 1 << 22
+
+
 def parse_size(text: str) -> int | None:
     """``"32MB"`` → bytes (Occlum's units are binary); None when not a size."""
     m = _SIZE.match(text)
@@ -175,6 +182,7 @@ def parse_size(text: str) -> int | None:
 
 SIZE = "size"
 INT = "int"
+TASKS = "tasks"  # a number of tasks: the kernel never has more than PID_MAX_LIMIT
 BOOL = "bool"
 STR = "str"
 STRS = "strs"
@@ -190,8 +198,8 @@ SCHEMA: dict = {
         "kernel_space_heap_size": SIZE_OR_RANGE,
         "kernel_space_heap_max_size": SIZE,
         "kernel_space_stack_size": SIZE,
-        "max_num_of_threads": INT,
-        "init_num_of_threads": INT,
+        "max_num_of_threads": TASKS,
+        "init_num_of_threads": TASKS,
         "num_of_cpus": INT,
     },
     "process": {
@@ -296,6 +304,11 @@ class _Checker:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise self.fail(path, "expected a non-negative whole number")
 
+    def _tasks(self, value, path: str) -> None:
+        self._int(value, path)
+        if value > MAX_TASKS:
+            raise self.fail(path, f"{value} tasks: at most {MAX_TASKS} (the kernel's own limit)")
+
     def _bool(self, value, path: str) -> None:
         if not isinstance(value, bool):
             raise self.fail(path, "expected true or false")
@@ -317,6 +330,8 @@ class _Checker:
     def _size(self, value, path: str) -> None:
         if not isinstance(value, str) or parse_size(value) is None:
             raise self.fail(path, 'expected a size such as "32MB"')
+        if parse_size(value) > MAX_SIZE:
+            raise self.fail(path, f"{value}: too large (at most {MAX_SIZE >> 40}TB)")
 
     def _size_or_range(self, value, path: str) -> None:
         if isinstance(value, dict):
@@ -347,9 +362,13 @@ def check_config(data: object, where: str, lines: dict[str, int] | None = None) 
     checker = _Checker(where, lines)
     checker.check(data, SCHEMA, "")
     config = Config(data, None, lines)
+    # What execve cannot pass (a run failed with "the sandbox could not be set up").
     for i, env in enumerate(config.env_default):
-        if "=" not in env:
-            raise checker.fail(f"env.default[{i}]", "expected NAME=value")
+        if "=" not in env or env.startswith("=") or "\0" in env:
+            raise checker.fail(f"env.default[{i}]", "expected NAME=value (no NUL)")
+    for i, name in enumerate(config.env_untrusted):
+        if not name or "=" in name or "\0" in name:
+            raise checker.fail(f"env.untrusted[{i}]", "expected a variable's NAME")
     for i, ep in enumerate(config.entry_points):
         if not ep.startswith("/"):
             raise checker.fail(f"entry_points[{i}]", "not an absolute path")

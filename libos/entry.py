@@ -13,6 +13,7 @@ import sys
 
 
 def main() -> None:
+    open_standard_fds()
     if len(sys.argv) > 2 and sys.argv[1] == "exec" and sys.argv[2] not in ("-h", "--help"):
         from libos.protocol import exec_main
 
@@ -22,6 +23,29 @@ def main() -> None:
     from libos.cli import main as cli
 
     cli()
+
+
+def open_standard_fds() -> None:
+    """A closed stdin, stdout or stderr becomes ``/dev/null``, as the program sees it.
+
+    Else the first file or socket the command opens takes its number: ``occlum
+    exec`` handed its own control socket over as the program's stdin (a hang)
+    or stdout (the server read the output as requests and killed the program),
+    and Python's ``sys.stdout`` was None (an internal error)."""
+    import os
+
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)  # inheritable, as fd 0-2 are
+                os.close(null)
+            else:
+                os.set_inheritable(fd, True)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 (for the process's life)
 
 
 def plain_run(program: str, args: list[str]) -> None:

@@ -216,34 +216,45 @@ def unmount_rootfs(handle: RootfsHandle) -> None:
         )
 
 
-def is_dir_inside(root: Path, path: str, hops: int = 40) -> bool:
-    """Whether ``path`` names a directory as a program in the sandbox rooted at ``root``
-    sees it: symbolic links are followed inside ``root``, never out to the host."""
-    todo = [p for p in path.split("/") if p]
+MAX_LINKS = 40  # the kernel's ELOOP bound
+
+
+def resolve_inside(root: Path, path: str) -> str | None:
+    """``path`` with every symbolic link followed inside ``root`` (an absolute link
+    starts again at ``root``); None when a component is missing or links loop."""
     done: list[str] = []
+    todo = [p for p in path.split("/") if p][::-1]
+    links = 0
     while todo:
-        name = todo.pop(0)
-        if name == ".":
+        part = todo.pop()
+        if part == ".":
             continue
-        if name == "..":
+        if part == "..":
             if done:
                 done.pop()
             continue
-        here = root.joinpath(*done, name)
+        here = root.joinpath(*done, part)
         try:
-            st = os.lstat(here)
+            mode = os.lstat(here).st_mode
         except OSError:
-            return False
-        if stat.S_ISLNK(st.st_mode):
-            hops -= 1
-            if hops < 0:
-                return False
-            target = os.readlink(here)
-            if target.startswith("/"):
-                done = []
-            todo[:0] = [p for p in target.split("/") if p]
+            return None
+        if not stat.S_ISLNK(mode):
+            done.append(part)
             continue
-        if not stat.S_ISDIR(st.st_mode):
-            return False
-        done.append(name)
-    return True
+        links += 1
+        if links > MAX_LINKS:
+            return None
+        target = os.readlink(here)
+        if target.startswith("/"):
+            done = []
+        todo.extend(p for p in reversed(target.split("/")) if p)
+    return "/" + "/".join(done)
+
+
+def is_dir_inside(root: Path, path: str) -> bool:
+    """Whether ``path`` names a directory as a program in the sandbox rooted at ``root``
+    sees it: symbolic links are followed inside ``root``, never out to the host."""
+    inside = resolve_inside(root, path)
+    if inside == "/":  # no request for the root, on exec's hot path
+        return True
+    return inside is not None and os.path.isdir(root / inside.lstrip("/"))

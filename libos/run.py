@@ -17,6 +17,7 @@ from pathlib import Path
 
 from libos.build import VerifiedBuild, rootfs_layers, verify_build
 from libos.config import Config
+from libos.execcheck import check_executable
 from libos.instance import Instance
 from libos.protocol import FORWARDED
 from libos.rebase import rebase_store
@@ -77,6 +78,12 @@ def sandbox_for(build: VerifiedBuild, root: Path) -> Sandbox:
         stack=config.size("process", "default_stack_size"),
     )
     return Sandbox(root=root, binds=binds, proc=proc, dev=dev, tmpfs=["/tmp"], limits=limits)
+
+
+def covered_paths(sandbox: Sandbox) -> tuple[str, ...]:
+    """What the sandbox mounts over its root: what lies there is not the image's."""
+    special = [p for p, on in (("/proc", sandbox.proc), ("/dev", sandbox.dev)) if on]
+    return (*(target for _host, target in sandbox.binds), *sandbox.tmpfs, *special)
 
 
 def lock_instance(instance: Instance, *, wait: bool = False) -> int:
@@ -167,6 +174,7 @@ def run(instance: Instance, program: str, args: list[str], image_key: Path | Non
                     inside = handle.mountpoint / posixpath.relpath(program, "/")
                     if not os.path.lexists(inside):
                         raise NotFoundError(f"{program}: no such program in the instance")
+                    check_executable(handle.mountpoint, program, covered_paths(sandbox))
                     print(f"occlum: {sandbox.limits.describe()}", file=sys.stderr, flush=True)
                     started = True
                     return _run_program(prepared)

@@ -345,7 +345,11 @@ class Sandbox:
                     # directory fd opens the host's files via /proc/self/fd).
                     os.closerange(3, STATUS_FD)
                     os.closerange(STATUS_FD + 1, fd_limit)
-                    os.execve(argv[0], argv, env)
+                    try:
+                        os.execve(argv[0], argv, env)
+                    except (OSError, ValueError) as exc:  # E2BIG: past the stack's quarter
+                        problem = {"error": f"could not start bubblewrap: {exc}"}
+                        os.write(STATUS_FD, json.dumps(problem).encode() + b"\n")
             finally:
                 os._exit(127)
         for fd in (go_r, ready_w, status_w):
@@ -485,9 +489,12 @@ class SandboxProcess:
         self.proc = proc
         self._status = os.fdopen(status_fd, "rb")
         self.init_pid: int | None = None
+        self.problem: str | None = None  # why bubblewrap did not start, if it did not
         line = self._status.readline()  # {"child-pid": N}, written once the sandbox exists
-        with contextlib.suppress(ValueError, TypeError):
-            self.init_pid = int(json.loads(line)["child-pid"])
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            data = json.loads(line)
+            self.problem = data.get("error")
+            self.init_pid = int(data["child-pid"])
 
     @property
     def pid(self) -> int:
@@ -545,5 +552,7 @@ class SandboxProcess:
         if code < 0:
             return 128 - code
         if code != 0 and self.init_pid is None:
-            raise OcclumfsError("the sandbox could not be set up (see bwrap's message above)")
+            raise OcclumfsError(
+                self.problem or "the sandbox could not be set up (see bwrap's message above)"
+            )
         return code

@@ -32,9 +32,10 @@ import time
 import trio
 
 from libos.build import VerifiedBuild
+from libos.execcheck import check_executable
 from libos.protocol import DEFAULT_STOP_TIMEOUT, SOCKET_NAME
 from libos.rootfs import RootfsHandle, is_dir_inside, unmount_rootfs
-from libos.run import check_entry_point, program_env
+from libos.run import check_entry_point, covered_paths, program_env
 from libos.sandbox import Sandbox, SandboxProcess, release_limits
 from libos.spawning import Spawner
 from occlumfs.errors import InUseError, NotFoundError, OcclumfsError, UsageError
@@ -279,7 +280,10 @@ class Server:
             for fd in fds:
                 os.close(fd)
         job.started(proc)
-        return proc.wait()
+        status = proc.wait()
+        if status == 1:  # bubblewrap's own status when its exec failed: say why, if so
+            check_executable(self.handle.mountpoint, argv[0], covered_paths(self.sandbox))
+        return status
 
     async def _forward(self, conn: _Conn, job: _Exec) -> None:
         """Signals from ``occlum exec`` to its program; a vanished client kills it."""

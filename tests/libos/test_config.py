@@ -36,9 +36,23 @@ def test_occlum_edmm_style_sizes_and_optional_keys_are_accepted():
         (lambda d: d["resource_limits"].update(user_space_size="lots"), "user_space_size"),
         (lambda d: d["metadata"].update(debuggable="yes"), "metadata.debuggable"),
         (lambda d: d["env"].update(default=["NOEQUALS"]), "env.default[0]"),
+        (lambda d: d["env"].update(default=["A=1", "=x"]), "env.default[1]"),
+        (lambda d: d["env"].update(default=["A=1", "B=2", "A\0B=1"]), "env.default[2]"),
+        (lambda d: d["env"].update(untrusted=["EXAMPLE", "A=B"]), "env.untrusted[1]"),
+        (lambda d: d["env"].update(untrusted=[""]), "env.untrusted[0]"),
         (lambda d: d["mount"][1].update(type="nfs"), "mount[1].type"),
         (lambda d: d["mount"][0]["options"]["layers"][0].update(bogus=1), "layers[0].bogus"),
         (lambda d: d.update(entry_points=["bin"]), "entry_points[0]"),
+        # Limits the sandbox could not set (run failed: "bubblewrap did not start").
+        (
+            lambda d: d["resource_limits"].update(max_num_of_threads=10**30),
+            "resource_limits.max_num_of_threads",
+        ),
+        (
+            lambda d: d["resource_limits"].update(user_space_size="9000000TB"),
+            "resource_limits.user_space_size",
+        ),
+        (lambda d: d["process"].update(default_stack_size="1" + "0" * 30), "default_stack_size"),
     ],
 )
 def test_bad_keys_and_values_name_the_key_path_and_line(edit, path):
@@ -52,7 +66,15 @@ def test_bad_keys_and_values_name_the_key_path_and_line(edit, path):
     line = int(message.split(":")[1])
     shown = text.splitlines()[line - 1]
     leaf = path.rsplit(".", 1)[-1]
-    expected = {"default[0]": "NOEQUALS", "entry_points[0]": '"bin"', "type": "nfs"}
+    expected = {
+        "default[0]": "NOEQUALS",
+        "default[1]": '"=x"',
+        "default[2]": "u0000",
+        "untrusted[0]": '""',
+        "untrusted[1]": '"A=B"',
+        "entry_points[0]": '"bin"',
+        "type": "nfs",
+    }
     assert expected.get(leaf, leaf.split("[")[0]) in shown, (message, shown)
 
 

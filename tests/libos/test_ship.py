@@ -42,6 +42,8 @@ def test_package_is_reproducible_and_runs_elsewhere_with_the_key(tmp_path, hello
         tar.extractall(elsewhere, filter="data")
     other = {"OCCLUM_STATE_DIR": str(tmp_path / "other-machine")}
     unpacked = elsewhere / "inst"
+    # Nothing to rebuild from (no image/): not "changed since (run 'occlum build')".
+    assert occlum("status", cwd=unpacked, env=other).stdout == "built\n"
     no_key = occlum("run", "/bin/hello_world", cwd=unpacked, env=other, check=False)
     assert no_key.returncode != 0 and no_key.stderr.count("\n") == 1, no_key.stderr
     ran = occlum("run", "--image-key", key, "/bin/hello_world", cwd=unpacked, env=other)
