@@ -39,6 +39,7 @@ from occlumfs.merkle.filedata import (
     hash_and_keep,
     hash_batch,
     hash_payload,
+    read_fully,
     reserve,
     write_batch,
 )
@@ -418,9 +419,11 @@ class _Builder:
         def seal(task) -> None:
             p, first, block, n, hash_at = task
             want = min(n * BLOCK_SIZE, p.content.size - first * BLOCK_SIZE)
+            buf = bytearray(n * BLOCK_SIZE)  # zeros past the file's end, as stored
             src = os.open(p.content.path, os.O_RDONLY | os.O_NOFOLLOW)
             try:
-                buf = pad_block(os.pread(src, want, p.content.offset + first * BLOCK_SIZE))
+                at = p.content.offset + first * BLOCK_SIZE
+                read_fully(src, memoryview(buf)[:want], at, p.content.path)
             finally:
                 os.close(src)
             out = bytearray()

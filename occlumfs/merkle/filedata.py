@@ -133,12 +133,14 @@ def _hash_chunk(
             pos = seg_a
             while pos < seg_b:
                 want = min(READ, seg_b - pos)
-                got = os.preadv(fd, [memoryview(area)[:want]], pos)
+                got = read_fully(fd, memoryview(area)[:want], pos, content.path)
                 if got != want and pos + got != base + content.size:
                     raise OcclumfsError(f"{os.fsdecode(content.path)}: changed during the build")
                 _hash_buffer(area, got, (pos - base) // BLOCK_SIZE, out)
                 pos += want
         keep = kept is not None and _kept_count[0] < KEEP_OPEN
+    except OSError as exc:
+        raise naming_source(exc, content.path) from None
     finally:
         if keep:
             kept.append(fd)
@@ -148,6 +150,32 @@ def _hash_chunk(
     if kept is not None and not keep:
         kept.append(-1)
     return out
+
+
+def naming_source(exc: OSError, path: bytes) -> OSError:
+    """``exc`` naming the source file it came from, when it names nothing (an
+    error of a read or seek on an open file): else the build's report of it
+    would name the image."""
+    if exc.filename is None:
+        exc.filename = os.fsdecode(path)
+    return exc
+
+
+def read_fully(fd: int, buf: memoryview, pos: int, path: bytes) -> int:
+    """Read ``len(buf)`` bytes of ``fd`` at ``pos`` into ``buf``: fewer only at end
+    of file. A read that stops short (a FUSE file's bad block: the bytes before
+    it) is continued, so the read error itself is raised, naming ``path``, not
+    taken for a file that shrank."""
+    got = 0
+    try:
+        while got < len(buf):
+            n = os.preadv(fd, [buf[got:]], pos + got)
+            if n == 0:
+                break
+            got += n
+    except OSError as exc:
+        raise naming_source(exc, path) from None
+    return got
 
 
 def hash_batch(batch: list[Task]) -> list[Runs]:
@@ -263,18 +291,17 @@ class Gatherer:
     ) -> None:
         """Segments of file range [start, ...) of ``content`` (from ``src`` when open),
         their image offsets counted from ``base``."""
-        if src >= 0:
-            for off, length, at in segments:
-                self._add(src, content.offset + start + off, length, base + at)
-            return
-        src = os.open(content.path, os.O_RDONLY | os.O_NOFOLLOW)
+        opened = src < 0
+        if opened:
+            src = os.open(content.path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             for off, length, at in segments:
-                self._add(src, content.offset + start + off, length, base + at)
+                self._add(src, content.offset + start + off, length, base + at, content.path)
         finally:
-            os.close(src)
+            if opened:
+                os.close(src)
 
-    def _add(self, src: int, src_off: int, length: int, at: int) -> None:
+    def _add(self, src: int, src_off: int, length: int, at: int, path: bytes) -> None:
         end = self.start + self.fill
         gap = at - end
         if self.fill and 0 <= gap < BLOCK_SIZE and self.fill + gap <= GATHER:
@@ -287,9 +314,9 @@ class Gatherer:
             if self.fill == GATHER:
                 self.flush()
             take = min(length, GATHER - self.fill)
-            got = os.preadv(src, [self.buf[self.fill : self.fill + take]], src_off)
-            if got == 0:
-                raise OcclumfsError("a source file shrank during the build")
+            got = read_fully(src, self.buf[self.fill : self.fill + take], src_off, path)
+            if got < take:
+                raise OcclumfsError(f"{os.fsdecode(path)}: changed during the build")
             self.fill += got
             src_off += got
             length -= got
