@@ -4,6 +4,11 @@ Each must end in one line naming what and where, and leave nothing behind."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 from conftest import run_cli
 
@@ -35,4 +40,35 @@ def test_a_source_file_that_fails_to_read_is_named_with_its_error(tmp_path, moun
     assert done.returncode == ExitCode.ERROR
     assert done.stderr == f"occlumfs: error: mkimage: {mnt / 'bad'}: Input/output error\n"
     assert done.stdout == ""
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_build_ended_by_sigterm_or_sighup_leaves_no_scratch(tmp_path, signum):
+    """`timeout`, `docker stop`, a CI cancel or a closed terminal end a build as
+    Ctrl-C does: "interrupted", exit 130, no scratch directory, spool or image.
+
+    The source is a FIFO named as a tar archive: mkimage opens it after making
+    its scratch directory, so once this test's open for writing returns, the
+    build is under way with its scratch on disk (and waits for the archive)."""
+    archive = tmp_path / "layer.tar"
+    os.mkfifo(archive)
+    out = tmp_path / "out"
+    out.mkdir()
+    build = subprocess.Popen(
+        [sys.executable, "-m", "occlumfs", "mkimage", archive, out / "img"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        writer = os.open(archive, os.O_WRONLY)  # returns once mkimage opened it
+        assert [p.name[:16] for p in out.iterdir()] == [".occlumfs-build-"]
+        build.send_signal(signum)
+        stdout, stderr = build.communicate(timeout=60)
+        os.close(writer)
+    finally:
+        if build.poll() is None:
+            build.kill()
+            build.wait()
+    assert (build.returncode, stderr, stdout) == (130, b"occlumfs: interrupted\n", b"")
     assert list(out.iterdir()) == []
