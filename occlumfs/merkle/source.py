@@ -287,7 +287,7 @@ def _pax_mtime_ns(member) -> int:
     if text is not None:
         try:
             return int(Decimal(text) * 1_000_000_000)
-        except InvalidOperation:
+        except (InvalidOperation, ValueError, OverflowError):  # also NaN, infinities
             raise FormatError(f"tar member {member.name!r}: bad mtime {text!r}") from None
     return int(member.mtime) * 1_000_000_000
 

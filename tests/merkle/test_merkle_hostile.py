@@ -4,10 +4,12 @@ Each must end in one line naming what and where, and leave nothing behind."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 
 import pytest
 from conftest import run_cli
@@ -72,3 +74,18 @@ def test_a_build_ended_by_sigterm_or_sighup_leaves_no_scratch(tmp_path, signum):
             build.wait()
     assert (build.returncode, stderr, stdout) == (130, b"occlumfs: interrupted\n", b"")
     assert list(out.iterdir()) == []
+
+
+def test_a_tar_mtime_that_is_not_a_number_names_the_member(tmp_path):
+    for i, text in enumerate(["nan", "inf", "-Infinity", "sNaN"]):
+        archive = tmp_path / f"t{i}.tar"
+        with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tf:
+            info = tarfile.TarInfo("odd")
+            info.pax_headers = {"mtime": text}
+            tf.addfile(info, io.BytesIO(b""))
+        done = run_cli("mkimage", archive, tmp_path / "img", check=False)
+        assert (done.returncode, done.stderr) == (
+            ExitCode.FORMAT,
+            f"occlumfs: error: tar member 'odd': bad mtime {text!r}\n",
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"t{i}.tar" for i in range(4)]
