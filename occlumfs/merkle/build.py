@@ -40,6 +40,7 @@ from occlumfs.merkle.filedata import (
     hash_and_keep,
     hash_batch,
     hash_payload,
+    open_source,
     read_fully,
     reserve,
     write_batch,
@@ -447,7 +448,7 @@ class _Builder:
             p, first, block, n, hash_at = task
             want = min(n * BLOCK_SIZE, p.content.size - first * BLOCK_SIZE)
             buf = bytearray(n * BLOCK_SIZE)  # zeros past the file's end, as stored
-            src = os.open(p.content.path, os.O_RDONLY | os.O_NOFOLLOW)
+            src = open_source(p.content.path)
             try:
                 at = p.content.offset + first * BLOCK_SIZE
                 read_fully(src, memoryview(buf)[:want], at, p.content.path)

@@ -125,7 +125,7 @@ def _hash_chunk(
     """
     out: list[tuple[int, bytes]] = []
     base = content.offset
-    fd = os.open(content.path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = open_source(content.path)
     keep = False
     try:
         area = _area()
@@ -150,6 +150,25 @@ def _hash_chunk(
     if kept is not None and not keep:
         kept.append(-1)
     return out
+
+
+def open_source(path: bytes) -> int:
+    """Open the regular file the scan found at ``path``, for reading.
+
+    Whatever was put there since (a FIFO, whose open would wait for a writer
+    for ever; a device, a directory, a symlink) is refused as a change, not
+    opened, waited on or followed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:  # ELOOP: a symlink now
+            raise
+        fd = -1
+    if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd >= 0:
+            os.close(fd)
+        raise OcclumfsError(f"{os.fsdecode(path)}: changed during the build")
+    return fd
 
 
 def naming_source(exc: OSError, path: bytes) -> OSError:
@@ -293,7 +312,7 @@ class Gatherer:
         their image offsets counted from ``base``."""
         opened = src < 0
         if opened:
-            src = os.open(content.path, os.O_RDONLY | os.O_NOFOLLOW)
+            src = open_source(content.path)
         try:
             for off, length, at in segments:
                 self._add(src, content.offset + start + off, length, base + at, content.path)

@@ -15,9 +15,11 @@ import pytest
 from conftest import run_cli
 
 from merkle.trees import pattern
-from occlumfs.errors import ExitCode
+from occlumfs.errors import ExitCode, OcclumfsError
 from occlumfs.merkle import build_image
+from occlumfs.merkle.build import _Builder
 from occlumfs.merkle.format import BLOCK_SIZE, DESCRIPTOR_SIZE, Descriptor, Layout
+from occlumfs.merkle.source import scan_directory
 
 
 @pytest.mark.fuse
@@ -89,3 +91,26 @@ def test_a_tar_mtime_that_is_not_a_number_names_the_member(tmp_path):
             f"occlumfs: error: tar member 'odd': bad mtime {text!r}\n",
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"t{i}.tar" for i in range(4)]
+
+
+@pytest.mark.timeout(20)  # before the fix, the FIFO's open waited for ever
+@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink"])
+def test_a_file_replaced_after_the_scan_is_a_change_not_opened(tmp_path, kind):
+    """A regular file the scan found, replaced before its bytes are read: by a
+    FIFO (whose open would wait for a writer for ever), a directory or a symlink.
+    The build stops with "changed during the build", leaving nothing."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"scanned")
+    (src / "g").write_bytes(b"other")
+    builder = _Builder(None, None, 1, None)
+    builder.numbering = scan_directory(src)[1]
+    (src / "f").unlink()
+    {"fifo": os.mkfifo, "directory": os.mkdir, "symlink": lambda p: os.symlink("g", p)}[kind](
+        src / "f"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(OcclumfsError, match=f"^{src / 'f'}: changed during the build$"):
+        builder.write(str(out / "img"))
+    assert list(out.iterdir()) == []
