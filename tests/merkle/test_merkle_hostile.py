@@ -114,3 +114,15 @@ def test_a_file_replaced_after_the_scan_is_a_change_not_opened(tmp_path, kind):
     with pytest.raises(OcclumfsError, match=f"^{src / 'f'}: changed during the build$"):
         builder.write(str(out / "img"))
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.timeout(60)  # before the fix, each command waited for a writer for ever
+def test_a_fifo_or_device_given_as_the_image_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for image in (fifo, "/dev/zero"):
+        for command in (["verify"], ["digest"], ["ls"], ["cat"], ["stat"]):
+            args = [*command, image] + (["/f"] if command[0] in ("cat", "stat") else [])
+            done = run_cli(*args, check=False, timeout=30)
+            assert (done.returncode, done.stdout) == (ExitCode.FORMAT, ""), args
+            assert done.stderr == f"occlumfs: error: {image} is not a regular file, not an image\n"
