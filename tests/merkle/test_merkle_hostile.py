@@ -126,3 +126,25 @@ def test_a_fifo_or_device_given_as_the_image_is_refused_at_once(tmp_path):
             done = run_cli(*args, check=False, timeout=30)
             assert (done.returncode, done.stdout) == (ExitCode.FORMAT, ""), args
             assert done.stderr == f"occlumfs: error: {image} is not a regular file, not an image\n"
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz"])
+def test_a_tar_piped_in_builds_the_same_image_as_the_file(tmp_path, mode):
+    """`docker export C | occlumfs mkimage /dev/stdin IMAGE`: a pipe cannot seek,
+    so the archive is read as a stream (plain or compressed), to the same bytes."""
+    archive = tmp_path / "layer.tar"
+    with tarfile.open(archive, mode, format=tarfile.PAX_FORMAT) as tf:
+        for name, data in (("a", b"x" * 5000), ("d/b", pattern("b", 3 * BLOCK_SIZE + 1))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    digest = run_cli("mkimage", archive, tmp_path / "file.img").stdout
+    piped = run_cli("mkimage", "/dev/stdin", tmp_path / "pipe.img", input=archive.read_bytes())
+    assert piped.stdout == digest
+    assert (tmp_path / "pipe.img").read_bytes() == (tmp_path / "file.img").read_bytes()
+    junk = run_cli("mkimage", "/dev/stdin", tmp_path / "junk.img", input=b"junk", check=False)
+    assert (junk.returncode, junk.stderr) == (
+        ExitCode.FORMAT,
+        "occlumfs: error: /dev/stdin: not a readable tar archive\n",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.img", "layer.tar", "pipe.img"]
