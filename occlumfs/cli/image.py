@@ -90,11 +90,12 @@ def _source_bytes(source: Path) -> int | None:
 
 @click.command()
 @click.argument("src", type=click.Path(path_type=Path))
-@IMAGE
+# As given, not as a Path: "out/" must stay distinguishable from "out".
+@click.argument("image", type=click.Path(dir_okay=False))
 @KEY_FILE
 @click.option("-j", "--jobs", type=click.IntRange(min=1), help="Hashing processes (default: CPUs).")
 @_one_line_errors
-def mkimage(src: Path, image: Path, key_file: Path | None, jobs: int | None) -> None:
+def mkimage(src: Path, image: str, key_file: Path | None, jobs: int | None) -> None:
     """Build IMAGE from SRC (a directory, .tar or .tar.gz); print its digest last.
 
     The same tree gives the same image bytes. File mtimes are kept, clamped to

@@ -127,8 +127,9 @@ def run_plain(argv: list[str]) -> int | None:
         try:
             from occlumfs.merkle.build import build_image, path_text
 
-            # As click's Path would show them in messages.
-            src, image, jobs = path_text(parsed[0]), path_text(parsed[1]), parsed[2]
+            # As click's Path would show them in messages (IMAGE as given: a
+            # trailing "/" is refused, not dropped; build_image shows it so).
+            src, image, jobs = path_text(parsed[0]), parsed[1], parsed[2]
 
             epoch = source_date_epoch()
             check_source(src)

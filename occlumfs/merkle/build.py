@@ -32,7 +32,7 @@ import hashlib
 import os
 from collections.abc import Callable
 
-from occlumfs.errors import NotFoundError, OcclumfsError
+from occlumfs.errors import NotFoundError, OcclumfsError, UsageError
 from occlumfs.merkle.filedata import (
     Gatherer,
     Task,
@@ -107,6 +107,10 @@ def build_image(
     jobs: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> str:
+    raw_image = os.fspath(image)
+    if raw_image.endswith("/") or os.path.basename(raw_image) in ("", ".", ".."):
+        # `out/` means a directory (and would write, or replace, a file `out`).
+        raise UsageError(f"{raw_image!r} names no file for IMAGE")
     source, image = path_text(source), path_text(image)
     if missing(source):
         raise NotFoundError(f"{source} does not exist")

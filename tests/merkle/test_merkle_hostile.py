@@ -148,3 +148,23 @@ def test_a_tar_piped_in_builds_the_same_image_as_the_file(tmp_path, mode):
         "occlumfs: error: /dev/stdin: not a readable tar archive\n",
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.img", "layer.tar", "pipe.img"]
+
+
+def test_an_image_path_that_names_a_directory_is_refused(tmp_path):
+    """`mkimage SRC out/` (meaning: into the directory out) wrote a file named
+    `out`, or replaced an existing file `out`; an empty IMAGE failed with EBUSY
+    on a scratch file's name. Each is a usage error, before anything is written."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    (tmp_path / "old.img").write_bytes(b"kept")
+    through_click = "import sys\nfrom occlumfs.cli import main\nmain(sys.argv[1:])\n"
+    for image in (f"{tmp_path}/absent/", f"{tmp_path}/old.img/", ""):
+        for how in (["-m", "occlumfs"], ["-c", through_click]):
+            done = subprocess.run(
+                [sys.executable, *how, "mkimage", src, image], capture_output=True, text=True
+            )
+            assert (done.returncode, done.stdout) == (ExitCode.USAGE, ""), (how, image)
+            assert done.stderr.endswith(f"error: {image!r} names no file for IMAGE\n"), how
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.img", "src"]
+    assert (tmp_path / "old.img").read_bytes() == b"kept"
