@@ -30,9 +30,12 @@ def source_date_epoch() -> int | None:
     if text is None or text == "":
         return None
     try:
-        return int(text)
+        epoch = int(text)
     except ValueError:
         raise UsageError(f"SOURCE_DATE_EPOCH={text!r} is not a whole number of seconds") from None
+    if epoch * 1_000_000_000 < -(1 << 63):  # later ones clamp nothing an mtime can hold
+        raise UsageError(f"SOURCE_DATE_EPOCH={text!r} is out of range")
+    return epoch
 
 
 def check_source(src: str | os.PathLike) -> None:

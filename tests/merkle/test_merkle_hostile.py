@@ -168,3 +168,19 @@ def test_an_image_path_that_names_a_directory_is_refused(tmp_path):
             assert done.stderr.endswith(f"error: {image!r} names no file for IMAGE\n"), how
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.img", "src"]
     assert (tmp_path / "old.img").read_bytes() == b"kept"
+
+
+def test_a_source_date_epoch_before_what_mtimes_can_hold_is_refused(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    lowest = -(1 << 63) // 1_000_000_000 + 1  # the earliest whole second an mtime holds
+    run_cli("mkimage", src, tmp_path / "ok.img", env={"SOURCE_DATE_EPOCH": str(lowest)})
+    done = run_cli(
+        "mkimage", src, tmp_path / "img", env={"SOURCE_DATE_EPOCH": str(lowest - 1)}, check=False
+    )
+    assert (done.returncode, done.stdout) == (ExitCode.USAGE, "")
+    assert (
+        done.stderr == f"occlumfs: error: SOURCE_DATE_EPOCH={str(lowest - 1)!r} is out of range\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.img", "src"]
