@@ -130,15 +130,31 @@ def build_image(
                 return builder.write(image, source)  # scanned (and hashed) once it is open
             import tempfile  # only a tar source needs a scratch directory
 
-            with tempfile.TemporaryDirectory(prefix=".occlumfs-build-", dir=image_dir) as scratch:
+            with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=image_dir) as scratch:
                 builder.numbering = number_tree(scan_tar(source, os.path.join(scratch, "spool")))
                 return builder.write(image)
         except OcclumfsError:
             raise
         except OSError as exc:
             # Unreadable source files, a full or read-only target: one line, no traceback.
-            where = os.fsdecode(exc.filename) if exc.filename else str(image)
+            where = os.fsdecode(exc.filename) if exc.filename else image
+            if _is_scratch(where, image):
+                where = image  # the user named the image, not our scratch beside it
             raise OcclumfsError(f"mkimage: {where}: {exc.strerror or exc}") from None
+
+
+SCRATCH_PREFIX = ".occlumfs-build-"  # a tar build's scratch directory, beside the image
+
+
+def _scratch_file(image: str) -> str:
+    """The image's own scratch file (beside it, until it is renamed over the image)."""
+    return os.path.join(os.path.dirname(image), f".{os.path.basename(image)}.tmp-{os.getpid()}")
+
+
+def _is_scratch(path: str, image: str) -> bool:
+    """Whether ``path`` is the build's scratch file or scratch directory (or in it)."""
+    scratch_dir = os.path.join(os.path.dirname(image) or ".", SCRATCH_PREFIX)
+    return path == _scratch_file(image) or path.startswith(scratch_dir)
 
 
 @contextlib.contextmanager
@@ -266,7 +282,7 @@ class _Builder:
     def write(self, image: str, source: str | None = None) -> str:
         """Write the image of the numbered tree, or of directory ``source``
         (scanned here: the scan leaves out the scratch file)."""
-        tmp = os.path.join(os.path.dirname(image), f".{os.path.basename(image)}.tmp-{os.getpid()}")
+        tmp = _scratch_file(image)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             try:

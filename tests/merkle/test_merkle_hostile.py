@@ -184,3 +184,24 @@ def test_a_source_date_epoch_before_what_mtimes_can_hold_is_refused(tmp_path):
         done.stderr == f"occlumfs: error: SOURCE_DATE_EPOCH={str(lowest - 1)!r} is out of range\n"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.img", "src"]
+
+
+def test_an_image_directory_that_refuses_writes_names_the_image(tmp_path):
+    """The error names IMAGE, which the user gave, not the scratch file or
+    directory the build tried to make beside it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    archive = tmp_path / "src.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(src / "f", "f")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", ro], check=True)
+    try:
+        for source in (src, archive):
+            done = run_cli("mkimage", source, ro / "img", check=False)
+            assert (done.returncode, done.stdout) == (ExitCode.ERROR, "")
+            assert done.stderr == f"occlumfs: error: mkimage: {ro / 'img'}: Read-only file system\n"
+    finally:
+        subprocess.run(["umount", "-l", ro], check=False)
