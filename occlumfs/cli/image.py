@@ -19,7 +19,13 @@ from pathlib import Path
 
 import click
 
-from occlumfs.cli.quick import check_source, host_error, quiet_broken_pipe, source_date_epoch
+from occlumfs.cli.quick import (
+    check_source,
+    check_stdout,
+    host_error,
+    quiet_broken_pipe,
+    source_date_epoch,
+)
 from occlumfs.errors import (
     FSError,
     NotFoundError,
@@ -44,6 +50,7 @@ def _one_line_errors(command):
 
     @functools.wraps(command)
     def run(*args, **kwargs):
+        check_stdout()
         try:
             return command(*args, **kwargs)
         except OcclumfsError:

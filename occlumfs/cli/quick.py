@@ -69,6 +69,13 @@ def reportable(exc: Exception) -> OcclumfsError:
     return OcclumfsError(f"internal error: {type(exc).__name__}: {exc} (-v shows where)")
 
 
+def check_stdout() -> None:
+    """Refuse to start when stdout is closed (``>&-``): Python has no sys.stdout
+    then, and what the command prints (a digest, a listing, a file) would be lost."""
+    if sys.stdout is None:
+        raise OcclumfsError("stdout is closed: nowhere to write the output")
+
+
 def quiet_broken_pipe() -> int:
     """The reader of stdout went away (``... | head``): stop quietly."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -134,6 +141,7 @@ def run_plain(argv: list[str]) -> int | None:
             # trailing "/" is refused, not dropped; build_image shows it so).
             src, image, jobs = path_text(parsed[0]), parsed[1], parsed[2]
 
+            check_stdout()
             epoch = source_date_epoch()
             check_source(src)
             digest = build_image(src, image, source_date_epoch=epoch, jobs=jobs)

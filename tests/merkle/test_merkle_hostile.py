@@ -205,3 +205,35 @@ def test_an_image_directory_that_refuses_writes_names_the_image(tmp_path):
             assert done.stderr == f"occlumfs: error: mkimage: {ro / 'img'}: Read-only file system\n"
     finally:
         subprocess.run(["umount", "-l", ro], check=False)
+
+
+def test_every_image_command_with_stdout_closed_is_one_line(tmp_path):
+    """`occlumfs ... >&-`: Python starts with no sys.stdout. The plain mkimage
+    died with a traceback, ls and cat with an internal error, and click's
+    mkimage and digest dropped their output and exited 0."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    image = tmp_path / "img"
+    run_cli("mkimage", src, image)
+    through_click = "import sys\nfrom occlumfs.cli import main\nmain(sys.argv[1:])\n"
+    commands = [
+        ["mkimage", src, tmp_path / "new.img"],
+        ["digest", image],
+        ["verify", image],
+        ["ls", image],
+        ["cat", image, "/f"],
+        ["stat", image, "/f"],
+    ]
+    for command in commands:
+        for how in (["-m", "occlumfs"], ["-c", through_click]):
+            done = subprocess.run(
+                ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, *how, *map(str, command)],
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert (done.returncode, done.stderr) == (
+                ExitCode.ERROR,
+                "occlumfs: error: stdout is closed: nowhere to write the output\n",
+            ), (how, command)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img", "src"]
