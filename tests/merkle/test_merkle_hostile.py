@@ -16,7 +16,8 @@ from conftest import run_cli
 
 from merkle.trees import pattern
 from occlumfs.errors import ExitCode, OcclumfsError
-from occlumfs.merkle import build_image
+from occlumfs.fs import ROOT_INO, iter_dir
+from occlumfs.merkle import build_image, open_image_fs, verify_image
 from occlumfs.merkle.build import _Builder
 from occlumfs.merkle.format import BLOCK_SIZE, DESCRIPTOR_SIZE, Descriptor, Layout
 from occlumfs.merkle.source import scan_directory
@@ -237,3 +238,23 @@ def test_every_image_command_with_stdout_closed_is_one_line(tmp_path):
                 "occlumfs: error: stdout is closed: nowhere to write the output\n",
             ), (how, command)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img", "src"]
+
+
+@pytest.mark.parametrize("key", [None, bytes(range(16))])
+def test_an_image_of_an_empty_tree_verifies(tmp_path, key):
+    """An empty directory (or an archive of no members) gives an image with an
+    empty heap: verify read zero bytes of it from the block past the heap,
+    beyond the covered blocks, and called the image malformed."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    archive = tmp_path / "none.tar"
+    archive.write_bytes(bytes(10240))  # the end-of-archive blocks alone
+    for source in (empty, archive):
+        image = tmp_path / f"{source.name}.img"
+        digest = build_image(source, image, key=key)
+        verify_image(image, digest=digest, key=key)
+        fs = open_image_fs(image, digest=digest, key=key)
+        try:
+            assert list(iter_dir(fs, ROOT_INO)) == []
+        finally:
+            fs.close()
