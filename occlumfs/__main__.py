@@ -11,8 +11,9 @@ def main() -> None:
     if code is not None:
         # All is written (the image renamed into place, its digest printed):
         # skip tearing the interpreter down, ~7 ms after a large build.
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None: closed when the command started (>&-)
+                stream.flush()
         os._exit(code)
     from occlumfs.cli import main as group
 

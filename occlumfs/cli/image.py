@@ -19,7 +19,13 @@ from pathlib import Path
 
 import click
 
-from occlumfs.cli.quick import check_source, host_error, quiet_broken_pipe, source_date_epoch
+from occlumfs.cli.quick import (
+    check_source,
+    check_stdout,
+    host_error,
+    quiet_broken_pipe,
+    source_date_epoch,
+)
 from occlumfs.errors import (
     FSError,
     NotFoundError,
@@ -44,6 +50,7 @@ def _one_line_errors(command):
 
     @functools.wraps(command)
     def run(*args, **kwargs):
+        check_stdout()
         try:
             return command(*args, **kwargs)
         except OcclumfsError:
@@ -90,11 +97,12 @@ def _source_bytes(source: Path) -> int | None:
 
 @click.command()
 @click.argument("src", type=click.Path(path_type=Path))
-@IMAGE
+# As given, not as a Path: "out/" must stay distinguishable from "out".
+@click.argument("image", type=click.Path(dir_okay=False))
 @KEY_FILE
 @click.option("-j", "--jobs", type=click.IntRange(min=1), help="Hashing processes (default: CPUs).")
 @_one_line_errors
-def mkimage(src: Path, image: Path, key_file: Path | None, jobs: int | None) -> None:
+def mkimage(src: Path, image: str, key_file: Path | None, jobs: int | None) -> None:
     """Build IMAGE from SRC (a directory, .tar or .tar.gz); print its digest last.
 
     The same tree gives the same image bytes. File mtimes are kept, clamped to

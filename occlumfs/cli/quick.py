@@ -30,9 +30,12 @@ def source_date_epoch() -> int | None:
     if text is None or text == "":
         return None
     try:
-        return int(text)
+        epoch = int(text)
     except ValueError:
         raise UsageError(f"SOURCE_DATE_EPOCH={text!r} is not a whole number of seconds") from None
+    if epoch * 1_000_000_000 < -(1 << 63):  # later ones clamp nothing an mtime can hold
+        raise UsageError(f"SOURCE_DATE_EPOCH={text!r} is out of range")
+    return epoch
 
 
 def check_source(src: str | os.PathLike) -> None:
@@ -64,6 +67,13 @@ def reportable(exc: Exception) -> OcclumfsError:
     # A bug, not a user mistake: still one line; the traceback with -v.
     logging.getLogger("occlumfs").info("internal error", exc_info=True)
     return OcclumfsError(f"internal error: {type(exc).__name__}: {exc} (-v shows where)")
+
+
+def check_stdout() -> None:
+    """Refuse to start when stdout is closed (``>&-``): Python has no sys.stdout
+    then, and what the command prints (a digest, a listing, a file) would be lost."""
+    if sys.stdout is None:
+        raise OcclumfsError("stdout is closed: nowhere to write the output")
 
 
 def quiet_broken_pipe() -> int:
@@ -127,9 +137,11 @@ def run_plain(argv: list[str]) -> int | None:
         try:
             from occlumfs.merkle.build import build_image, path_text
 
-            # As click's Path would show them in messages.
-            src, image, jobs = path_text(parsed[0]), path_text(parsed[1]), parsed[2]
+            # As click's Path would show them in messages (IMAGE as given: a
+            # trailing "/" is refused, not dropped; build_image shows it so).
+            src, image, jobs = path_text(parsed[0]), parsed[1], parsed[2]
 
+            check_stdout()
             epoch = source_date_epoch()
             check_source(src)
             digest = build_image(src, image, source_date_epoch=epoch, jobs=jobs)

@@ -58,14 +58,19 @@ READ_AHEAD_MIN = 32  # data requests of fewer blocks never involve the read-ahea
 def open_image_file(image: Path) -> int:
     """A read-only descriptor of ``image``; NotFoundError/FormatError when it cannot be one."""
     try:
-        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        # Non-blocking: a FIFO put where the image belongs must not stall the
+        # open until some writer comes (it is refused below).
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise NotFoundError(f"{image} does not exist") from None
     except PermissionError:
         raise OcclumfsError(f"{image}: permission denied") from None
-    if stat.S_ISDIR(os.fstat(fd).st_mode):
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
         os.close(fd)
-        raise FormatError(f"{image} is a directory, not an image")
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise FormatError(f"{image} is {kind}, not an image")
+    os.set_blocking(fd, True)
     return fd
 
 
@@ -302,6 +307,11 @@ class ImageReader:
 
     def meta_bytes(self, offset: int, length: int) -> bytes:
         """``length`` bytes at absolute byte ``offset`` of the metadata regions."""
+        if length == 0:
+            # Nothing to read, nor to verify: an empty directory's entries at the
+            # end of the heap may point at the block past it, past the covered
+            # ones when the heap is empty (an image of an empty tree).
+            return b""
         block_no, off = divmod(offset, BLOCK_SIZE)
         if off + length <= BLOCK_SIZE:
             return self.meta_block(block_no)[off : off + length]

@@ -23,6 +23,7 @@ The build runs in passes so that the output depends only on the tree:
 
 from __future__ import annotations
 
+import _signal  # signal's C module: the plain build does not load signal
 import contextlib
 import errno
 import functools
@@ -31,7 +32,7 @@ import hashlib
 import os
 from collections.abc import Callable
 
-from occlumfs.errors import NotFoundError, OcclumfsError
+from occlumfs.errors import NotFoundError, OcclumfsError, UsageError
 from occlumfs.merkle.filedata import (
     Gatherer,
     Task,
@@ -39,6 +40,8 @@ from occlumfs.merkle.filedata import (
     hash_and_keep,
     hash_batch,
     hash_payload,
+    open_source,
+    read_fully,
     reserve,
     write_batch,
 )
@@ -104,6 +107,10 @@ def build_image(
     jobs: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> str:
+    raw_image = os.fspath(image)
+    if raw_image.endswith("/") or os.path.basename(raw_image) in ("", ".", ".."):
+        # `out/` means a directory (and would write, or replace, a file `out`).
+        raise UsageError(f"{raw_image!r} names no file for IMAGE")
     source, image = path_text(source), path_text(image)
     if missing(source):
         raise NotFoundError(f"{source} does not exist")
@@ -111,7 +118,7 @@ def build_image(
     image_dir = os.path.dirname(image) or "."
     if not os.path.isdir(image_dir):  # else the error would name the scratch file
         raise NotFoundError(f"{image}: no such directory {image_dir}")
-    with _cycle_collector_off():
+    with _cycle_collector_off(), _ended_like_ctrl_c():
         try:
             builder = _Builder(key, source_date_epoch, jobs, progress)
             if os.path.isdir(source):
@@ -123,15 +130,31 @@ def build_image(
                 return builder.write(image, source)  # scanned (and hashed) once it is open
             import tempfile  # only a tar source needs a scratch directory
 
-            with tempfile.TemporaryDirectory(prefix=".occlumfs-build-", dir=image_dir) as scratch:
+            with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=image_dir) as scratch:
                 builder.numbering = number_tree(scan_tar(source, os.path.join(scratch, "spool")))
                 return builder.write(image)
         except OcclumfsError:
             raise
         except OSError as exc:
             # Unreadable source files, a full or read-only target: one line, no traceback.
-            where = os.fsdecode(exc.filename) if exc.filename else str(image)
+            where = os.fsdecode(exc.filename) if exc.filename else image
+            if _is_scratch(where, image):
+                where = image  # the user named the image, not our scratch beside it
             raise OcclumfsError(f"mkimage: {where}: {exc.strerror or exc}") from None
+
+
+SCRATCH_PREFIX = ".occlumfs-build-"  # a tar build's scratch directory, beside the image
+
+
+def _scratch_file(image: str) -> str:
+    """The image's own scratch file (beside it, until it is renamed over the image)."""
+    return os.path.join(os.path.dirname(image), f".{os.path.basename(image)}.tmp-{os.getpid()}")
+
+
+def _is_scratch(path: str, image: str) -> bool:
+    """Whether ``path`` is the build's scratch file or scratch directory (or in it)."""
+    scratch_dir = os.path.join(os.path.dirname(image) or ".", SCRATCH_PREFIX)
+    return path == _scratch_file(image) or path.startswith(scratch_dir)
 
 
 @contextlib.contextmanager
@@ -146,6 +169,32 @@ def _cycle_collector_off():
     finally:
         if was:
             gc.enable()
+
+
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _ended_like_ctrl_c():
+    """SIGTERM and SIGHUP (`timeout`, `docker stop`, a cancelled CI job, a closed
+    terminal) unwind a build as Ctrl-C does, so its scratch file or directory
+    (as large as the image) is removed, not left behind. A signal the caller
+    set to be ignored (`nohup`) stays ignored; the handlers are the caller's
+    again after the build. Only the main thread may set them: elsewhere they
+    stay as they are."""
+    previous = {}
+    for signum in (_signal.SIGTERM, _signal.SIGHUP):
+        if _signal.getsignal(signum) == _signal.SIG_DFL:
+            try:
+                previous[signum] = _signal.signal(signum, _interrupt)
+            except ValueError:  # not the main thread
+                break
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            _signal.signal(signum, handler)
 
 
 def _within(path: str, root: str) -> bool:
@@ -233,7 +282,7 @@ class _Builder:
     def write(self, image: str, source: str | None = None) -> str:
         """Write the image of the numbered tree, or of directory ``source``
         (scanned here: the scan leaves out the scratch file)."""
-        tmp = os.path.join(os.path.dirname(image), f".{os.path.basename(image)}.tmp-{os.getpid()}")
+        tmp = _scratch_file(image)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             try:
@@ -418,9 +467,11 @@ class _Builder:
         def seal(task) -> None:
             p, first, block, n, hash_at = task
             want = min(n * BLOCK_SIZE, p.content.size - first * BLOCK_SIZE)
-            src = os.open(p.content.path, os.O_RDONLY | os.O_NOFOLLOW)
+            buf = bytearray(n * BLOCK_SIZE)  # zeros past the file's end, as stored
+            src = open_source(p.content.path)
             try:
-                buf = pad_block(os.pread(src, want, p.content.offset + first * BLOCK_SIZE))
+                at = p.content.offset + first * BLOCK_SIZE
+                read_fully(src, memoryview(buf)[:want], at, p.content.path)
             finally:
                 os.close(src)
             out = bytearray()

@@ -125,7 +125,7 @@ def _hash_chunk(
     """
     out: list[tuple[int, bytes]] = []
     base = content.offset
-    fd = os.open(content.path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = open_source(content.path)
     keep = False
     try:
         area = _area()
@@ -134,11 +134,15 @@ def _hash_chunk(
             while pos < seg_b:
                 want = min(READ, seg_b - pos)
                 got = os.preadv(fd, [memoryview(area)[:want]], pos)
+                if got != want and got:  # short: the rest, or the error that cut it
+                    got += read_fully(fd, memoryview(area)[got:want], pos + got, content.path)
                 if got != want and pos + got != base + content.size:
-                    raise OcclumfsError(f"{os.fsdecode(content.path)}: changed during the build")
+                    raise _changed(content.path)
                 _hash_buffer(area, got, (pos - base) // BLOCK_SIZE, out)
                 pos += want
         keep = kept is not None and _kept_count[0] < KEEP_OPEN
+    except OSError as exc:
+        raise source_error(exc, content.path) from None
     finally:
         if keep:
             kept.append(fd)
@@ -148,6 +152,55 @@ def _hash_chunk(
     if kept is not None and not keep:
         kept.append(-1)
     return out
+
+
+def open_source(path: bytes) -> int:
+    """Open the regular file the scan found at ``path``, for reading.
+
+    Whatever was put there since is never followed (a symlink) nor waited on (a
+    FIFO, whose open would wait for a writer for ever): reading a FIFO or a
+    directory then fails, and :func:`source_error` calls that a change, as the
+    check of each file's size and times after reading it calls any other.
+    (Checking the type here with fstat cost ~5 % of a build of small files.)"""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symlink now
+            raise _changed(path) from None
+        raise
+
+
+def _changed(path: bytes) -> OcclumfsError:
+    return OcclumfsError(f"{os.fsdecode(path)}: changed during the build")
+
+
+def source_error(exc: OSError, path: bytes) -> Exception:
+    """What to raise for ``exc``, an error reading source file ``path``: a change
+    when the file is no longer one (ESPIPE: a FIFO; EISDIR: a directory), else
+    ``exc`` naming the file when it names nothing (an error of a read or seek on
+    an open file), or the build's report of it would name the image."""
+    if exc.errno in (errno.ESPIPE, errno.EISDIR):
+        return _changed(path)
+    if exc.filename is None:
+        exc.filename = os.fsdecode(path)
+    return exc
+
+
+def read_fully(fd: int, buf: memoryview, pos: int, path: bytes) -> int:
+    """Read ``len(buf)`` bytes of ``fd`` at ``pos`` into ``buf``: fewer only at end
+    of file. A read that stops short (a FUSE file's bad block: the bytes before
+    it) is continued, so the read error itself is raised, naming ``path``, not
+    taken for a file that shrank."""
+    got = 0
+    try:
+        while got < len(buf):
+            n = os.preadv(fd, [buf[got:]], pos + got)
+            if n == 0:
+                break
+            got += n
+    except OSError as exc:
+        raise source_error(exc, path) from None
+    return got
 
 
 def hash_batch(batch: list[Task]) -> list[Runs]:
@@ -263,18 +316,19 @@ class Gatherer:
     ) -> None:
         """Segments of file range [start, ...) of ``content`` (from ``src`` when open),
         their image offsets counted from ``base``."""
-        if src >= 0:
-            for off, length, at in segments:
-                self._add(src, content.offset + start + off, length, base + at)
-            return
-        src = os.open(content.path, os.O_RDONLY | os.O_NOFOLLOW)
+        opened = src < 0
+        if opened:
+            src = open_source(content.path)
         try:
             for off, length, at in segments:
-                self._add(src, content.offset + start + off, length, base + at)
+                self._add(src, content.offset + start + off, length, base + at, content.path)
+        except OSError as exc:
+            raise source_error(exc, content.path) from None
         finally:
-            os.close(src)
+            if opened:
+                os.close(src)
 
-    def _add(self, src: int, src_off: int, length: int, at: int) -> None:
+    def _add(self, src: int, src_off: int, length: int, at: int, path: bytes) -> None:
         end = self.start + self.fill
         gap = at - end
         if self.fill and 0 <= gap < BLOCK_SIZE and self.fill + gap <= GATHER:
@@ -288,8 +342,11 @@ class Gatherer:
                 self.flush()
             take = min(length, GATHER - self.fill)
             got = os.preadv(src, [self.buf[self.fill : self.fill + take]], src_off)
-            if got == 0:
-                raise OcclumfsError("a source file shrank during the build")
+            if got != take and got:  # short: the rest, or the error that cut it
+                at = self.fill + got
+                got += read_fully(src, self.buf[at : self.fill + take], src_off + got, path)
+            if got < take:
+                raise _changed(path)
             self.fill += got
             src_off += got
             length -= got

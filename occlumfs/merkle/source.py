@@ -287,7 +287,7 @@ def _pax_mtime_ns(member) -> int:
     if text is not None:
         try:
             return int(Decimal(text) * 1_000_000_000)
-        except InvalidOperation:
+        except (InvalidOperation, ValueError, OverflowError):  # also NaN, infinities
             raise FormatError(f"tar member {member.name!r}: bad mtime {text!r}") from None
     return int(member.mtime) * 1_000_000_000
 
@@ -401,14 +401,25 @@ def scan_tar(archive: Path, spool_path: Path) -> SourceNode:
     tree = _implicit_dir()
     spool_name = os.fsencode(spool_path)
     try:
-        tf = tarfile.open(  # noqa: SIM115 - closed by the with below, after error mapping
-            archive, "r:*", encoding="utf-8", errors="surrogateescape"
-        )
+        raw = open(archive, "rb")  # noqa: SIM115 - closed with the archive below
     except FileNotFoundError:
         raise NotFoundError(f"{archive} does not exist") from None
+    # A pipe (`... | occlumfs mkimage /dev/stdin IMAGE`) cannot seek: read it as
+    # a stream, each member's bytes when the member comes (as they are used).
+    seekable = raw.seekable()
+    try:
+        tf = tarfile.open(  # noqa: SIM115 - closed by the with below, after error mapping
+            fileobj=raw,
+            mode="r:*" if seekable else "r|*",
+            encoding="utf-8",
+            errors="surrogateescape",
+        )
     except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raw.close()
+        if not seekable:  # what was read of a pipe cannot be read again
+            raise FormatError(f"{archive}: not a readable tar archive") from None
         raise _unreadable(archive, exc) from None
-    with tf, open(spool_path, "w+b") as spool:
+    with raw, tf, open(spool_path, "w+b") as spool:
         try:
             for member in tf:
                 _add_member(tree, tf, member, spool, spool_name)
