@@ -1,0 +1,444 @@
+"""The union against the kernel's overlayfs, side by side.
+
+The same two lower trees are served twice: as plain directories under a kernel
+overlay mount (``redirect_dir=on,index=on``: the features our rules promise,
+rename of lower directories and hard links kept across copy-up) and as image
+layers under our union over a fresh SEFS upper, through ``occlumfs mount``.
+Every operation runs on both; its outcome (a value or an errno) and then the
+whole tree a program sees (types, modes, sizes, link counts, owners, contents,
+symlink targets, user xattrs, which names share an inode) must be the same.
+
+Where the two differ on purpose, the test says so next to the difference, and
+docs/unionfs.md says it for users.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import stat
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import mounted
+
+from occlumfs.keys import write_key_file
+from occlumfs.merkle import build_image
+
+pytestmark = pytest.mark.fuse
+
+
+def _file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.chmod(path, mode)
+
+
+def _whiteout(path: Path) -> None:
+    os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+
+
+def _bottom(root: Path) -> None:
+    _file(root / "f", b"bottom f\n")
+    _file(root / "g", b"bottom g\n" * 1000)
+    _file(root / "owned", b"owned\n", 0o4750)
+    os.chown(root / "owned", 1234, 5678)
+    os.setxattr(root / "owned", "user.k", b"v")
+    os.utime(root / "owned", ns=(1_000_000_123, 2_000_000_456))
+    _file(root / "d/a", b"bottom d/a\n")
+    _file(root / "d/b", b"bottom d/b\n")
+    _file(root / "d/sub/deep", b"bottom d/sub/deep\n")
+    _file(root / "m/low", b"bottom m/low\n")
+    _file(root / "m/gone", b"bottom m/gone\n")
+    _file(root / "op/hidden", b"bottom op/hidden\n")
+    _file(root / "wd/x", b"bottom wd/x\n")
+    _file(root / "hl1", b"hard-linked\n")
+    os.link(root / "hl1", root / "d/hl2")
+    os.symlink("f", root / "ln")
+    (root / "empty").mkdir()
+    os.chmod(root / "empty", 0o750)
+
+
+def _top(root: Path) -> None:
+    _file(root / "g", b"top g\n")
+    _file(root / "m/high", b"top m/high\n")
+    _whiteout(root / "m/gone")
+    (root / "op").mkdir()
+    os.setxattr(root / "op", "trusted.overlay.opaque", b"y")
+    _file(root / "op/shown", b"top op/shown\n")
+    _whiteout(root / "wd")
+
+
+_TREES = (("bottom", _bottom), ("top", _top))
+
+
+@pytest.fixture(scope="module")
+def lowers(tmp_path_factory) -> list[tuple[Path, Path, str]]:
+    """(tree, image, digest) per lower, bottom first."""
+    where = tmp_path_factory.mktemp("overlay-lowers")
+    out = []
+    for name, build in _TREES:
+        tree = where / name
+        tree.mkdir()
+        build(tree)
+        image = where / f"{name}.img"
+        out.append((tree, image, build_image(tree, image)))
+    return out
+
+
+def _run(*argv: str | os.PathLike) -> None:
+    done = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
+    assert done.returncode == 0, f"{argv}: {done.stderr}"
+
+
+@contextmanager
+def kernel_overlay(lowers, where: Path) -> Iterator[Callable[[], Path]]:
+    """The kernel's overlay over the lower trees; yields a remount function.
+
+    Its upper lives on a tmpfs of its own: overlayfs refuses an upper on
+    overlayfs (a container's /tmp) and tmpfs holds trusted xattrs.
+    """
+    scratch, mnt = where / "kernel", where / "kernel-mnt"
+    scratch.mkdir()
+    mnt.mkdir()
+    _run("mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", scratch)
+    (scratch / "upper").mkdir()
+    (scratch / "work").mkdir()
+    lowerdir = ":".join(str(tree) for tree, _, _ in reversed(lowers))
+    opts = f"lowerdir={lowerdir},upperdir={scratch}/upper,workdir={scratch}/work"
+    opts += ",redirect_dir=on,index=on"
+
+    def remount() -> Path:
+        _run("umount", mnt)
+        _run("mount", "-t", "overlay", "overlay", "-o", opts, mnt)
+        return mnt
+
+    _run("mount", "-t", "overlay", "overlay", "-o", opts, mnt)
+    try:
+        yield remount
+    finally:
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
+        subprocess.run(["umount", "-l", scratch], capture_output=True)
+
+
+class Ours:
+    """Our union over the images, a fresh upper; ``remount`` unmounts and mounts again."""
+
+    def __init__(self, lowers, where: Path) -> None:
+        self.upper = where / "upper"
+        self.mnt = where / "ours-mnt"
+        key = where / "upper.key"
+        write_key_file(key)
+        self.args: list[str | os.PathLike] = []
+        for _, image, digest in lowers:
+            self.args += ["--lower", image, "--digest", digest]
+        self.args += ["--key-file", key, "--state-dir", where / "state"]
+        self._ctx = None
+
+    def __enter__(self) -> Ours:
+        self._ctx = mounted(self.upper, self.mnt, *self.args)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ctx.__exit__(*exc)
+
+    def remount(self) -> Path:
+        self._ctx.__exit__(None, None, None)
+        self._ctx = mounted(self.upper, self.mnt, *self.args)
+        self._ctx.__enter__()
+        return self.mnt
+
+
+@pytest.fixture
+def twins(lowers, tmp_path):
+    """(kernel, ours): the two mounts, each with a ``root`` and a ``remount``."""
+    with kernel_overlay(lowers, tmp_path) as kremount, Ours(lowers, tmp_path) as ours:
+        yield Twins(tmp_path / "kernel-mnt", kremount, ours)
+
+
+class Twins:
+    def __init__(self, kernel: Path, kremount, ours: Ours) -> None:
+        self.roots = (kernel, ours.mnt)
+        self._kremount, self._ours = kremount, ours
+
+    def remount(self) -> None:
+        self._kremount()
+        self._ours.remount()
+
+    def both(self, op: Callable[[Path], object]) -> object:
+        """Run ``op(root)`` on both; the outcomes must match; returns the kernel's."""
+        kernel, ours = (_outcome(op, root) for root in self.roots)
+        assert ours == kernel, f"{getattr(op, 'what', op)}: overlayfs {kernel}, ours {ours}"
+        return kernel
+
+    def same_tree(self, context: str = "") -> None:
+        wrong: list[str] = []
+        kernel, ours = snapshot(self.roots[0], []), snapshot(self.roots[1], wrong)
+        assert not wrong, f"{context}: d_ino is not st_ino for {wrong}"
+        diff = {
+            p: (kernel.get(p), ours.get(p))
+            for p in sorted(set(kernel) | set(ours))
+            if kernel.get(p) != ours.get(p)
+        }
+        assert not diff, f"{context}: path: (overlayfs, ours)\n" + "\n".join(
+            f"  {p}: {k}\n  {' ' * len(p)}  {o}" for p, (k, o) in diff.items()
+        )
+
+
+def _outcome(op, root: Path):
+    try:
+        return ("ok", op(root))
+    except OSError as exc:
+        return ("errno", errno.errorcode.get(exc.errno, exc.errno))
+
+
+def snapshot(root: Path, d_ino_wrong: list[str]) -> dict[str, tuple]:
+    """What a program sees under ``root``, by relative path.
+
+    Names whose ``d_ino`` in the listing is not their ``st_ino`` go to
+    ``d_ino_wrong``: overlayfs without ``xino`` lists its directories with
+    the lower's numbers; the union must not (find, du and ls -i rely on it).
+    """
+    out: dict[str, tuple] = {}
+    inos: dict[int, list[str]] = {}
+    dinos: dict[str, int] = {}
+
+    def walk(rel: str) -> None:
+        path = root / rel if rel else root
+        st = os.lstat(path)
+        kind = stat.S_IFMT(st.st_mode)
+        entry: list = [stat.filemode(st.st_mode), st.st_uid, st.st_gid]
+        if kind == stat.S_IFDIR:
+            with os.scandir(path) as it:
+                listed = [(e.name, _dtype(e), e.inode()) for e in it]
+            names = [name for name, _, _ in listed]
+            assert len(names) == len(set(names)), f"{path} lists a name twice"
+            entry += [st.st_nlink, sorted(t[:2] for t in listed)]
+            dinos.update({f"{rel}/{name}" if rel else name: ino for name, _, ino in listed})
+        else:
+            entry += [st.st_size, st.st_nlink]
+            inos.setdefault(st.st_ino, []).append(rel)
+        if kind == stat.S_IFREG:
+            entry.append(path.read_bytes())
+        elif kind == stat.S_IFLNK:
+            entry.append(os.readlink(path))
+        else:
+            entry.append(os.major(st.st_rdev) if kind in (stat.S_IFCHR, stat.S_IFBLK) else None)
+        if kind != stat.S_IFLNK:
+            entry.append(sorted((x, os.getxattr(path, x)) for x in os.listxattr(path)))
+        if rel and dinos[rel] != st.st_ino:
+            d_ino_wrong.append(rel)
+        out[rel or "/"] = tuple(entry)
+        if kind == stat.S_IFDIR:
+            for name in sorted(names):
+                walk(f"{rel}/{name}" if rel else name)
+
+    walk("")
+    # Which names are one file (hard links), not the numbers themselves.
+    for group in inos.values():
+        if len(group) > 1:
+            out["links:" + group[0]] = tuple(sorted(group))
+    return out
+
+
+def _dtype(entry: os.DirEntry) -> str:
+    if entry.is_symlink():
+        return "l"
+    return "d" if entry.is_dir() else "f" if entry.is_file() else "o"
+
+
+# --- operations -------------------------------------------------------------
+
+
+def _op(what: str, fn: Callable[[Path], object]) -> Callable[[Path], object]:
+    fn.what = what  # type: ignore[attr-defined]
+    return fn
+
+
+def write_at(rel: str, data: bytes, offset: int = 0, flags: int = os.O_WRONLY):
+    def run(root: Path):
+        fd = os.open(root / rel, flags)
+        try:
+            return os.pwrite(fd, data, offset) if offset >= 0 else os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    return _op(f"write {rel} {flags:#o}", run)
+
+
+def append(rel: str, data: bytes):
+    return write_at(rel, data, -1, os.O_WRONLY | os.O_APPEND)
+
+
+def create(rel: str, data: bytes):
+    return write_at(rel, data, 0, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+
+
+def ops_on(rel: str, rel2: str, rng: random.Random) -> list[Callable[[Path], object]]:
+    data = bytes([rng.randrange(97, 123)]) * rng.randrange(1, 20)
+    return [
+        write_at(rel, data, rng.randrange(0, 12)),
+        append(rel, data),
+        write_at(rel, data, 0, os.O_WRONLY | os.O_TRUNC),
+        create(rel, data),
+        _op(f"truncate {rel}", lambda r: os.truncate(r / rel, rng_size)),
+        _op(f"chmod {rel}", lambda r: os.chmod(r / rel, 0o640)),
+        _op(f"chown {rel}", lambda r: os.chown(r / rel, 42, 43, follow_symlinks=False)),
+        _op(f"utime {rel}", lambda r: os.utime(r / rel, ns=(5, 7), follow_symlinks=False)),
+        _op(f"setxattr {rel}", lambda r: os.setxattr(r / rel, "user.t", data)),
+        _op(f"removexattr {rel}", lambda r: os.removexattr(r / rel, "user.k")),
+        _op(f"unlink {rel}", lambda r: os.unlink(r / rel)),
+        _op(f"rmdir {rel}", lambda r: os.rmdir(r / rel)),
+        _op(f"mkdir {rel}", lambda r: os.mkdir(r / rel, 0o755)),
+        _op(f"symlink {rel}", lambda r: os.symlink(rel2, r / rel)),
+        _op(f"rename {rel} {rel2}", lambda r: os.rename(r / rel, r / rel2)),
+        _op(f"link {rel} {rel2}", lambda r: os.link(r / rel, r / rel2, follow_symlinks=False)),
+        _op(f"read {rel}", lambda r: (r / rel).read_bytes()),
+        _op(f"listdir {rel}", lambda r: sorted(os.listdir(r / rel))),
+    ]
+
+
+rng_size = 3
+
+
+# --- scripted cases -----------------------------------------------------------
+
+
+def test_the_lowers_look_the_same(twins):
+    twins.same_tree("fresh")
+    twins.remount()
+    twins.same_tree("fresh, remounted")
+
+
+def test_copy_up_of_every_kind_of_change(twins):
+    for step in (
+        write_at("f", b"X", 3),
+        append("g", b"appended\n"),
+        _op("truncate", lambda r: os.truncate(r / "d/a", 4)),
+        _op("chmod", lambda r: os.chmod(r / "d/b", 0o600)),
+        _op("chown", lambda r: os.chown(r / "owned", 7, 8)),
+        _op("utime", lambda r: os.utime(r / "d/sub/deep", ns=(10**9, 3 * 10**9))),
+        _op("setxattr", lambda r: os.setxattr(r / "m/low", "user.n", b"1")),
+        _op("chmod dir", lambda r: os.chmod(r / "empty", 0o700)),
+        _op("setxattr dir", lambda r: os.setxattr(r / "d", "user.dir", b"yes")),
+        write_at("m/high", b"new", 0, os.O_WRONLY | os.O_TRUNC),
+    ):
+        twins.both(step)
+        twins.same_tree(step.what)
+    times = [os.stat(r / "d/sub/deep").st_mtime_ns for r in twins.roots]
+    assert times == [3 * 10**9] * 2
+    owned = [os.stat(r / "owned") for r in twins.roots]
+    # chown by root clears set-uid on both.
+    assert [stat.S_IMODE(s.st_mode) for s in owned] == [stat.S_IMODE(owned[0].st_mode)] * 2
+    twins.remount()
+    twins.same_tree("remounted")
+
+
+def test_delete_and_recreate_over_whiteouts(twins):
+    for step in (
+        _op("unlink lower", lambda r: os.unlink(r / "f")),
+        _op("recreate file", lambda r: (r / "f").write_bytes(b"again\n")),
+        _op("unlink in merged", lambda r: os.unlink(r / "m/low")),
+        _op("mkdir over whiteout", lambda r: os.mkdir(r / "m/low")),
+        _op("rmdir nonempty lower", lambda r: os.rmdir(r / "d")),
+        _op("rmdir merged, lower names hidden", lambda r: os.rmdir(r / "m")),
+        _op("unlink m/high", lambda r: os.unlink(r / "m/high")),
+        _op("rmdir m/low", lambda r: os.rmdir(r / "m/low")),
+        _op("rmdir merged, now empty", lambda r: os.rmdir(r / "m")),
+        _op("mkdir over a deleted merged dir", lambda r: os.mkdir(r / "m")),
+        _op("list it", lambda r: os.listdir(r / "m")),
+        _op("rmdir lower empty", lambda r: os.rmdir(r / "empty")),
+        _op("symlink over whiteout", lambda r: os.symlink("x", r / "empty")),
+        _op("opaque dir listing", lambda r: sorted(os.listdir(r / "op"))),
+        _op("whited-out dir", lambda r: os.listdir(r / "wd")),
+        _op("mkdir over lower whiteout", lambda r: os.mkdir(r / "wd")),
+        _op("rmdir opaque", lambda r: os.rmdir(r / "op")),
+    ):
+        twins.both(step)
+        twins.same_tree(step.what)
+    twins.remount()
+    twins.same_tree("remounted")
+
+
+def test_renames_and_hard_links(twins):
+    for step in (
+        _op("rename lower file", lambda r: os.rename(r / "f", r / "f2")),
+        _op("rename over lower", lambda r: os.rename(r / "f2", r / "d/a")),
+        _op("rename lower dir", lambda r: os.rename(r / "d", r / "d2")),
+        _op("rename merged dir", lambda r: os.rename(r / "m", r / "d2/m")),
+        _op("rename dir onto nonempty", lambda r: os.rename(r / "empty", r / "op")),
+        _op("rename dir onto empty", lambda r: os.rename(r / "op", r / "empty")),
+        _op("link lower", lambda r: os.link(r / "g", r / "g-link")),
+        _op("write via link", lambda r: (r / "g-link").write_bytes(b"through link\n")),
+        _op("write lower hard link", write_at("hl1", b"HL", 0)),
+        _op("rename lower hard link", lambda r: os.rename(r / "d2/hl2", r / "hl3")),
+        _op("unlink lower hard link", lambda r: os.unlink(r / "hl1")),
+        _op("symlink", lambda r: os.symlink("d2/m/high", r / "s")),
+        _op("read through symlink", lambda r: (r / "s").read_bytes()),
+    ):
+        twins.both(step)
+        twins.same_tree(step.what)
+    twins.remount()
+    twins.same_tree("remounted")
+
+
+def test_a_read_only_fd_sees_a_copy_up_by_another(twins):
+    # Before Linux 4.19 a file opened for reading in a lower kept reading the
+    # lower after another descriptor copied it up; since then overlayfs (and
+    # the union, which keeps one inode per name) shows every fd the new data.
+    def run(root: Path):
+        ro = os.open(root / "f", os.O_RDONLY)
+        try:
+            before = os.pread(ro, 100, 0)
+            with open(root / "f", "r+b") as rw:
+                rw.write(b"NEW")
+            return before, os.pread(ro, 100, 0), os.fstat(ro).st_size
+        finally:
+            os.close(ro)
+
+    twins.both(_op("ro fd then copy-up", run))
+
+
+def test_readdir_while_changing(twins):
+    def run(root: Path):
+        seen = []
+        with os.scandir(root / "d") as it:
+            for i, entry in enumerate(it):
+                seen.append(entry.name)
+                if i == 0:
+                    os.unlink(root / "d/b") if entry.name != "b" else os.unlink(root / "d/a")
+                    (root / "d/new").write_bytes(b"")
+        assert len(seen) == len(set(seen)), seen
+        return sorted(set(seen) - {"new", "a", "b"})
+
+    twins.both(_op("readdir while changing", run))
+    twins.same_tree("after")
+
+
+# --- random sequences ---------------------------------------------------------
+
+_NAMES = ["f", "g", "owned", "d", "d/a", "d/sub", "d/hl2", "m", "m/low", "m/high", "m/gone"]
+_NAMES += ["op", "op/hidden", "op/shown", "wd", "hl1", "ln", "empty", "new", "d/new", "m/n2"]
+_NAMES += ["d/sub/deep", "d2", "d2/a", "d2/sub", "m/low/x", "new/y", "wd/x", "empty/e", "hl3"]
+
+
+@pytest.mark.parametrize(
+    "seed", range(int(os.environ.get("UA_SEED0", 0)), int(os.environ.get("UA_SEEDS", 3)))
+)
+def test_random_sequences(twins, seed):
+    rng = random.Random(seed)
+    for step in range(int(os.environ.get("UA_STEPS", 60))):
+        rel, rel2 = rng.choice(_NAMES), rng.choice(_NAMES)
+        op = rng.choice(ops_on(rel, rel2, rng))
+        out = twins.both(op)
+        if os.environ.get("UA_V"):
+            print(op.what, str(out)[:80])
+        if step % 5 == 4:
+            twins.same_tree(f"seed {seed} step {step} {op.what}")
+    twins.remount()
+    twins.same_tree(f"seed {seed}: remounted")
