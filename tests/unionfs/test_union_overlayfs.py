@@ -28,6 +28,7 @@ from conftest import mounted
 
 from occlumfs.keys import write_key_file
 from occlumfs.merkle import build_image
+from unionfs.helpers import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 pytestmark = pytest.mark.fuse
 
@@ -218,7 +219,12 @@ def snapshot(root: Path, d_ino_wrong: list[str]) -> dict[str, tuple]:
                 listed = [(e.name, _dtype(e), e.inode()) for e in it]
             names = [name for name, _, _ in listed]
             assert len(names) == len(set(names)), f"{path} lists a name twice"
-            entry += [st.st_nlink, sorted(t[:2] for t in listed)]
+            # 1 is "not counted" (a merged directory: both say so, but they
+            # copy directories up at different moments); any other count is
+            # exact.
+            subdirs = sum(kind == "d" for _, kind, _ in listed)
+            nlink = st.st_nlink in (1, 2 + subdirs) or st.st_nlink
+            entry += [nlink, sorted(t[:2] for t in listed)]
             dinos.update({f"{rel}/{name}" if rel else name: ino for name, _, ino in listed})
         else:
             entry += [st.st_size, st.st_nlink]
@@ -262,7 +268,7 @@ def _op(what: str, fn: Callable[[Path], object]) -> Callable[[Path], object]:
 
 def write_at(rel: str, data: bytes, offset: int = 0, flags: int = os.O_WRONLY):
     def run(root: Path):
-        fd = os.open(root / rel, flags)
+        fd = os.open(root / rel, flags | os.O_NONBLOCK)  # a FIFO: ENXIO, not a hang
         try:
             return os.pwrite(fd, data, offset) if offset >= 0 else os.write(fd, data)
         finally:
@@ -273,6 +279,14 @@ def write_at(rel: str, data: bytes, offset: int = 0, flags: int = os.O_WRONLY):
 
 def append(rel: str, data: bytes):
     return write_at(rel, data, -1, os.O_WRONLY | os.O_APPEND)
+
+
+def read_nonblock(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
 
 
 def create(rel: str, data: bytes):
@@ -298,12 +312,53 @@ def ops_on(rel: str, rel2: str, rng: random.Random) -> list[Callable[[Path], obj
         _op(f"symlink {rel}", lambda r: os.symlink(rel2, r / rel)),
         _op(f"rename {rel} {rel2}", lambda r: os.rename(r / rel, r / rel2)),
         _op(f"link {rel} {rel2}", lambda r: os.link(r / rel, r / rel2, follow_symlinks=False)),
-        _op(f"read {rel}", lambda r: (r / rel).read_bytes()),
+        _op(f"read {rel}", lambda r: read_nonblock(r / rel)),
+        exchange(rel, rel2),
+        exchange(rel, rel2, RENAME_NOREPLACE),
+        _op(f"mkfifo {rel}", lambda r: os.mkfifo(r / rel, 0o600)),
+        write_at(rel, data, 0, os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+        as_user(write_at(rel, data, 0)),
+        as_user(_op(f"unlink {rel}", lambda r: os.unlink(r / rel))),
+        as_user(_op(f"chmod {rel}", lambda r: os.chmod(r / rel, 0o4700))),
+        as_user(_op(f"utime {rel}", lambda r: os.utime(r / rel))),
         _op(f"listdir {rel}", lambda r: sorted(os.listdir(r / rel))),
     ]
 
 
 rng_size = 3
+
+
+def exchange(rel: str, rel2: str, flags: int = RENAME_EXCHANGE):
+    def run(root: Path):
+        code = renameat2(root / rel, root / rel2, flags)
+        if code:
+            raise OSError(code, os.strerror(code))
+
+    return _op(f"renameat2 {rel} {rel2} {flags}", run)
+
+
+def as_user(op, uid: int = 1234, gid: int = 5678):
+    """``op`` run by another user, in a child; its errno, or 0."""
+
+    def run(root: Path):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 0
+            try:
+                os.setgroups([])
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+                op(root)
+            except OSError as exc:
+                code = exc.errno or 255
+            except BaseException:
+                code = 254
+            os._exit(code)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if code:
+            raise OSError(code, os.strerror(code))
+
+    return _op(f"as {uid}: {op.what}", run)
 
 
 # --- scripted cases -----------------------------------------------------------
