@@ -14,10 +14,12 @@ docs/unionfs.md says it for users.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import random
 import stat
+import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -459,6 +461,52 @@ def test_a_read_only_fd_sees_a_copy_up_by_another(twins):
     twins.both(_op("ro fd then copy-up", run))
 
 
+def test_open_files_across_unlink_rename_and_copy_up(twins):
+    def run(root: Path):
+        seen = []
+        ro = os.open(root / "d/a", os.O_RDONLY)
+        rw = os.open(root / "d/b", os.O_RDWR)
+        os.unlink(root / "d/a")
+        seen.append(os.pread(ro, 100, 0))  # an unlinked lower file still reads
+        os.rename(root / "d", root / "moved")
+        os.pwrite(rw, b"B", 0)  # copy-up through an fd of a renamed directory
+        seen.append((root / "moved/b").read_bytes())
+        os.fchmod(rw, 0o600)
+        seen.append(stat.filemode(os.stat(root / "moved/b").st_mode))
+        os.unlink(root / "moved/b")
+        os.pwrite(rw, b"C", 1)  # written after its last name went
+        seen.append((os.pread(rw, 100, 0), os.fstat(rw).st_nlink))
+        os.close(ro)
+        os.close(rw)
+        return seen
+
+    twins.both(_op("open files", run))
+    twins.same_tree("after")
+    twins.remount()
+    twins.same_tree("remounted")
+
+
+def test_times_and_set_id_bits_through_copy_up(twins):
+    def run(root: Path):
+        lower, f = os.stat(root / "owned"), os.stat(root / "f")
+        os.chmod(root / "f", 0o600)  # metadata-only copy-up keeps the times
+        os.setxattr(root / "owned", "user.x", b"1")
+        after = os.stat(root / "owned")
+        return (
+            os.stat(root / "f").st_mtime_ns == f.st_mtime_ns,
+            (after.st_mtime_ns, after.st_atime_ns) == (lower.st_mtime_ns, lower.st_atime_ns),
+            stat.filemode(after.st_mode),
+        )
+
+    twins.both(_op("times", run))
+    # The owner writing a set-uid file drops the bit (the kernel asks the
+    # filesystem to: file_remove_privs).
+    twins.both(as_user(write_at("owned", b"W", 0)))
+    twins.both(_op("mode", lambda r: stat.filemode(os.stat(r / "owned").st_mode)))
+    twins.remount()
+    twins.same_tree("remounted")
+
+
 def test_readdir_while_changing(twins):
     def run(root: Path):
         seen = []
@@ -473,6 +521,57 @@ def test_readdir_while_changing(twins):
 
     twins.both(_op("readdir while changing", run))
     twins.same_tree("after")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_GETDENTS64 = 217  # x86_64
+
+
+def getdents(fd: int, size: int = 96) -> list[tuple[bytes, int]]:
+    """One getdents64(2) call with a small buffer: [(name, d_off)]."""
+    buf = ctypes.create_string_buffer(size)
+    n = _libc.syscall(_SYS_GETDENTS64, fd, buf, size)
+    if n < 0:
+        raise OSError(ctypes.get_errno(), "getdents64")
+    out, pos = [], 0
+    while pos < n:
+        off, reclen = struct.unpack_from("<qH", buf.raw, pos + 8)
+        name = buf.raw[pos + 19 : pos + reclen].split(b"\0", 1)[0]
+        out.append((name, off))
+        pos += reclen
+    return out
+
+
+def test_seekdir_while_names_come_and_go(twins):
+    # POSIX: a name neither removed nor added since the directory was opened
+    # is listed exactly once, also across lseek to an offset it returned.
+    # (overlayfs lists a merged directory from a copy taken at open, so the
+    # two need not agree on the names that changed: only the rule is checked.)
+    def run(root: Path):
+        names = [f"n{i:02}".encode() for i in range(30)]
+        for name in names:
+            (root / "m" / name.decode()).write_bytes(b"")
+        fd = os.open(root / "m", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            first = getdents(fd)
+            while len(first) < 4:
+                first += getdents(fd)
+            for gone in (names[5], names[20], b"low"):
+                os.unlink(root / "m" / gone.decode())
+            for i in range(10):
+                (root / f"m/new{i}").write_bytes(b"")
+            os.lseek(fd, first[2][1], os.SEEK_SET)  # back to after the 3rd entry
+            seen = [name for name, _ in first[:3]]
+            while chunk := getdents(fd):
+                seen += [name for name, _ in chunk]
+        finally:
+            os.close(fd)
+        stayed = {*names, b".", b"..", b"high"} - {names[5], names[20]}
+        twice = {n for n in seen if seen.count(n) > 1}
+        return sorted(stayed - set(seen)), sorted(twice)
+
+    for root in twins.roots:
+        assert run(root) == ([], []), root
 
 
 # --- random sequences ---------------------------------------------------------
@@ -495,5 +594,7 @@ def test_random_sequences(twins, seed):
             print(op.what, str(out)[:80])
         if step % 5 == 4:
             twins.same_tree(f"seed {seed} step {step} {op.what}")
+        if step % 50 == 49:
+            twins.remount()
     twins.remount()
     twins.same_tree(f"seed {seed}: remounted")
