@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import random
 import stat
@@ -365,10 +366,11 @@ def as_user(op, uid: int = 1234, gid: int = 5678):
         if pid == 0:  # pragma: no cover - the child
             code = 0
             try:
+                os.chdir(root)  # pytest's directories above are 0700
                 os.setgroups([])
                 os.setresgid(gid, gid, gid)
                 os.setresuid(uid, uid, uid)
-                op(root)
+                op(Path("."))
             except OSError as exc:
                 code = exc.errno or 255
             except BaseException:
@@ -590,6 +592,42 @@ def test_seekdir_while_names_come_and_go(twins):
 
     for root in twins.roots:
         assert run(root) == ([], []), root
+
+
+def test_another_user_mmap_set_gid_and_sticky_directories(twins):
+    def mmap_write(r):
+        fd = os.open(r / "d/a", os.O_RDWR)
+        m = mmap.mmap(fd, 0)
+        m[0:3] = b"MMM"
+        m.flush()
+        m.close()
+        os.close(fd)
+        return (r / "d/a").read_bytes()
+
+    steps = [
+        _op("mmap", mmap_write),
+        _op("chown d", lambda r: os.chown(r / "d", 1234, 5678)),
+        as_user(create("d/u", b"u")),
+        as_user(_op("mkdir", lambda r: os.mkdir(r / "d/ud"))),
+        as_user(_op("rename", lambda r: os.rename(r / "d/b", r / "d/b2"))),
+        _op("setgid m", lambda r: (os.chown(r / "m", 0, 5678), os.chmod(r / "m", 0o2777))),
+        create("m/sg", b"x"),
+        _op("mkdir m/sgd", lambda r: os.mkdir(r / "m/sgd")),
+        _op("sticky", lambda r: os.chmod(r / "m", 0o1777)),
+        as_user(_op("unlink other's in sticky", lambda r: os.unlink(r / "m/low"))),
+        as_user(_op("rename other's in sticky", lambda r: os.rename(r / "m/high", r / "m/h2"))),
+        as_user(create("m/mine", b"")),
+        as_user(_op("unlink mine in sticky", lambda r: os.unlink(r / "m/mine"))),
+        _op("rename self", lambda r: os.rename(r / "hl1", r / "d/hl2")),
+        _op("ls", lambda r: sorted(os.listdir(r / "d"))),
+        write_at("g", b"far", 100000),
+        _op("size", lambda r: (os.stat(r / "g").st_size, os.stat(r / "g").st_blocks > 0)),
+    ]
+    for step in steps:
+        twins.both(step)
+    twins.same_tree("after")
+    twins.remount()
+    twins.same_tree("remounted")
 
 
 # --- random sequences ---------------------------------------------------------
