@@ -18,6 +18,7 @@ import ctypes
 import errno
 import mmap
 import os
+import platform
 import random
 import stat
 import struct
@@ -31,19 +32,9 @@ from conftest import mounted
 
 from occlumfs.keys import write_key_file
 from occlumfs.merkle import build_image
-from unionfs.helpers import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from unionfs.helpers import RENAME_EXCHANGE, RENAME_NOREPLACE, _file, _whiteout, renameat2
 
 pytestmark = pytest.mark.fuse
-
-
-def _file(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    os.chmod(path, mode)
-
-
-def _whiteout(path: Path) -> None:
-    os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(0, 0))
 
 
 def _bottom(root: Path) -> None:
@@ -544,7 +535,7 @@ def test_readdir_while_changing(twins):
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_SYS_GETDENTS64 = 217  # x86_64
+_SYS_GETDENTS64 = {"x86_64": 217, "aarch64": 61}[platform.machine()]
 
 
 def getdents(fd: int, size: int = 96) -> list[tuple[bytes, int]]:
