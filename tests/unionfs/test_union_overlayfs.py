@@ -626,6 +626,7 @@ def test_another_user_mmap_set_gid_and_sticky_directories(twins):
 _NAMES = ["f", "g", "owned", "d", "d/a", "d/sub", "d/hl2", "m", "m/low", "m/high", "m/gone"]
 _NAMES += ["op", "op/hidden", "op/shown", "wd", "hl1", "ln", "empty", "new", "d/new", "m/n2"]
 _NAMES += ["d/sub/deep", "d2", "d2/a", "d2/sub", "m/low/x", "new/y", "wd/x", "empty/e", "hl3"]
+_NAMES += ["d2/sub/deep", "d2/m", "d2/m/low", "m/d", "m/d/sub", "op/d", "d/sub/m", "x"]
 
 
 # Three seeded sequences of 100 steps run in CI (a few seconds); a longer
