@@ -8,6 +8,7 @@ upper, as a user's mounts would over time.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import stat
 from dataclasses import dataclass
@@ -181,3 +182,17 @@ def errno_of(call, *args) -> int | None:
     except OSError as exc:
         return exc.errno
     return None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+_libc.renameat2.argtypes.append(ctypes.c_uint)
+_AT_FDCWD = -100
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def renameat2(old, new, flags: int) -> int:
+    """0, or the errno renameat2(2) failed with."""
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), flags) == 0:
+        return 0
+    return ctypes.get_errno()

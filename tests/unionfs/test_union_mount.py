@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
@@ -11,19 +10,7 @@ import pytest
 from conftest import mounted, run_cli
 
 from occlumfs.merkle import build_image
-from unionfs.helpers import Stack
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
-_libc.renameat2.argtypes.append(ctypes.c_uint)
-_AT_FDCWD = -100
-
-
-def renameat2(old, new, flags: int) -> int:
-    """0, or the errno renameat2(2) failed with."""
-    if _libc.renameat2(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), flags) == 0:
-        return 0
-    return ctypes.get_errno()
+from unionfs.helpers import Stack, renameat2
 
 
 @pytest.mark.fuse
