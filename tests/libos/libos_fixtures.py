@@ -123,7 +123,7 @@ def pty_read(fd: int, seen: bytearray, timeout: float) -> bool:
     return True
 
 
-def pty_expect(fd: int, want: bytes, seen: bytearray, timeout: float = 20.0) -> None:
+def pty_expect(fd: int, want: bytes, seen: bytearray, timeout: float = 60.0) -> None:
     while want not in seen:
         assert pty_read(fd, seen, timeout), f"timed out waiting for {want!r}; got {bytes(seen)!r}"
     del seen[: seen.index(want) + len(want)]
