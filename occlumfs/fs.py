@@ -301,7 +301,10 @@ class Filesystem:
 
 
 def lookup_path(fs: Filesystem, path: str | bytes) -> Attr:
-    """Walk ``path`` (relative to the root, ``/``-separated) without following symlinks."""
+    """Walk ``path`` (relative to the root, ``/``-separated) without following symlinks.
+
+    A trailing ``/`` asks for a directory, as in POSIX: anything else there is ENOTDIR.
+    """
     if isinstance(path, str):
         path = path.encode("utf-8", "surrogateescape")
     attr = fs.getattr(ROOT_INO)
@@ -311,6 +314,8 @@ def lookup_path(fs: Filesystem, path: str | bytes) -> Attr:
         if not attr.is_dir:
             raise FSError(errno.ENOTDIR)
         attr = fs.lookup(attr.ino, part)
+    if path.endswith(b"/") and not attr.is_dir:
+        raise FSError(errno.ENOTDIR)
     return attr
 
 

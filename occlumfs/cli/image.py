@@ -162,8 +162,10 @@ def _lookup(fs, image: Path, path: str) -> Attr:
     except FSError as exc:
         if isinstance(exc, OcclumfsError):
             raise
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        if exc.errno == errno.ENOENT:
             raise NotFoundError(f"{path}: no such file or directory in {image}") from None
+        if exc.errno == errno.ENOTDIR:  # a file where the path needs a directory
+            raise NotFoundError(f"{path}: not a directory in {image}") from None
         raise OcclumfsError(f"{path}: {exc.strerror} (in {image})") from None
 
 

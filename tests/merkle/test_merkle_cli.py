@@ -127,7 +127,10 @@ def test_path_errors(built):
     for args, code, words in [
         (("cat", image, "missing"), ExitCode.NOT_FOUND, "no such file"),
         (("cat", image, "dir"), ExitCode.USAGE, "not a regular file"),
-        (("stat", image, "one/below"), ExitCode.NOT_FOUND, "no such file"),
+        (("stat", image, "one/below"), ExitCode.NOT_FOUND, "one/below: not a directory"),
+        # A trailing slash asks for a directory, as in POSIX.
+        (("ls", image, "one/"), ExitCode.NOT_FOUND, "one/: not a directory"),
+        (("cat", image, "one/"), ExitCode.NOT_FOUND, "one/: not a directory"),
         (("ls", image, "nope"), ExitCode.NOT_FOUND, "no such file"),
         (("ls", image.with_name("absent")), ExitCode.NOT_FOUND, "does not exist"),
         (("digest", image.with_name("absent")), ExitCode.NOT_FOUND, "does not exist"),
