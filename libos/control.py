@@ -31,7 +31,7 @@ from libos.protocol import (
     read_answer,
     try_connect,
 )
-from occlumfs.errors import NotFoundError, NotSavedError, OcclumfsError
+from occlumfs.errors import InUseError, NotFoundError, NotSavedError, OcclumfsError
 
 
 def socket_path_of(instance: Instance) -> str:
@@ -50,12 +50,14 @@ def connect(instance: Instance) -> socket.socket | None:
 
 def recover(instance: Instance) -> None:
     """Clean up after a server that died: wait for its commit, remove its socket."""
+    from libos.run import read_holder
+
     path = socket_path_of(instance)
     if not os.path.lexists(path):
         return
     fd = os.open(instance.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        holder, _role = read_holder(fd)
         if holder.isdigit() and _alive(int(holder)):
             return  # alive: a server between binding and listening, or closing down
         fcntl.flock(fd, fcntl.LOCK_EX)  # its FUSE server holds it until the commit is done
@@ -85,13 +87,36 @@ def request(instance: Instance, message: dict) -> dict:
     """Send one request to the server; its one-line answer."""
     sock = connect(instance)
     if sock is None:
-        raise NotFoundError(f"{instance.root}: {NOT_STARTED}")
-    with sock:
-        sock.sendall(json.dumps(message).encode() + b"\n")
-        answer = read_answer(sock)
+        raise not_answering(instance)
+    answer = _exchange(sock, message)
     if answer is None:
         raise OcclumfsError(f"{instance.root}: the instance's server died while answering")
     return answer
+
+
+def _exchange(sock: socket.socket, message: dict) -> dict | None:
+    """Send one request on ``sock`` and close it; the answer, None when the server hung up."""
+    with sock:
+        try:
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            return read_answer(sock)
+        except (BrokenPipeError, ConnectionResetError):
+            return None
+
+
+def not_answering(instance: Instance) -> OcclumfsError:
+    """Why nobody answers on the socket: not started (14), or held by a run,
+    a mount, a package, a start under way (16)."""
+    from libos.run import STOPPING, holder_of
+
+    holder = holder_of(instance)
+    if holder is None:
+        return NotFoundError(f"{instance.root}: {NOT_STARTED}")
+    pid, role = holder
+    if role == STOPPING:
+        return InUseError(f"{instance.root}: the instance is stopping (pid {pid})")
+    role = role or "another process"
+    return InUseError(f"{instance.root}: the instance is not started; {role} holds it (pid {pid})")
 
 
 def describe(instance: Instance) -> str | None:
@@ -117,7 +142,7 @@ def start(instance: Instance, image_key=None) -> str:
     from libos.run import lock_instance, rebase_and_say
 
     connect(instance)  # a dead server is noticed and cleaned up first
-    lock_fd = lock_instance(instance)
+    lock_fd = lock_instance(instance, role="occlum start")
     try:
         build = verify_build(instance, image_key)
         rebase_and_say(build)
@@ -147,7 +172,7 @@ def _daemon(build, lock_fd: int, ready_w: int) -> None:
     import trio
 
     from libos.rootfs import mount_rootfs, unmount_rootfs
-    from libos.run import sandbox_for
+    from libos.run import sandbox_for, write_holder
     from libos.sandbox import apply_limits, release_limits
     from libos.server import Server, log
 
@@ -166,8 +191,7 @@ def _daemon(build, lock_fd: int, ready_w: int) -> None:
             os.dup2(fd, target)
         os.close(devnull)
         os.close(log_fd)
-        os.ftruncate(lock_fd, 0)
-        os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+        write_holder(lock_fd, "occlum start")
         handle = mount_rootfs(build)
         sandbox = sandbox_for(build, handle.mountpoint)
         limits = apply_limits(sandbox.limits, f"occlum-{os.getpid()}")
@@ -218,12 +242,21 @@ def _listen(instance: Instance) -> socket.socket:
 
 
 def stop(instance: Instance, timeout: float = DEFAULT_STOP_TIMEOUT, *, kill: bool = False) -> None:
-    """Stop the started instance; raise when its last commit failed."""
-    message = {"op": "kill"} if kill else {"op": "stop", "timeout": timeout}
-    from libos.run import lock_instance
+    """Stop the started instance; raise when its last commit failed.
 
-    answer = request(instance, message)
-    if "error" in answer:
+    A stop or kill that finds the server already stopping (after another stop or
+    kill) waits for it, as Docker does; only the first one learns whether the
+    commit failed."""
+    from libos.run import STOPPING, holder_of, lock_instance
+
+    message = {"op": "kill"} if kill else {"op": "stop", "timeout": timeout}
+    sock = connect(instance)
+    answer = None if sock is None else _exchange(sock, message)
+    if answer is None:
+        holder = holder_of(instance)
+        if holder is None or holder[1] != STOPPING:
+            raise not_answering(instance)
+    elif "error" in answer:
         raise NotSavedError(answer["error"])
-    lock_fd = lock_instance(instance, wait=True)  # the server has exited
+    lock_fd = lock_instance(instance, wait=True, role="occlum stop")  # the server has exited
     os.close(lock_fd)

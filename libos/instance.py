@@ -94,12 +94,18 @@ def create(root: Path, *, fresh: bool) -> Instance:
         raise UsageError(f"{root}: already exists; 'occlum new' makes a new directory")
     if (root / "Occlum.json").exists():
         raise UsageError(f"{root}: already an Occlum instance (Occlum.json exists)")
+    made = False
     try:
         root.mkdir(parents=True, exist_ok=not fresh)
+        made = fresh
         instance = Instance(root)
         _write_skeleton(instance)
     except OSError as exc:
-        raise OcclumfsError(f"{exc.filename or root}: {exc.strerror}") from None
+        if made:  # no half-made instance left behind
+            shutil.rmtree(root, ignore_errors=True)
+        # A missing parent is made; ENOENT is a parent that takes no directory (/proc).
+        error = NotFoundError if isinstance(exc, FileNotFoundError) else OcclumfsError
+        raise error(f"{exc.filename or root}: {exc.strerror}") from None
     return instance
 
 

@@ -86,14 +86,16 @@ def covered_paths(sandbox: Sandbox) -> tuple[str, ...]:
     return (*(target for _host, target in sandbox.binds), *sandbox.tmpfs, *special)
 
 
-def lock_instance(instance: Instance, *, wait: bool = False) -> int:
-    """Take ``run/occlum.lock`` (one run, or one started instance, at a time); its fd."""
+def lock_instance(instance: Instance, *, wait: bool = False, role: str = "occlum run") -> int:
+    """Take ``run/occlum.lock`` (one run, or one started instance, at a time); its fd.
+
+    The file says who holds it: ``PID ROLE`` (see ``write_holder``)."""
     instance.run.mkdir(exist_ok=True)
     fd = os.open(instance.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        holder, _role = read_holder(fd)
         os.close(fd)
         if (instance.run / "occlum.sock").exists():
             raise InUseError(
@@ -107,8 +109,25 @@ def lock_instance(instance: Instance, *, wait: bool = False) -> int:
         os.close(fd)
         raise
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    write_holder(fd, role)
     return fd
+
+
+# What a started instance's server writes in its lock once it begins to stop.
+STOPPING = "stopping"
+
+
+def write_holder(fd: int, role: str) -> None:
+    """Say in the lock file who holds it: this process's pid and its role
+    (``occlum run``, ``occlum mount``, ``occlum start``, ``stopping``...). Roles are
+    padded to one width so that a change of role is one in-place write."""
+    os.pwrite(fd, f"{os.getpid()} {role:<15}\n".encode(), 0)
+
+
+def read_holder(fd: int) -> tuple[str, str]:
+    """The lock file's pid (``?`` when unknown) and role (empty when unknown)."""
+    words = os.pread(fd, 64, 0).decode(errors="replace").split(maxsplit=1)
+    return (words[0] if words else "?"), (words[1].strip() if len(words) > 1 else "")
 
 
 @contextlib.contextmanager
@@ -133,8 +152,8 @@ def rebase_and_say(build: VerifiedBuild) -> None:
         )
 
 
-def running_pid(instance: Instance) -> int | None:
-    """The pid holding the instance lock, or None when nobody runs it."""
+def holder_of(instance: Instance) -> tuple[int, str] | None:
+    """Who holds the instance lock (pid, -1 when unknown, and role), or None when nobody does."""
     try:
         fd = os.open(instance.lock, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -143,12 +162,18 @@ def running_pid(instance: Instance) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else -1
+            pid, role = read_holder(fd)
+            return (int(pid) if pid.isdigit() else -1), role
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
         os.close(fd)
+
+
+def running_pid(instance: Instance) -> int | None:
+    """The pid holding the instance lock, or None when nobody runs it."""
+    holder = holder_of(instance)
+    return None if holder is None else holder[0]
 
 
 def run(instance: Instance, program: str, args: list[str], image_key: Path | None = None) -> int:

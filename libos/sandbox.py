@@ -50,12 +50,10 @@ class Limits:
     cgroups: list[Path] = field(default_factory=list)
 
     def describe(self) -> str:
-        parts = []
-        if self.memory:
-            parts.append(f"memory {self.memory >> 20}MB")
-        if self.tasks:
-            parts.append(f"{self.tasks} tasks")
-        return f"resource limits via {self.how}" + (f" ({', '.join(parts)})" if parts else "")
+        # 0 (or no key) is no limit, as Docker's --memory 0 and --pids-limit 0: say so.
+        memory = f"memory {self.memory >> 20}MB" if self.memory else "no memory limit"
+        tasks = f"{self.tasks} tasks" if self.tasks else "no task limit"
+        return f"resource limits via {self.how} ({memory}, {tasks})"
 
 
 def _own_cgroup(controller: str) -> Path | None:

@@ -35,7 +35,7 @@ from libos.build import VerifiedBuild
 from libos.execcheck import check_executable
 from libos.protocol import DEFAULT_STOP_TIMEOUT, SOCKET_NAME
 from libos.rootfs import RootfsHandle, is_dir_inside, unmount_rootfs
-from libos.run import check_entry_point, covered_paths, program_env
+from libos.run import STOPPING, check_entry_point, covered_paths, program_env, write_holder
 from libos.sandbox import Sandbox, SandboxProcess, release_limits
 from libos.spawning import Spawner
 from occlumfs.errors import InUseError, NotFoundError, OcclumfsError, UsageError
@@ -307,6 +307,7 @@ class Server:
             await self.shut.wait()
             return self.result
         self.stopping = True
+        _say_stopping(self.build.instance)  # before the socket goes: see control.stop
         with contextlib.suppress(OSError):
             os.unlink(socket_path_of(self.build.instance))
         self.listener.close()
@@ -331,6 +332,16 @@ class Server:
         self.unmounted = True
         self.shut.set()
         return self.result
+
+
+def _say_stopping(instance) -> None:
+    """Mark the instance lock (which this process holds) as stopping."""
+    with contextlib.suppress(OSError):
+        fd = os.open(instance.lock, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            write_holder(fd, STOPPING)
+        finally:
+            os.close(fd)
 
 
 def socket_path_of(instance) -> str:

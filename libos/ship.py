@@ -42,7 +42,7 @@ def mount_instance(
     if sock is not None:
         sock.close()
     check_mountpoint(mountpoint)
-    lock_fd = lock_instance(instance)  # the detached server inherits it
+    lock_fd = lock_instance(instance, role="occlum mount")  # the detached server inherits it
     try:
         build = verify_build(instance, image_key)
         if rw:
@@ -85,7 +85,7 @@ def package(instance: Instance, output: Path | None, *, with_run: bool = False) 
         raise UsageError(f"{output}: the package's name must end in .tar.gz or .tgz")
     if {instance.build, instance.run} & set(output.parents):
         raise UsageError(f"{output}: the package cannot be written inside what it packs")
-    lock_fd = lock_instance(instance) if with_run else None
+    lock_fd = lock_instance(instance, role="occlum package") if with_run else None
     try:
         members = _members(instance, with_run)
         buf = io.BytesIO()

@@ -35,3 +35,15 @@ def test_outside_an_instance_is_one_line(tmp_path, occlum):
     assert done.stderr.strip().splitlines() == [
         f"occlum: error: {tmp_path}: not an Occlum instance (no Occlum.json); run 'occlum init'"
     ]
+
+
+def test_new_where_the_directory_cannot_be_made_is_one_line(tmp_path, occlum):
+    # procfs takes no new directory (ENOENT): as a missing parent, 14.
+    refused = occlum("new", "/proc/occlum-new-test", check=False)
+    assert refused.returncode == 14, refused.stderr
+    assert refused.stderr.count("\n") == 1 and "/proc/occlum-new-test" in refused.stderr
+    # A parent that is a file: 1, the path named, nothing made.
+    (tmp_path / "file").write_text("")
+    refused = occlum("new", tmp_path / "file/inst", check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"{tmp_path}/file" in refused.stderr and "Traceback" not in refused.stderr

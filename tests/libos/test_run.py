@@ -417,6 +417,19 @@ def test_resource_limits_are_enforced(built, occlum):
         assert "can't fork" in many.stderr or "Resource temporarily" in many.stderr, many.stderr
 
 
+def test_zero_limits_mean_no_limit_and_say_so(built, occlum):
+    _set_limits(built, user_space_size="0MB", max_num_of_threads=0)
+    occlum("build", cwd=built)
+    big = occlum(
+        "run", "/bin/busybox", "dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1",
+        cwd=built,
+    )  # fmt: skip
+    assert "resource limits via none (no memory limit, no task limit)" in big.stderr
+    env = {"OCCLUM_LIMITS": "rlimits"}  # not even as rlimits
+    limits = occlum("run", "/bin/busybox", "sh", "-c", "ulimit -v", cwd=built, env=env)
+    assert limits.stdout.split() == ["unlimited"]
+
+
 def test_without_cgroups_the_limits_become_rlimits(built, occlum):
     _set_limits(built, user_space_size="24MB", max_num_of_threads=8)
     occlum("build", cwd=built)

@@ -70,6 +70,10 @@ def test_mount_shows_the_union_read_only_unless_rw(built, tmp_path, occlum):
         for verb in (("run", SH, "true"), ("start",)):
             busy = occlum(*verb, cwd=built, check=False)
             assert busy.returncode == 16 and busy.stderr.count("\n") == 1, busy.stderr
+        for verb in ("stop", "kill"):  # not started, and nothing to stop: say who holds it
+            held = occlum(verb, cwd=built, check=False)
+            assert held.returncode == 16 and held.stderr.count("\n") == 1, held.stderr
+            assert "not started; occlum mount holds it (pid " in held.stderr
     finally:
         occlum("umount", mnt, module="occlumfs")
     occlum("mount", mnt, "--rw", cwd=built)

@@ -39,7 +39,7 @@ def finish(proc: subprocess.Popen) -> int:
 
 
 def server_pid(inst: Path) -> int:
-    return int((inst / "run/occlum.lock").read_text())
+    return int((inst / "run/occlum.lock").read_text().split()[0])
 
 
 def wait_for_exit(pid: int, timeout: float = 30) -> None:
@@ -287,3 +287,59 @@ def test_start_refuses_a_broken_build_in_one_line(built, occlum):
     bad = run_occlum("start", cwd=built, check=False)
     assert bad.returncode == 13 and bad.stderr.count("\n") == 1, bad.stderr
     assert not (built / "run/occlum.sock").exists()
+
+
+def test_stop_and_kill_name_the_occlum_run_that_holds_the_instance(built):
+    run = subprocess.Popen(
+        [sys.executable, "-m", "libos", "run", SH, "sh", "-c", "echo ready; read x"],
+        cwd=built,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert run.stdout.readline() == b"ready\n"
+        for verb in ("stop", "kill"):
+            held = run_occlum(verb, cwd=built, check=False)
+            assert held.returncode == 16 and held.stderr.count("\n") == 1, held.stderr
+            assert f"not started; occlum run holds it (pid {run.pid})" in held.stderr
+    finally:
+        run.communicate(b"\n", timeout=60)
+    assert run.returncode == 0  # untouched by the refused stop and kill
+
+
+def blocked_on_lock(inst: Path) -> bool:
+    """Somebody waits for the instance lock (a blocked flock in /proc/locks)."""
+    ino = os.stat(inst / "run/occlum.lock").st_ino
+    lines = Path("/proc/locks").read_text().splitlines()
+    return any("->" in line and line.split()[6].endswith(f":{ino}") for line in lines)
+
+
+def test_a_kill_that_finds_the_instance_stopping_waits_and_succeeds(built, occlum):
+    occlum("start", cwd=built)
+    stubborn = exec_popen(
+        built, SH, "sh", "-c", "trap 'echo term' TERM; echo ready; while :; do sleep 1; done"
+    )
+    assert stubborn.stdout.readline() == b"ready\n"
+    stop = subprocess.Popen([sys.executable, "-m", "libos", "stop", "-t", "60"], cwd=built)
+    kill = None
+    try:
+        assert stubborn.stdout.readline() == b"term\n"  # the server is stopping
+        kill = subprocess.Popen(
+            [sys.executable, "-m", "libos", "kill"], cwd=built, stderr=subprocess.PIPE
+        )
+        # The kill finds no socket and waits for the stopping server's lock.
+        while not blocked_on_lock(built):
+            assert kill.poll() is None, kill.stderr.read()
+            select.select([], [], [], 0.02)
+        stubborn.kill()  # a vanished exec client ends its program: the stop goes on
+        assert stop.wait(timeout=60) == 0
+        _, said = kill.communicate(timeout=60)
+        assert kill.returncode == 0 and b"killed; the writable layer is committed" in said, said
+    finally:
+        for proc in (stop, kill, stubborn):
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.communicate()
+    assert_no_leftover_mounts(built)
