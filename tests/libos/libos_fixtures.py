@@ -124,6 +124,15 @@ def pty_read(fd: int, seen: bytearray, timeout: float) -> bool:
 
 
 def pty_expect(fd: int, want: bytes, seen: bytearray, timeout: float = 60.0) -> None:
+    shown = pty_shows(fd, want, seen, timeout)
+    assert shown, f"timed out waiting for {want!r}; got {bytes(seen)!r}"
+
+
+def pty_shows(fd: int, want: bytes, seen: bytearray, timeout: float) -> bool:
+    """Whether ``want`` appears before ``timeout`` seconds of silence; ``seen`` loses
+    everything up to its end when it does."""
     while want not in seen:
-        assert pty_read(fd, seen, timeout), f"timed out waiting for {want!r}; got {bytes(seen)!r}"
+        if not pty_read(fd, seen, timeout):
+            return False
     del seen[: seen.index(want) + len(want)]
+    return True
