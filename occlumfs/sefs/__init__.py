@@ -159,7 +159,7 @@ def open_sefs_fs(
         keys = Keys(master, bytes.fromhex(config["fs_id"]), config["version"])
         pin_store(state_dir, path, keys.fs_id, accept_new=accept_new_store)
         lock = DirLock(storage.dir)
-        lock.acquire()
+        lock.acquire(read_only=read_only)
         return SefsFS(
             storage,
             keys,

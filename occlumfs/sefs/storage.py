@@ -178,7 +178,11 @@ class DiskStorage(Storage):
         where, base = self._at(name)
         try:
             fd = where.open_file(base, os.O_RDWR | (os.O_CREAT if create else 0))
-        except PermissionError:
+        except OSError as exc:
+            # A file we may only read (its mode, or read-only host storage):
+            # reads work, and a write through it fails with the host's reason.
+            if not isinstance(exc, PermissionError) and exc.errno != errno.EROFS:
+                raise
             fd = where.open_file(base, os.O_RDONLY)
         self._fds[name] = fd
         while len(self._fds) > self.MAX_FDS:
