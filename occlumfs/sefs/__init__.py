@@ -102,6 +102,10 @@ def create_sefs(
 ) -> dict:
     """Create a SEFS at ``path`` (absent or an empty directory), all or nothing."""
     path = Path(os.path.abspath(path))
+    if path.is_symlink():
+        # A store is never opened through a symlink (DiskStorage refuses it),
+        # so one made there could not be used.
+        raise UsageError(f"{path}: is a symlink; name the directory it points to")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UsageError(f"{path}: exists and is not an empty directory")
     if not path.parent.is_dir():

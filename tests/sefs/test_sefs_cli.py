@@ -57,6 +57,21 @@ def test_create_refuses_a_non_empty_directory(tmp_path, volume):
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["x"]
 
 
+@pytest.mark.parametrize("target", ["real", "nowhere"])
+def test_create_at_a_symlink_is_refused_and_leaves_nothing(tmp_path, volume, target):
+    # Every command refuses a store reached through a symlink (the store
+    # path is opened without following one): create must not make one there.
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(target)
+    done = run_cli("sefs", "create", tmp_path / "link", "--key-file", volume.key_file, check=False)
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert done.stderr.splitlines() == [
+        f"occlumfs: error: {tmp_path / 'link'}: is a symlink; name the directory it points to"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real", "vol"]
+    assert list((tmp_path / "real").iterdir()) == []
+
+
 @pytest.mark.fuse
 def test_info_needs_no_key_and_shows_no_secrets(volume, mount):
     with mount(*volume.mount_args()) as mnt:
