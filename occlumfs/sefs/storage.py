@@ -100,6 +100,9 @@ class Storage:
             with contextlib.suppress(FileNotFoundError):
                 self.unlink(name)
 
+    def wait_discarded(self) -> None:
+        """Return once the files discarded so far are deleted."""
+
     def statvfs(self) -> os.statvfs_result | None:
         return None
 
@@ -157,7 +160,7 @@ class DiskStorage(Storage):
         self._hints: dict[str, _ReadHints] = {}  # per open file
         self._reaper: threading.Thread | None = None
         self._reaper_pid = 0
-        self._doomed: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._doomed: queue.Queue[str | None] = queue.Queue()
 
     def _subdir(self, name: str) -> HostDir:
         found = self._dirs.get(name)
@@ -321,7 +324,7 @@ class DiskStorage(Storage):
             self._forget(name)
         # Threads do not survive the mount's fork: start one in whoever discards.
         if self._reaper is None or self._reaper_pid != os.getpid():
-            self._doomed = queue.SimpleQueue()
+            self._doomed = queue.Queue()
             self._reaper = threading.Thread(target=self._reap, name="sefs-reaper", daemon=True)
             self._reaper_pid = os.getpid()
             self._reaper.start()
@@ -335,6 +338,11 @@ class DiskStorage(Storage):
             where, base = self._at(name)
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 os.unlink(base, dir_fd=where.fd)
+            self._doomed.task_done()
+
+    def wait_discarded(self) -> None:
+        if self._reaper is not None and self._reaper_pid == os.getpid():
+            self._doomed.join()
 
     def close(self) -> None:
         if self._reaper is not None and self._reaper_pid == os.getpid():
