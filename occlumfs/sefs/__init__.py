@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from occlumfs.errors import FormatError, NotFoundError, UsageError
+from occlumfs.errors import FormatError, NotFoundError, OcclumfsError, UsageError
 from occlumfs.sefs import format as fmt
 from occlumfs.sefs.fs import SefsFS
 from occlumfs.sefs.keys import (
@@ -114,6 +114,9 @@ def create_sefs(
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     try:
         tmp.mkdir(mode=0o700)
+    except OSError as exc:  # the scratch dir is ours: the user named the store
+        raise OcclumfsError(f"{path}: cannot create the store: {exc.strerror}") from None
+    try:
         (tmp / fmt.META_DIR).mkdir()
         (tmp / fmt.DATA_DIR).mkdir()
         storage = DiskStorage(tmp)

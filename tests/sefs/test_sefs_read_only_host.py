@@ -54,3 +54,19 @@ def test_writing_to_a_store_on_read_only_storage_is_refused_naming_it(
         " (only 'mount --ro' and 'fsck' can open it)"
     ]
     assert not os.path.ismount(spare_mnt)
+
+
+def test_create_on_read_only_storage_names_the_store_not_its_scratch_dir(tmp_path, volume):
+    host = tmp_path / "host"
+    host.mkdir()
+    subprocess.run(["mount", "--bind", host, host], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", host], check=True)
+        done = run_cli("sefs", "create", host / "fs", "--key-file", volume.key_file, check=False)
+    finally:
+        subprocess.run(["umount", host], check=True)
+    assert done.returncode == ExitCode.ERROR, done.stderr
+    assert done.stderr.splitlines() == [
+        f"occlumfs: error: {host / 'fs'}: cannot create the store: Read-only file system"
+    ]
+    assert list(host.iterdir()) == []
