@@ -113,10 +113,10 @@ def create_sefs(
     state_dir = prepare_state_dir(state_dir, path)
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     try:
-        tmp.mkdir(mode=0o700)
-    except OSError as exc:  # the scratch dir is ours: the user named the store
-        raise OcclumfsError(f"{path}: cannot create the store: {exc.strerror}") from None
-    try:
+        try:
+            tmp.mkdir(mode=0o700)
+        except OSError as exc:  # the scratch dir is ours: the user named the store
+            raise OcclumfsError(f"{path}: cannot create the store: {exc.strerror}") from None
         (tmp / fmt.META_DIR).mkdir()
         (tmp / fmt.DATA_DIR).mkdir()
         storage = DiskStorage(tmp)

@@ -6,6 +6,8 @@ import errno
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -256,3 +258,26 @@ def test_passphrase_prompts_on_a_terminal(tmp_path, mount):
     phrase.write_text("pw1\n")
     with mount(tmp_path / "fs", "--passphrase-file", phrase) as mnt:
         assert (mnt / "f").read_text() == "typed"
+
+
+def test_sigterm_during_create_ends_it_like_ctrl_c_and_leaves_nothing(tmp_path):
+    # `timeout`, `docker stop` and a cancelled CI job send SIGTERM: as for
+    # mkimage, the half-made store is removed and the exit is 130.
+    (tmp_path / "pass").write_bytes(b"a passphrase\n")
+    (tmp_path / "host").mkdir()
+    cmd = [sys.executable, "-m", "occlumfs", "sefs", "create", str(tmp_path / "host" / "fs")]
+    cmd += ["--passphrase-file", str(tmp_path / "pass")]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    try:
+        # The scratch dir exists while scrypt derives the key (tens of ms).
+        while not any((tmp_path / "host").iterdir()):
+            assert proc.poll() is None, "create ended before its scratch dir was seen"
+            os.sched_yield()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.decode().splitlines() == ["occlumfs: interrupted"]
+    assert list((tmp_path / "host").iterdir()) == []
