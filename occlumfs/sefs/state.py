@@ -73,6 +73,17 @@ def prepare_state_dir(state_dir: Path | None, store: Path) -> Path:
     return path
 
 
+def refuse_state_dir_under(state_dir: Path | None, mountpoint: Path) -> None:
+    """A trusted state directory at or below ``mountpoint`` would be hidden by the
+    mount: every commit's state write would fail behind it (usage error)."""
+    path = Path(os.path.abspath(state_dir or default_state_dir()))
+    if Path(os.path.realpath(path)).is_relative_to(os.path.realpath(mountpoint)):
+        raise UsageError(
+            f"trusted state directory {path}: inside the mountpoint {mountpoint}, "
+            "which the mount would hide; keep it outside"
+        )
+
+
 def _read_doc(where: HostDir, name: str) -> dict | None:
     """A small JSON state file, None when absent; anything odd is an integrity error."""
     try:

@@ -281,3 +281,22 @@ def test_sigterm_during_create_ends_it_like_ctrl_c_and_leaves_nothing(tmp_path):
     assert proc.returncode == 130, err
     assert err.decode().splitlines() == ["occlumfs: interrupted"]
     assert list((tmp_path / "host").iterdir()) == []
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("nonempty", [[], ["--nonempty"]])
+def test_a_state_dir_under_the_mountpoint_is_refused_before_anything(volume, spare_mnt, nonempty):
+    # The mount would hide it: without --nonempty the state dir made inside
+    # was then refused as the mountpoint's content; with it, every commit's
+    # state write failed behind the mount (no rollback check, umount 17).
+    state = spare_mnt / "state"
+    done = run_cli(
+        "mount", volume.dir, spare_mnt, "--key-file", volume.key_file,
+        "--state-dir", state, *nonempty, check=False,
+    )  # fmt: skip
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert done.stderr.splitlines() == [
+        f"occlumfs: error: trusted state directory {state}: inside the mountpoint "
+        f"{spare_mnt}, which the mount would hide; keep it outside"
+    ]
+    assert list(spare_mnt.iterdir()) == [] and not os.path.ismount(spare_mnt)
