@@ -106,6 +106,10 @@ def mount(
         check_mountpoint(mountpoint, nonempty=nonempty)
     except MountpointNotEmptyError as exc:
         raise MountpointNotEmptyError(f"{exc}; give --nonempty to mount over it") from None
+    if kind in ("sefs", "union"):
+        from occlumfs.sefs.state import refuse_state_dir_under
+
+        refuse_state_dir_under(state_dir, mountpoint)
     if secret == Secret() and needs_secret(kind):
         secret = read_secret(None, None)
     fs = open_filesystem(

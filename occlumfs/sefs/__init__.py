@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from occlumfs.errors import FormatError, NotFoundError, UsageError
+from occlumfs.errors import FormatError, NotFoundError, OcclumfsError, UsageError
 from occlumfs.sefs import format as fmt
 from occlumfs.sefs.fs import SefsFS
 from occlumfs.sefs.keys import (
@@ -102,6 +102,10 @@ def create_sefs(
 ) -> dict:
     """Create a SEFS at ``path`` (absent or an empty directory), all or nothing."""
     path = Path(os.path.abspath(path))
+    if path.is_symlink():
+        # A store is never opened through a symlink (DiskStorage refuses it),
+        # so one made there could not be used.
+        raise UsageError(f"{path}: is a symlink; name the directory it points to")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UsageError(f"{path}: exists and is not an empty directory")
     if not path.parent.is_dir():
@@ -109,7 +113,10 @@ def create_sefs(
     state_dir = prepare_state_dir(state_dir, path)
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     try:
-        tmp.mkdir(mode=0o700)
+        try:
+            tmp.mkdir(mode=0o700)
+        except OSError as exc:  # the scratch dir is ours: the user named the store
+            raise OcclumfsError(f"{path}: cannot create the store: {exc.strerror}") from None
         (tmp / fmt.META_DIR).mkdir()
         (tmp / fmt.DATA_DIR).mkdir()
         storage = DiskStorage(tmp)
@@ -159,7 +166,7 @@ def open_sefs_fs(
         keys = Keys(master, bytes.fromhex(config["fs_id"]), config["version"])
         pin_store(state_dir, path, keys.fs_id, accept_new=accept_new_store)
         lock = DirLock(storage.dir)
-        lock.acquire()
+        lock.acquire(read_only=read_only)
         return SefsFS(
             storage,
             keys,

@@ -360,6 +360,16 @@ class BlockIO:
                 node.committed_slots = EMPTY
         self._slot_touched.clear()
 
+    @property
+    def freeing(self) -> bool:
+        """Whether deleted files' data files wait for a commit to be deleted."""
+        return bool(self._doomed)
+
+    def wait_freed(self) -> None:
+        """Wait until the data files discarded so far are gone, and measure the disk."""
+        self.storage.wait_discarded()
+        self.measure()
+
     def discard_doomed(self) -> None:
         """Delete the data files of inodes the last commit dropped."""
         self.storage.discard(sorted(self._doomed))

@@ -543,8 +543,19 @@ class SefsFS(Namespace):
         inline = self._inline
         if inline is not None and not inline.fits(node, offset, size):
             self.commit()  # bounds the inline bytes in memory; a full disk fails this write
-        if inline is None or not inline.write(node, offset, data):
-            self._io.write(node, offset, data)
+        try:
+            if inline is None or not inline.write(node, offset, data):
+                self._io.write(node, offset, data)
+        except FSError as exc:
+            # A full disk may be full of files already deleted: their data goes at
+            # the next commit. Commit now, as ext4 frees at unlink, and try again
+            # (a failed write left nothing of itself behind).
+            if exc.errno != errno.ENOSPC or not self._io.freeing:
+                raise
+            self.commit()
+            self._io.wait_freed()
+            if inline is None or not inline.write(node, offset, data):
+                self._io.write(node, offset, data)
         if offset + size > node.size:
             node.size = offset + size
         if self._stamp_writes:

@@ -17,6 +17,7 @@ directory or hard link at one of these names is refused, never followed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import hmac
@@ -26,7 +27,13 @@ import os
 import struct
 from pathlib import Path
 
-from occlumfs.errors import IntegrityError, InUseError, NotFoundError, UsageError
+from occlumfs.errors import (
+    IntegrityError,
+    InUseError,
+    NotFoundError,
+    OcclumfsError,
+    UsageError,
+)
 from occlumfs.hostio import HostDir
 from occlumfs.sefs.format import LOCK_NAME
 
@@ -64,6 +71,17 @@ def prepare_state_dir(state_dir: Path | None, store: Path) -> Path:
             raise NotFoundError(f"trusted state directory {path}: {path.parent} does not exist")
         path.mkdir(mode=0o700, parents=not named, exist_ok=True)
     return path
+
+
+def refuse_state_dir_under(state_dir: Path | None, mountpoint: Path) -> None:
+    """A trusted state directory at or below ``mountpoint`` would be hidden by the
+    mount: every commit's state write would fail behind it (usage error)."""
+    path = Path(os.path.abspath(state_dir or default_state_dir()))
+    if Path(os.path.realpath(path)).is_relative_to(os.path.realpath(mountpoint)):
+        raise UsageError(
+            f"trusted state directory {path}: inside the mountpoint {mountpoint}, "
+            "which the mount would hide; keep it outside"
+        )
 
 
 def _read_doc(where: HostDir, name: str) -> dict | None:
@@ -186,9 +204,27 @@ class DirLock:
         self._dir = directory
         self.path = Path(directory.path) / LOCK_NAME
         self._fd: int | None = None
+        self._writable = True
 
-    def acquire(self) -> None:
-        fd = self._dir.open_file(LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    def acquire(self, read_only: bool = False) -> None:
+        """Take the lock; ``read_only``: the holder will not write to the store.
+
+        On read-only host storage the lock file is opened read-only (``flock``
+        needs no write access) and keeps no pid; a holder that means to write
+        is refused there, before it starts.
+        """
+        try:
+            fd = self._dir.open_file(LOCK_NAME, os.O_RDWR | os.O_CREAT)
+        except OSError as exc:
+            if exc.errno != errno.EROFS:
+                raise
+            if not read_only:
+                raise OcclumfsError(
+                    f"{self.path.parent}: the store is on a read-only filesystem"
+                    " (only 'mount --ro' and 'fsck' can open it)"
+                ) from None
+            fd = self._dir.open_file(LOCK_NAME, os.O_RDONLY)
+            self._writable = False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -204,7 +240,7 @@ class DirLock:
         self.write_pid()
 
     def write_pid(self) -> None:
-        if self._fd is not None:
+        if self._fd is not None and self._writable:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 

@@ -100,6 +100,9 @@ class Storage:
             with contextlib.suppress(FileNotFoundError):
                 self.unlink(name)
 
+    def wait_discarded(self) -> None:
+        """Return once the files discarded so far are deleted."""
+
     def statvfs(self) -> os.statvfs_result | None:
         return None
 
@@ -157,7 +160,7 @@ class DiskStorage(Storage):
         self._hints: dict[str, _ReadHints] = {}  # per open file
         self._reaper: threading.Thread | None = None
         self._reaper_pid = 0
-        self._doomed: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._doomed: queue.Queue[str | None] = queue.Queue()
 
     def _subdir(self, name: str) -> HostDir:
         found = self._dirs.get(name)
@@ -178,7 +181,11 @@ class DiskStorage(Storage):
         where, base = self._at(name)
         try:
             fd = where.open_file(base, os.O_RDWR | (os.O_CREAT if create else 0))
-        except PermissionError:
+        except OSError as exc:
+            # A file we may only read (its mode, or read-only host storage):
+            # reads work, and a write through it fails with the host's reason.
+            if not isinstance(exc, PermissionError) and exc.errno != errno.EROFS:
+                raise
             fd = where.open_file(base, os.O_RDONLY)
         self._fds[name] = fd
         while len(self._fds) > self.MAX_FDS:
@@ -317,7 +324,7 @@ class DiskStorage(Storage):
             self._forget(name)
         # Threads do not survive the mount's fork: start one in whoever discards.
         if self._reaper is None or self._reaper_pid != os.getpid():
-            self._doomed = queue.SimpleQueue()
+            self._doomed = queue.Queue()
             self._reaper = threading.Thread(target=self._reap, name="sefs-reaper", daemon=True)
             self._reaper_pid = os.getpid()
             self._reaper.start()
@@ -331,6 +338,11 @@ class DiskStorage(Storage):
             where, base = self._at(name)
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 os.unlink(base, dir_fd=where.fd)
+            self._doomed.task_done()
+
+    def wait_discarded(self) -> None:
+        if self._reaper is not None and self._reaper_pid == os.getpid():
+            self._doomed.join()
 
     def close(self) -> None:
         if self._reaper is not None and self._reaper_pid == os.getpid():

@@ -6,6 +6,8 @@ import errno
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -55,6 +57,21 @@ def test_create_refuses_a_non_empty_directory(tmp_path, volume):
     done = run_cli("sefs", "create", tmp_path / "busy", "--key-file", volume.key_file, check=False)
     assert done.returncode == ExitCode.USAGE and "not an empty directory" in done.stderr
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["x"]
+
+
+@pytest.mark.parametrize("target", ["real", "nowhere"])
+def test_create_at_a_symlink_is_refused_and_leaves_nothing(tmp_path, volume, target):
+    # Every command refuses a store reached through a symlink (the store
+    # path is opened without following one): create must not make one there.
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(target)
+    done = run_cli("sefs", "create", tmp_path / "link", "--key-file", volume.key_file, check=False)
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert done.stderr.splitlines() == [
+        f"occlumfs: error: {tmp_path / 'link'}: is a symlink; name the directory it points to"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real", "vol"]
+    assert list((tmp_path / "real").iterdir()) == []
 
 
 @pytest.mark.fuse
@@ -241,3 +258,45 @@ def test_passphrase_prompts_on_a_terminal(tmp_path, mount):
     phrase.write_text("pw1\n")
     with mount(tmp_path / "fs", "--passphrase-file", phrase) as mnt:
         assert (mnt / "f").read_text() == "typed"
+
+
+def test_sigterm_during_create_ends_it_like_ctrl_c_and_leaves_nothing(tmp_path):
+    # `timeout`, `docker stop` and a cancelled CI job send SIGTERM: as for
+    # mkimage, the half-made store is removed and the exit is 130.
+    (tmp_path / "pass").write_bytes(b"a passphrase\n")
+    (tmp_path / "host").mkdir()
+    cmd = [sys.executable, "-m", "occlumfs", "sefs", "create", str(tmp_path / "host" / "fs")]
+    cmd += ["--passphrase-file", str(tmp_path / "pass")]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    try:
+        # The scratch dir exists while scrypt derives the key (tens of ms).
+        while not any((tmp_path / "host").iterdir()):
+            assert proc.poll() is None, "create ended before its scratch dir was seen"
+            os.sched_yield()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.decode().splitlines() == ["occlumfs: interrupted"]
+    assert list((tmp_path / "host").iterdir()) == []
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("nonempty", [[], ["--nonempty"]])
+def test_a_state_dir_under_the_mountpoint_is_refused_before_anything(volume, spare_mnt, nonempty):
+    # The mount would hide it: without --nonempty the state dir made inside
+    # was then refused as the mountpoint's content; with it, every commit's
+    # state write failed behind the mount (no rollback check, umount 17).
+    state = spare_mnt / "state"
+    done = run_cli(
+        "mount", volume.dir, spare_mnt, "--key-file", volume.key_file,
+        "--state-dir", state, *nonempty, check=False,
+    )  # fmt: skip
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert done.stderr.splitlines() == [
+        f"occlumfs: error: trusted state directory {state}: inside the mountpoint "
+        f"{spare_mnt}, which the mount would hide; keep it outside"
+    ]
+    assert list(spare_mnt.iterdir()) == [] and not os.path.ismount(spare_mnt)

@@ -80,3 +80,23 @@ def test_a_full_disk_fails_the_write_or_the_close_through_a_mount(volume_on_smal
         (mnt / "note").write_bytes(b"saved")
     with mount(*volume.mount_args()) as mnt:
         assert (mnt / "note").read_bytes() == b"saved"
+
+
+@pytest.mark.fuse
+def test_deleting_a_file_on_a_full_disk_makes_room_at_once(volume_on_small_disk, mount):
+    # As on ext4: once rm returns, its space is there to write into, not only
+    # after the next timed commit (up to 10 s later) drops the data files.
+    volume = volume_on_small_disk
+    with mount(*volume.mount_args()) as mnt:
+        accepted = 0
+        with pytest.raises(OSError) as err, open(mnt / "fill", "wb", buffering=0) as f:
+            while accepted < 2 * DISK:
+                f.write(os.urandom(CHUNK))
+                accepted += CHUNK
+        assert err.value.errno == errno.ENOSPC
+        os.unlink(mnt / "fill")
+        again = os.urandom(DISK // 8)  # refused while the deleted file held the disk
+        (mnt / "again").write_bytes(again)
+        assert (mnt / "again").read_bytes() == again
+    with mount(*volume.mount_args()) as mnt:
+        assert (mnt / "again").read_bytes() == again
