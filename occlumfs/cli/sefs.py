@@ -56,10 +56,10 @@ def create(
     cred = _credential(key_file, passphrase_file, "passphrase", confirm=True)
     # SIGTERM and SIGHUP unwind as Ctrl-C does (exit 130), so the half-made
     # store is removed: the rule mkimage keeps, from one place.
-    from occlumfs.merkle.build import _ended_like_ctrl_c
+    from occlumfs.interrupts import ended_like_ctrl_c
     from occlumfs.sefs import create_sefs
 
-    with _ended_like_ctrl_c():
+    with ended_like_ctrl_c():
         config = create_sefs(directory, cred, state_dir=state_dir)
     click.echo(f"created SEFS {directory} (id {config['fs_id']})", err=True)
 

@@ -23,7 +23,6 @@ The build runs in passes so that the output depends only on the tree:
 
 from __future__ import annotations
 
-import _signal  # signal's C module: the plain build does not load signal
 import contextlib
 import errno
 import functools
@@ -33,6 +32,7 @@ import os
 from collections.abc import Callable
 
 from occlumfs.errors import NotFoundError, OcclumfsError, UsageError
+from occlumfs.interrupts import ended_like_ctrl_c
 from occlumfs.merkle.filedata import (
     Gatherer,
     Task,
@@ -118,7 +118,7 @@ def build_image(
     image_dir = os.path.dirname(image) or "."
     if not os.path.isdir(image_dir):  # else the error would name the scratch file
         raise NotFoundError(f"{image}: no such directory {image_dir}")
-    with _cycle_collector_off(), _ended_like_ctrl_c():
+    with _cycle_collector_off(), ended_like_ctrl_c():
         try:
             builder = _Builder(key, source_date_epoch, jobs, progress)
             if os.path.isdir(source):
@@ -169,32 +169,6 @@ def _cycle_collector_off():
     finally:
         if was:
             gc.enable()
-
-
-def _interrupt(_signum, _frame) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _ended_like_ctrl_c():
-    """SIGTERM and SIGHUP (`timeout`, `docker stop`, a cancelled CI job, a closed
-    terminal) unwind a build as Ctrl-C does, so its scratch file or directory
-    (as large as the image) is removed, not left behind. A signal the caller
-    set to be ignored (`nohup`) stays ignored; the handlers are the caller's
-    again after the build. Only the main thread may set them: elsewhere they
-    stay as they are."""
-    previous = {}
-    for signum in (_signal.SIGTERM, _signal.SIGHUP):
-        if _signal.getsignal(signum) == _signal.SIG_DFL:
-            try:
-                previous[signum] = _signal.signal(signum, _interrupt)
-            except ValueError:  # not the main thread
-                break
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            _signal.signal(signum, handler)
 
 
 def _within(path: str, root: str) -> bool:
