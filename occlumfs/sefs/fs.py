@@ -10,6 +10,7 @@ layout and the commit protocol. The work is shared out by room:
 * :mod:`occlumfs.sefs.load` -- head, root and pages into inodes, at open;
 * :mod:`occlumfs.sefs.pages` -- the page table: records, pages and the commit;
 * :mod:`occlumfs.sefs.blocks` -- file data: buffering, block crypto, host I/O;
+* :mod:`occlumfs.sefs.statewriter` -- the trusted state's writes, off the request path;
 * :mod:`occlumfs.namespace` -- names, links and handles, shared with MemFS;
 * this module -- the rest of the contract (:class:`occlumfs.fs.Filesystem`):
   attributes, listings, reads and writes, statfs, and when to commit.
@@ -24,9 +25,7 @@ import bisect
 import errno
 import os
 import stat
-import threading
 import time
-import weakref
 from collections.abc import Iterator
 
 from occlumfs.errors import FSError, IntegrityError
@@ -49,132 +48,14 @@ from occlumfs.sefs.load import (
 )
 from occlumfs.sefs.pages import PageTable
 from occlumfs.sefs.state import DirLock, TrustedState
+from occlumfs.sefs.statewriter import StateWriter
 from occlumfs.sefs.storage import Storage
 
 COMMIT_INTERVAL = 10.0  # seconds a change may wait for a commit unless fsync asks sooner
-LOG_STATE_INTERVAL = 1.0  # seconds between two trusted-state writes of a log position
 DIRTY_RECORDS_MAX = 8192  # changed records a commit waits for at most (they stay in memory)
 RESERVE_BLOCKS = 256  # free blocks kept for the next commit's pack, beyond the live packs' size
 READDIR_FETCH = 128  # children a listing reads in together (one pass over their pages)
 READAHEAD_KB = 1024  # kernel read-ahead of a mount (KiB): the largest READ libfuse takes
-
-
-class StateWriter:
-    """Moves the local trusted state forward after each commit, off the request path.
-
-    The state may lag the head (a crash between a commit and its state write is
-    accepted by design, docs/formats/sefs.md), so an fsync need not wait for its
-    two host fsyncs: a thread writes the newest submitted commit, skipping any
-    that a later one overtook. A failed write is raised by the next ``submit``
-    or by ``drain``, which ``close`` calls to write the last commit's state.
-
-    A log position (an fsync that appended to the log, version 3) is written at
-    most once per LOG_STATE_INTERVAL, so the state's fsyncs do not double the
-    host's; a commit's state, and ``drain``, end that wait.
-    """
-
-    def __init__(self, state: TrustedState | None) -> None:
-        self._state = state
-        self._cond = threading.Condition()
-        self._pending: tuple[int, bytes, int, bytes] | None = None
-        self._busy = False
-        self._urgent = False  # a commit's state or a drain waits: no pacing
-        self._pacing = False  # the thread waits out the interval after a log position
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-        _STATE_WRITERS.add(self)
-
-    def _before_fork(self) -> None:
-        """Settle before a fork: no state half-written, the lock held across it."""
-        self._cond.acquire()
-        if self._thread is not None and self._pid == os.getpid():
-            self._cond.wait_for(lambda: not self._busy)
-        if self._pending is not None:  # written here, once, not by two processes
-            pending, self._pending = self._pending, None
-            self._write(pending)
-
-    def _after_fork(self, child: bool) -> None:
-        if child:  # the lock was copied held and the thread did not come along
-            self._cond = threading.Condition()
-            self._thread = None
-            self._busy = self._pacing = False
-        else:
-            self._cond.release()
-
-    def submit(self, counter: int, root_tag: bytes, log_seq: int = 0, log_tag: bytes = b"") -> None:
-        with self._cond:
-            self._raise()
-            self._pending = (counter, root_tag, log_seq, log_tag)
-            self._urgent = self._urgent or not log_seq
-            # Threads do not survive the mount's fork: start one in whoever commits.
-            if self._thread is None or self._pid != os.getpid():
-                self._pid = os.getpid()
-                self._busy = self._pacing = False
-                self._thread = threading.Thread(target=self._run, name="sefs-state", daemon=True)
-                self._thread.start()
-            # A thread pacing log positions takes this one when its wait ends: waking
-            # it for each fsync would only hand it the GIL to go back to sleep.
-            if self._urgent or not self._pacing:
-                self._cond.notify()
-
-    def drain(self) -> None:
-        """Wait until every submitted state is written; raise the failure if one failed."""
-        with self._cond:
-            if self._thread is not None and self._pid == os.getpid():
-                self._urgent = True
-                self._cond.notify_all()
-                self._cond.wait_for(lambda: self._pending is None and not self._busy)
-            elif self._pending is not None:  # no thread of ours: write it here
-                pending, self._pending = self._pending, None
-                self._write(pending)
-            self._raise()
-
-    def _raise(self) -> None:
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-    def _write(self, pending: tuple[int, bytes, int, bytes]) -> None:
-        try:
-            if self._state is not None:
-                self._state.update(*pending)
-        except BaseException as exc:  # handed to the request thread, which reports it
-            self._error = exc
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._pending is not None)
-                pending, self._pending = self._pending, None
-                self._busy = True
-                self._urgent = False
-            self._write(pending)  # type: ignore[arg-type]
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
-                if pending[2]:  # a log position: pace the next one
-                    self._pacing = True
-                    self._cond.wait_for(lambda: self._urgent, timeout=LOG_STATE_INTERVAL)
-                    self._pacing = False
-
-
-_STATE_WRITERS: weakref.WeakSet[StateWriter] = weakref.WeakSet()
-
-
-def _each_writer(method: str, *args: bool) -> None:
-    for writer in list(_STATE_WRITERS):
-        getattr(writer, method)(*args)
-
-
-# The mount forks into the background after a commit may have started the
-# state thread: a lock that thread held at the fork would stay held in the
-# server for ever (the server hung in drain at unmount).
-os.register_at_fork(
-    before=lambda: _each_writer("_before_fork"),
-    after_in_parent=lambda: _each_writer("_after_fork", False),
-    after_in_child=lambda: _each_writer("_after_fork", True),
-)
 
 
 class _DirHandle:
@@ -544,8 +425,7 @@ class SefsFS(Namespace):
         if inline is not None and not inline.fits(node, offset, size):
             self.commit()  # bounds the inline bytes in memory; a full disk fails this write
         try:
-            if inline is None or not inline.write(node, offset, data):
-                self._io.write(node, offset, data)
+            self._store(node, offset, data)
         except FSError as exc:
             # A full disk may be full of files already deleted: their data goes at
             # the next commit. Commit now, as ext4 frees at unlink, and try again
@@ -554,8 +434,7 @@ class SefsFS(Namespace):
                 raise
             self.commit()
             self._io.wait_freed()
-            if inline is None or not inline.write(node, offset, data):
-                self._io.write(node, offset, data)
+            self._store(node, offset, data)
         if offset + size > node.size:
             node.size = offset + size
         if self._stamp_writes:
@@ -564,6 +443,11 @@ class SefsFS(Namespace):
             self._dirtied(node)
         self._changed()
         return size
+
+    def _store(self, node: Inode, offset: int, data: bytes) -> None:
+        """Buffer ``data`` at ``offset``: inline in the file's record while it fits."""
+        if self._inline is None or not self._inline.write(node, offset, data):
+            self._io.write(node, offset, data)
 
     def flush(self, fh: int) -> None:
         """On close: write the file's buffered blocks out, so that a full disk fails the

@@ -13,8 +13,8 @@ import os
 import select
 import threading
 
-from occlumfs.sefs.fs import StateWriter
 from occlumfs.sefs.state import TrustedState
+from occlumfs.sefs.statewriter import StateWriter
 
 FS_ID = bytes(16)
 MAC_KEY = bytes(range(32))

@@ -12,9 +12,9 @@ import threading
 
 import pytest
 
-from occlumfs.sefs import fs as sefs_fs
-from occlumfs.sefs.fs import StateWriter
+from occlumfs.sefs import statewriter
 from occlumfs.sefs.state import TrustedState
+from occlumfs.sefs.statewriter import StateWriter
 
 FS_ID = bytes(16)
 MAC_KEY = bytes(range(32))
@@ -44,7 +44,7 @@ class RecordingState(TrustedState):
 @pytest.fixture
 def paced(monkeypatch):
     # An interval no test outlasts: whatever is written before it ends was asked for.
-    monkeypatch.setattr(sefs_fs, "LOG_STATE_INTERVAL", 3600.0)
+    monkeypatch.setattr(statewriter, "LOG_STATE_INTERVAL", 3600.0)
 
 
 def _tag(n: int) -> bytes:
