@@ -335,10 +335,16 @@ class DiskStorage(Storage):
         while (name := self._doomed.get()) is not None:
             # Unlinking through the directory descriptor removes only the entry,
             # whatever was planted there; nothing outside the store is reached.
-            where, base = self._at(name)
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            try:
+                where, base = self._at(name)
                 os.unlink(base, dir_fd=where.fd)
-            self._doomed.task_done()
+            except OSError:
+                # Gone already, or refused: the next read-write mount's leftover
+                # check removes what is left. The thread lives on, and whoever
+                # waits for the queue (wait_discarded) is not kept waiting.
+                pass
+            finally:
+                self._doomed.task_done()
 
     def wait_discarded(self) -> None:
         if self._reaper is not None and self._reaper_pid == os.getpid():
