@@ -328,9 +328,10 @@ class _Checker:
             raise self.fail(path, "expected a list")
 
     def _size(self, value, path: str) -> None:
-        if not isinstance(value, str) or parse_size(value) is None:
+        size = parse_size(value) if isinstance(value, str) else None
+        if size is None:
             raise self.fail(path, 'expected a size such as "32MB"')
-        if parse_size(value) > MAX_SIZE:
+        if size > MAX_SIZE:
             raise self.fail(path, f"{value}: too large (at most {MAX_SIZE >> 40}TB)")
 
     def _size_or_range(self, value, path: str) -> None:

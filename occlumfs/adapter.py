@@ -77,6 +77,14 @@ def _handler(
     return handle
 
 
+def _reply_dot(token, name: bytes, ino: int, cookie: int) -> bool:
+    """Add ``.`` or ``..`` (directory ``ino``) to a listing; False when it is full."""
+    dot = pyfuse3.EntryAttributes()
+    dot.st_ino = ino
+    dot.st_mode = stat.S_IFDIR
+    return pyfuse3.readdir_reply(token, name, dot, cookie)
+
+
 def _caller(ctx: pyfuse3.RequestContext) -> Caller:
     return Caller(uid=ctx.uid, gid=ctx.gid, pid=ctx.pid)
 
@@ -180,13 +188,10 @@ class FuseOperations(pyfuse3.Operations):
     @_handler
     def readdir(self, handle, start_id, token):
         fh, ino = self._dir_handles[handle]
-        if start_id < self._DOTS:
-            for name, of, cookie in ((b".", ino, 1), (b"..", None, 2))[start_id:]:
-                dot = pyfuse3.EntryAttributes()
-                dot.st_ino = self._parent(ino) if of is None else of
-                dot.st_mode = stat.S_IFDIR
-                if not pyfuse3.readdir_reply(token, name, dot, cookie):
-                    return
+        if start_id < 1 and not _reply_dot(token, b".", ino, 1):
+            return
+        if start_id < 2 and not _reply_dot(token, b"..", self._parent(ino), 2):
+            return
         dots = self._DOTS
         for entry in self.fs.readdir(fh, max(0, start_id - dots)):
             attr = self._entry(entry.attr)
